@@ -1,0 +1,323 @@
+"""Checkpoints: the project format (safetensors + metadata) and the official DMAE importer.
+
+Checkpoints are data, never code. Project files are safetensors; official ``.pth`` files are
+read with ``torch.load(weights_only=True)`` allowing only ``argparse.Namespace`` (the ``args``
+of the official fine-tuning script). Anything else pickled is refused before it can run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from models.networks import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ArchConfig,
+    DenoisingMaskedAutoencoderViT,
+    DMAEClassifier,
+)
+
+FORMAT = "dmae-certify/1"
+META_KEY = "dmae_certify"
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+OFFICIAL_LICENCE = (
+    "Official DMAE code and weights (github.com/quanlin-wu/dmae) are licensed CC BY-NC 4.0: "
+    "non-commercial use only."
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded, with the reason."""
+
+
+@dataclass
+class CheckpointMeta:
+    """Everything needed to rebuild a model and to state what its certificates mean."""
+
+    kind: str  # "classifier" or "pretrain"
+    arch: ArchConfig
+    input_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    num_classes: int = 0
+    classes: list[str] = field(default_factory=list)
+    sigma: float | None = None
+    name: str | None = None
+    source: str = "dmae-certify"
+    licence: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str = ""
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["arch"] = self.arch.to_dict()
+        data["format"] = FORMAT
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CheckpointMeta:
+        data = json.loads(text)
+        if data.pop("format", None) != FORMAT:
+            raise CheckpointError(f"not a {FORMAT} checkpoint")
+        data["arch"] = ArchConfig.from_dict(data["arch"])
+        data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def class_name(self, index: int | None) -> str | None:
+        if index is None:
+            return None
+        return self.classes[index] if index < len(self.classes) else str(index)
+
+
+def tensors_sha256(state: dict[str, Tensor]) -> str:
+    """Hash of the weights themselves (names, dtypes, shapes and bytes, in key order)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: CheckpointMeta) -> CheckpointMeta:
+    """Write ``model``'s weights and ``meta`` as one safetensors file; returns the stored meta."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta.weights_sha256 = tensors_sha256(state)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={META_KEY: meta.to_json()})
+    return meta
+
+
+def read_meta(path: str | Path) -> CheckpointMeta:
+    """Metadata of a project checkpoint without loading its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if raw is None:
+        raise CheckpointError(f"{path}: safetensors file has no {META_KEY!r} metadata")
+    try:
+        return CheckpointMeta.from_json(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid metadata ({exc})") from exc
+
+
+def build_model(meta: CheckpointMeta) -> nn.Module:
+    if meta.kind == "classifier":
+        return DMAEClassifier(meta.arch, meta.num_classes, meta.input_size, meta.mean, meta.std)
+    if meta.kind == "pretrain":
+        return DenoisingMaskedAutoencoderViT(
+            meta.arch, meta.input_size, meta.mean, meta.std, sigma=meta.sigma or 0.25
+        )
+    raise CheckpointError(f"unknown checkpoint kind {meta.kind!r}")
+
+
+def _load_strict(model: nn.Module, state: dict[str, Tensor], origin: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{origin}: weights do not match the architecture: {exc}") from exc
+
+
+def load_project(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
+    meta = read_meta(path)
+    state = load_file(str(path))
+    if meta.weights_sha256 and tensors_sha256(state) != meta.weights_sha256:
+        raise CheckpointError(f"{path}: weights do not match their recorded sha256 (corrupt?)")
+    model = build_model(meta)
+    _load_strict(model, state, str(path))
+    return model.eval(), meta
+
+
+# ---------------------------------------------------------------- official DMAE files
+
+
+def _torch_load_safely(path: str | Path) -> Any:
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, zip errors, EOF: all mean "not loadable data"
+        raise CheckpointError(
+            f"{path}: refused: not a plain tensor checkpoint (it would need to unpickle "
+            f"arbitrary objects, or it is corrupt): {str(exc).splitlines()[0][:300]}"
+        ) from exc
+
+
+def _count_blocks(state: dict[str, Tensor], prefix: str) -> int:
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    ids = {int(m.group(1)) for k in state if (m := pattern.match(k))}
+    if ids != set(range(len(ids))):
+        raise CheckpointError(f"{prefix} indices are not contiguous: {sorted(ids)}")
+    return len(ids)
+
+
+def infer_arch(state: dict[str, Tensor], num_heads: int | None = None) -> ArchConfig:
+    """Architecture from tensor shapes. Heads are not in any shape: width/64 unless given."""
+    try:
+        proj = state["patch_embed.proj.weight"]
+        pos = state["pos_embed"]
+        dim, _, patch, _ = proj.shape
+        grid = math.isqrt(pos.shape[1] - 1)
+        if grid * grid != pos.shape[1] - 1:
+            raise CheckpointError("pos_embed does not describe a square patch grid")
+        depth = _count_blocks(state, "blocks")
+        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+        fields: dict[str, Any] = dict(
+            img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth,
+            num_heads=num_heads or max(dim // 64, 1), mlp_ratio=hidden / dim,
+        )
+        if "decoder_embed.weight" in state:
+            ddim = state["decoder_embed.weight"].shape[0]
+            fields.update(
+                decoder_embed_dim=ddim,
+                decoder_depth=_count_blocks(state, "decoder_blocks"),
+                decoder_num_heads=16 if ddim % 16 == 0 else max(ddim // 32, 1),
+            )
+    except KeyError as exc:
+        raise CheckpointError(f"not a DMAE/ViT state dict: missing {exc}") from exc
+    return ArchConfig(**fields)
+
+
+@dataclass
+class OfficialFile:
+    """An official DMAE file, read safely: its state dict, form and (fine-tuned) args."""
+
+    state: dict[str, Tensor]
+    form: str  # "pretrained" (encoder + decoder) or "finetuned" (encoder + fc_norm + head)
+    args: dict[str, Any]
+
+
+def read_official(path: str | Path) -> OfficialFile:
+    obj = _torch_load_safely(path)
+    if not isinstance(obj, dict) or "model" not in obj or not isinstance(obj["model"], dict):
+        raise CheckpointError(f"{path}: expected an official DMAE file holding {{'model': ...}}")
+    state = {k: v for k, v in obj["model"].items() if isinstance(v, Tensor)}
+    args = vars(obj["args"]) if isinstance(obj.get("args"), argparse.Namespace) else {}
+    if "head.weight" in state:
+        form = "finetuned"
+    elif "decoder_embed.weight" in state:
+        form = "pretrained"
+    else:
+        raise CheckpointError(f"{path}: neither a fine-tuned (head.*) nor a pre-trained DMAE file")
+    return OfficialFile(state, form, args)
+
+
+def import_official(
+    path: str | Path,
+    *,
+    input_size: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    classes: list[str] | None = None,
+    sigma: float | None = None,
+    num_heads: int | None = None,
+) -> tuple[nn.Module, CheckpointMeta]:
+    """Load an official DMAE file as a classifier (fine-tuned) or pre-training model.
+
+    Mean/std are not stored in official files: ImageNet's unless given (pass CIFAR's for CIFAR
+    models, with ``input_size=32``).
+    """
+    off = read_official(path)
+    arch = infer_arch(off.state, num_heads or off.args.get("num_heads"))
+    meta = CheckpointMeta(
+        kind="classifier" if off.form == "finetuned" else "pretrain",
+        arch=arch,
+        input_size=input_size or arch.img_size,
+        mean=tuple(mean or IMAGENET_MEAN),
+        std=tuple(std or IMAGENET_STD),
+        sigma=sigma if sigma is not None else off.args.get("sigma"),
+        name=Path(path).stem,
+        source=f"official DMAE {off.form} file {Path(path).name}",
+        licence=OFFICIAL_LICENCE,
+        training={k: v for k, v in off.args.items() if isinstance(v, int | float | str | bool)},
+    )
+    if off.form == "finetuned":
+        meta.num_classes = int(off.state["head.weight"].shape[0])
+        meta.classes = list(classes) if classes else [str(i) for i in range(meta.num_classes)]
+        if len(meta.classes) != meta.num_classes:
+            raise CheckpointError(
+                f"{len(meta.classes)} class names given for a {meta.num_classes}-class head"
+            )
+    model = build_model(meta)
+    _load_strict(model, off.state, str(path))
+    meta.weights_sha256 = tensors_sha256(model.state_dict())
+    return model.eval(), meta
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def bundled_models() -> dict[str, Path]:
+    """Names of the checkpoints shipped with the package (e.g. ``digits-s0.25``)."""
+    return {p.stem: p for p in sorted(BUNDLED_DIR.glob("*.safetensors"))}
+
+
+def resolve(path_or_name: str | Path) -> Path:
+    """A path, or the name of a bundled model, to an existing checkpoint file."""
+    bundled = bundled_models()
+    if str(path_or_name) in bundled:
+        return bundled[str(path_or_name)]
+    path = Path(path_or_name)
+    if not path.is_file():
+        raise CheckpointError(
+            f"no checkpoint file {str(path_or_name)!r} and no bundled model of that name "
+            f"(bundled: {', '.join(bundled) or 'none'})"
+        )
+    return path
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors: 8-byte header length, then a JSON header; torch.save files are zip/pickle."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def load_model(path_or_name: str | Path, **official: Any) -> tuple[nn.Module, CheckpointMeta]:
+    """Any supported checkpoint -> (model in eval mode, metadata)."""
+    path = resolve(path_or_name)
+    if _is_safetensors(path):
+        return load_project(path)
+    return import_official(path, **official)
+
+
+def load_classifier_with_meta(
+    path_or_name: str | Path, **official: Any
+) -> tuple[nn.Module, CheckpointMeta]:
+    model, meta = load_model(path_or_name, **official)
+    if meta.kind != "classifier":
+        raise CheckpointError(
+            f"{path_or_name}: a pre-training checkpoint has no classification head; "
+            "fine-tune it first (dmae-certify train finetune)"
+        )
+    return model, meta
+
+
+def load_classifier(path: str | Path, **official: Any) -> nn.Module:
+    """A classifier in eval mode mapping (B, 3, H, W) in [0,1] to logits, from either format."""
+    return load_classifier_with_meta(path, **official)[0]

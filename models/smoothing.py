@@ -1,0 +1,301 @@
+"""Randomized smoothing: PREDICT and CERTIFY (Cohen, Rosenfeld, Kolter 2019), DESIGN.md section 2.
+
+The one certification core: the CLI, the in-process runner and the Celery worker all call
+:func:`certify` / :func:`predict`, differing only in the :class:`Sampler` that turns noisy
+copies into class counts.
+
+Noise is defined per job as a stream: fixed blocks of :data:`NOISE_BLOCK` float32 samples drawn
+in order from one ``torch.Generator`` seeded with the job's seed. A sampler may batch those
+samples however it likes (and pack them with other jobs'), the noise each sample gets is the
+same, so the counts depend only on the seed, the device and the model.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+from scipy.stats import beta, binomtest, norm
+from torch import Tensor, nn
+
+NOISE_BLOCK = 128
+SPACE = "[0,1] RGB pixels after the service's resize/crop, before mean/std normalisation"
+
+ProgressFn = Callable[[int], None]
+
+
+class NoiseStream:
+    """Gaussian noise N(0, 1) of one job, generated in fixed blocks so batching cannot change it."""
+
+    def __init__(self, seed: int, shape: Sequence[int], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.shape = tuple(shape)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self._buffer: Tensor | None = None
+        self._offset = 0
+
+    def take(self, k: int) -> Tensor:
+        """The next ``k`` noise samples, shape (k, *shape), float32 on the stream's device."""
+        parts: list[Tensor] = []
+        while k > 0:
+            if self._buffer is None or self._offset == self._buffer.shape[0]:
+                self._buffer = torch.randn(
+                    (NOISE_BLOCK, *self.shape), generator=self.generator,
+                    device=self.device, dtype=torch.float32,
+                )
+                self._offset = 0
+            m = min(k, self._buffer.shape[0] - self._offset)
+            parts.append(self._buffer[self._offset : self._offset + m])
+            self._offset += m
+            k -= m
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class Sampler(Protocol):
+    """Turns ``num`` noisy copies of ``x`` into class counts (int64, host)."""
+
+    num_classes: int
+    device: torch.device
+
+    def counts(
+        self, x: Tensor, sigma: float, num: int, noise: NoiseStream,
+        progress: ProgressFn | None = None,
+    ) -> Tensor: ...
+
+
+class BatchSampler:
+    """The plain sampling loop: one job, fixed batch size, counts accumulated on the device."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        batch_size: int = 1000,
+        device: torch.device | str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+        self.model = model
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+
+    @torch.inference_mode()
+    def counts(
+        self, x: Tensor, sigma: float, num: int, noise: NoiseStream,
+        progress: ProgressFn | None = None,
+    ) -> Tensor:
+        x = x.to(self.device, torch.float32)
+        total = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
+        done = 0
+        while done < num:
+            b = min(self.batch_size, num - done)
+            batch = x.unsqueeze(0) + sigma * noise.take(b)
+            with torch.autocast(
+                self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                enabled=self.autocast_dtype is not None,
+            ):
+                logits = self.model(batch)
+            total += torch.bincount(logits.argmax(dim=1), minlength=self.num_classes)
+            done += b
+            if progress is not None:
+                progress(b)
+        return total.cpu()
+
+
+class AbstainReason(str, enum.Enum):
+    PA_BELOW_HALF = "pa_lower_below_half"  # CERTIFY: lower bound on pA is under 1/2
+    PA_NOT_ABOVE_PB = "pa_lower_not_above_pb_upper"  # top-2 CERTIFY: bounds overlap
+    NOT_SIGNIFICANT = "top_two_not_significant"  # PREDICT: binomial test did not reject
+
+
+class Mode(str, enum.Enum):
+    CERTIFY = "certify"
+    CERTIFY_TOP2 = "certify_top2"
+    PREDICT = "predict"
+
+
+@dataclass
+class Certificate:
+    """Result of one PREDICT or CERTIFY run. ``radius`` is an L2 radius in ``space``."""
+
+    mode: str
+    prediction: int | None
+    abstained: bool
+    abstain_reason: str | None
+    radius: float
+    pa_lower: float | None
+    pb_upper: float | None
+    count_a: int
+    count_b: int | None
+    counts: list[int]
+    n0: int
+    n: int
+    alpha: float
+    sigma: float
+    max_radius: float
+    seed: int
+    input_shape: list[int]
+    pvalue: float | None = None
+    space: str = SPACE
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion."""
+    if k <= 0:
+        return 0.0
+    return float(beta.ppf(alpha, k, n - k + 1))
+
+
+def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson upper bound on a binomial proportion."""
+    if k >= n:
+        return 1.0
+    return float(beta.ppf(1 - alpha, k + 1, n - k))
+
+
+def max_radius(sigma: float, n: int, alpha: float) -> float:
+    """Largest radius n samples at level alpha can certify: all n hits give pA = alpha^(1/n)."""
+    return sigma * float(norm.ppf(alpha ** (1.0 / n)))
+
+
+def validate(sigma: float, alpha: float, n: int, n0: int | None = None) -> None:
+    """Raise ValueError with a clear message on parameters no certificate can use."""
+    if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and 0 < alpha < 0.5):
+        raise ValueError(f"alpha must lie in (0, 0.5), got {alpha!r}")
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if n0 is not None and (int(n0) != n0 or n0 < 1):
+        raise ValueError(f"n0 must be a positive integer, got {n0!r}")
+
+
+def _top_two(counts: Tensor) -> tuple[int, int]:
+    order = torch.argsort(counts, descending=True, stable=True)
+    second = int(order[1]) if counts.numel() > 1 else int(order[0])
+    return int(order[0]), second
+
+
+def certify(
+    sampler: Sampler,
+    x: Tensor,
+    sigma: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    seed: int,
+    *,
+    top2: bool = False,
+    progress: ProgressFn | None = None,
+) -> Certificate:
+    """CERTIFY(x, n0, n, alpha): select cA on n0 samples, estimate pA on n *fresh* samples.
+
+    With ``top2`` the radius is sigma/2 (Phi^-1(pA_lower) - Phi^-1(pB_upper)) with simultaneous
+    bounds (Bonferroni): pA at alpha/2 and every other class's upper bound at
+    alpha / (2 (K-1)), pB_upper being the largest of them (capped by 1 - pA_lower).
+    """
+    validate(sigma, alpha, n, n0)
+    started = time.perf_counter()
+    noise = NoiseStream(seed, x.shape, sampler.device)
+    selection = sampler.counts(x, sigma, n0, noise, progress)
+    c_a = int(torch.argmax(selection))
+    selected = time.perf_counter()
+    counts = sampler.counts(x, sigma, n, noise, progress)
+    estimated = time.perf_counter()
+    k_a = int(counts[c_a])
+    timings = {
+        "selection_s": selected - started,
+        "estimation_s": estimated - selected,
+        "samples_per_s": (n0 + n) / max(estimated - started, 1e-9),
+    }
+    common: dict[str, Any] = dict(
+        count_a=k_a, counts=[int(c) for c in counts], n0=n0, n=n, alpha=alpha, sigma=sigma,
+        max_radius=max_radius(sigma, n, alpha), seed=seed, input_shape=list(x.shape),
+        timings=timings,
+    )
+    if not top2:
+        pa = clopper_pearson_lower(k_a, n, alpha)
+        if pa < 0.5:
+            return Certificate(
+                Mode.CERTIFY.value, None, True, AbstainReason.PA_BELOW_HALF.value, 0.0,
+                pa, None, count_b=None, **common,
+            )
+        return Certificate(
+            Mode.CERTIFY.value, c_a, False, None, sigma * float(norm.ppf(pa)), pa, None,
+            count_b=None, **common,
+        )
+
+    pa = clopper_pearson_lower(k_a, n, alpha / 2)
+    others = [i for i in range(counts.numel()) if i != c_a]
+    per_class = alpha / (2 * max(len(others), 1))
+    c_b = max(others, key=lambda i: int(counts[i])) if others else c_a
+    pb = min(
+        max((clopper_pearson_upper(int(counts[i]), n, per_class) for i in others), default=0.0),
+        1.0 - pa,
+    )
+    radius = 0.5 * sigma * (float(norm.ppf(pa)) - float(norm.ppf(pb))) if pa > 0 else 0.0
+    if pa <= pb or radius <= 0:
+        return Certificate(
+            Mode.CERTIFY_TOP2.value, None, True, AbstainReason.PA_NOT_ABOVE_PB.value, 0.0,
+            pa, pb, count_b=int(counts[c_b]), **common,
+        )
+    return Certificate(
+        Mode.CERTIFY_TOP2.value, c_a, False, None, radius, pa, pb,
+        count_b=int(counts[c_b]), **common,
+    )
+
+
+def predict(
+    sampler: Sampler,
+    x: Tensor,
+    sigma: float,
+    n: int,
+    alpha: float,
+    seed: int,
+    *,
+    progress: ProgressFn | None = None,
+) -> Certificate:
+    """PREDICT(x, n, alpha): abstain unless binomtest(c1, c1 + c2, 0.5) p-value <= alpha."""
+    validate(sigma, alpha, n)
+    started = time.perf_counter()
+    noise = NoiseStream(seed, x.shape, sampler.device)
+    counts = sampler.counts(x, sigma, n, noise, progress)
+    elapsed = time.perf_counter() - started
+    c1, c2 = _top_two(counts)
+    k1, k2 = int(counts[c1]), int(counts[c2]) if c2 != c1 else 0
+    pvalue = float(binomtest(k1, k1 + k2, 0.5).pvalue) if k1 + k2 > 0 else 1.0
+    abstain = pvalue > alpha
+    return Certificate(
+        Mode.PREDICT.value,
+        None if abstain else c1,
+        abstain,
+        AbstainReason.NOT_SIGNIFICANT.value if abstain else None,
+        0.0,
+        None,
+        None,
+        count_a=k1,
+        count_b=k2,
+        counts=[int(c) for c in counts],
+        n0=0,
+        n=n,
+        alpha=alpha,
+        sigma=sigma,
+        max_radius=max_radius(sigma, n, alpha),
+        seed=seed,
+        input_shape=list(x.shape),
+        pvalue=pvalue,
+        timings={"estimation_s": elapsed, "samples_per_s": n / max(elapsed, 1e-9)},
+    )

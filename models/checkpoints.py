@@ -188,8 +188,12 @@ def infer_arch(state: dict[str, Tensor], num_heads: int | None = None) -> ArchCo
         depth = _count_blocks(state, "blocks")
         hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
         fields: dict[str, Any] = dict(
-            img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth,
-            num_heads=num_heads or max(dim // 64, 1), mlp_ratio=hidden / dim,
+            img_size=grid * patch,
+            patch_size=patch,
+            embed_dim=dim,
+            depth=depth,
+            num_heads=num_heads or max(dim // 64, 1),
+            mlp_ratio=hidden / dim,
         )
         if "decoder_embed.weight" in state:
             ddim = state["decoder_embed.weight"].shape[0]
@@ -217,7 +221,7 @@ def read_official(path: str | Path) -> OfficialFile:
     if not isinstance(obj, dict) or "model" not in obj or not isinstance(obj["model"], dict):
         raise CheckpointError(f"{path}: expected an official DMAE file holding {{'model': ...}}")
     state = {k: v for k, v in obj["model"].items() if isinstance(v, Tensor)}
-    args = vars(obj["args"]) if isinstance(obj.get("args"), argparse.Namespace) else {}
+    args = dict(vars(obj["args"])) if isinstance(obj.get("args"), argparse.Namespace) else {}
     if "head.weight" in state:
         form = "finetuned"
     elif "decoder_embed.weight" in state:

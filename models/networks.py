@@ -8,7 +8,6 @@ names follow the official DMAE key layout exactly, so official state dicts load 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -54,8 +53,15 @@ class ArchConfig:
 PRESETS: dict[str, ArchConfig] = {
     # CPU-trainable: 8x8 digits upsampled to 16x16, 16 patches of 4x4.
     "tiny": ArchConfig(
-        img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
-        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+        img_size=16,
+        patch_size=4,
+        embed_dim=64,
+        depth=4,
+        num_heads=4,
+        mlp_ratio=2.0,
+        decoder_embed_dim=64,
+        decoder_depth=2,
+        decoder_num_heads=4,
     ),
     "base": ArchConfig(),  # ViT-B/16, 86M encoder parameters
     "large": ArchConfig(embed_dim=1024, depth=24, num_heads=16),  # ViT-L/16
@@ -69,8 +75,11 @@ def preset(name: str, **overrides: Any) -> ArchConfig:
     return replace(PRESETS[name], **overrides)
 
 
-def _layer_norm(dim: int, **kwargs: Any) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=1e-6, **kwargs)
+class _LayerNorm(nn.LayerNorm):
+    """LayerNorm with eps 1e-6, as in the official DMAE/MAE models."""
+
+    def __init__(self, dim: int, **kwargs: Any):
+        super().__init__(dim, eps=1e-6, **kwargs)
 
 
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> Tensor:
@@ -92,6 +101,9 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> Tensor:
 
 class InputTransform(nn.Module):
     """[0,1] image at native size -> bicubic resize to model size -> mean/std normalisation."""
+
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, img_size: int, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
@@ -136,17 +148,21 @@ class DMAEClassifier(VisionTransformer):
             global_pool="avg",
             class_token=True,
             fc_norm=True,
-            norm_layer=_layer_norm,
+            norm_layer=_LayerNorm,
             drop_path_rate=drop_path_rate,
         )
         self.arch = arch
         self.input_size = input_size
         self.transform = InputTransform(arch.img_size, mean, std)
+        assert self.pos_embed is not None
         with torch.no_grad():
             self.pos_embed.copy_(sincos_pos_embed(arch.embed_dim, arch.img_size // arch.patch_size))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(self.transform(x))
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> Tensor:
+        """[0,1] images at native size -> logits."""
+        return super().forward(self.transform(x), attn_mask=attn_mask, is_causal=is_causal)
 
 
 def patchify(imgs: Tensor, p: int) -> Tensor:
@@ -193,23 +209,28 @@ class DenoisingMaskedAutoencoderViT(nn.Module):
         self.pos_embed = nn.Parameter(sincos_pos_embed(d, grid), requires_grad=False)
         self.blocks = nn.ModuleList(
             [
-                Block(d, arch.num_heads, arch.mlp_ratio, qkv_bias=True, norm_layer=_layer_norm)
+                Block(d, arch.num_heads, arch.mlp_ratio, qkv_bias=True, norm_layer=_LayerNorm)
                 for _ in range(arch.depth)
             ]
         )
-        self.norm = _layer_norm(d)
+        self.norm = _LayerNorm(d)
 
         self.decoder_embed = nn.Linear(d, dd, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(dd, grid), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
             [
-                Block(dd, arch.decoder_num_heads, arch.mlp_ratio, qkv_bias=True,
-                      norm_layer=_layer_norm)
+                Block(
+                    dd,
+                    arch.decoder_num_heads,
+                    arch.mlp_ratio,
+                    qkv_bias=True,
+                    norm_layer=_LayerNorm,
+                )
                 for _ in range(arch.decoder_depth)
             ]
         )
-        self.decoder_norm = _layer_norm(dd)
+        self.decoder_norm = _LayerNorm(dd)
         self.decoder_pred = nn.Linear(dd, arch.patch_size**2 * 3, bias=True)
         assert self.pos_embed.shape[1] == n + 1
         self._init_weights()
@@ -232,7 +253,7 @@ class DenoisingMaskedAutoencoderViT(nn.Module):
     def random_masking(
         x: Tensor, mask_ratio: float, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-sample random shuffle; keep ``1 - mask_ratio``. Returns kept tokens, mask, restore."""
+        """Per-sample random shuffle keeping ``1 - mask_ratio``: (kept tokens, mask, restore ids)."""
         b, length, d = x.shape
         keep = int(length * (1 - mask_ratio))
         noise = torch.rand(b, length, device=x.device, generator=generator)

@@ -46,8 +46,10 @@ class NoiseStream:
         while k > 0:
             if self._buffer is None or self._offset == self._buffer.shape[0]:
                 self._buffer = torch.randn(
-                    (NOISE_BLOCK, *self.shape), generator=self.generator,
-                    device=self.device, dtype=torch.float32,
+                    (NOISE_BLOCK, *self.shape),
+                    generator=self.generator,
+                    device=self.device,
+                    dtype=torch.float32,
                 )
                 self._offset = 0
             m = min(k, self._buffer.shape[0] - self._offset)
@@ -64,7 +66,11 @@ class Sampler(Protocol):
     device: torch.device
 
     def counts(
-        self, x: Tensor, sigma: float, num: int, noise: NoiseStream,
+        self,
+        x: Tensor,
+        sigma: float,
+        num: int,
+        noise: NoiseStream,
         progress: ProgressFn | None = None,
     ) -> Tensor: ...
 
@@ -90,7 +96,11 @@ class BatchSampler:
 
     @torch.inference_mode()
     def counts(
-        self, x: Tensor, sigma: float, num: int, noise: NoiseStream,
+        self,
+        x: Tensor,
+        sigma: float,
+        num: int,
+        noise: NoiseStream,
         progress: ProgressFn | None = None,
     ) -> Tensor:
         x = x.to(self.device, torch.float32)
@@ -100,7 +110,8 @@ class BatchSampler:
             b = min(self.batch_size, num - done)
             batch = x.unsqueeze(0) + sigma * noise.take(b)
             with torch.autocast(
-                self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                self.device.type,
+                dtype=self.autocast_dtype or torch.bfloat16,
                 enabled=self.autocast_dtype is not None,
             ):
                 logits = self.model(batch)
@@ -111,13 +122,13 @@ class BatchSampler:
         return total.cpu()
 
 
-class AbstainReason(str, enum.Enum):
+class AbstainReason(enum.StrEnum):
     PA_BELOW_HALF = "pa_lower_below_half"  # CERTIFY: lower bound on pA is under 1/2
     PA_NOT_ABOVE_PB = "pa_lower_not_above_pb_upper"  # top-2 CERTIFY: bounds overlap
     NOT_SIGNIFICANT = "top_two_not_significant"  # PREDICT: binomial test did not reject
 
 
-class Mode(str, enum.Enum):
+class Mode(enum.StrEnum):
     CERTIFY = "certify"
     CERTIFY_TOP2 = "certify_top2"
     PREDICT = "predict"
@@ -222,20 +233,41 @@ def certify(
         "samples_per_s": (n0 + n) / max(estimated - started, 1e-9),
     }
     common: dict[str, Any] = dict(
-        count_a=k_a, counts=[int(c) for c in counts], n0=n0, n=n, alpha=alpha, sigma=sigma,
-        max_radius=max_radius(sigma, n, alpha), seed=seed, input_shape=list(x.shape),
+        count_a=k_a,
+        counts=[int(c) for c in counts],
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        sigma=sigma,
+        max_radius=max_radius(sigma, n, alpha),
+        seed=seed,
+        input_shape=list(x.shape),
         timings=timings,
     )
     if not top2:
         pa = clopper_pearson_lower(k_a, n, alpha)
         if pa < 0.5:
             return Certificate(
-                Mode.CERTIFY.value, None, True, AbstainReason.PA_BELOW_HALF.value, 0.0,
-                pa, None, count_b=None, **common,
+                Mode.CERTIFY.value,
+                None,
+                True,
+                AbstainReason.PA_BELOW_HALF.value,
+                0.0,
+                pa,
+                None,
+                count_b=None,
+                **common,
             )
         return Certificate(
-            Mode.CERTIFY.value, c_a, False, None, sigma * float(norm.ppf(pa)), pa, None,
-            count_b=None, **common,
+            Mode.CERTIFY.value,
+            c_a,
+            False,
+            None,
+            sigma * float(norm.ppf(pa)),
+            pa,
+            None,
+            count_b=None,
+            **common,
         )
 
     pa = clopper_pearson_lower(k_a, n, alpha / 2)
@@ -249,12 +281,26 @@ def certify(
     radius = 0.5 * sigma * (float(norm.ppf(pa)) - float(norm.ppf(pb))) if pa > 0 else 0.0
     if pa <= pb or radius <= 0:
         return Certificate(
-            Mode.CERTIFY_TOP2.value, None, True, AbstainReason.PA_NOT_ABOVE_PB.value, 0.0,
-            pa, pb, count_b=int(counts[c_b]), **common,
+            Mode.CERTIFY_TOP2.value,
+            None,
+            True,
+            AbstainReason.PA_NOT_ABOVE_PB.value,
+            0.0,
+            pa,
+            pb,
+            count_b=int(counts[c_b]),
+            **common,
         )
     return Certificate(
-        Mode.CERTIFY_TOP2.value, c_a, False, None, radius, pa, pb,
-        count_b=int(counts[c_b]), **common,
+        Mode.CERTIFY_TOP2.value,
+        c_a,
+        False,
+        None,
+        radius,
+        pa,
+        pb,
+        count_b=int(counts[c_b]),
+        **common,
     )
 
 

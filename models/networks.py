@@ -253,7 +253,7 @@ class DenoisingMaskedAutoencoderViT(nn.Module):
     def random_masking(
         x: Tensor, mask_ratio: float, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-sample random shuffle keeping ``1 - mask_ratio``: (kept tokens, mask, restore ids)."""
+        """Per-sample random shuffle keeping 1 - mask_ratio: (kept, mask, restore ids)."""
         b, length, d = x.shape
         keep = int(length * (1 - mask_ratio))
         noise = torch.rand(b, length, device=x.device, generator=generator)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -182,15 +183,20 @@ def max_radius(sigma: float, n: int, alpha: float) -> float:
     return sigma * float(norm.ppf(alpha ** (1.0 / n)))
 
 
+def _is_count(value: object) -> bool:
+    """A positive whole number of samples: an integer (not a float, NaN, inf or bool) >= 1."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1
+
+
 def validate(sigma: float, alpha: float, n: int, n0: int | None = None) -> None:
     """Raise ValueError with a clear message on parameters no certificate can use."""
     if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
     if not (isinstance(alpha, int | float) and math.isfinite(alpha) and 0 < alpha < 0.5):
         raise ValueError(f"alpha must lie in (0, 0.5), got {alpha!r}")
-    if int(n) != n or n < 1:
+    if not _is_count(n):
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    if n0 is not None and (int(n0) != n0 or n0 < 1):
+    if n0 is not None and not _is_count(n0):
         raise ValueError(f"n0 must be a positive integer, got {n0!r}")
 
 

@@ -157,6 +157,17 @@ def load_project(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
 # ---------------------------------------------------------------- official DMAE files
 
 
+# torch's generic lines around the specific reason (one of them advises weights_only=False).
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _load_failure_reason(exc: Exception) -> str:
+    """The specific line of a torch.load error (e.g. the blocked global), else its type."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
+    return f"{type(exc).__name__}: {specific[0][:300]}" if specific else type(exc).__name__
+
+
 def _torch_load_safely(path: str | Path) -> Any:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -164,7 +175,7 @@ def _torch_load_safely(path: str | Path) -> Any:
     except Exception as exc:  # UnpicklingError, zip errors, EOF: all mean "not loadable data"
         raise CheckpointError(
             f"{path}: refused: not a plain tensor checkpoint (it would need to unpickle "
-            f"arbitrary objects, or it is corrupt): {str(exc).splitlines()[0][:300]}"
+            f"arbitrary objects, or it is corrupt): {_load_failure_reason(exc)}"
         ) from exc
 
 

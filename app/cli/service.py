@@ -1,8 +1,199 @@
-"""Placeholder until this command group lands; replaced by its owner."""
+"""``dmae-certify serve | worker | keys | db``: run and administer the certification service.
+
+Settings come from ``DMAE_*`` environment variables and ``.env`` (see ``app.config``).
+"""
+
+from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from typing import Any
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def register(sub: Any) -> None:
-    del sub
+    s = sub.add_parser(
+        "serve",
+        help="start the HTTP API (jobs run in-process unless DMAE_BROKER_URL is set)",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s)")
+    s.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    s.add_argument("--log-level", default="info", help="debug, info, warning (default info)")
+    s.set_defaults(func=serve)
+
+    w = sub.add_parser("worker", help="start a Celery worker (one per GPU) for DMAE_BROKER_URL")
+    w.add_argument(
+        "--pool",
+        choices=("prefork", "threads", "solo"),
+        default="prefork",
+        help="prefork (default): jobs run in a child process, so the parent never touches "
+        "CUDA and a crashed job's task is redelivered; threads: CONCURRENCY jobs share one "
+        "process and its models; solo: in the worker process itself",
+    )
+    w.add_argument(
+        "--concurrency", type=int, default=1, help="jobs at once in this worker (default 1)"
+    )
+    w.add_argument("--queues", default=None, help="queues to consume (default DMAE_QUEUE)")
+    w.add_argument("--log-level", default="info")
+    w.set_defaults(func=worker)
+
+    k = sub.add_parser("keys", help="manage API keys")
+    ks = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    kc = ks.add_parser("create", help="create a key and print it (it is stored only hashed)")
+    kc.add_argument("--admin", action="store_true", help="may also use the /admin routes")
+    kc.add_argument("--name", default="", help="a note on whom the key is for")
+    kc.set_defaults(func=keys_create)
+    kl = ks.add_parser("list", help="list keys (never their tokens)")
+    kl.set_defaults(func=keys_list)
+    kr = ks.add_parser("revoke", help="revoke a key by id")
+    kr.add_argument("id", type=int)
+    kr.set_defaults(func=keys_revoke)
+
+    d = sub.add_parser("db", help="database schema migrations (DMAE_DATABASE_URL)")
+    ds = d.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    du = ds.add_parser("upgrade", help="migrate to the latest schema (or --revision)")
+    du.add_argument("--revision", default="head")
+    du.set_defaults(func=db_upgrade)
+    dd = ds.add_parser("downgrade", help="step back one revision (or to --revision, 'base')")
+    dd.add_argument("--revision", default="-1")
+    dd.set_defaults(func=db_downgrade)
+    dc = ds.add_parser("current", help="print the schema revision")
+    dc.set_defaults(func=db_current)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("dmae").setLevel(level.upper())
+
+
+def _ready_database() -> Any:
+    from app.config import get_settings
+    from app.main import SchemaNotReady, prepare_database
+
+    settings = get_settings()
+    try:
+        prepare_database(settings)
+    except SchemaNotReady as exc:
+        raise ValueError(str(exc)) from exc
+    return settings
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.config import get_settings
+    from app.main import create_app
+
+    _logging(args.log_level)
+    settings = get_settings()
+    mode = "embedded runner, " if settings.embedded else "Celery broker, "
+    logging.getLogger("dmae.api").info(
+        "serving on http://%s:%d (%sdatabase %s)",
+        args.host,
+        args.port,
+        mode,
+        settings.database_url.split("@")[-1],
+    )
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    _logging(args.log_level)
+    settings = _ready_database()
+    if settings.embedded:
+        raise ValueError(
+            "DMAE_BROKER_URL is not set: without a broker, `dmae-certify serve` runs jobs "
+            "in-process; set it (e.g. redis://localhost:6379/0) to use Celery workers"
+        )
+    if args.concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
+    from worker.celery_app import app
+
+    app.worker_main(
+        [
+            "worker",
+            f"--loglevel={args.log_level.upper()}",
+            f"--pool={args.pool}",
+            f"--concurrency={args.concurrency}",
+            f"--queues={args.queues or settings.queue}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+    return 0
+
+
+def keys_create(args: argparse.Namespace) -> int:
+    from app.auth import create_key
+    from app.db import get_database
+
+    settings = _ready_database()
+    with get_database(settings.database_url).session() as session:
+        key, token = create_key(session, name=args.name, admin=args.admin)
+    kind = "admin key" if args.admin else "key"
+    print(f"created {kind} {key.id} ({key.key_prefix}...); it is shown only now:", file=sys.stderr)
+    print(token)
+    return 0
+
+
+def keys_list(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from app.db import get_database
+    from app.tables import ApiKey
+
+    del args
+    settings = _ready_database()
+    with get_database(settings.database_url).session() as session:
+        print("id\tprefix\tadmin\tcreated\trevoked\tname")
+        for k in session.scalars(select(ApiKey).order_by(ApiKey.id)):
+            print(
+                f"{k.id}\t{k.key_prefix}...\t{k.is_admin}\t{k.created_at:%Y-%m-%d %H:%M}\t"
+                f"{k.revoked_at or ''}\t{k.name}"
+            )
+    return 0
+
+
+def keys_revoke(args: argparse.Namespace) -> int:
+    from app.db import get_database, utcnow
+    from app.tables import ApiKey
+
+    settings = _ready_database()
+    with get_database(settings.database_url).session() as session:
+        key = session.get(ApiKey, args.id)
+        if key is None:
+            raise ValueError(f"no key with id {args.id}")
+        key.revoked_at = key.revoked_at or utcnow()
+        session.commit()
+    print(f"revoked key {args.id}", file=sys.stderr)
+    return 0
+
+
+def db_upgrade(args: argparse.Namespace) -> int:
+    from app import migrate
+    from app.config import get_settings
+
+    migrate.upgrade(get_settings().database_url, args.revision)
+    print(f"database at {migrate.current(get_settings().database_url)}", file=sys.stderr)
+    return 0
+
+
+def db_downgrade(args: argparse.Namespace) -> int:
+    from app import migrate
+    from app.config import get_settings
+
+    migrate.downgrade(get_settings().database_url, args.revision)
+    print(f"database at {migrate.current(get_settings().database_url) or 'base'}", file=sys.stderr)
+    return 0
+
+
+def db_current(args: argparse.Namespace) -> int:
+    from app import migrate
+    from app.config import get_settings
+
+    del args
+    print(migrate.current(get_settings().database_url) or "base")
+    return 0

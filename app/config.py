@@ -1,0 +1,167 @@
+"""Service settings: environment variables prefixed ``DMAE_``, also read from a ``.env`` file.
+
+Every setting has a description; ``docs/API.md`` lists them and ``.env.example`` sets them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of the API, the workers and the embedded runner."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DMAE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    data_dir: Path = Field(
+        default=Path("data"),
+        description="Local data folder: the embedded SQLite database and uploaded checkpoints.",
+    )
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL of the database (Postgres in production, e.g. "
+        "postgresql+psycopg://user@db/dmae). Empty: SQLite file DATA_DIR/dmae.sqlite3.",
+    )
+    broker_url: str = Field(
+        default="",
+        description="Celery broker (Redis) URL, e.g. redis://redis:6379/0. Empty: jobs run on "
+        "an in-process runner inside the API (the embedded default).",
+    )
+    queue: str = Field(
+        default="dmae", description="Celery queue the API sends jobs to and workers read."
+    )
+    checkpoint_dir: Path | None = Field(
+        default=None,
+        description="Server-side folder from which admins may register checkpoints by path "
+        "(nothing outside it is accepted). Default: DATA_DIR/checkpoints.",
+    )
+    dataset_dir: Path | None = Field(
+        default=None,
+        description="Server-side folder holding training datasets (ImageFolder layout); training "
+        "runs accept paths inside it or the built-in digits:train. Default: DATA_DIR/datasets.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="Where models run: auto picks CUDA when available, else the CPU.",
+    )
+    max_upload_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        gt=0,
+        description="Largest accepted image upload (bytes); larger: 413.",
+    )
+    max_checkpoint_bytes: int = Field(
+        default=4 * 1024**3,
+        gt=0,
+        description="Largest accepted checkpoint upload (bytes); larger: 413.",
+    )
+    max_image_pixels: int = Field(
+        default=40_000_000,
+        gt=0,
+        description="Largest accepted image (width x height), checked before decoding.",
+    )
+    n_max: int = Field(
+        default=100_000, gt=0, description="Largest accepted n (estimation samples)."
+    )
+    n0_max: int = Field(
+        default=10_000, gt=0, description="Largest accepted n0 (selection samples)."
+    )
+    batch_size: int = Field(default=1000, gt=0, description="Noisy samples per forward pass.")
+    max_attempts: int = Field(
+        default=3, gt=0, description="A job whose worker vanished this many times is failed."
+    )
+    visibility_timeout_s: int = Field(
+        default=24 * 3600,
+        gt=0,
+        description="Redis visibility timeout (s): longer than the longest job or training run, "
+        "so a slow task is never handed to a second worker while the first still runs.",
+    )
+    sweep_interval_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds between sweeps that re-enqueue stuck jobs and fail abandoned ones "
+        "(0 disables the sweep).",
+    )
+    requeue_after_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="A job still queued this long after it was last sent to the broker is sent "
+        "again (a lost message, a broker restart).",
+    )
+    heartbeat_s: float = Field(
+        default=2.0, gt=0, description="Seconds between progress/heartbeat writes of a running job."
+    )
+    stale_after_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A running job whose heartbeat is older than this lost its worker: it is "
+        "re-queued, or failed once it has used MAX_ATTEMPTS.",
+    )
+    runner_threads: int = Field(
+        default=1, gt=0, description="Threads of the embedded in-process runner (no broker)."
+    )
+    model_cache_size: int = Field(
+        default=4,
+        gt=0,
+        description="Models kept loaded per worker process (least recently used out).",
+    )
+    register_bundled: bool = Field(
+        default=True, description="Register the bundled models (e.g. digits-s0.25) at start-up."
+    )
+    jobs_page_max: int = Field(default=100, gt=0, description="Largest page size of GET /jobs.")
+
+    @model_validator(mode="after")
+    def _defaults_under_data_dir(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'dmae.sqlite3').resolve()}"
+        if self.checkpoint_dir is None:
+            self.checkpoint_dir = self.data_dir / "checkpoints"
+        if self.dataset_dir is None:
+            self.dataset_dir = self.data_dir / "datasets"
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """No broker: jobs run inside the API process."""
+        return not self.broker_url
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def checkpoints(self) -> Path:
+        """The server-side checkpoint folder (always set after validation)."""
+        assert self.checkpoint_dir is not None
+        return self.checkpoint_dir
+
+    @property
+    def datasets(self) -> Path:
+        """The server-side dataset folder (always set after validation)."""
+        assert self.dataset_dir is not None
+        return self.dataset_dir
+
+    @property
+    def uploads(self) -> Path:
+        """Where uploaded checkpoints and trained models are stored (shared with workers)."""
+        return self.data_dir / "models"
+
+    def torch_device(self) -> str:
+        """The device name models run on."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment and ``.env``."""
+    return Settings()

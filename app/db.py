@@ -1,0 +1,86 @@
+"""Database engine and sessions (SQLAlchemy 2), one engine per URL per process.
+
+SQLite (the embedded default) gets WAL journalling and a busy timeout so the API threads and the
+in-process runner can write concurrently; Postgres gets pre-ping so a restarted server is
+reconnected transparently. Timestamps are naive UTC throughout (:func:`utcnow`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+
+def utcnow() -> dt.datetime:
+    """Current time, naive UTC (the form every timestamp column stores)."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; creates the folder of a SQLite file if needed."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+class Database:
+    """An engine and its session factory."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that rolls back on error and always closes."""
+        with self.sessions() as s:
+            try:
+                yield s
+            except BaseException:
+                s.rollback()
+                raise
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+_databases: dict[str, Database] = {}
+_lock = threading.Lock()
+
+
+def get_database(url: str) -> Database:
+    """The process-wide :class:`Database` for ``url`` (created on first use)."""
+    with _lock:
+        db = _databases.get(url)
+        if db is None:
+            db = _databases[url] = Database(url)
+        return db
+
+
+def reset_after_fork() -> None:
+    """Drop pooled connections inherited from a parent process (call in a forked child)."""
+    with _lock:
+        for db in _databases.values():
+            db.engine.dispose(close=False)

@@ -1,0 +1,110 @@
+"""Error handling in one place: every error answer is JSON with a readable ``detail``.
+
+Domain code raises :class:`ServiceError` (or a subclass); request validation, HTTP errors, an
+unreachable database or broker and unexpected exceptions are all mapped here, so a client never
+sees a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("dmae.api")
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status and a message meant for the client."""
+
+    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+        self.headers = headers
+
+
+def bad_input(detail: str) -> ServiceError:
+    """422: the request is well-formed but its content cannot be used."""
+    return ServiceError(422, detail)
+
+
+def not_found(what: str) -> ServiceError:
+    return ServiceError(404, f"{what} not found")
+
+
+class BrokerUnavailable(ServiceError):
+    """The job is stored but could not be handed to the broker."""
+
+    def __init__(self, detail: str):
+        super().__init__(503, detail, {"Retry-After": "30"})
+
+
+def _where(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header", "form"):
+        parts = parts[1:]
+    return ".".join(parts) or "request"
+
+
+def describe_validation(errors: Sequence[Any]) -> str:
+    """Pydantic/FastAPI validation errors as one sentence per problem."""
+    lines = []
+    for err in errors:
+        msg = str(err.get("msg", "invalid value"))
+        if err.get("type") == "missing":
+            msg = "this field is required"
+        lines.append(f"{_where(err.get('loc', ()))}: {msg}")
+    return "; ".join(lines) or "invalid request"
+
+
+def _json(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Any:
+    return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
+
+
+async def _service_error(_: Request, exc: Exception) -> Any:
+    assert isinstance(exc, ServiceError)
+    return _json(exc.status_code, exc.detail, exc.headers)
+
+
+async def _http_error(_: Request, exc: Exception) -> Any:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return _json(exc.status_code, detail, getattr(exc, "headers", None))
+
+
+async def _validation_error(_: Request, exc: Exception) -> Any:
+    assert isinstance(exc, RequestValidationError)
+    errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+    return _json(422, describe_validation(errors), errors=jsonable_encoder(errors))
+
+
+async def _database_error(request: Request, exc: Exception) -> Any:
+    if not isinstance(exc, OperationalError) and not getattr(exc, "connection_invalidated", 0):
+        return await _unexpected(request, exc)  # e.g. an integrity error: a bug, not an outage
+    log.warning("database unavailable: %s", str(exc).splitlines()[0][:300])
+    return _json(503, "the database is unavailable; retry shortly", {"Retry-After": "5"})
+
+
+async def _unexpected(request: Request, exc: Exception) -> Any:
+    ref = uuid.uuid4().hex[:12]
+    log.exception("unhandled error %s on %s %s", ref, request.method, request.url.path)
+    return _json(500, f"internal error (reference {ref}); the operators have the details")
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers on ``app``."""
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(OperationalError, _database_error)
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,135 @@
+"""The FastAPI application: ``create_app()``; ``uvicorn app.main:app`` also works.
+
+At start-up it checks the database schema (migrating SQLite automatically), registers the
+bundled models, and starts the in-process runner when no broker is configured (the embedded
+default); with a broker, jobs go to Celery workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from app import errors
+from app.config import Settings, get_settings
+from app.db import get_database
+from app.routes import admin, health, jobs, models
+from app.uploads import MULTIPART_SLACK, BodyLimit
+
+log = logging.getLogger("dmae.api")
+
+JSON_BODY_LIMIT = 1024 * 1024
+DESCRIPTION = """
+Certified robustness for images: each job answers *which class does the Gaussian-smoothed DMAE
+classifier give this image, and within what L2 radius is that answer provably unchanged?*
+
+Authenticate with an API key in the `X-API-Key` header (`dmae-certify keys create`).
+Submit with `POST /certify`, poll `GET /jobs/{id}`. Radii are L2 distances over the model's
+input tensor: [0,1] RGB pixels after the documented resize and centre crop (see each
+certificate's `space` and `input_shape`).
+"""
+
+
+def body_limits(settings: Settings) -> Any:
+    """The per-route request body cap used by :class:`app.uploads.BodyLimit`."""
+
+    def limit_for(method: str, path: str) -> int:
+        if method == "POST" and path.rstrip("/") == "/certify":
+            return settings.max_upload_bytes + MULTIPART_SLACK
+        if method == "POST" and path.rstrip("/") == "/admin/models":
+            return settings.max_checkpoint_bytes + MULTIPART_SLACK
+        return JSON_BODY_LIMIT
+
+    return limit_for
+
+
+class SchemaNotReady(RuntimeError):
+    pass
+
+
+def prepare_database(settings: Settings) -> None:
+    """SQLite is migrated automatically; other databases must already be at the latest schema
+    (``dmae-certify db upgrade``, the compose migration step)."""
+    from alembic.script import ScriptDirectory
+
+    from app import migrate
+
+    if settings.is_sqlite:
+        migrate.upgrade(settings.database_url)
+        return
+    head = ScriptDirectory.from_config(
+        migrate.alembic_config(settings.database_url)
+    ).get_current_head()
+    at = migrate.current(settings.database_url)
+    if at != head:
+        raise SchemaNotReady(
+            f"database schema is at {at or 'nothing'}, the service needs {head}: run "
+            "`dmae-certify db upgrade`"
+        )
+
+
+def create_app(settings: Settings | None = None, dispatcher: Any = None) -> FastAPI:
+    """The API. ``dispatcher`` overrides how job ids reach the workers (tests)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from app import auth, registry
+
+        prepare_database(settings)
+        db = get_database(settings.database_url)
+        app.state.db = db
+        with db.session() as session:
+            if settings.register_bundled:
+                registry.register_bundled(session)
+            if settings.embedded and auth.count_keys(session) == 0:
+                _, token = auth.create_key(session, name="first key", admin=True)
+                log.warning(
+                    "No API key existed: created an admin key (shown once): %s  "
+                    "e.g. curl -H 'X-API-Key: %s' -F image=@digit.png -F sigma=0.25 "
+                    "http://HOST:PORT/certify",
+                    token,
+                    token,
+                )
+        runner = None
+        if dispatcher is not None:
+            app.state.dispatcher = dispatcher
+        elif settings.embedded:
+            from worker.runner import InProcessRunner
+
+            runner = InProcessRunner(settings)
+            runner.start()
+            app.state.dispatcher = runner
+        else:
+            from worker.dispatch import CeleryDispatcher
+
+            app.state.dispatcher = CeleryDispatcher(settings)
+        try:
+            yield
+        finally:
+            if runner is not None:
+                runner.stop()
+
+    app = FastAPI(
+        title="dmae-certify",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    errors.install(app)
+    app.add_middleware(BodyLimit, limit_for=body_limits(settings))
+    for module in (jobs, models, admin, health):
+        app.include_router(module.router)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    """``app.main:app`` for uvicorn, built from the environment on first access."""
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

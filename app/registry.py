@@ -1,0 +1,191 @@
+"""The model registry: registering checkpoints (bundled, uploaded, server-side path, trained),
+activating them, and choosing the model a request is certified with.
+
+Checkpoints are only ever read through ``models.checkpoints`` (safetensors, or official files
+with ``weights_only=True``), so registering a file never runs code from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.errors import ServiceError, bad_input
+from app.tables import Checkpoint
+
+log = logging.getLogger("dmae.registry")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+BUNDLED_PREFIX = "bundled:"
+PROJECT_LICENCE = "Trained with dmae-certify (Apache-2.0 code); see the model's source."
+OFFICIAL_OPTIONS = ("input_size", "mean", "std", "classes", "sigma", "num_heads")
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise bad_input(
+            f"invalid model name {name!r}: use 1-100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def location_path(location: str) -> Path:
+    """The file behind a registry location (``bundled:<name>`` or an absolute path)."""
+    from models.checkpoints import CheckpointError, bundled_models
+
+    if location.startswith(BUNDLED_PREFIX):
+        name = location[len(BUNDLED_PREFIX) :]
+        bundled = bundled_models()
+        if name not in bundled:
+            raise CheckpointError(f"bundled model {name!r} is not installed")
+        return bundled[name]
+    return Path(location)
+
+
+def inside(base: Path, requested: str) -> Path:
+    """``requested`` (relative to ``base``, or absolute) resolved, refusing anything outside."""
+    if not requested or "\x00" in requested:
+        raise bad_input("empty or invalid path")
+    root = base.resolve()
+    candidate = Path(requested)
+    path = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if not path.is_relative_to(root):
+        raise bad_input(f"path {requested!r} is outside the allowed folder {root}")
+    return path
+
+
+def describe(path: Path, options: dict[str, Any]) -> tuple[str, Any]:
+    """(format, CheckpointMeta) of a checkpoint file, validating it without running code.
+
+    Project files only have their metadata read (the weights are verified when a worker loads
+    them); official files are imported in full, since their architecture comes from the tensors.
+    """
+    from models.checkpoints import CheckpointError, import_official, read_meta
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        raise bad_input(f"cannot read checkpoint: {exc.strerror or exc}") from exc
+    try:
+        if len(head) == 9 and head[8:9] == b"{":
+            return "project", read_meta(path)
+        _, meta = import_official(path, **options)
+        return "official", meta
+    except CheckpointError as exc:
+        raise bad_input(f"checkpoint refused: {exc}") from exc
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise bad_input(f"checkpoint refused: {exc}") from exc
+
+
+def register(
+    session: Session,
+    *,
+    location: str,
+    name: str | None = None,
+    options: dict[str, Any] | None = None,
+    active: bool = True,
+    created_by: int | None = None,
+    licence: str | None = None,
+) -> Checkpoint:
+    """Validate the checkpoint at ``location`` and add it to the registry (409 if the name is
+    taken)."""
+    from models.checkpoints import OFFICIAL_LICENCE, file_sha256
+
+    options = {k: v for k, v in (options or {}).items() if k in OFFICIAL_OPTIONS and v is not None}
+    path = location_path(location)
+    fmt, meta = describe(path, options)
+    name = check_name(name or meta.name or path.stem)
+    if session.scalar(select(Checkpoint).where(Checkpoint.name == name)) is not None:
+        raise ServiceError(409, f"a model named {name!r} is already registered")
+    row = Checkpoint(
+        name=name,
+        location=location,
+        file_sha256=file_sha256(path),
+        weights_sha256=meta.weights_sha256,
+        format=fmt,
+        kind=meta.kind,
+        sigma=meta.sigma,
+        num_classes=meta.num_classes,
+        classes=list(meta.classes),
+        input_size=meta.input_size,
+        arch=meta.arch.to_dict(),
+        licence=licence
+        or meta.licence
+        or (OFFICIAL_LICENCE if fmt == "official" else "")
+        or PROJECT_LICENCE,
+        source=meta.source,
+        import_options=options if fmt == "official" else {},
+        active=active,
+        created_by=created_by,
+    )
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError as exc:
+        session.rollback()
+        raise ServiceError(409, f"a model named {name!r} is already registered") from exc
+    log.info("registered model %s (%s, sigma=%s) from %s", name, meta.kind, meta.sigma, location)
+    return row
+
+
+def register_bundled(session: Session) -> list[str]:
+    """Register every bundled model not yet in the registry; returns the names added."""
+    from models.checkpoints import CheckpointError, bundled_models, file_sha256
+
+    added = []
+    for name, path in bundled_models().items():
+        row = session.scalar(select(Checkpoint).where(Checkpoint.name == name))
+        if row is not None:
+            if row.location == BUNDLED_PREFIX + name and row.file_sha256 != file_sha256(path):
+                log.warning("bundled model %s changed on disk since it was registered", name)
+            continue
+        try:
+            register(session, location=BUNDLED_PREFIX + name, name=name)
+            added.append(name)
+        except (ServiceError, CheckpointError) as exc:
+            log.error("bundled model %s not registered: %s", name, exc)
+    return added
+
+
+def get_model(session: Session, name: str) -> Checkpoint:
+    row = session.scalar(select(Checkpoint).where(Checkpoint.name == name))
+    if row is None:
+        raise ServiceError(404, f"no registered model named {name!r}")
+    return row
+
+
+def choose(session: Session, sigma: float | None, name: str | None) -> Checkpoint:
+    """The model a request runs on: the named one, else the newest active classifier trained
+    at ``sigma``. Every failure is a 422 that says what to do."""
+    if name is not None:
+        row = session.scalar(select(Checkpoint).where(Checkpoint.name == name))
+        if row is None:
+            raise bad_input(f"unknown model {name!r}; GET /models lists the registered ones")
+        if not row.active:
+            raise bad_input(f"model {name!r} is deactivated")
+        if row.kind != "classifier":
+            raise bad_input(f"model {name!r} is a pre-training checkpoint without a classifier")
+        return row
+    if sigma is None:
+        raise bad_input("give sigma (the noise level) or a model name")
+    candidates = session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.active.is_(True), Checkpoint.kind == "classifier")
+        .order_by(Checkpoint.id.desc())
+    ).all()
+    for row in candidates:
+        if row.sigma is not None and abs(row.sigma - sigma) <= 1e-9 * max(1.0, sigma):
+            return row
+    trained = sorted({r.sigma for r in candidates if r.sigma is not None})
+    raise bad_input(
+        f"no active model trained for sigma={sigma:g}; models exist for sigma in "
+        f"{', '.join(f'{s:g}' for s in trained) or '(none)'}; name one with the model field"
+    )

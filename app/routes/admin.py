@@ -1,0 +1,319 @@
+"""Admin routes (admin key): the model registry and training runs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from sqlalchemy import func, select
+
+from app import registry
+from app.auth import Admin, SessionDep
+from app.errors import ServiceError, bad_input, not_found
+from app.routes.deps import DispatcherDep, SettingsDep
+from app.schemas import ModelOut, TrainingIn, TrainingOut, TrainingPage, model_out, training_out
+from app.tables import Checkpoint, Status, TrainingRun
+from app.uploads import save_upload
+from worker import state
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or invalid API key."},
+    403: {"description": "Not an admin key."},
+}
+
+
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None or text == "":
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError as exc:
+        raise bad_input(f"{what} must be comma-separated numbers, got {text!r}") from exc
+
+
+@router.get(
+    "/models",
+    response_model=list[ModelOut],
+    responses=ADMIN_ERRORS,
+    summary="Every registered model, active or not",
+)
+def all_models(admin: Admin, session: SessionDep) -> list[ModelOut]:
+    del admin
+    return [model_out(r) for r in session.scalars(select(Checkpoint).order_by(Checkpoint.id))]
+
+
+@router.post(
+    "/models",
+    status_code=201,
+    response_model=ModelOut,
+    responses={
+        **ADMIN_ERRORS,
+        409: {"description": "Name taken."},
+        422: {"description": "Not a loadable checkpoint, or a path outside the folder."},
+    },
+    summary="Register a checkpoint (upload, or a path in the server's checkpoint folder)",
+)
+def register_model(
+    admin: Admin,
+    session: SessionDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile | None, File(description="Checkpoint file to upload.")] = None,
+    path: Annotated[
+        str | None,
+        Form(
+            description="Instead of an upload: a file inside DMAE_CHECKPOINT_DIR (relative).",
+            examples=["imagenet/dmae_vitb_finetuned_s0.25.pth"],
+        ),
+    ] = None,
+    name: Annotated[str | None, Form(description="Registry name (default: from the file).")] = None,
+    active: Annotated[bool, Form(description="Serve requests right away.")] = True,
+    sigma: Annotated[float | None, Form(description="Official files: training sigma.")] = None,
+    input_size: Annotated[
+        int | None, Form(description="Official files: native input size.")
+    ] = None,
+    classes: Annotated[
+        str | None, Form(description="Official files: comma-separated class names.")
+    ] = None,
+    mean: Annotated[
+        str | None, Form(description="Official files: 3 comma-separated means.")
+    ] = None,
+    std: Annotated[str | None, Form(description="Official files: 3 comma-separated stds.")] = None,
+    num_heads: Annotated[int | None, Form(description="Official files: attention heads.")] = None,
+    licence: Annotated[str | None, Form(description="Licence note shown to clients.")] = None,
+) -> ModelOut:
+    """Project checkpoints (.safetensors with metadata) and official DMAE files (read with
+    ``weights_only``; pickled code is refused) are accepted. Official files need the options the
+    format does not store (sigma, input size, class names, mean/std)."""
+    if (file is None) == (path is None or path == ""):
+        raise bad_input("give exactly one of: file (an upload) or path (on the server)")
+    options = {
+        "sigma": sigma,
+        "input_size": input_size,
+        "num_heads": num_heads,
+        "classes": [c.strip() for c in classes.split(",")] if classes else None,
+        "mean": _floats(mean, "mean"),
+        "std": _floats(std, "std"),
+    }
+    if sigma is not None and not sigma > 0:
+        raise bad_input(f"sigma must be positive, got {sigma}")
+    if name is not None:
+        registry.check_name(name)
+    if file is not None:
+        saved, _ = save_upload(file, settings.uploads / "uploaded", settings.max_checkpoint_bytes)
+        try:
+            row = registry.register(
+                session,
+                location=str(saved),
+                name=name or _stem(file.filename),
+                options=options,
+                active=active,
+                created_by=admin.id,
+                licence=licence,
+            )
+        except Exception:
+            if (
+                session.scalar(select(Checkpoint.id).where(Checkpoint.location == str(saved)))
+                is None
+            ):
+                saved.unlink(missing_ok=True)
+            raise
+    else:
+        assert path is not None
+        target = registry.inside(settings.checkpoints, path)
+        if not target.is_file():
+            raise bad_input(f"no checkpoint file {path!r} in the server's checkpoint folder")
+        row = registry.register(
+            session,
+            location=str(target),
+            name=name,
+            options=options,
+            active=active,
+            created_by=admin.id,
+            licence=licence,
+        )
+    return model_out(row)
+
+
+def _stem(filename: str | None) -> str | None:
+    """A registry name from an uploaded file's name, only if it is already a valid one."""
+    if not filename:
+        return None
+    stem = filename.rsplit("/", 1)[-1].rsplit("\\", 1)[-1].rsplit(".", 1)[0]
+    return stem if registry.NAME_RE.match(stem) else None
+
+
+def _set_active(session: SessionDep, name: str, active: bool) -> ModelOut:
+    row = registry.get_model(session, name)
+    row.active = active
+    session.commit()
+    return model_out(row)
+
+
+@router.post(
+    "/models/{name}/activate",
+    response_model=ModelOut,
+    responses=ADMIN_ERRORS,
+    summary="Serve requests with this model",
+)
+def activate(name: str, admin: Admin, session: SessionDep) -> ModelOut:
+    del admin
+    return _set_active(session, name, True)
+
+
+@router.post(
+    "/models/{name}/deactivate",
+    response_model=ModelOut,
+    responses=ADMIN_ERRORS,
+    summary="Stop serving new requests with this model",
+)
+def deactivate(name: str, admin: Admin, session: SessionDep) -> ModelOut:
+    """Queued jobs already bound to the model still run; new requests cannot pick it."""
+    del admin
+    return _set_active(session, name, False)
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def _training(session: SessionDep, run: TrainingRun) -> TrainingOut:
+    name = None
+    if run.checkpoint_id is not None:
+        name = session.scalar(select(Checkpoint.name).where(Checkpoint.id == run.checkpoint_id))
+    return training_out(run, name)
+
+
+@router.post(
+    "/training",
+    status_code=202,
+    response_model=TrainingOut,
+    responses={
+        **ADMIN_ERRORS,
+        409: {"description": "Result name taken."},
+        422: {"description": "Unknown dataset, model or hyper-parameter."},
+    },
+    summary="Launch a pre-training or fine-tuning run on the workers",
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "kind": "finetune",
+                        "dataset": "digits:train",
+                        "name": "digits-ft-s0.50",
+                        "sigma": 0.5,
+                        "init": "digits-pretrain",
+                        "params": {"epochs": 30, "batch_size": 64, "blr": 5e-4},
+                    }
+                }
+            }
+        }
+    },
+)
+def launch_training(
+    body: TrainingIn,
+    admin: Admin,
+    session: SessionDep,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+) -> TrainingOut:
+    """The run reports progress (optimiser steps) on GET /admin/training/{id} and registers the
+    resulting checkpoint under ``name`` when it finishes."""
+    from worker.training import check_params
+
+    registry.check_name(body.name)
+    if session.scalar(select(Checkpoint.id).where(Checkpoint.name == body.name)) is not None:
+        raise ServiceError(409, f"a model named {body.name!r} is already registered")
+    if body.dataset.startswith("digits:"):
+        if body.dataset not in ("digits:train", "digits:test"):
+            raise bad_input("the built-in datasets are digits:train and digits:test")
+        dataset = body.dataset
+    else:
+        folder = registry.inside(settings.datasets, body.dataset)
+        if not folder.is_dir():
+            raise bad_input(f"no dataset folder {body.dataset!r} in the server's dataset folder")
+        dataset = str(folder)
+    if body.kind == "finetune" and not body.init:
+        raise bad_input("fine-tuning needs init: the registered pre-trained model to start from")
+    if body.init is not None:
+        init = session.scalar(select(Checkpoint).where(Checkpoint.name == body.init))
+        if init is None:
+            raise bad_input(f"unknown model {body.init!r} for init")
+    try:
+        check_params(body.kind, body.params)
+    except ValueError as exc:
+        raise bad_input(str(exc)) from exc
+    params: dict[str, Any] = {**body.params, "sigma": body.sigma}
+    if body.init:
+        params["init"] = body.init
+    run = TrainingRun(
+        owner_id=admin.id,
+        kind=body.kind,
+        dataset=dataset,
+        params=params,
+        result_name=body.name,
+        activate=body.activate,
+        status=Status.QUEUED.value,
+        progress_done=0,
+        progress_total=0,
+        attempts=0,
+        metrics={},
+    )
+    session.add(run)
+    session.commit()
+    dispatcher.train(run.id)
+    state.mark_enqueued(session, TrainingRun, run.id)
+    session.refresh(run)
+    return _training(session, run)
+
+
+@router.get(
+    "/training",
+    response_model=TrainingPage,
+    responses=ADMIN_ERRORS,
+    summary="Training runs, newest first",
+)
+def list_training(
+    admin: Admin,
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> TrainingPage:
+    del admin
+    limit = min(limit, settings.jobs_page_max)
+    total = session.scalar(select(func.count()).select_from(TrainingRun)) or 0
+    runs = session.scalars(
+        select(TrainingRun).order_by(TrainingRun.created_at.desc()).limit(limit).offset(offset)
+    ).all()
+    return TrainingPage(
+        items=[_training(session, r) for r in runs], total=total, limit=limit, offset=offset
+    )
+
+
+@router.get("/training/{run_id}", response_model=TrainingOut, responses=ADMIN_ERRORS)
+def get_training(run_id: str, admin: Admin, session: SessionDep) -> TrainingOut:
+    del admin
+    run = session.get(TrainingRun, run_id)
+    if run is None:
+        raise not_found(f"training run {run_id!r}")
+    return _training(session, run)
+
+
+@router.delete(
+    "/training/{run_id}",
+    response_model=TrainingOut,
+    responses=ADMIN_ERRORS,
+    summary="Cancel a queued or running training run",
+)
+def cancel_training(run_id: str, admin: Admin, session: SessionDep) -> TrainingOut:
+    del admin
+    run = session.get(TrainingRun, run_id)
+    if run is None:
+        raise not_found(f"training run {run_id!r}")
+    if not state.cancel(session, TrainingRun, run_id):
+        session.refresh(run)
+        raise ServiceError(409, f"training run already {run.status}; nothing to cancel")
+    session.refresh(run)
+    return _training(session, run)

@@ -1,0 +1,230 @@
+"""POST /certify, GET /jobs, GET /jobs/{id}, DELETE /jobs/{id}: a client's certification jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from sqlalchemy import func, select
+
+from app.auth import Client, SessionDep
+from app.errors import ServiceError, not_found
+from app.routes.deps import DispatcherDep, SettingsDep
+from app.schemas import JobOut, JobPage, Mode, job_out
+from app.submissions import Params, submit
+from app.tables import Certificate, Job, Status
+from app.uploads import read_upload
+from worker import state
+
+router = APIRouter(tags=["certification"])
+
+EXAMPLE_CERTIFICATE: dict[str, Any] = {
+    "mode": "certify",
+    "prediction": 7,
+    "label": "7",
+    "abstained": False,
+    "abstain_reason": None,
+    "radius": 0.6312,
+    "pa_lower": 0.9942,
+    "pb_upper": None,
+    "count_a": 9991,
+    "count_b": None,
+    "counts": [0, 2, 0, 1, 0, 0, 0, 9991, 3, 3],
+    "n0": 100,
+    "n": 10000,
+    "alpha": 0.001,
+    "sigma": 0.25,
+    "max_radius": 0.7998,
+    "seed": 4171520194651379,
+    "pvalue": None,
+    "input_shape": [3, 8, 8],
+    "space": "[0,1] RGB pixels after the service's resize/crop, before mean/std normalisation",
+    "model": "digits-s0.25",
+    "checkpoint_sha256": "9f2c...",
+    "weights_sha256": "51be...",
+    "input_sha256": "e3b0...",
+    "device": "cpu",
+    "timings": {
+        "selection_s": 0.02,
+        "estimation_s": 1.9,
+        "samples_per_s": 5200.0,
+        "queued_s": 0.01,
+        "model_load_s": 0.0,
+        "run_s": 1.95,
+    },
+}
+EXAMPLE_JOB: dict[str, Any] = {
+    "id": "0b6f3c1e-3f0e-4d53-9f5e-2d0a3b9c7e11",
+    "url": "/jobs/0b6f3c1e-3f0e-4d53-9f5e-2d0a3b9c7e11",
+    "status": "succeeded",
+    "mode": "certify",
+    "model": "digits-s0.25",
+    "sigma": 0.25,
+    "alpha": 0.001,
+    "n0": 100,
+    "n": 10000,
+    "seed": 4171520194651379,
+    "input_sha256": "e3b0...",
+    "input_shape": [3, 8, 8],
+    "progress": {"done": 10100, "total": 10100},
+    "attempts": 1,
+    "created_at": "2026-01-15T10:00:00.000Z",
+    "started_at": "2026-01-15T10:00:00.020Z",
+    "finished_at": "2026-01-15T10:00:02.000Z",
+    "error": None,
+    "certificate": EXAMPLE_CERTIFICATE,
+}
+EXAMPLE_QUEUED = {
+    **EXAMPLE_JOB,
+    "status": "queued",
+    "progress": {"done": 0, "total": 10100},
+    "attempts": 0,
+    "started_at": None,
+    "finished_at": None,
+    "certificate": None,
+}
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or invalid API key."},
+    413: {"description": "Upload or image too large."},
+    415: {"description": "Not a PNG, JPEG or WebP image."},
+    422: {"description": "Invalid parameters, no model for that sigma, or a corrupt image."},
+    503: {"description": "Database or job queue unavailable; retry later."},
+}
+
+
+def _load(session: SessionDep, client: Client, job_id: str) -> tuple[Job, dict[str, Any] | None]:
+    job = session.get(Job, job_id)
+    if job is None or job.owner_id != client.id:  # another client's job does not exist for you
+        raise not_found(f"job {job_id!r}")
+    body = session.scalar(select(Certificate.body).where(Certificate.job_id == job.id))
+    return job, body
+
+
+@router.post(
+    "/certify",
+    status_code=202,
+    response_model=JobOut,
+    summary="Submit an image for certification",
+    responses={
+        202: {
+            "description": "Job queued.",
+            "content": {"application/json": {"example": EXAMPLE_QUEUED}},
+        },
+        200: {
+            "description": "The identical request was submitted before: the stored job (with its "
+            "certificate once it succeeded) is returned; no new noise is drawn.",
+            "content": {"application/json": {"example": EXAMPLE_JOB}},
+        },
+        **ERRORS,
+    },
+)
+def certify(
+    response: Response,
+    client: Client,
+    session: SessionDep,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+    image: Annotated[UploadFile, File(description="PNG, JPEG or WebP image.")],
+    sigma: Annotated[
+        float | None,
+        Form(
+            description="Noise level (L2, in [0,1] pixel units). Picks the active model "
+            "trained for it; optional when a model is named.",
+            examples=[0.25],
+        ),
+    ] = None,
+    alpha: Annotated[float, Form(description="Failure probability, in (0, 0.5).")] = 0.001,
+    n0: Annotated[int, Form(description="Selection samples (certify modes).")] = 100,
+    n: Annotated[int, Form(description="Estimation samples.")] = 10_000,
+    mode: Annotated[Mode, Form(description="certify, predict, or certify_top2.")] = "certify",
+    model: Annotated[str | None, Form(description="A registered model name.")] = None,
+    seed: Annotated[
+        int | None,
+        Form(
+            description="Noise seed. Default: derived from the image hash, the model and the "
+            "parameters, so the same submission is always the same pre-committed run."
+        ),
+    ] = None,
+) -> JobOut:
+    """Queue a PREDICT/CERTIFY job on the uploaded image and answer 202 with its id and URL.
+
+    The image is converted to the model's input exactly as documented (RGB, shorter side
+    bicubic-resized to the model's input size, centre crop, [0,1]); the certificate states the
+    space and shape its radius refers to. Submitting the same image, model and parameters again
+    returns the stored job (200) instead of drawing new noise.
+    """
+    data = read_upload(image, settings.max_upload_bytes, "image upload")
+    params = Params(mode=mode, sigma=sigma, alpha=alpha, n0=n0, n=n, seed=seed, model=model)
+    job, send = submit(session, client, data, params, settings)
+    if send:
+        dispatcher.certify(job.id)  # BrokerUnavailable -> 503; the sweep queues it later
+        state.mark_enqueued(session, Job, job.id)
+    else:
+        response.status_code = 200
+    session.refresh(job)
+    body = session.scalar(select(Certificate.body).where(Certificate.job_id == job.id))
+    return job_out(job, body)
+
+
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobOut,
+    summary="Status, progress and certificate of a job",
+    responses={
+        200: {"content": {"application/json": {"example": EXAMPLE_JOB}}},
+        404: {"description": "No such job among yours."},
+        401: ERRORS[401],
+    },
+)
+def get_job(job_id: str, client: Client, session: SessionDep) -> JobOut:
+    """The job's ``status`` (queued, running, succeeded, failed, cancelled), ``progress``, and
+    its ``certificate`` once it succeeded (``error`` if it failed)."""
+    job, body = _load(session, client, job_id)
+    return job_out(job, body)
+
+
+@router.get("/jobs", response_model=JobPage, summary="Your jobs, newest first")
+def list_jobs(
+    client: Client,
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, description="Page size.")] = 20,
+    offset: Annotated[int, Query(ge=0, description="Jobs to skip.")] = 0,
+    status: Annotated[Status | None, Query(description="Only jobs in this status.")] = None,
+) -> JobPage:
+    limit = min(limit, settings.jobs_page_max)
+    where = [Job.owner_id == client.id]
+    if status is not None:
+        where.append(Job.status == status.value)
+    total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+    rows = session.execute(
+        select(Job, Certificate.body)
+        .outerjoin(Certificate, Certificate.job_id == Job.id)
+        .where(*where)
+        .order_by(Job.created_at.desc(), Job.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return JobPage(items=[job_out(j, b) for j, b in rows], total=total, limit=limit, offset=offset)
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    response_model=JobOut,
+    summary="Cancel a queued or running job",
+    responses={
+        404: {"description": "No such job among yours."},
+        409: {"description": "The job already finished."},
+    },
+)
+def cancel_job(job_id: str, client: Client, session: SessionDep) -> JobOut:
+    """Cancel the job: a queued job never runs, a running one stops at its next batch. A job
+    that already finished keeps its result (409)."""
+    job, _ = _load(session, client, job_id)
+    if not state.cancel(session, Job, job.id):
+        session.refresh(job)
+        raise ServiceError(409, f"job {job.id} already {job.status}; nothing to cancel")
+    session.refresh(job)
+    body = session.scalar(select(Certificate.body).where(Certificate.job_id == job.id))
+    return job_out(job, body)

@@ -1,0 +1,209 @@
+"""Response and request bodies of the HTTP API (the names are the public contract)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.tables import Checkpoint, Job, TrainingRun
+
+Mode = Literal["certify", "predict", "certify_top2"]
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return None if t is None else t.isoformat(timespec="milliseconds") + "Z"
+
+
+class Progress(BaseModel):
+    done: int = Field(description="Noisy samples evaluated so far (selection + estimation).")
+    total: int = Field(description="Samples the job draws in all: n0 + n (n for predict).")
+
+
+class CertificateOut(BaseModel):
+    """The result of one pre-committed PREDICT/CERTIFY run; ``radius`` is an L2 radius in
+    ``space``, on a tensor of shape ``input_shape``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    mode: str
+    prediction: int | None = Field(description="Class index; null when the model abstained.")
+    label: str | None = Field(description="Class name of the prediction (null when abstained).")
+    abstained: bool
+    abstain_reason: str | None
+    radius: float = Field(description="Certified L2 radius (0 when abstained or in predict).")
+    pa_lower: float | None = Field(description="(1-alpha) lower confidence bound on pA.")
+    pb_upper: float | None = None
+    count_a: int
+    count_b: int | None = None
+    counts: list[int]
+    n0: int
+    n: int
+    alpha: float
+    sigma: float
+    max_radius: float = Field(description="Largest radius n samples at this alpha can certify.")
+    seed: int
+    pvalue: float | None = None
+    input_shape: list[int]
+    space: str
+    model: str
+    checkpoint_sha256: str
+    input_sha256: str
+    device: str
+    timings: dict[str, float]
+
+
+class JobOut(BaseModel):
+    id: str
+    url: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    mode: str
+    model: str
+    sigma: float
+    alpha: float
+    n0: int
+    n: int
+    seed: int
+    input_sha256: str
+    input_shape: list[int]
+    progress: Progress
+    attempts: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    error: str | None = None
+    certificate: CertificateOut | None = None
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class ModelOut(BaseModel):
+    name: str
+    kind: str = Field(description="classifier (serves requests) or pretrain.")
+    sigma: float | None = Field(description="Noise level the model was trained for.")
+    classes: list[str]
+    num_classes: int
+    input_size: int = Field(description="Side S of the S x S [0,1] RGB tensor it certifies.")
+    licence: str
+    source: str
+    format: str
+    active: bool
+    checkpoint_sha256: str
+    arch: dict[str, Any]
+    created_at: str
+
+
+class TrainingIn(BaseModel):
+    """A training run: pre-training (DMAE) or fine-tuning a classifier at one sigma."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["pretrain", "finetune"]
+    dataset: str = Field(
+        description="'digits:train', or a folder inside the server's dataset directory "
+        "(ImageFolder layout: one sub-folder per class)."
+    )
+    name: str = Field(description="Registry name of the resulting checkpoint.")
+    sigma: float = Field(0.25, gt=0, description="Training noise level.")
+    init: str | None = Field(
+        None, description="Registered model to start from (a pretrain checkpoint to fine-tune)."
+    )
+    params: dict[str, float | int | str | bool] = Field(
+        default_factory=dict,
+        description="Hyper-parameters passed to the training pipeline (epochs, lr, batch_size, "
+        "preset, ...).",
+    )
+    activate: bool = Field(True, description="Activate the model once registered.")
+
+
+class TrainingOut(BaseModel):
+    id: str
+    url: str
+    status: str
+    kind: str
+    dataset: str
+    name: str
+    params: dict[str, Any]
+    progress: Progress
+    attempts: int
+    metrics: dict[str, Any]
+    model: str | None = Field(description="The registered result, once the run succeeded.")
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+
+
+class TrainingPage(BaseModel):
+    items: list[TrainingOut]
+    total: int
+    limit: int
+    offset: int
+
+
+def job_out(job: Job, certificate: dict[str, Any] | None) -> JobOut:
+    return JobOut(
+        id=job.id,
+        url=f"/jobs/{job.id}",
+        status=job.status,  # type: ignore[arg-type]
+        mode=job.mode,
+        model=job.model_name,
+        sigma=job.sigma,
+        alpha=job.alpha,
+        n0=job.n0,
+        n=job.n,
+        seed=job.seed,
+        input_sha256=job.input_sha256,
+        input_shape=list(job.input_shape),
+        progress=Progress(done=job.progress_done, total=job.progress_total),
+        attempts=job.attempts,
+        created_at=_iso(job.created_at) or "",
+        started_at=_iso(job.started_at),
+        finished_at=_iso(job.finished_at),
+        error=job.error,
+        certificate=CertificateOut(**certificate) if certificate else None,
+    )
+
+
+def model_out(row: Checkpoint) -> ModelOut:
+    return ModelOut(
+        name=row.name,
+        kind=row.kind,
+        sigma=row.sigma,
+        classes=[str(c) for c in row.classes],
+        num_classes=row.num_classes,
+        input_size=row.input_size,
+        licence=row.licence,
+        source=row.source,
+        format=row.format,
+        active=row.active,
+        checkpoint_sha256=row.file_sha256,
+        arch=dict(row.arch),
+        created_at=_iso(row.created_at) or "",
+    )
+
+
+def training_out(run: TrainingRun, model_name: str | None) -> TrainingOut:
+    return TrainingOut(
+        id=run.id,
+        url=f"/admin/training/{run.id}",
+        status=run.status,
+        kind=run.kind,
+        dataset=run.dataset,
+        name=run.result_name,
+        params=dict(run.params),
+        progress=Progress(done=run.progress_done, total=run.progress_total),
+        attempts=run.attempts,
+        metrics=dict(run.metrics),
+        model=model_name,
+        created_at=_iso(run.created_at) or "",
+        started_at=_iso(run.started_at),
+        finished_at=_iso(run.finished_at),
+        error=run.error,
+    )

@@ -1,0 +1,186 @@
+"""Turning a POST /certify into a stored, queued job, exactly once per request.
+
+A job is pre-committed: its seed is fixed at submission (the client's, or one derived from the
+input hash, the model and the parameters), and (client, input sha256, model, parameters, seed)
+is unique. Submitting the same thing again returns the stored job and, once it has succeeded,
+its certificate: never a re-roll. Only a job that produced nothing (failed or cancelled) is
+queued again, under the same seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import registry
+from app.config import Settings
+from app.errors import bad_input
+from app.tables import ApiKey, Checkpoint, Job, JobInput, Status, new_id
+from app.uploads import decode_image
+
+SEED_BITS = 53  # seeds stay exact in JSON numbers (JavaScript clients included)
+MODES = ("certify", "predict", "certify_top2")
+
+
+@dataclass
+class Params:
+    """The form fields of POST /certify."""
+
+    mode: str = "certify"
+    sigma: float | None = None
+    alpha: float = 0.001
+    n0: int = 100
+    n: int = 10_000
+    seed: int | None = None
+    model: str | None = None
+
+
+def check_params(p: Params, settings: Settings) -> None:
+    """422 with the reason for any parameter no certificate can use or the service refuses."""
+    from models.smoothing import validate
+
+    if p.mode not in MODES:
+        raise bad_input(f"mode must be one of {', '.join(MODES)}, got {p.mode!r}")
+    if p.sigma is not None and not (math.isfinite(p.sigma) and p.sigma > 0):
+        raise bad_input(f"sigma must be a positive finite number, got {p.sigma!r}")
+    if not 1 <= p.n <= settings.n_max:
+        raise bad_input(f"n must lie in [1, {settings.n_max}], got {p.n}")
+    if p.mode != "predict" and not 1 <= p.n0 <= settings.n0_max:
+        raise bad_input(f"n0 must lie in [1, {settings.n0_max}], got {p.n0}")
+    if p.seed is not None and not 0 <= p.seed < 2**63:
+        raise bad_input(f"seed must lie in [0, 2^63), got {p.seed}")
+    try:
+        validate(p.sigma if p.sigma is not None else 1.0, p.alpha, p.n)
+    except ValueError as exc:
+        raise bad_input(str(exc)) from exc
+
+
+def _digest(fields: dict[str, object]) -> bytes:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
+
+
+def derive_seed(
+    input_sha256: str,
+    checkpoint_sha256: str,
+    mode: str,
+    sigma: float,
+    alpha: float,
+    n0: int,
+    n: int,
+) -> int:
+    """The default seed: a fixed function of what is certified, so a submission always maps
+    to the same pre-committed run."""
+    fields = dict(
+        input=input_sha256,
+        checkpoint=checkpoint_sha256,
+        mode=mode,
+        sigma=sigma,
+        alpha=alpha,
+        n0=n0,
+        n=n,
+    )
+    return int.from_bytes(_digest(fields)[:8], "big") >> (64 - SEED_BITS)
+
+
+def request_key(job: Job, checkpoint_sha256: str) -> str:
+    fields = dict(
+        input=job.input_sha256,
+        checkpoint=checkpoint_sha256,
+        model=job.model_name,
+        mode=job.mode,
+        sigma=job.sigma,
+        alpha=job.alpha,
+        n0=job.n0,
+        n=job.n,
+        seed=job.seed,
+    )
+    return _digest(fields).hex()
+
+
+def submit(
+    session: Session, client: ApiKey, image: bytes, p: Params, settings: Settings
+) -> tuple[Job, bool]:
+    """Store the job (or find the identical one); returns (job, whether it must be sent to the
+    workers now)."""
+    from worker.jobs import tensor_bytes
+
+    check_params(p, settings)
+    ckpt: Checkpoint = registry.choose(session, p.sigma, p.model)
+    sigma = p.sigma if p.sigma is not None else ckpt.sigma
+    if sigma is None:
+        raise bad_input(f"model {ckpt.name!r} records no training sigma: give sigma")
+    decoded = decode_image(image, ckpt.input_size, settings.max_image_pixels)
+    n0 = 0 if p.mode == "predict" else p.n0
+    seed = p.seed
+    if seed is None:
+        seed = derive_seed(decoded.sha256, ckpt.file_sha256, p.mode, sigma, p.alpha, n0, p.n)
+    job = Job(
+        id=new_id(),
+        owner_id=client.id,
+        mode=p.mode,
+        checkpoint_id=ckpt.id,
+        model_name=ckpt.name,
+        sigma=float(sigma),
+        alpha=float(p.alpha),
+        n0=n0,
+        n=p.n,
+        seed=seed,
+        input_sha256=decoded.sha256,
+        input_shape=list(decoded.tensor.shape),
+        status=Status.QUEUED.value,
+        progress_done=0,
+        progress_total=n0 + p.n,
+        attempts=0,
+    )
+    job.request_key = request_key(job, ckpt.file_sha256)
+
+    existing = _find(session, client.id, job.request_key)
+    if existing is not None:
+        return _reuse(session, existing)
+    session.add(job)
+    session.add(
+        JobInput(job_id=job.id, shape=list(decoded.tensor.shape), data=tensor_bytes(decoded.tensor))
+    )
+    try:
+        session.commit()
+    except IntegrityError:  # the same request raced in from another connection
+        session.rollback()
+        existing = _find(session, client.id, job.request_key)
+        if existing is None:
+            raise
+        return _reuse(session, existing)
+    return job, True
+
+
+def _find(session: Session, owner_id: int, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.owner_id == owner_id, Job.request_key == key))
+
+
+def _reuse(session: Session, job: Job) -> tuple[Job, bool]:
+    """An identical earlier job: as it is, or queued again if it produced nothing."""
+    if job.status not in (Status.FAILED.value, Status.CANCELLED.value):
+        return job, False
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_((Status.FAILED.value, Status.CANCELLED.value)))
+        .values(
+            status=Status.QUEUED.value,
+            attempts=0,
+            error=None,
+            progress_done=0,
+            run_token=None,
+            enqueued_at=None,
+            started_at=None,
+            heartbeat_at=None,
+            finished_at=None,
+        )
+    )
+    session.commit()
+    session.refresh(job)
+    return job, job.status == Status.QUEUED.value

@@ -1,0 +1,187 @@
+"""SQLAlchemy models: API keys, registered checkpoints, jobs, their inputs and certificates,
+training runs. Postgres is the source of truth; every state change of a job or run is a
+compare-and-set ``UPDATE`` (see ``worker/state.py``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import uuid
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from app.db import utcnow
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, dt.datetime: DateTime()}
+
+
+class Status(enum.StrEnum):
+    """Life cycle of a job or training run; the last three are terminal."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = (Status.QUEUED.value, Status.RUNNING.value)
+TERMINAL_STATUSES = (Status.SUCCEEDED.value, Status.FAILED.value, Status.CANCELLED.value)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class ApiKey(Base):
+    """A client. Only the sha256 of the token is stored; the token is shown once at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    key_prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class Checkpoint(Base):
+    """A registered model: where its file is, what it is, and whether it serves requests."""
+
+    __tablename__ = "checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    location: Mapped[str] = mapped_column(String(1000))  # "bundled:<name>" or an absolute path
+    file_sha256: Mapped[str] = mapped_column(String(64))
+    weights_sha256: Mapped[str] = mapped_column(String(64), default="")
+    format: Mapped[str] = mapped_column(String(20))  # "project" or "official"
+    kind: Mapped[str] = mapped_column(String(20))  # "classifier" or "pretrain"
+    sigma: Mapped[float | None] = mapped_column(Float, default=None)
+    num_classes: Mapped[int] = mapped_column(Integer, default=0)
+    classes: Mapped[list[Any]] = mapped_column(default=list)
+    input_size: Mapped[int] = mapped_column(Integer)
+    arch: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    licence: Mapped[str] = mapped_column(Text, default="")
+    source: Mapped[str] = mapped_column(Text, default="")
+    import_options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[int | None] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="SET NULL"), default=None
+    )
+
+
+class RunState:
+    """Columns shared by jobs and training runs: status, progress, attempts, heartbeat."""
+
+    status: Mapped[str] = mapped_column(String(16), default=Status.QUEUED.value, index=True)
+    progress_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    progress_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    run_token: Mapped[str | None] = mapped_column(String(32), default=None)
+    worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    started_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class Job(RunState, Base):
+    """One PREDICT/CERTIFY request. (owner, request_key) is unique: no re-rolls."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("owner_id", "request_key", name="uq_jobs_owner_request"),
+        Index("ix_jobs_owner_created", "owner_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    request_key: Mapped[str] = mapped_column(String(64))
+    mode: Mapped[str] = mapped_column(String(20))
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"))
+    model_name: Mapped[str] = mapped_column(String(200))
+    sigma: Mapped[float] = mapped_column(Float)
+    alpha: Mapped[float] = mapped_column(Float)
+    n0: Mapped[int] = mapped_column(Integer)
+    n: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    input_sha256: Mapped[str] = mapped_column(String(64))
+    input_shape: Mapped[list[Any]] = mapped_column(default=list)
+
+
+class JobInput(Base):
+    """The preprocessed float32 tensor a job certifies (workers never decode uploads)."""
+
+    __tablename__ = "job_inputs"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    shape: Mapped[list[Any]] = mapped_column()
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Certificate(Base):
+    """The one result of a job (unique per job: a redelivered task cannot add a second)."""
+
+    __tablename__ = "certificates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    prediction: Mapped[int | None] = mapped_column(Integer, default=None)
+    abstained: Mapped[bool] = mapped_column(Boolean)
+    radius: Mapped[float] = mapped_column(Float)
+    body: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class TrainingRun(RunState, Base):
+    """A pre-training or fine-tuning run executed by a worker; registers its checkpoint."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="SET NULL"), default=None
+    )
+    kind: Mapped[str] = mapped_column(String(20))  # "pretrain" or "finetune"
+    dataset: Mapped[str] = mapped_column(Text)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    result_name: Mapped[str] = mapped_column(String(200))
+    activate: Mapped[bool] = mapped_column(Boolean, default=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    checkpoint_id: Mapped[int | None] = mapped_column(
+        ForeignKey("checkpoints.id", ondelete="SET NULL"), default=None
+    )

@@ -1,0 +1,193 @@
+"""THE job code: run one certification job by id. Shared by the Celery task and the embedded
+in-process runner.
+
+1. Claim the job by compare-and-set (queued, or running with a dead worker; attempts capped).
+2. Load its model (cached per process) and its stored, already preprocessed input tensor.
+3. Run ``models.smoothing.certify`` / ``predict`` (the one core) with the job's seed, writing
+   progress and a heartbeat to the job row, stopping when the job is cancelled.
+4. Store exactly one certificate, in the same transaction as the compare-and-set to
+   ``succeeded``; a redelivered or re-claimed task cannot add a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.config import Settings, get_settings
+from app.db import get_database
+from app.tables import Certificate, Checkpoint, Job, JobInput, Status
+from worker import state
+from worker.model_cache import CACHE, LoadedModel, ModelRef
+
+log = logging.getLogger("dmae.worker")
+
+
+def sampler_for(loaded: LoadedModel, settings: Settings) -> Any:
+    """The Sampler that turns a job's noisy copies into counts on ``loaded``'s model.
+
+    The one switch point between the plain per-job loop and the cross-job batching engine.
+    """
+    from models.smoothing import BatchSampler
+
+    return BatchSampler(
+        loaded.model, loaded.meta.num_classes, batch_size=settings.batch_size, device=loaded.device
+    )
+
+
+def input_tensor(row: JobInput) -> torch.Tensor:
+    """The stored float32 input, exactly as the API preprocessed it."""
+    arr = np.frombuffer(row.data, dtype=np.float32).reshape(tuple(row.shape))
+    return torch.from_numpy(arr.copy())
+
+
+def tensor_bytes(x: torch.Tensor) -> bytes:
+    return x.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()
+
+
+def run_job(
+    job_id: str,
+    settings: Settings | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> str:
+    """Run job ``job_id`` if it can be claimed; returns what happened (for logs and tests)."""
+    settings = settings or get_settings()
+    db = get_database(settings.database_url)
+    token = state.new_token()
+    with db.session() as s:
+        outcome = state.claim(
+            s,
+            Job,
+            job_id,
+            token,
+            max_attempts=settings.max_attempts,
+            stale_after_s=settings.stale_after_s,
+        )
+    if outcome is not state.Claim.CLAIMED:
+        log.info("job %s not run: %s", job_id, outcome.value)
+        return outcome.value
+
+    started = time.perf_counter()
+    try:
+        with db.session() as s:
+            job = s.get(Job, job_id)
+            inp = s.get(JobInput, job_id)
+            ckpt = s.get(Checkpoint, job.checkpoint_id) if job is not None else None
+            if job is None or inp is None or ckpt is None:
+                raise LookupError("the job's input or model record is missing")
+            ref = ModelRef.of(ckpt)
+            params = dict(
+                mode=job.mode,
+                sigma=job.sigma,
+                alpha=job.alpha,
+                n0=job.n0,
+                n=job.n,
+                seed=job.seed,
+                input_sha256=job.input_sha256,
+                created_at=job.created_at,
+                started_at=job.started_at,
+            )
+            x = input_tensor(inp)
+    except Exception as exc:  # any failure here is the job's, reported on it
+        return _fail(db, job_id, token, f"could not read the job: {exc}")
+
+    with state.Monitor(db, Job, job_id, token, settings.heartbeat_s, should_stop) as monitor:
+        try:
+            CACHE.capacity = settings.model_cache_size
+            load_started = time.perf_counter()
+            loaded = CACHE.get(ref, settings.torch_device())
+            params["model_load_s"] = time.perf_counter() - load_started
+        except Exception as exc:  # CheckpointError, OSError, CUDA errors
+            return _fail(db, job_id, token, f"model {ref.name!r} could not be loaded: {exc}")
+        try:
+            cert = _run_core(loaded, x, params, settings, monitor.progress)
+        except state.Aborted as exc:
+            if exc.reason == "shutdown":
+                with db.session() as s:
+                    state.release(s, Job, job_id, token)
+                return "released"
+            log.info("job %s stopped: %s", job_id, exc.reason)
+            return "aborted"
+        except Exception as exc:  # the core's errors are the job's
+            log.exception("job %s failed", job_id)
+            return _fail(db, job_id, token, f"{type(exc).__name__}: {exc}")
+
+    body = certificate_body(cert, loaded, params, started)
+    with db.session() as s:
+        if not state.finish(s, Job, job_id, token, Status.SUCCEEDED, progress_done=monitor.done):
+            s.rollback()
+            log.info("job %s finished but no longer ours (cancelled or taken over)", job_id)
+            return "aborted"
+        s.add(
+            Certificate(
+                job_id=job_id,
+                prediction=body["prediction"],
+                abstained=body["abstained"],
+                radius=body["radius"],
+                body=body,
+            )
+        )
+        s.commit()
+    log.info("job %s succeeded in %.2fs", job_id, time.perf_counter() - started)
+    return Status.SUCCEEDED.value
+
+
+def _run_core(
+    loaded: LoadedModel,
+    x: torch.Tensor,
+    p: dict[str, Any],
+    settings: Settings,
+    progress: Callable[[int], None],
+) -> Any:
+    from models.smoothing import certify, predict
+
+    sampler = sampler_for(loaded, settings)
+    if p["mode"] == "predict":
+        return predict(sampler, x, p["sigma"], p["n"], p["alpha"], p["seed"], progress=progress)
+    return certify(
+        sampler,
+        x,
+        p["sigma"],
+        p["n0"],
+        p["n"],
+        p["alpha"],
+        p["seed"],
+        top2=p["mode"] == "certify_top2",
+        progress=progress,
+    )
+
+
+def certificate_body(
+    cert: Any, loaded: LoadedModel, p: dict[str, Any], started: float
+) -> dict[str, Any]:
+    """The stored certificate: every field of the core's plus what it was computed on."""
+    body = cert.to_dict()
+    queued_s = (p["started_at"] - p["created_at"]).total_seconds() if p["started_at"] else 0.0
+    body.update(
+        label=loaded.meta.class_name(cert.prediction),
+        model=loaded.ref.name,
+        checkpoint_sha256=loaded.ref.file_sha256,
+        weights_sha256=loaded.meta.weights_sha256,
+        input_sha256=p["input_sha256"],
+        device=str(loaded.device),
+    )
+    body["timings"] = {
+        **{k: float(v) for k, v in cert.timings.items()},
+        "queued_s": max(queued_s, 0.0),
+        "model_load_s": p["model_load_s"],
+        "run_s": time.perf_counter() - started,
+    }
+    return body
+
+
+def _fail(db: Any, job_id: str, token: str, error: str) -> str:
+    with db.session() as s:
+        ok = state.finish(s, Job, job_id, token, Status.FAILED, error=error[:4000])
+        s.commit()
+    log.warning("job %s failed: %s", job_id, error)
+    return Status.FAILED.value if ok else "aborted"

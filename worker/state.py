@@ -1,0 +1,230 @@
+"""Compare-and-set state changes of jobs and training runs (the only way their status moves).
+
+Each running attempt holds a random ``run_token``; every later write of that attempt (progress,
+heartbeat, result) is conditional on ``status = 'running' AND run_token = <token>``. A cancelled
+job, a job re-claimed after its worker vanished, or a redelivered task therefore can never write
+a second result.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import CursorResult, or_, update
+from sqlalchemy.orm import Session
+
+from app.db import Database, utcnow
+from app.tables import Job, Status, TrainingRun
+
+RunTable = type[Job] | type[TrainingRun]
+RUNNING = Status.RUNNING.value
+QUEUED = Status.QUEUED.value
+
+
+class Claim(enum.StrEnum):
+    CLAIMED = "claimed"
+    NOT_CLAIMABLE = "not_claimable"  # finished, cancelled, or running elsewhere
+    EXHAUSTED = "exhausted"  # attempts cap reached: failed now
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.current_thread().name}"[:200]
+
+
+def rowcount(result: Any) -> int:
+    assert isinstance(result, CursorResult)
+    return int(result.rowcount)
+
+
+def claim(
+    session: Session,
+    table: RunTable,
+    run_id: str,
+    token: str,
+    *,
+    max_attempts: int,
+    stale_after_s: float,
+    total: int | None = None,
+) -> Claim:
+    """Move ``run_id`` to running under ``token`` if it is queued, or running with a stale
+    heartbeat (its worker vanished), and attempts remain. Commits."""
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_after_s)
+    values: dict[str, Any] = dict(
+        status=RUNNING,
+        attempts=table.attempts + 1,
+        run_token=token,
+        worker=worker_name(),
+        started_at=now,
+        heartbeat_at=now,
+        progress_done=0,
+        error=None,
+    )
+    if total is not None:
+        values["progress_total"] = total
+    claimable = or_(
+        table.status == QUEUED, (table.status == RUNNING) & (table.heartbeat_at < stale)
+    )
+    done = rowcount(
+        session.execute(
+            update(table)
+            .where(table.id == run_id, claimable, table.attempts < max_attempts)
+            .values(**values)
+        )
+    )
+    if done:
+        session.commit()
+        return Claim.CLAIMED
+    failed = rowcount(
+        session.execute(
+            update(table)
+            .where(table.id == run_id, claimable, table.attempts >= max_attempts)
+            .values(
+                status=Status.FAILED.value,
+                run_token=None,
+                finished_at=now,
+                error=f"gave up after {max_attempts} attempts: the worker running it was lost "
+                "each time (crash, out of memory, or killed)",
+            )
+        )
+    )
+    session.commit()
+    return Claim.EXHAUSTED if failed else Claim.NOT_CLAIMABLE
+
+
+def heartbeat(session: Session, table: RunTable, run_id: str, token: str, done: int) -> bool:
+    """Record progress; False when the attempt no longer owns the run (cancelled, taken over)."""
+    ok = rowcount(
+        session.execute(
+            update(table)
+            .where(table.id == run_id, table.status == RUNNING, table.run_token == token)
+            .values(progress_done=done, heartbeat_at=utcnow())
+        )
+    )
+    session.commit()
+    return bool(ok)
+
+
+def finish(
+    session: Session, table: RunTable, run_id: str, token: str, status: Status, **values: Any
+) -> bool:
+    """Move the attempt's run to a terminal ``status``. Does not commit (callers may add rows
+    in the same transaction). False when the attempt no longer owns the run."""
+    return bool(
+        rowcount(
+            session.execute(
+                update(table)
+                .where(table.id == run_id, table.status == RUNNING, table.run_token == token)
+                .values(status=status.value, run_token=None, finished_at=utcnow(), **values)
+            )
+        )
+    )
+
+
+def release(session: Session, table: RunTable, run_id: str, token: str) -> bool:
+    """Give a run back to the queue without using an attempt (graceful shutdown). Commits."""
+    ok = rowcount(
+        session.execute(
+            update(table)
+            .where(table.id == run_id, table.status == RUNNING, table.run_token == token)
+            .values(
+                status=QUEUED,
+                run_token=None,
+                attempts=table.attempts - 1,
+                enqueued_at=None,
+                progress_done=0,
+            )
+        )
+    )
+    session.commit()
+    return bool(ok)
+
+
+def cancel(session: Session, table: RunTable, run_id: str) -> bool:
+    """Cancel a queued or running run. Commits. False if it had already finished."""
+    ok = rowcount(
+        session.execute(
+            update(table)
+            .where(table.id == run_id, table.status.in_((QUEUED, RUNNING)))
+            .values(status=Status.CANCELLED.value, run_token=None, finished_at=utcnow())
+        )
+    )
+    session.commit()
+    return bool(ok)
+
+
+def mark_enqueued(session: Session, table: RunTable, run_id: str) -> None:
+    session.execute(
+        update(table).where(table.id == run_id, table.status == QUEUED).values(enqueued_at=utcnow())
+    )
+    session.commit()
+
+
+class Aborted(Exception):
+    """Raised inside sampling when the attempt must stop (cancelled, taken over, shutdown)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Monitor:
+    """Heartbeat thread of one attempt: writes progress every ``interval`` seconds and notices
+    when the run stops being ours. ``progress(k)`` is the sampler's callback."""
+
+    def __init__(
+        self,
+        db: Database,
+        table: RunTable,
+        run_id: str,
+        token: str,
+        interval: float,
+        should_stop: Callable[[], bool] | None = None,
+    ):
+        self.db, self.table, self.run_id, self.token = db, table, run_id, token
+        self.interval = interval
+        self.should_stop = should_stop or (lambda: False)
+        self.done = 0
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{run_id[:8]}")
+        self._thread.daemon = True
+
+    def __enter__(self) -> Monitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with self.db.session() as s:
+                    if not heartbeat(s, self.table, self.run_id, self.token, self.done):
+                        self.lost = True
+                        return
+            except Exception:  # database briefly unavailable: keep sampling, try again
+                continue
+
+    def progress(self, k: int) -> None:
+        self.done += k
+        self.check()
+
+    def check(self) -> None:
+        if self.lost:
+            raise Aborted("the job was cancelled or taken over by another worker")
+        if self.should_stop():
+            raise Aborted("shutdown")

@@ -1,0 +1,157 @@
+"""The periodic sweep: nothing stays stuck, nothing runs past its attempts cap.
+
+- A queued job or run never handed to the broker (it was down at submission), or handed over
+  longer than ``requeue_after_s`` ago without starting (a lost message, a restarted Redis), is
+  sent again. Duplicate messages are harmless: only one claim can succeed.
+- A running one whose heartbeat is older than ``stale_after_s`` lost its worker: it goes back to
+  the queue, or is failed with the reason once it has used ``max_attempts``.
+
+Several sweepers (one per worker host) may run at once: every change is a compare-and-set.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import or_, select, update
+
+from app.config import Settings
+from app.db import Database, get_database, utcnow
+from app.errors import ServiceError
+from app.tables import Job, Status, TrainingRun
+from worker.dispatch import Dispatcher
+from worker.state import QUEUED, RUNNING, RunTable, rowcount
+
+log = logging.getLogger("dmae.sweep")
+
+NEVER_SENT_GRACE_S = 10.0  # a submission sends its own message right after committing
+BATCH = 500
+
+
+@dataclass
+class SweepReport:
+    resent: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def sweep_once(
+    db: Database, dispatcher: Dispatcher, settings: Settings, *, resend_all: bool = False
+) -> SweepReport:
+    """One pass over jobs and training runs. ``resend_all`` re-sends every queued one (an
+    in-process runner starting with an empty queue)."""
+    report = SweepReport()
+    for table, send in ((Job, dispatcher.certify), (TrainingRun, dispatcher.train)):
+        _sweep_table(db, table, send, settings, report, resend_all)
+    if report.resent or report.requeued or report.failed:
+        log.info(
+            "sweep: re-sent %d, re-queued %d, failed %d",
+            len(report.resent),
+            len(report.requeued),
+            len(report.failed),
+        )
+    return report
+
+
+def _sweep_table(
+    db: Database,
+    table: RunTable,
+    send: object,
+    settings: Settings,
+    report: SweepReport,
+    resend_all: bool,
+) -> None:
+    assert callable(send)
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.stale_after_s)
+    with db.session() as s:
+        lost = s.execute(
+            select(table.id, table.run_token, table.attempts)
+            .where(table.status == RUNNING, table.heartbeat_at < stale)
+            .limit(BATCH)
+        ).all()
+        for run_id, token, attempts in lost:
+            same = (table.id == run_id, table.status == RUNNING, table.run_token == token)
+            if attempts >= settings.max_attempts:
+                n = rowcount(
+                    s.execute(
+                        update(table)
+                        .where(*same)
+                        .values(
+                            status=Status.FAILED.value,
+                            run_token=None,
+                            finished_at=now,
+                            error=f"gave up after {attempts} attempts: the worker running it "
+                            "was lost each time (crash, out of memory, or killed)",
+                        )
+                    )
+                )
+                if n:
+                    report.failed.append(run_id)
+            else:
+                n = rowcount(
+                    s.execute(
+                        update(table)
+                        .where(*same)
+                        .values(status=QUEUED, run_token=None, enqueued_at=None)
+                    )
+                )
+                if n:
+                    report.requeued.append(run_id)
+        s.commit()
+
+        if resend_all:
+            due = table.status == QUEUED
+        else:
+            never_sent = table.enqueued_at.is_(None) & (
+                table.created_at < now - timedelta(seconds=NEVER_SENT_GRACE_S)
+            )
+            resend = table.enqueued_at < now - timedelta(seconds=settings.requeue_after_s)
+            due = (table.status == QUEUED) & or_(never_sent, resend)
+        ids = list(s.scalars(select(table.id).where(due).order_by(table.created_at).limit(BATCH)))
+        ids += [i for i in report.requeued if i not in ids]
+        for run_id in ids:
+            try:
+                send(run_id)
+            except (ServiceError, OSError) as exc:
+                log.warning("sweep: could not send %s: %s", run_id, exc)
+                break  # the broker is down: the next sweep tries again
+            s.execute(
+                update(table)
+                .where(table.id == run_id, table.status == QUEUED)
+                .values(enqueued_at=utcnow())
+            )
+            s.commit()
+            if run_id not in report.requeued:
+                report.resent.append(run_id)
+
+
+class Sweeper:
+    """A daemon thread calling :func:`sweep_once` every ``sweep_interval_s`` seconds."""
+
+    def __init__(self, settings: Settings, dispatcher: Dispatcher):
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dmae-sweep", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        db = get_database(self.settings.database_url)
+        while not self._stop.is_set():
+            try:
+                sweep_once(db, self.dispatcher, self.settings)
+            except Exception:
+                log.exception("sweep failed; retrying at the next interval")
+            if self._stop.wait(self.settings.sweep_interval_s or 3600):
+                return

@@ -1,0 +1,209 @@
+"""Training runs on the workers: pre-training or fine-tuning through ``models.training``, with
+progress and heartbeat on the run's row, cancellation, resume after a lost worker, and the
+resulting checkpoint registered in the model registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+
+from app.config import Settings, get_settings
+from app.db import get_database
+from app.tables import Checkpoint, Status, TrainingRun
+from worker import state
+
+log = logging.getLogger("dmae.training")
+
+# Config fields a client may not set: the service decides where and how a run executes.
+RESERVED = frozenset(
+    {
+        "data",
+        "out",
+        "pretrained",
+        "sigma",
+        "init",
+        "resume",
+        "export",
+        "command",
+        "progress",
+        "name",
+        "device",
+    }
+)
+LOG_TAIL = 30
+
+
+def config_class(kind: str) -> Any:
+    if kind == "pretrain":
+        from models.training.pretrain import PretrainConfig
+
+        return PretrainConfig
+    from models.training.finetune import FinetuneConfig
+
+    return FinetuneConfig
+
+
+def check_params(kind: str, params: dict[str, Any]) -> None:
+    """ValueError naming any hyper-parameter the training pipeline does not know."""
+    fields = {f.name for f in dataclasses.fields(config_class(kind))} - RESERVED
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ValueError(
+            f"unknown {kind} parameter(s) {', '.join(unknown)}; "
+            f"accepted: {', '.join(sorted(fields))}"
+        )
+
+
+def build_config(run: TrainingRun, init_path: str | None, out: Path, device: str) -> Any:
+    """The pipeline's config for ``run``, resuming from ``out`` when a lost attempt left state."""
+    from models.training.state import STATE_FILE
+
+    cls = config_class(run.kind)
+    params = dict(run.params)
+    sigma = float(params.pop("sigma", 0.25))
+    params.pop("init", None)
+    for key in ("mean", "std"):
+        if isinstance(params.get(key), str):
+            params[key] = tuple(float(v) for v in str(params[key]).split(","))
+    common: dict[str, Any] = dict(
+        data=run.dataset,
+        out=out,
+        sigma=sigma,
+        resume=(out / STATE_FILE).exists(),
+        progress=False,
+        name=run.result_name,
+        device=device,
+        command=f"service training run {run.id}",
+    )
+    params.setdefault("num_workers", 0)
+    if run.kind == "finetune":
+        if init_path is None:
+            raise ValueError("fine-tuning needs a pre-trained model (init)")
+        common["pretrained"] = init_path
+    return cls(**common, **params)
+
+
+def run_training(
+    run_id: str,
+    settings: Settings | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> str:
+    """Run training run ``run_id`` if it can be claimed; registers its checkpoint on success."""
+    from app import registry
+
+    settings = settings or get_settings()
+    db = get_database(settings.database_url)
+    token = state.new_token()
+    with db.session() as s:
+        outcome = state.claim(
+            s,
+            TrainingRun,
+            run_id,
+            token,
+            max_attempts=settings.max_attempts,
+            stale_after_s=settings.stale_after_s,
+        )
+    if outcome is not state.Claim.CLAIMED:
+        return outcome.value
+
+    out = (settings.uploads / "training" / run_id).resolve()
+    lines: list[str] = []
+    try:
+        with db.session() as s:
+            run = s.get(TrainingRun, run_id)
+            assert run is not None
+            init = run.params.get("init")
+            init_path = None
+            if init:
+                row = registry.get_model(s, str(init))
+                init_path = str(registry.location_path(row.location))
+            cfg = build_config(run, init_path, out, settings.torch_device())
+            kind = run.kind
+    except Exception as exc:  # a bad configuration is the run's failure, not the worker's
+        return _fail(db, run_id, token, f"invalid training run: {exc}")
+
+    with state.Monitor(db, TrainingRun, run_id, token, settings.heartbeat_s, should_stop) as mon:
+
+        def after_step(step: int) -> None:
+            mon.done = step
+            mon.check()
+
+        def log_line(msg: str) -> None:
+            lines.append(str(msg))
+            del lines[:-LOG_TAIL]
+            log.info("training %s: %s", run_id[:8], msg)
+
+        started = time.perf_counter()
+        try:
+            if kind == "pretrain":
+                from models.training.pretrain import run_pretrain
+
+                path = run_pretrain(cfg, log=log_line, after_step=after_step)
+            else:
+                from models.training.finetune import run_finetune
+
+                path = run_finetune(cfg, log=log_line, after_step=after_step)
+        except state.Aborted as exc:
+            if exc.reason == "shutdown":
+                with db.session() as s:
+                    state.release(s, TrainingRun, run_id, token)
+                return "released"
+            return "aborted"
+        except Exception as exc:  # the pipeline's errors are the run's
+            log.exception("training run %s failed", run_id)
+            return _fail(db, run_id, token, f"{type(exc).__name__}: {exc}", lines)
+
+    metrics = {"seconds": time.perf_counter() - started, "steps": mon.done, "log": lines}
+    with db.session() as s:
+        run = s.get(TrainingRun, run_id)
+        assert run is not None
+        if not state.finish(
+            s,
+            TrainingRun,
+            run_id,
+            token,
+            Status.SUCCEEDED,
+            metrics=metrics,
+            progress_done=mon.done,
+            progress_total=mon.done,
+        ):
+            s.rollback()
+            return "aborted"
+        try:  # commits the finish together with the registration
+            ckpt: Checkpoint = registry.register(
+                s,
+                location=str(Path(path).resolve()),
+                name=run.result_name,
+                active=run.activate,
+                created_by=run.owner_id,
+            )
+        except Exception as exc:
+            s.rollback()
+            detail = getattr(exc, "detail", str(exc))
+            return _fail(db, run_id, token, f"trained, but not registered: {detail}", lines)
+        s.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(checkpoint_id=ckpt.id))
+        s.commit()
+    return Status.SUCCEEDED.value
+
+
+def _fail(db: Any, run_id: str, token: str, error: str, lines: list[str] | None = None) -> str:
+    with db.session() as s:
+        ok = state.finish(
+            s,
+            TrainingRun,
+            run_id,
+            token,
+            Status.FAILED,
+            error=error[:4000],
+            metrics={"log": lines or []},
+        )
+        s.commit()
+    log.warning("training run %s failed: %s", run_id, error)
+    return Status.FAILED.value if ok else "aborted"

@@ -54,6 +54,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         default="imagenet",
         help="official files only: mean/std of the training data",
     )
+    p.add_argument(
+        "--num-heads",
+        type=int,
+        default=None,
+        help="official files only: attention heads (default: width / 64)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -91,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     mean, std = (CIFAR_MEAN, CIFAR_STD) if args.norm == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
     model, meta = load_classifier_with_meta(
-        args.checkpoint, input_size=args.input_size, mean=mean, std=std
+        args.checkpoint, input_size=args.input_size, mean=mean, std=std, num_heads=args.num_heads
     )
     sigma = args.sigma if args.sigma is not None else meta.sigma
     if sigma is None:

@@ -1,8 +1,100 @@
-"""Placeholder until this command group lands; replaced by its owner."""
+"""``dmae-certify bench``: reference loop vs engine vs service, on one model and device."""
+
+from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
 
 
 def register(sub: Any) -> None:
-    del sub
+    p = sub.add_parser(
+        "bench",
+        help="measure sampling throughput: reference loop, engine (1 and N jobs), HTTP service",
+        description=(
+            "Measure, in one run on one model and device: (a) a Cohen-style reference loop "
+            "(fp32, batch 400), (b) the engine with one job, (c) the engine with --jobs "
+            "concurrent jobs, (d) one certificate through the HTTP service. Prints samples/s, "
+            "seconds per certificate at n=10,000 and 100,000, and the ratios b/a and c/b. "
+            "Defaults are CI-sized on CPU and n=100,000 on a GPU."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="bundled model name or checkpoint path, or a random-weight preset: tiny, vit-b16, "
+        "vit-l16 (default: the bundled digits-s0.25 if present, else tiny)",
+    )
+    p.add_argument("--n", type=int, default=None, help="n of the one-job case (CPU 10000, GPU 1e5)")
+    p.add_argument("--n0", type=int, default=100, help="selection samples per certificate")
+    p.add_argument("--jobs", type=int, default=16, help="concurrent jobs in case (c)")
+    p.add_argument("--job-n", type=int, default=1000, help="n of each concurrent job")
+    p.add_argument(
+        "--reference-n",
+        type=int,
+        default=None,
+        help="estimation samples timed for the reference loop (default: --n on CPU, 10000 on GPU)",
+    )
+    p.add_argument("--sigma", type=float, default=0.25)
+    p.add_argument("--alpha", type=float, default=0.001)
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (CPU 3, GPU 1)")
+    p.add_argument("--batch-size", type=int, default=None, help="engine batch (default: auto)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="engine precision: auto is bf16 autocast on CUDA, fp32 on CPU",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode, e.g. max-autotune-no-cudagraphs, reduce-overhead",
+    )
+    p.add_argument(
+        "--service",
+        choices=("auto", "off"),
+        default="auto",
+        help="case (d): auto starts the embedded service if available; off skips it",
+    )
+    p.add_argument("--service-url", default=None, help="measure this running service instead")
+    p.add_argument("--api-key", default=None, help="API key for --service-url")
+    p.add_argument("--service-model", default=None, help="registered model name to request")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bench.run import BenchConfig, format_report, run_benchmark
+
+    cfg = BenchConfig(
+        device=args.device,
+        model=args.model,
+        n=args.n,
+        n0=args.n0,
+        jobs=args.jobs,
+        job_n=args.job_n,
+        reference_n=args.reference_n,
+        sigma=args.sigma,
+        alpha=args.alpha,
+        rounds=args.rounds,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+        service=args.service,
+        service_url=args.service_url,
+        api_key=args.api_key,
+        service_model=args.service_model,
+    )
+    result = run_benchmark(cfg, log=lambda msg: print(msg, flush=True))
+    print()
+    print(format_report(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0

@@ -1,0 +1,388 @@
+"""``dmae-certify bench``: the reference loop, the engine and the service, side by side.
+
+One run, one model, one device, four cases:
+
+(a) the reference loop in the style of Cohen et al. (:mod:`bench.reference`),
+(b) the engine serving one job (``certify`` with n0 + n samples),
+(c) the engine serving ``jobs`` concurrent jobs of ``job_n`` samples each, started together,
+(d) the HTTP service: POST /certify, poll GET /jobs/{id} until it succeeds.
+
+Each case reports samples per second and the seconds one certificate takes at n=10,000 and
+n=100,000 (n0 + n samples at that rate). Cases (a)-(c) run ``rounds`` times interleaved, so a
+noisy neighbour slows all of them alike; the best round of each is reported (all are kept).
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bench.reference import REFERENCE_BATCH, reference_counts
+
+PRESET_MODELS = {  # name -> (architecture preset, classes, input size): random weights
+    "tiny": ("tiny", 10, 8),
+    "vit-b16": ("base", 1000, 224),
+    "vit-l16": ("large", 1000, 224),
+}
+DEFAULT_BUNDLED = "digits-s0.25"
+CERT_SIZES = (10_000, 100_000)
+ENGINE_KEY = "bench"
+
+
+@dataclass
+class BenchConfig:
+    """What to measure. ``None`` sizes take the device's defaults (:meth:`resolved`)."""
+
+    device: str = "auto"
+    model: str | None = None
+    n: int | None = None  # samples of the one-job case (and the service case)
+    n0: int = 100
+    jobs: int = 16
+    job_n: int = 1000
+    reference_n: int | None = None
+    sigma: float = 0.25
+    alpha: float = 0.001
+    rounds: int | None = None
+    batch_size: int | None = None
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16
+    compile: bool = False
+    compile_mode: str | None = None
+    service: str = "auto"  # auto (embedded service if available), off
+    service_url: str | None = None
+    api_key: str | None = None
+    service_model: str | None = None
+
+    def resolved(self, device: torch.device) -> BenchConfig:
+        """Fill in device defaults: CI-sized on CPU, n=100,000 on a GPU; check every value."""
+        gpu = device.type == "cuda"
+        out = BenchConfig(**asdict(self))
+        out.n = self.n if self.n is not None else (100_000 if gpu else 10_000)
+        out.reference_n = self.reference_n or (min(out.n, 10_000) if gpu else out.n)
+        out.rounds = self.rounds or (1 if gpu else 3)
+        for name in ("n", "n0", "jobs", "job_n", "reference_n", "rounds"):
+            if getattr(out, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if out.batch_size is not None and out.batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+        if not (out.sigma > 0 and 0 < out.alpha < 0.5):
+            raise ValueError("sigma must be positive and alpha in (0, 0.5)")
+        if out.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--dtype must be auto, fp32 or bf16, got {out.dtype!r}")
+        if out.service not in ("auto", "off"):
+            raise ValueError(f"--service must be auto or off, got {out.service!r}")
+        if bool(out.service_url) != bool(out.api_key):
+            raise ValueError("--service-url and --api-key go together")
+        return out
+
+
+@dataclass
+class BenchModel:
+    name: str
+    module: nn.Module
+    num_classes: int
+    input_size: int
+    description: str
+    bundled_default: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_model_name() -> str:
+    """The bundled digits model when it ships with the package, else the tiny preset."""
+    from models.checkpoints import bundled_models
+
+    return DEFAULT_BUNDLED if DEFAULT_BUNDLED in bundled_models() else "tiny"
+
+
+def load_bench_model(spec: str) -> BenchModel:
+    """A preset with seeded random weights (``tiny``, ``vit-b16``, ``vit-l16``) or a checkpoint."""
+    from models.checkpoints import bundled_models, load_classifier_with_meta
+    from models.networks import DMAEClassifier, preset
+
+    if spec in PRESET_MODELS:
+        arch_name, classes, size = PRESET_MODELS[spec]
+        arch = preset(arch_name)
+        torch.manual_seed(0)
+        net = DMAEClassifier(arch, classes, size).eval()
+        params = sum(p.numel() for p in net.parameters())
+        desc = (
+            f"{spec}: random weights, ViT {arch.embed_dim}x{arch.depth} patch {arch.patch_size} "
+            f"at {arch.img_size}, {params / 1e6:.1f}M parameters, input {size}x{size}"
+        )
+        return BenchModel(spec, net, classes, size, desc)
+    model, meta = load_classifier_with_meta(spec)
+    arch = meta.arch
+    desc = (
+        f"{meta.name or spec}: checkpoint, ViT {arch.embed_dim}x{arch.depth} patch "
+        f"{arch.patch_size} at {arch.img_size}, input {meta.input_size}x{meta.input_size}, "
+        f"{meta.num_classes} classes"
+    )
+    return BenchModel(
+        spec, model, meta.num_classes, meta.input_size, desc,
+        bundled_default=spec == DEFAULT_BUNDLED and spec in bundled_models(),
+    )  # fmt: skip
+
+
+def bench_input(input_size: int) -> Tensor:
+    """A digits test image at 8x8 (what the tiny models see), else a seeded random image."""
+    if input_size == 8:
+        from models.data import load_digits_split
+
+        return load_digits_split("test")[0][0].clone()
+    g = torch.Generator().manual_seed(0)
+    return torch.rand((3, input_size, input_size), generator=g)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {name}, {torch.get_num_threads()} threads"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, fn: Callable[[], Any]) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def case_reference(bm: BenchModel, x: Tensor, cfg: BenchConfig, device: torch.device) -> float:
+    """(a) samples/s of the Cohen-style loop: n0 selection + reference_n estimation samples."""
+    assert cfg.reference_n is not None
+    xd = x.to(device)
+
+    def run() -> None:
+        reference_counts(bm.module, xd, cfg.sigma, cfg.n0, bm.num_classes)
+        reference_counts(bm.module, xd, cfg.sigma, cfg.reference_n or 1, bm.num_classes)
+
+    return (cfg.n0 + cfg.reference_n) / _timed(device, run)
+
+
+def case_engine(engine: Any, x: Tensor, cfg: BenchConfig, seed: int = 0) -> float:
+    """(b) samples/s of one certificate (n0 + n) through the engine and the core."""
+    from models.smoothing import certify
+
+    assert cfg.n is not None
+
+    def run() -> None:
+        certify(engine.sampler(ENGINE_KEY), x, cfg.sigma, cfg.n0, cfg.n or 1, cfg.alpha, seed)
+
+    return (cfg.n0 + cfg.n) / _timed(engine.device, run)
+
+
+def case_concurrent(engine: Any, x: Tensor, cfg: BenchConfig) -> float:
+    """(c) samples/s of ``jobs`` certificates (n0 + job_n each) started at the same moment."""
+    from models.smoothing import certify
+
+    gate = threading.Barrier(cfg.jobs + 1)
+    errors: list[BaseException] = []
+
+    def job(i: int) -> None:
+        gate.wait()
+        try:
+            certify(engine.sampler(ENGINE_KEY), x, cfg.sigma, cfg.n0, cfg.job_n, cfg.alpha, 1 + i)
+        except BaseException as exc:  # re-raised in the benchmark's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=job, args=(i,), daemon=True) for i in range(cfg.jobs)]
+    for t in threads:
+        t.start()
+
+    def run() -> None:
+        gate.wait()
+        for t in threads:
+            t.join()
+
+    elapsed = _timed(engine.device, run)
+    if errors:
+        raise errors[0]
+    return cfg.jobs * (cfg.n0 + cfg.job_n) / elapsed
+
+
+def case_service(bm: BenchModel, x: Tensor, cfg: BenchConfig, device: torch.device) -> dict:
+    """(d) samples/s of one certificate submitted over HTTP (after one warm-up job)."""
+    from bench.service import ServiceUnavailable, certify_over_http, embedded_service, png_bytes
+
+    assert cfg.n is not None
+    if cfg.service == "off" and not cfg.service_url:
+        return {"note": "skipped (--service off)"}
+    if not cfg.service_url and not bm.bundled_default:
+        return {
+            "note": f"skipped: the embedded service serves its bundled default model, not "
+            f"{bm.name!r}; pass --service-url/--api-key (and --service-model) for a running one"
+        }
+
+    def measure(url: str, key: str) -> dict:
+        images = []
+        for i in range(2):  # distinct inputs: the service returns stored certificates for repeats
+            y = x.clone()
+            y[:, 0, 0] = (y[:, 0, 0] + (i + 1 + time.time_ns() % 97) / 255.0) % 1.0
+            images.append(png_bytes(y))
+        common: dict[str, Any] = dict(sigma=cfg.sigma, alpha=cfg.alpha, model=cfg.service_model)
+        certify_over_http(url, key, images[0], n0=cfg.n0, n=min(cfg.n or 1, 1000), **common)
+        out = certify_over_http(url, key, images[1], n0=cfg.n0, n=cfg.n or 1, **common)
+        return {
+            "samples_per_s": (cfg.n0 + (cfg.n or 1)) / out["seconds"],
+            "seconds": out["seconds"],
+            "enqueue_s": out["enqueue_s"],
+            "job_timings": out["job"].get("certificate", {}).get("timings"),
+        }
+
+    try:
+        if cfg.service_url and cfg.api_key:
+            return measure(cfg.service_url, cfg.api_key)
+        with embedded_service(str(device)) as (url, key):
+            return measure(url, key)
+    except ServiceUnavailable as exc:
+        return {"note": f"skipped: {exc}"}
+
+
+def _engine(cfg: BenchConfig, device: torch.device) -> Any:
+    from worker.engine import Engine
+
+    autocast: Any = {"auto": "auto", "fp32": None, "bf16": torch.bfloat16}[cfg.dtype]
+    return Engine(
+        device, batch_size=cfg.batch_size, autocast=autocast, compile=cfg.compile,
+        compile_mode=cfg.compile_mode,
+    )  # fmt: skip
+
+
+def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every case; returns the JSON-ready result (see the module docstring)."""
+    from models.runtime import pick_device
+
+    device = pick_device(cfg.device)
+    cfg = cfg.resolved(device)
+    assert cfg.n is not None and cfg.rounds is not None
+    bm = load_bench_model(cfg.model or default_model_name())
+    bm.module.to(device)
+    x = bench_input(bm.input_size)
+    log(f"device {describe_device(device)}; model {bm.description}")
+
+    rounds: list[dict[str, float]] = []
+    with _engine(cfg, device) as engine:
+        engine.register(ENGINE_KEY, bm.module, bm.num_classes)
+        warm = BenchConfig(**{**asdict(cfg), "n": REFERENCE_BATCH, "reference_n": REFERENCE_BATCH})
+        log("warming up (first calls, batch-size choice" + (", compile)" if cfg.compile else ")"))
+        case_reference(bm, x, warm, device)
+        case_engine(engine, x, warm)
+        for r in range(cfg.rounds):
+            row = {
+                "reference": case_reference(bm, x, cfg, device),
+                "engine": case_engine(engine, x, cfg, seed=r),
+                "engine_concurrent": case_concurrent(engine, x, cfg),
+            }
+            rounds.append(row)
+            log(
+                f"round {r + 1}/{cfg.rounds}: " + ", ".join(f"{k} {v:,.0f}" for k, v in row.items())
+            )
+        engine_batch = engine.batch_size(ENGINE_KEY)
+        engine_stats = dict(engine.stats)
+    if device.type == "cuda":
+        bm.module.cpu()  # free the device for the service's own copy
+        torch.cuda.empty_cache()
+    service = case_service(bm, x, cfg, device)
+    if "note" in service:
+        log(f"service case {service['note']}")
+
+    best = {k: max(r[k] for r in rounds) for k in rounds[0]}
+    rates: dict[str, float | None] = {**best, "service": service.get("samples_per_s")}
+    dtype = {"auto": "bf16 autocast" if device.type == "cuda" else "fp32"}.get(cfg.dtype, cfg.dtype)
+    return {
+        "device": describe_device(device),
+        "device_type": device.type,
+        "model": bm.name,
+        "model_description": bm.description,
+        "torch": torch.__version__,
+        "reference_samples_per_s": rates["reference"],
+        "engine_samples_per_s": rates["engine"],
+        "engine_concurrent_samples_per_s": rates["engine_concurrent"],
+        "service_samples_per_s": rates["service"],
+        "service_note": service.get("note"),
+        "service_enqueue_s": service.get("enqueue_s"),
+        "service_job_timings": service.get("job_timings"),
+        "ratios": {
+            "engine_over_reference": _ratio(rates["engine"], rates["reference"]),
+            "concurrent_over_engine": _ratio(rates["engine_concurrent"], rates["engine"]),
+            "service_over_engine": _ratio(rates["service"], rates["engine"]),
+        },
+        "seconds_per_certificate": {
+            case: {str(n): (cfg.n0 + n) / rate if rate else None for n in CERT_SIZES}
+            for case, rate in rates.items()
+        },
+        "settings": {
+            "n": cfg.n,
+            "n0": cfg.n0,
+            "jobs": cfg.jobs,
+            "job_n": cfg.job_n,
+            "reference_n": cfg.reference_n,
+            "reference_batch": REFERENCE_BATCH,
+            "engine_batch": engine_batch,
+            "engine_dtype": dtype,
+            "compile": cfg.compile,
+            "compile_mode": cfg.compile_mode,
+            "sigma": cfg.sigma,
+            "alpha": cfg.alpha,
+            "rounds": cfg.rounds,
+        },  # fmt: skip
+        "engine_stats": engine_stats,
+        "rounds": rounds,
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The printed table: samples/s and seconds per certificate per case, then the ratios."""
+    s = result["settings"]
+    labels = {
+        "reference": f"(a) reference loop (fp32, batch {s['reference_batch']}, host counts)",
+        "engine": f"(b) engine, one job (batch {s['engine_batch']}, {s['engine_dtype']})",
+        "engine_concurrent": f"(c) engine, {s['jobs']} concurrent jobs of n={s['job_n']:,}",
+        "service": "(d) service, HTTP submit -> poll until done",
+    }
+    lines = [
+        f"device: {result['device']}",
+        f"model:  {result['model_description']}",
+        f"n0={s['n0']:,}, one-job n={s['n']:,}, reference n={s['reference_n']:,}, "
+        f"best of {s['rounds']} round(s)",
+        "",
+        f"{'case':<62}{'samples/s':>12}{'s/cert n=10k':>14}{'s/cert n=100k':>15}",
+    ]
+    for case, label in labels.items():
+        rate = result[f"{case}_samples_per_s"]
+        if rate is None:
+            lines.append(f"{label:<62}{result.get('service_note') or 'skipped'}")
+            continue
+        per = result["seconds_per_certificate"][case]
+        lines.append(f"{label:<62}{rate:>12,.0f}{per['10000']:>14.2f}{per['100000']:>15.2f}")
+    r = result["ratios"]
+    lines.append("")
+    parts = [
+        f"b/a (engine vs reference) = {r['engine_over_reference']:.2f}x",
+        f"c/b ({s['jobs']} jobs vs one) = {r['concurrent_over_engine']:.2f}",
+    ]
+    if r["service_over_engine"] is not None:
+        parts.append(f"d/b (service vs engine) = {r['service_over_engine']:.2f}")
+    lines.append("ratios: " + "; ".join(parts))
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""Case (d) of the benchmark: one certificate through the HTTP service, submit to done.
+
+Runs against a service given by URL and API key, or starts the embedded one (``dmae-certify
+serve`` with a throw-away SQLite data folder and a fresh key from ``dmae-certify keys create``)
+and stops it afterwards. When the service commands are not available the case is skipped with
+a note saying why; the other cases do not depend on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DONE = ("succeeded", "failed", "cancelled")
+CLI = ["-c", "import sys; from app.cli import main; sys.exit(main())"]
+
+
+class ServiceUnavailable(Exception):
+    """The service case cannot run here; the message says why (printed as the case's note)."""
+
+
+def png_bytes(x: Tensor) -> bytes:
+    """A (3, H, W) [0,1] tensor as an 8-bit RGB PNG, the form a client uploads."""
+    from PIL import Image
+
+    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    out = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
+def service_commands_available() -> bool:
+    """Whether ``dmae-certify serve`` and ``keys create`` exist (the service has landed)."""
+    from app.cli import build_parser
+
+    parser = build_parser()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            parser.parse_known_args(["serve"])
+            parser.parse_known_args(["keys", "create"])
+    except SystemExit:
+        return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cli(args: list[str], env: dict[str, str], cwd: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, *CLI, *args], env=env, cwd=cwd, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise ServiceUnavailable(f"`dmae-certify {' '.join(args)}` failed: {' | '.join(tail)}")
+    return proc.stdout
+
+
+@contextmanager
+def embedded_service(device: str, startup_s: float = 180.0) -> Iterator[tuple[str, str]]:
+    """Start the embedded service on a free local port; yields (base URL, API key)."""
+    import httpx
+
+    if not service_commands_available():
+        raise ServiceUnavailable(
+            "the service is not available yet (`dmae-certify serve` / `keys` are not "
+            "registered); pass --service-url and --api-key to measure a running service"
+        )
+    data = tempfile.mkdtemp(prefix="dmae-bench-")
+    env = dict(os.environ)
+    for name in ("DMAE_DATABASE_URL", "DMAE_BROKER_URL"):
+        env[name] = ""  # embedded mode: SQLite under the data folder, in-process runner
+    env.update(DMAE_DATA_DIR=data, DMAE_DEVICE=device)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        _cli(["db", "upgrade"], env, data)
+        printed = _cli(["keys", "create"], env, data).split()
+        if not printed:
+            raise ServiceUnavailable("`dmae-certify keys create` printed no key")
+        key = printed[-1]
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = open(Path(data) / "serve.log", "wb")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen(
+            [sys.executable, *CLI, "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, cwd=data, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + startup_s
+        while True:
+            if proc.poll() is not None:
+                tail = (Path(data) / "serve.log").read_text(errors="replace").splitlines()[-3:]
+                raise ServiceUnavailable(f"`dmae-certify serve` exited: {' | '.join(tail)}")
+            try:
+                if httpx.get(f"{url}/models", headers={"X-API-Key": key}, timeout=5).is_success:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(f"the service did not answer within {startup_s:.0f} s")
+            time.sleep(0.25)
+        yield url, key
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def certify_over_http(
+    url: str,
+    api_key: str,
+    image: bytes,
+    *,
+    sigma: float,
+    alpha: float,
+    n0: int,
+    n: int,
+    model: str | None = None,
+    timeout_s: float = 3600.0,
+    poll_s: float = 0.02,
+) -> dict[str, Any]:
+    """POST /certify, poll GET /jobs/{id} until done; returns wall time, enqueue time, the job."""
+    import httpx
+
+    form: dict[str, Any] = {"sigma": sigma, "alpha": alpha, "n0": n0, "n": n, "mode": "certify"}
+    if model:
+        form["model"] = model
+    with httpx.Client(base_url=url, headers={"X-API-Key": api_key}, timeout=60) as client:
+        started = time.perf_counter()
+        r = client.post("/certify", files={"image": ("bench.png", image, "image/png")}, data=form)
+        enqueued = time.perf_counter() - started
+        if r.status_code != 202:
+            raise ServiceUnavailable(f"POST /certify answered {r.status_code}: {r.text[:300]}")
+        job_id = r.json()["id"]
+        while True:
+            job = client.get(f"/jobs/{job_id}").json()
+            if job.get("status") in DONE:
+                break
+            if time.perf_counter() - started > timeout_s:
+                raise ServiceUnavailable(f"job {job_id} not done after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+        elapsed = time.perf_counter() - started
+    if job["status"] != "succeeded":
+        raise ServiceUnavailable(f"job {job_id} {job['status']}: {job.get('error')}")
+    return {"seconds": elapsed, "enqueue_s": enqueued, "job": job}

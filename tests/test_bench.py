@@ -1,0 +1,106 @@
+"""``dmae-certify bench`` in CI size: every case runs and the JSON carries the agreed keys.
+
+No timing assertions: speed is shown by the benchmark's printed ratios (docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+from app.cli import main
+from bench.reference import reference_counts
+from bench.service import service_commands_available
+from models.checkpoints import bundled_models
+from models.networks import DMAEClassifier, preset
+from models.smoothing import NoiseStream
+from worker.engine import Engine
+
+KEYS = (
+    "device",
+    "model",
+    "reference_samples_per_s",
+    "engine_samples_per_s",
+    "engine_concurrent_samples_per_s",
+    "service_samples_per_s",
+)
+SMALL = ["--device", "cpu", "--n", "300", "--n0", "20", "--jobs", "3", "--job-n", "100"]
+
+
+def test_ci_sized_benchmark_writes_every_case(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "bench" / "cpu.json"
+    rc = main(["bench", "--model", "tiny", *SMALL, "--rounds", "2", "--service", "off",
+               "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert all(k in result for k in KEYS)
+    assert result["device"].startswith("cpu") and result["model"] == "tiny"
+    for case in ("reference", "engine", "engine_concurrent"):
+        rate = result[f"{case}_samples_per_s"]
+        assert isinstance(rate, float) and math.isfinite(rate) and rate > 0
+        per = result["seconds_per_certificate"][case]
+        assert per["100000"] == pytest.approx((100_000 + 20) / rate)
+        assert rate == max(r[case] for r in result["rounds"])  # best of the 2 rounds
+    assert result["service_samples_per_s"] is None and "--service off" in result["service_note"]
+    ratios = result["ratios"]
+    assert ratios["engine_over_reference"] == pytest.approx(
+        result["engine_samples_per_s"] / result["reference_samples_per_s"]
+    )
+    assert ratios["concurrent_over_engine"] == pytest.approx(
+        result["engine_concurrent_samples_per_s"] / result["engine_samples_per_s"]
+    )
+    s = result["settings"]
+    assert (s["n"], s["jobs"], s["job_n"], s["reference_batch"]) == (300, 3, 100, 400)
+    # Every sample of every case went through the engine's batches exactly once.
+    warm_up = 20 + 400
+    per_round = (20 + 300) + 3 * (20 + 100)
+    assert result["engine_stats"]["rows"] == warm_up + 2 * per_round
+    printed = capsys.readouterr().out
+    assert "b/a (engine vs reference)" in printed and "c/b (3 jobs vs one)" in printed
+    assert "(d) service" in printed and "skipped" in printed
+
+
+def test_reference_loop_samples_the_same_distribution_as_the_engine() -> None:
+    """The baseline must do the same work: its counts and the engine's are one distribution."""
+    torch.manual_seed(0)
+    model = DMAEClassifier(preset("tiny"), 10, 8).eval()
+    x = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)
+    ref = reference_counts(model, x, 0.5, 3000, 10)
+    with Engine("cpu") as engine:
+        engine.register("m", model, 10)
+        ours = engine.sampler("m").counts(x, 0.5, 3000, NoiseStream(3, x.shape)).numpy()
+    assert ref.sum() == ours.sum() == 3000
+    seen = (ref + ours) > 0
+    table = [ref[seen], ours[seen]]
+    assert chi2_contingency(table).pvalue > 1e-4
+
+
+def test_bad_benchmark_settings_get_a_message(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--device", "cpu", "--n", "0"]) == 2
+    assert "--n must be at least 1" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--service-url", "http://x"]) == 2
+    assert "--api-key" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--model", "no-such-model"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_service_case_certifies_over_http(tmp_path: Path) -> None:
+    if "digits-s0.25" not in bundled_models():
+        pytest.skip("the bundled digits-s0.25 model is not built yet")
+    if not service_commands_available():
+        pytest.skip("the service commands (serve, keys) are not registered yet")
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "digits-s0.25", *SMALL, "--rounds", "1", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["service_note"] is None
+    assert result["service_samples_per_s"] > 0 and result["service_enqueue_s"] > 0

@@ -66,6 +66,7 @@ def register(sub: Any) -> None:
 def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("dmae").setLevel(level.upper())
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def _ready_database() -> Any:

@@ -1,0 +1,231 @@
+"""The production path for real: Postgres + Redis + a `dmae-certify worker` (Celery) process.
+
+The API runs in-process (TestClient) and sends job ids to Redis; a real Celery worker
+subprocess, started here with the test's settings, claims and runs them against Postgres.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from service_support import (  # noqa: F401 - pg_url is a fixture
+    REDIS_URL,
+    SIGMA,
+    assert_same_certificate,
+    digit_png,
+    make_checkpoint,
+    pg_url,
+    reference,
+    reset_postgres,
+    service_settings,
+    wait_for,
+)
+from sqlalchemy import func, select, update
+from test_service_embedded import Service
+
+from app import migrate
+from app.db import utcnow
+from app.main import create_app
+from app.tables import Certificate, Job
+
+WORKER_ENV = {
+    "DMAE_DEVICE": "cpu",
+    "DMAE_BATCH_SIZE": "64",
+    "DMAE_REGISTER_BUNDLED": "false",
+    "DMAE_HEARTBEAT_S": "0.2",
+    "DMAE_SWEEP_INTERVAL_S": "0.5",
+    "DMAE_STALE_AFTER_S": "3",
+    "DMAE_MAX_ATTEMPTS": "2",
+}
+
+
+@pytest.fixture(scope="module")
+def stack(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:  # noqa: F811
+    """A migrated Postgres database, a Redis queue and a running Celery worker process."""
+    import uuid
+
+    import redis
+
+    reset_postgres(pg_url)
+    migrate.upgrade(pg_url)
+    data = tmp_path_factory.mktemp("celery") / "data"
+    checkpoint = make_checkpoint(data / "checkpoints" / "tiny.safetensors")
+    queue = f"dmae-test-{uuid.uuid4().hex[:10]}"
+    env = {
+        **os.environ,
+        **WORKER_ENV,
+        "DMAE_DATABASE_URL": pg_url,
+        "DMAE_BROKER_URL": REDIS_URL,
+        "DMAE_QUEUE": queue,
+        "DMAE_DATA_DIR": str(data),
+    }
+    log = open(data.parent / "worker.log", "wb")  # noqa: SIM115 - closed below
+    cli = str(Path(sys.executable).parent / "dmae-certify")
+    proc = subprocess.Popen(
+        [cli, "worker", "--pool", "solo", "--log-level", "info"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield {
+            "pg": pg_url,
+            "queue": queue,
+            "data": data,
+            "checkpoint": checkpoint,
+            "proc": proc,
+            "log": data.parent / "worker.log",
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        client = redis.Redis.from_url(REDIS_URL)
+        for key in client.scan_iter(f"*{queue}*"):
+            client.delete(key)
+        client.close()
+
+
+@pytest.fixture
+def service(stack: dict[str, Any]) -> Iterator[Service]:
+    settings = service_settings(
+        stack["data"],
+        database_url=stack["pg"],
+        broker_url=REDIS_URL,
+        queue=stack["queue"],
+        max_attempts=2,
+    )
+    app = create_app(settings)
+    with TestClient(app) as client:
+        svc = Service(client, app, stack["checkpoint"])
+        r = svc.register()
+        assert r.status_code in (201, 409), r.text
+        yield svc
+
+
+def _worker_alive(stack: dict[str, Any]) -> None:
+    if stack["proc"].poll() is not None:
+        raise AssertionError("worker died:\n" + Path(stack["log"]).read_text()[-3000:])
+
+
+def test_worker_certificate_is_the_cores(service: Service, stack: dict[str, Any]) -> None:
+    png = digit_png(0)
+    r = service.submit(service.alice, png)
+    assert r.status_code == 202, r.text
+    _worker_alive(stack)
+    job = wait_for(service.client.get, r.json()["url"], service.alice, timeout=120)
+    assert job["status"] == "succeeded", (job, Path(stack["log"]).read_text()[-3000:])
+    want = reference(
+        stack["checkpoint"],
+        png,
+        sigma=SIGMA,
+        alpha=0.001,
+        n0=20,
+        n=200,
+        seed=job["seed"],
+        batch_size=64,
+    )
+    assert_same_certificate(job["certificate"], want)
+    again = service.submit(service.alice, png)
+    assert again.status_code == 200 and again.json()["certificate"] == job["certificate"]
+
+
+def test_redelivered_task_never_writes_a_second_certificate(
+    service: Service, stack: dict[str, Any]
+) -> None:
+    png = digit_png(1)
+    job = wait_for(
+        service.client.get,
+        service.submit(service.alice, png).json()["url"],
+        service.alice,
+        timeout=120,
+    )
+    assert job["status"] == "succeeded"
+    dispatcher = service.app.state.dispatcher
+    for _ in range(3):  # the same task id delivered again, as after a lost acknowledgement
+        dispatcher.certify(job["id"])
+    probe = wait_for(
+        service.client.get,
+        service.submit(service.alice, png, seed="99").json()["url"],
+        service.alice,
+        timeout=120,
+    )  # the worker has consumed the queue up to here
+    assert probe["status"] == "succeeded"
+    with service.app.state.db.session() as s:
+        n = s.scalar(
+            select(func.count()).select_from(Certificate).where(Certificate.job_id == job["id"])
+        )
+    assert n == 1
+    after = service.client.get(job["url"], headers=service.h(service.alice)).json()
+    assert after["certificate"] == job["certificate"] and after["attempts"] == 1
+
+
+def test_cancel_on_the_worker(service: Service, stack: dict[str, Any]) -> None:
+    png = digit_png(2)
+    big = {"n": "100000", "n0": "10"}
+    running = service.submit(service.alice, png, **big).json()
+    wait_for(service.client.get, running["url"], service.alice, until=("running",), timeout=120)
+    queued = service.submit(service.alice, png, seed="5", **big).json()
+    for job in (queued, running):
+        r = service.client.delete(job["url"], headers=service.h(service.alice))
+        assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    nxt = service.submit(service.alice, png, seed="6").json()
+    assert (
+        wait_for(service.client.get, nxt["url"], service.alice, timeout=120)["status"]
+        == "succeeded"
+    )
+    for job in (queued, running):
+        final = service.client.get(job["url"], headers=service.h(service.alice)).json()
+        assert final["status"] == "cancelled" and final["certificate"] is None
+    assert (
+        service.client.get(queued["url"], headers=service.h(service.alice)).json()["attempts"] == 0
+    )
+
+
+def test_sweep_requeues_lost_jobs_and_fails_them_past_the_cap(
+    service: Service, stack: dict[str, Any]
+) -> None:
+    """A job left 'running' by a vanished worker is re-run by the worker's sweep; one that has
+    already used its attempts is failed with the reason."""
+    png = digit_png(3)
+    lost = service.submit(service.alice, png, seed="11").json()
+    spent = service.submit(service.alice, png, seed="12").json()
+    wait_for(service.client.get, lost["url"], service.alice, timeout=120)
+    wait_for(service.client.get, spent["url"], service.alice, timeout=120)
+    old = utcnow() - timedelta(minutes=5)
+    with service.app.state.db.session() as s:  # as if their workers died mid-run
+        s.execute(
+            Certificate.__table__.delete().where(Certificate.job_id.in_([lost["id"], spent["id"]]))
+        )
+        for job_id, attempts in ((lost["id"], 1), (spent["id"], 2)):
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(
+                    status="running",
+                    attempts=attempts,
+                    run_token="dead",
+                    heartbeat_at=old,
+                    finished_at=None,
+                )
+            )
+        s.commit()
+    redone = wait_for(service.client.get, lost["url"], service.alice, timeout=60)
+    assert redone["status"] == "succeeded" and redone["attempts"] == 2
+    failed = wait_for(service.client.get, spent["url"], service.alice, timeout=60)
+    assert failed["status"] == "failed" and "gave up after 2 attempts" in failed["error"]
+    assert failed["certificate"] is None

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from models.networks import DMAEClassifier, preset
 from models.smoothing import BatchSampler, NoiseStream, certify, predict
 from worker.batching import fair_shares
-from worker.engine import Cancelled, Engine, EngineClosed
+from worker.engine import Cancelled, Engine, EngineClosed, shared_engine
 
 NUM_CLASSES = 10
 
@@ -346,8 +346,9 @@ def test_errors_reach_the_job_with_a_message_and_the_engine_survives(tiny: nn.Mo
             eng.sampler("broken").counts(x, 0.5, 100, NoiseStream(0, x.shape))
         with pytest.raises(KeyError, match="registered: broken, tiny"):
             eng.sampler("missing")
-        with pytest.raises(ValueError, match="already registered"):
-            eng.register("tiny", tiny, NUM_CLASSES)
+        eng.register("tiny", tiny, NUM_CLASSES)  # the same model again: nothing changes
+        with pytest.raises(ValueError, match="different model is already registered"):
+            eng.register("tiny", Broken(), NUM_CLASSES)
         with pytest.raises(ValueError, match="one image tensor"):
             eng.sampler("tiny").counts(x[None], 0.5, 10, NoiseStream(0, x[None].shape))
         with pytest.raises(ValueError, match="does not match"):
@@ -381,3 +382,39 @@ def test_closing_releases_waiting_jobs(tiny: nn.Module) -> None:
     closer.join(30)
     t.join(30)
     assert len(errors) == 1 and isinstance(errors[0], EngineClosed)
+
+
+def test_unregistering_a_model_releases_its_waiting_jobs(tiny: nn.Module) -> None:
+    gate = Marker()
+    errors: list[BaseException] = []
+    x = torch.ones(3, 2, 2)
+    with Engine("cpu", batch_size=10) as eng:
+        eng.register("held", gate, 2)
+
+        def job() -> None:
+            try:
+                eng.sampler("held").counts(x, 0.1, 1000, NoiseStream(0, x.shape))
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=job)
+        t.start()
+        while not eng.pending():
+            threading.Event().wait(0.01)
+        eng.unregister("held")
+        gate.gate.set()
+        t.join(30)
+        assert eng.pending() == 0 and eng.models() == []
+        with pytest.raises(KeyError):
+            eng.sampler("held")
+        eng.register("held", tiny, NUM_CLASSES)  # the key is free again
+    assert len(errors) == 1 and "unloaded" in str(errors[0])
+
+
+def test_shared_engine_is_one_per_device_and_process() -> None:
+    first = shared_engine("cpu")
+    assert shared_engine(torch.device("cpu")) is first
+    first.close()
+    second = shared_engine("cpu")  # a closed engine is replaced
+    assert second is not first and not second.closed
+    second.close()

@@ -43,6 +43,35 @@ MEMORY_FRACTION = 0.6  # share of free device memory one model's batches may tak
 WAIT_POLL_S = 0.5  # how often a waiting job checks that the engine thread is still alive
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Same device, counting ``cuda`` and ``cuda:<current>`` as one."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
+_SHARED: dict[str, Engine] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_engine(device: torch.device | str = "cpu", **options: Any) -> Engine:
+    """The process's one engine for ``device``, created on first use with ``options``.
+
+    Call it in the process that runs jobs (a Celery child, or the API process in embedded
+    mode), never in a parent that forks afterwards: the engine's thread and CUDA state do not
+    survive a fork.
+    """
+    name = str(torch.device(device))
+    with _SHARED_LOCK:
+        engine = _SHARED.get(name)
+        if engine is None or engine.closed:
+            engine = _SHARED[name] = Engine(device, **options)
+        return engine
+
+
 class Cancelled(Exception):
     """The job was cancelled while its samples were being drawn."""
 
@@ -119,7 +148,7 @@ class EngineSampler:
             raise ValueError("x must be one image tensor of shape (channels, height, width)")
         if tuple(noise.shape) != tuple(x.shape):
             raise ValueError(f"noise shape {noise.shape} does not match input {tuple(x.shape)}")
-        if noise.device != self.device:
+        if not _same_device(noise.device, self.device):
             raise ValueError(f"noise is on {noise.device}, the engine samples on {self.device}")
         if int(num) != num or num < 0:
             raise ValueError(f"num must be a non-negative integer, got {num!r}")
@@ -207,14 +236,31 @@ class Engine:
     # ------------------------------------------------------------------ public API
 
     def register(self, key: str, model: nn.Module, num_classes: int) -> None:
-        """Put ``model`` (mapping (B, C, H, W) in [0,1] to logits) on the device under ``key``."""
+        """Put ``model`` (mapping (B, C, H, W) in [0,1] to logits) on the device under ``key``.
+
+        Registering the same module under the same key again is a no-op, so job code may call
+        this before every job; a different module under a taken key is an error.
+        """
         if num_classes < 1:
             raise ValueError("num_classes must be at least 1")
         with self._lock:
-            if key in self._models:
-                raise ValueError(f"a model is already registered under {key!r}")
+            known = self._models.get(key)
+            if known is not None:
+                if known.module is model and known.num_classes == num_classes:
+                    return
+                raise ValueError(f"a different model is already registered under {key!r}")
             module = model.eval().requires_grad_(False).to(self.device)
             self._models[key] = _Model(key, module, num_classes)
+
+    def unregister(self, key: str) -> None:
+        """Forget model ``key`` (e.g. evicted from a cache); jobs waiting on it get an error."""
+        with self._lock:
+            if self._models.pop(key, None) is None:
+                return
+            for group in [g for g in self._groups if g[0] == key]:
+                for sub in self._groups.pop(group):
+                    sub.finished = True
+                    sub.outbox.put(RuntimeError(f"model {key!r} was unloaded while sampling"))
 
     def load(self, key: str, path_or_name: str | Path, **official: Any) -> Any:
         """Load a classifier checkpoint (path or bundled name) and register it; returns its meta."""
@@ -240,6 +286,10 @@ class Engine:
         """Number of ``counts()`` requests waiting for or being served by the engine."""
         with self._lock:
             return sum(len(subs) for subs in self._groups.values())
+
+    @property
+    def closed(self) -> bool:
+        return self._closing or not self._thread.is_alive()
 
     def batch_size(self, key: str) -> int | None:
         """Rows per forward pass currently used for model ``key`` (None before its first batch)."""
@@ -277,6 +327,8 @@ class Engine:
     def _run(self) -> None:
         inflight: deque[_Batch] = deque()
         try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # events and streams of *this* device
             with torch.inference_mode():
                 while True:
                     with self._lock:

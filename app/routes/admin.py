@@ -184,6 +184,18 @@ def _training(session: SessionDep, run: TrainingRun) -> TrainingOut:
     return training_out(run, name)
 
 
+def _dataset(settings: Any, spec: str) -> str:
+    """A training dataset: a built-in one, or a folder inside the server's dataset folder."""
+    if spec.startswith("digits:"):
+        if spec not in ("digits:train", "digits:test"):
+            raise bad_input("the built-in datasets are digits:train and digits:test")
+        return spec
+    folder = registry.inside(settings.datasets, spec)
+    if not folder.is_dir():
+        raise bad_input(f"no dataset folder {spec!r} in the server's dataset folder")
+    return str(folder)
+
+
 @router.post(
     "/training",
     status_code=202,
@@ -225,15 +237,10 @@ def launch_training(
     registry.check_name(body.name)
     if session.scalar(select(Checkpoint.id).where(Checkpoint.name == body.name)) is not None:
         raise ServiceError(409, f"a model named {body.name!r} is already registered")
-    if body.dataset.startswith("digits:"):
-        if body.dataset not in ("digits:train", "digits:test"):
-            raise bad_input("the built-in datasets are digits:train and digits:test")
-        dataset = body.dataset
-    else:
-        folder = registry.inside(settings.datasets, body.dataset)
-        if not folder.is_dir():
-            raise bad_input(f"no dataset folder {body.dataset!r} in the server's dataset folder")
-        dataset = str(folder)
+    dataset = _dataset(settings, body.dataset)
+    params: dict[str, Any] = dict(body.params)
+    if isinstance(params.get("val_data"), str):
+        params["val_data"] = _dataset(settings, str(params["val_data"]))
     if body.kind == "finetune" and not body.init:
         raise bad_input("fine-tuning needs init: the registered pre-trained model to start from")
     if body.init is not None:
@@ -244,7 +251,7 @@ def launch_training(
         check_params(body.kind, body.params)
     except ValueError as exc:
         raise bad_input(str(exc)) from exc
-    params: dict[str, Any] = {**body.params, "sigma": body.sigma}
+    params["sigma"] = body.sigma
     if body.init:
         params["init"] = body.init
     run = TrainingRun(

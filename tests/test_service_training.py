@@ -1,0 +1,99 @@
+"""Training runs through the service: pre-train, fine-tune from it, the result is registered and
+certifies requests; bad runs are refused up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from service_support import digit_png, service_settings, wait_for
+
+from app.auth import create_key
+from app.main import create_app
+
+FAST = {"epochs": 1, "batch_size": 512, "warmup_epochs": 0}
+
+
+def test_pretrain_finetune_register_certify(tmp_path: Path) -> None:
+    app = create_app(service_settings(tmp_path / "data"))
+    with TestClient(app) as client:
+        with app.state.db.session() as s:
+            admin = {"X-API-Key": create_key(s, admin=True)[1]}
+        refused = [
+            ({"kind": "finetune", "dataset": "digits:train", "name": "x"}, "needs init"),
+            ({"kind": "pretrain", "dataset": "../../etc", "name": "x"}, "outside the allowed"),
+            ({"kind": "pretrain", "dataset": "digits:all", "name": "x"}, "built-in datasets"),
+            (
+                {
+                    "kind": "pretrain",
+                    "dataset": "digits:train",
+                    "name": "x",
+                    "params": {"bogus": 1},
+                },
+                "unknown pretrain parameter(s) bogus",
+            ),
+            ({"kind": "pretrain", "dataset": "digits:train", "name": "a/b"}, "invalid model name"),
+            (
+                {
+                    "kind": "pretrain",
+                    "dataset": "digits:train",
+                    "name": "x",
+                    "params": {"val_data": "/etc"},
+                },
+                "outside the allowed",
+            ),
+        ]
+        for body, message in refused:
+            r = client.post("/admin/training", headers=admin, json=body)
+            assert r.status_code == 422 and message in r.json()["detail"], (body, r.text)
+
+        pre = client.post(
+            "/admin/training",
+            headers=admin,
+            json={
+                "kind": "pretrain",
+                "dataset": "digits:train",
+                "name": "digits-pre",
+                "params": {"arch": "tiny", **FAST},
+            },
+        )
+        assert pre.status_code == 202, pre.text
+        run = wait_for(client.get, pre.json()["url"], admin["X-API-Key"], timeout=300)
+        assert run["status"] == "succeeded", run
+        assert run["model"] == "digits-pre" and run["progress"]["done"] == 2
+
+        ft = client.post(
+            "/admin/training",
+            headers=admin,
+            json={
+                "kind": "finetune",
+                "dataset": "digits:train",
+                "name": "digits-ft-s0.5",
+                "sigma": 0.5,
+                "init": "digits-pre",
+                "params": {**FAST, "eval_images": 5, "eval_n": 10},
+            },
+        )
+        run = wait_for(client.get, ft.json()["url"], admin["X-API-Key"], timeout=300)
+        assert run["status"] == "succeeded", run
+        listed = client.get("/admin/training", headers=admin).json()
+        assert [r["name"] for r in listed["items"]] == ["digits-ft-s0.5", "digits-pre"]
+        assert client.delete(ft.json()["url"], headers=admin).status_code == 409
+
+        models = {m["name"]: m for m in client.get("/models", headers=admin).json()}
+        assert list(models) == ["digits-ft-s0.5"]  # the pre-trained one cannot classify
+        assert models["digits-ft-s0.5"]["sigma"] == 0.5
+        r = client.post(
+            "/certify",
+            headers=admin,
+            files={"image": ("d.png", digit_png(0))},
+            data={"sigma": "0.5", "n0": "10", "n": "50"},
+        )
+        job = wait_for(client.get, r.json()["url"], admin["X-API-Key"])
+        assert job["status"] == "succeeded" and job["certificate"]["model"] == "digits-ft-s0.5"
+        again = client.post(
+            "/admin/training",
+            headers=admin,
+            json={"kind": "pretrain", "dataset": "digits:train", "name": "digits-pre"},
+        )
+        assert again.status_code == 409

@@ -21,7 +21,7 @@ def register(sub: Any) -> None:
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s)")
     s.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
     s.add_argument("--log-level", default="info", help="debug, info, warning (default info)")
-    s.set_defaults(func=serve)
+    s.set_defaults(func=_database_errors(serve))
 
     w = sub.add_parser("worker", help="start a Celery worker (one per GPU) for DMAE_BROKER_URL")
     w.add_argument(
@@ -37,30 +37,47 @@ def register(sub: Any) -> None:
     )
     w.add_argument("--queues", default=None, help="queues to consume (default DMAE_QUEUE)")
     w.add_argument("--log-level", default="info")
-    w.set_defaults(func=worker)
+    w.set_defaults(func=_database_errors(worker))
 
     k = sub.add_parser("keys", help="manage API keys")
     ks = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     kc = ks.add_parser("create", help="create a key and print it (it is stored only hashed)")
     kc.add_argument("--admin", action="store_true", help="may also use the /admin routes")
     kc.add_argument("--name", default="", help="a note on whom the key is for")
-    kc.set_defaults(func=keys_create)
+    kc.set_defaults(func=_database_errors(keys_create))
     kl = ks.add_parser("list", help="list keys (never their tokens)")
-    kl.set_defaults(func=keys_list)
+    kl.set_defaults(func=_database_errors(keys_list))
     kr = ks.add_parser("revoke", help="revoke a key by id")
     kr.add_argument("id", type=int)
-    kr.set_defaults(func=keys_revoke)
+    kr.set_defaults(func=_database_errors(keys_revoke))
 
     d = sub.add_parser("db", help="database schema migrations (DMAE_DATABASE_URL)")
     ds = d.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     du = ds.add_parser("upgrade", help="migrate to the latest schema (or --revision)")
     du.add_argument("--revision", default="head")
-    du.set_defaults(func=db_upgrade)
+    du.set_defaults(func=_database_errors(db_upgrade))
     dd = ds.add_parser("downgrade", help="step back one revision (or to --revision, 'base')")
     dd.add_argument("--revision", default="-1")
-    dd.set_defaults(func=db_downgrade)
+    dd.set_defaults(func=_database_errors(db_downgrade))
     dc = ds.add_parser("current", help="print the schema revision")
-    dc.set_defaults(func=db_current)
+    dc.set_defaults(func=_database_errors(db_current))
+
+
+def _database_errors(func: Any) -> Any:
+    """Run a command, turning an unreachable database into a one-line error (no traceback)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            return int(func(args) or 0)
+        except OperationalError as exc:
+            first = str(exc.orig or exc).strip().splitlines()[0][:300]
+            raise ValueError(f"cannot use the database (DMAE_DATABASE_URL): {first}") from exc
+
+    run.__name__ = func.__name__
+    run.__doc__ = func.__doc__
+    return run
 
 
 def _logging(level: str) -> None:
@@ -84,11 +101,10 @@ def _ready_database() -> Any:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.config import get_settings
     from app.main import create_app
 
     _logging(args.log_level)
-    settings = get_settings()
+    settings = _ready_database()  # a schema problem is a clear error before the server starts
     mode = "embedded runner, " if settings.embedded else "Celery broker, "
     logging.getLogger("dmae.api").info(
         "serving on http://%s:%d (%sdatabase %s)",

@@ -29,6 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE_SERVICES = {"postgres", "redis", "migrate", "api", "worker"}
+READINESS_PATH = "/readyz"  # app/routes/health.py: 200 only when the database answers
 DMAE_VAR = re.compile(r"\bDMAE_[A-Z0-9_]+\b")
 
 
@@ -213,7 +214,15 @@ def test_image_commands_are_real_cli_commands() -> None:
     port = api_cmd[api_cmd.index("--port") + 1]
     assert str(port) in stages["api"].args("EXPOSE")
     health = stages["api"].args("HEALTHCHECK")
-    assert health and f"127.0.0.1:{port}/health" in health[-1]
+    assert health and f"127.0.0.1:{port}{READINESS_PATH}" in health[-1]
+
+
+def test_health_checks_probe_the_api_readiness_route() -> None:
+    """The probed path is the API's route that answers only when the database does."""
+    from app.routes.health import readyz, router
+
+    paths = {getattr(r, "path", None): getattr(r, "endpoint", None) for r in router.routes}
+    assert paths.get(READINESS_PATH) is readyz
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +240,7 @@ def test_compose_services_and_health_checks() -> None:
     assert set(services) >= CORE_SERVICES
     assert "pg_isready" in healthcheck_text(services["postgres"])
     assert "redis-cli ping" in healthcheck_text(services["redis"])
-    assert "/health" in healthcheck_text(services["api"])
+    assert READINESS_PATH in healthcheck_text(services["api"])
     _, stages = dockerfile()
     assert services["api"]["healthcheck"]["test"][-1] in stages["api"].args("HEALTHCHECK")[-1]
 

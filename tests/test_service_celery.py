@@ -30,7 +30,7 @@ from service_support import (  # noqa: F401 - pg_url is a fixture
     wait_for,
 )
 from sqlalchemy import func, select, update
-from test_service_embedded import Service
+from test_service_embedded import Recorder, Service
 
 from app import migrate
 from app.db import utcnow
@@ -45,6 +45,7 @@ WORKER_ENV = {
     "DMAE_SWEEP_INTERVAL_S": "0.5",
     "DMAE_STALE_AFTER_S": "3",
     "DMAE_MAX_ATTEMPTS": "2",
+    "DMAE_REQUEUE_AFTER_S": "2",
 }
 
 
@@ -229,3 +230,19 @@ def test_sweep_requeues_lost_jobs_and_fails_them_past_the_cap(
     failed = wait_for(service.client.get, spent["url"], service.alice, timeout=60)
     assert failed["status"] == "failed" and "gave up after 2 attempts" in failed["error"]
     assert failed["certificate"] is None
+
+
+def test_sweep_resends_jobs_whose_message_was_lost(stack: dict[str, Any]) -> None:
+    """A queued job whose message vanished from the broker (e.g. Redis restarted without
+    persistence) is sent again by the worker's sweep and completes."""
+    settings = service_settings(
+        stack["data"], database_url=stack["pg"], broker_url=REDIS_URL, queue=stack["queue"]
+    )
+    lost = Recorder()
+    app = create_app(settings, dispatcher=lost)
+    with TestClient(app) as client:
+        svc = Service(client, app, stack["checkpoint"])
+        job = svc.submit(svc.alice, digit_png(4), seed="21").json()
+        assert lost.sent == [job["id"]] and job["status"] == "queued"
+        done = wait_for(client.get, job["url"], svc.alice, timeout=60)
+        assert done["status"] == "succeeded" and done["attempts"] == 1

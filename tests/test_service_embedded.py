@@ -260,6 +260,9 @@ class Recorder:
     def train(self, run_id: str) -> None:
         self.sent.append(run_id)
 
+    def backlog(self) -> int | None:
+        return None
+
 
 def test_queued_jobs_survive_a_restart(tmp_path: Path, tiny_checkpoint: Path) -> None:  # noqa: F811
     settings = service_settings(tmp_path / "data")

@@ -17,6 +17,10 @@ class Dispatcher(Protocol):
 
     def train(self, run_id: str) -> None: ...
 
+    def backlog(self) -> int | None:
+        """Messages waiting to be picked up (None: unknown)."""
+        ...
+
 
 class CeleryDispatcher:
     """Sends ``(task, id)`` messages; the task id is the job id and results are ignored."""
@@ -37,6 +41,14 @@ class CeleryDispatcher:
                 f"the job queue is unavailable ({exc}); the job {run_id} is stored and will be "
                 "queued automatically when it returns"
             ) from exc
+
+    def backlog(self) -> int | None:
+        """Length of the Redis list holding the queue's waiting messages (None: unknown)."""
+        try:
+            with self.app.connection_for_write() as conn:
+                return int(conn.default_channel.client.llen(self.settings.queue))
+        except Exception:  # another transport, or the broker is down
+            return None
 
     def certify(self, job_id: str) -> None:
         self._send(CERTIFY_TASK, job_id)

@@ -41,6 +41,9 @@ class InProcessRunner:
     def train(self, run_id: str) -> None:
         self._queue.put(("train", run_id))
 
+    def backlog(self) -> int | None:
+        return self._queue.qsize()
+
     def start(self) -> None:
         for t in self._threads:
             t.start()

@@ -1,8 +1,10 @@
 """The periodic sweep: nothing stays stuck, nothing runs past its attempts cap.
 
-- A queued job or run never handed to the broker (it was down at submission), or handed over
-  longer than ``requeue_after_s`` ago without starting (a lost message, a restarted Redis), is
-  sent again. Duplicate messages are harmless: only one claim can succeed.
+- A queued job or run never handed to the broker (it was down at submission) is sent. One handed
+  over longer than ``requeue_after_s`` ago that has still not started is sent again when the
+  broker's queue is empty (its message was lost, e.g. Redis restarted without persistence, or
+  sits reserved behind a long job on a busy worker, where an idle worker may now take it).
+  Duplicate messages are harmless: only one claim can succeed.
 - A running one whose heartbeat is older than ``stale_after_s`` lost its worker: it goes back to
   the queue, or is failed with the reason once it has used ``max_attempts``.
 
@@ -44,8 +46,9 @@ def sweep_once(
     """One pass over jobs and training runs. ``resend_all`` re-sends every queued one (an
     in-process runner starting with an empty queue)."""
     report = SweepReport()
+    backlog = dispatcher.backlog()
     for table, send in ((Job, dispatcher.certify), (TrainingRun, dispatcher.train)):
-        _sweep_table(db, table, send, settings, report, resend_all)
+        _sweep_table(db, table, send, settings, report, resend_all, backlog in (0, None))
     if report.resent or report.requeued or report.failed:
         log.info(
             "sweep: re-sent %d, re-queued %d, failed %d",
@@ -63,6 +66,7 @@ def _sweep_table(
     settings: Settings,
     report: SweepReport,
     resend_all: bool,
+    queue_empty: bool,
 ) -> None:
     assert callable(send)
     now = utcnow()
@@ -110,7 +114,9 @@ def _sweep_table(
                 table.created_at < now - timedelta(seconds=NEVER_SENT_GRACE_S)
             )
             resend = table.enqueued_at < now - timedelta(seconds=settings.requeue_after_s)
-            due = (table.status == QUEUED) & or_(never_sent, resend)
+            due = (table.status == QUEUED) & (
+                or_(never_sent, resend) if queue_empty else never_sent
+            )
         ids = list(s.scalars(select(table.id).where(due).order_by(table.created_at).limit(BATCH)))
         ids += [i for i in report.requeued if i not in ids]
         for run_id in ids:

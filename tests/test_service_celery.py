@@ -143,6 +143,24 @@ def test_worker_certificate_is_the_cores(service: Service, stack: dict[str, Any]
     assert_same_certificate(job["certificate"], want)
     again = service.submit(service.alice, png)
     assert again.status_code == 200 and again.json()["certificate"] == job["certificate"]
+    # The CLI, given the same image, model, parameters and seed, prints the same result.
+    image = stack["data"].parent / "digit0.png"
+    image.write_bytes(png)
+    tsv = stack["data"].parent / "cli.tsv"
+    cli = str(Path(sys.executable).parent / "dmae-certify")
+    out = subprocess.run(
+        [cli, "certify", "--input", str(image), "--checkpoint", str(stack["checkpoint"]),
+         "--n0", "20", "--n", "200", "--seed", str(job["seed"]), "--batch", "64",
+         "--device", "cpu", "--no-progress", "--out", str(tsv)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    header, line = tsv.read_text().splitlines()[:2]
+    row = dict(zip(header.split("\t"), line.split("\t"), strict=True))
+    cert = job["certificate"]
+    assert int(row["predict"]) == (-1 if cert["prediction"] is None else cert["prediction"])
+    assert int(row["count_a"]) == cert["count_a"]
+    assert row["radius"] == f"{cert['radius']:.4f}" and row["pa_lower"] == f"{cert['pa_lower']:.6f}"
 
 
 def test_redelivered_task_never_writes_a_second_certificate(

@@ -32,11 +32,14 @@ def sampler_for(loaded: LoadedModel, settings: Settings) -> Any:
     """The Sampler that turns a job's noisy copies into counts on ``loaded``'s model.
 
     The one switch point between the plain per-job loop and the cross-job batching engine.
+    Same precision as the CLI (bf16 autocast on CUDA, float32 on CPU; noise always float32).
     """
+    from models.runtime import autocast_dtype
     from models.smoothing import BatchSampler
 
+    device = torch.device(loaded.device)
     return BatchSampler(
-        loaded.model, loaded.meta.num_classes, batch_size=settings.batch_size, device=loaded.device
+        loaded.model, loaded.meta.num_classes, settings.batch_size, device, autocast_dtype(device)
     )
 
 

@@ -14,11 +14,12 @@ noisy neighbour slows all of them alike; the best round of each is reported (all
 
 from __future__ import annotations
 
+import os
 import platform
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -58,6 +59,8 @@ class BenchConfig:
     service_url: str | None = None
     api_key: str | None = None
     service_model: str | None = None
+    service_n: int | None = None  # n of the service's timed job (default: n)
+    threads: int | None = None  # torch CPU threads (default: torch's own choice)
 
     def resolved(self, device: torch.device) -> BenchConfig:
         """Fill in device defaults: CI-sized on CPU, n=100,000 on a GPU; check every value."""
@@ -66,11 +69,13 @@ class BenchConfig:
         out.n = self.n if self.n is not None else (100_000 if gpu else 10_000)
         out.reference_n = self.reference_n or (min(out.n, 10_000) if gpu else out.n)
         out.rounds = self.rounds or (1 if gpu else 3)
-        for name in ("n", "n0", "jobs", "job_n", "reference_n", "rounds"):
+        out.service_n = self.service_n or out.n
+        for name in ("n", "n0", "jobs", "job_n", "reference_n", "rounds", "service_n"):
             if getattr(out, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if out.batch_size is not None and out.batch_size < 1:
-            raise ValueError("--batch-size must be at least 1")
+        for name in ("batch_size", "threads"):
+            if getattr(out, name) is not None and getattr(out, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if not (out.sigma > 0 and 0 < out.alpha < 0.5):
             raise ValueError("sigma must be positive and alpha in (0, 0.5)")
         if out.dtype not in ("auto", "fp32", "bf16"):
@@ -89,8 +94,7 @@ class BenchModel:
     num_classes: int
     input_size: int
     description: str
-    bundled_default: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    meta: Any  # models.checkpoints.CheckpointMeta: what the service case registers
 
 
 def default_model_name() -> str:
@@ -102,7 +106,7 @@ def default_model_name() -> str:
 
 def load_bench_model(spec: str) -> BenchModel:
     """A preset with seeded random weights (``tiny``, ``vit-b16``, ``vit-l16``) or a checkpoint."""
-    from models.checkpoints import bundled_models, load_classifier_with_meta
+    from models.checkpoints import CheckpointMeta, load_classifier_with_meta
     from models.networks import DMAEClassifier, preset
 
     if spec in PRESET_MODELS:
@@ -115,7 +119,12 @@ def load_bench_model(spec: str) -> BenchModel:
             f"{spec}: random weights, ViT {arch.embed_dim}x{arch.depth} patch {arch.patch_size} "
             f"at {arch.img_size}, {params / 1e6:.1f}M parameters, input {size}x{size}"
         )
-        return BenchModel(spec, net, classes, size, desc)
+        meta = CheckpointMeta(
+            kind="classifier", arch=arch, input_size=size, num_classes=classes,
+            classes=[str(i) for i in range(classes)], name=spec,
+            source="dmae-certify bench: random weights (seed 0)",
+        )  # fmt: skip
+        return BenchModel(spec, net, classes, size, desc, meta)
     model, meta = load_classifier_with_meta(spec)
     arch = meta.arch
     desc = (
@@ -123,10 +132,7 @@ def load_bench_model(spec: str) -> BenchModel:
         f"{arch.patch_size} at {arch.img_size}, input {meta.input_size}x{meta.input_size}, "
         f"{meta.num_classes} classes"
     )
-    return BenchModel(
-        spec, model, meta.num_classes, meta.input_size, desc,
-        bundled_default=spec == DEFAULT_BUNDLED and spec in bundled_models(),
-    )  # fmt: skip
+    return BenchModel(spec, model, meta.num_classes, meta.input_size, desc, meta)
 
 
 def bench_input(input_size: int) -> Tensor:
@@ -221,26 +227,21 @@ def case_service(bm: BenchModel, x: Tensor, cfg: BenchConfig, device: torch.devi
     """(d) samples/s of one certificate submitted over HTTP (after one warm-up job)."""
     from bench.service import ServiceUnavailable, certify_over_http, embedded_service, png_bytes
 
-    assert cfg.n is not None
     if cfg.service == "off" and not cfg.service_url:
         return {"note": "skipped (--service off)"}
-    if not cfg.service_url and not bm.bundled_default:
-        return {
-            "note": f"skipped: the embedded service serves its bundled default model, not "
-            f"{bm.name!r}; pass --service-url/--api-key (and --service-model) for a running one"
-        }
 
-    def measure(url: str, key: str) -> dict:
+    def measure(url: str, key: str, model: str | None) -> dict:
         images = []
         for i in range(2):  # distinct inputs: the service returns stored certificates for repeats
             y = x.clone()
             y[:, 0, 0] = (y[:, 0, 0] + (i + 1 + time.time_ns() % 97) / 255.0) % 1.0
             images.append(png_bytes(y))
-        common: dict[str, Any] = dict(sigma=cfg.sigma, alpha=cfg.alpha, model=cfg.service_model)
-        certify_over_http(url, key, images[0], n0=cfg.n0, n=min(cfg.n or 1, 1000), **common)
-        out = certify_over_http(url, key, images[1], n0=cfg.n0, n=cfg.n or 1, **common)
+        common: dict[str, Any] = dict(sigma=cfg.sigma, alpha=cfg.alpha, model=model)
+        n = cfg.service_n or 1
+        certify_over_http(url, key, images[0], n0=cfg.n0, n=min(n, 1000), **common)
+        out = certify_over_http(url, key, images[1], n0=cfg.n0, n=n, **common)
         return {
-            "samples_per_s": (cfg.n0 + (cfg.n or 1)) / out["seconds"],
+            "samples_per_s": (cfg.n0 + n) / out["seconds"],
             "seconds": out["seconds"],
             "enqueue_s": out["enqueue_s"],
             "job_timings": out["job"].get("certificate", {}).get("timings"),
@@ -248,9 +249,9 @@ def case_service(bm: BenchModel, x: Tensor, cfg: BenchConfig, device: torch.devi
 
     try:
         if cfg.service_url and cfg.api_key:
-            return measure(cfg.service_url, cfg.api_key)
-        with embedded_service(str(device)) as (url, key):
-            return measure(url, key)
+            return measure(cfg.service_url, cfg.api_key, cfg.service_model)
+        with embedded_service(str(device), bm.module, bm.meta) as (url, key, name):
+            return measure(url, key, name)
     except ServiceUnavailable as exc:
         return {"note": f"skipped: {exc}"}
 
@@ -271,6 +272,9 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
 
     device = pick_device(cfg.device)
     cfg = cfg.resolved(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    load_before = _loadavg()
     assert cfg.n is not None and cfg.rounds is not None
     bm = load_bench_model(cfg.model or default_model_name())
     bm.module.to(device)
@@ -312,6 +316,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         "model": bm.name,
         "model_description": bm.description,
         "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "load_average_before_after": [load_before, _loadavg()],
         "reference_samples_per_s": rates["reference"],
         "engine_samples_per_s": rates["engine"],
         "engine_concurrent_samples_per_s": rates["engine_concurrent"],
@@ -342,10 +348,19 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
             "sigma": cfg.sigma,
             "alpha": cfg.alpha,
             "rounds": cfg.rounds,
+            "service_n": cfg.service_n,
         },  # fmt: skip
         "engine_stats": engine_stats,
         "rounds": rounds,
     }
+
+
+def _loadavg() -> float | None:
+    """1-minute load average: how busy the machine was (other users slow every case)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -365,7 +380,9 @@ def format_report(result: dict[str, Any]) -> str:
         f"device: {result['device']}",
         f"model:  {result['model_description']}",
         f"n0={s['n0']:,}, one-job n={s['n']:,}, reference n={s['reference_n']:,}, "
-        f"best of {s['rounds']} round(s)",
+        f"service n={s['service_n']:,}, best of {s['rounds']} round(s), "
+        f"{result['cpu_threads']} CPU threads, load average before/after "
+        f"{result['load_average_before_after']}",
         "",
         f"{'case':<62}{'samples/s':>12}{'s/cert n=10k':>14}{'s/cert n=100k':>15}",
     ]

@@ -1,10 +1,10 @@
 """Case (d) of the benchmark: one certificate through the HTTP service, submit to done.
 
 Runs against a service given by URL and API key, or starts the embedded one (``dmae-certify
-serve`` with a throw-away SQLite data folder and a fresh key from ``dmae-certify keys create``)
-and stops it afterwards. When the service commands are not available the case is skipped with
-a note saying why; the other cases do not depend on it.
-"""
+serve`` with a throw-away SQLite data folder and a fresh admin key from ``dmae-certify keys
+create``), registers the benchmark's own model in it (saved as a project checkpoint, added
+through ``POST /admin/models``) and stops it afterwards. When the service commands are not
+available the case is skipped with a note saying why; the other cases do not depend on it."""
 
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 DONE = ("succeeded", "failed", "cancelled")
+MODEL_NAME = "bench-model"
 CLI = ["-c", "import sys; from app.cli import main; sys.exit(main())"]
 
 
@@ -63,7 +64,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _cli(args: list[str], env: dict[str, str], cwd: str) -> str:
+def _cli(args: list[str], env: dict[str, str], cwd: Path) -> str:
     proc = subprocess.run(
         [sys.executable, *CLI, *args], env=env, cwd=cwd, capture_output=True, text=True,
         timeout=300,
@@ -75,48 +76,68 @@ def _cli(args: list[str], env: dict[str, str], cwd: str) -> str:
 
 
 @contextmanager
-def embedded_service(device: str, startup_s: float = 180.0) -> Iterator[tuple[str, str]]:
-    """Start the embedded service on a free local port; yields (base URL, API key)."""
+def embedded_service(
+    device: str, model: nn.Module, meta: Any, startup_s: float = 180.0
+) -> Iterator[tuple[str, str, str]]:
+    """Start the embedded service on a free local port with ``model`` registered in it.
+
+    The model is saved as a project checkpoint into the service's checkpoint folder and
+    registered through ``POST /admin/models``, so the service certifies with the very weights
+    the other cases ran. Yields (base URL, API key, registered model name).
+    """
     import httpx
+
+    from models.checkpoints import save_checkpoint
 
     if not service_commands_available():
         raise ServiceUnavailable(
             "the service is not available yet (`dmae-certify serve` / `keys` are not "
             "registered); pass --service-url and --api-key to measure a running service"
         )
-    data = tempfile.mkdtemp(prefix="dmae-bench-")
+    data = Path(tempfile.mkdtemp(prefix="dmae-bench-"))
     env = dict(os.environ)
     for name in ("DMAE_DATABASE_URL", "DMAE_BROKER_URL"):
         env[name] = ""  # embedded mode: SQLite under the data folder, in-process runner
-    env.update(DMAE_DATA_DIR=data, DMAE_DEVICE=device)
+    env.update(
+        DMAE_DATA_DIR=str(data), DMAE_CHECKPOINT_DIR=str(data / "checkpoints"),
+        DMAE_DEVICE=device, DMAE_REGISTER_BUNDLED="false",
+    )  # fmt: skip
     proc: subprocess.Popen[bytes] | None = None
     try:
+        save_checkpoint(data / "checkpoints" / "bench.safetensors", model, meta)
         _cli(["db", "upgrade"], env, data)
-        printed = _cli(["keys", "create"], env, data).split()
+        printed = _cli(["keys", "create", "--admin", "--name", "bench"], env, data).split()
         if not printed:
             raise ServiceUnavailable("`dmae-certify keys create` printed no key")
         key = printed[-1]
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        log = open(Path(data) / "serve.log", "wb")  # noqa: SIM115 (closed with the process)
-        proc = subprocess.Popen(
-            [sys.executable, *CLI, "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, cwd=data, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        log_path = data / "serve.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, *CLI, "serve", "--host", "127.0.0.1", "--port", str(port)],
+                env=env, cwd=data, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         deadline = time.monotonic() + startup_s
         while True:
             if proc.poll() is not None:
-                tail = (Path(data) / "serve.log").read_text(errors="replace").splitlines()[-3:]
+                tail = log_path.read_text(errors="replace").splitlines()[-3:]
                 raise ServiceUnavailable(f"`dmae-certify serve` exited: {' | '.join(tail)}")
             try:
-                if httpx.get(f"{url}/models", headers={"X-API-Key": key}, timeout=5).is_success:
+                if httpx.get(f"{url}/healthz", timeout=5).is_success:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
                 raise ServiceUnavailable(f"the service did not answer within {startup_s:.0f} s")
             time.sleep(0.25)
-        yield url, key
+        r = httpx.post(
+            f"{url}/admin/models", headers={"X-API-Key": key}, timeout=600,
+            data={"path": "bench.safetensors", "name": MODEL_NAME},
+        )  # fmt: skip
+        if r.status_code != 201:
+            raise ServiceUnavailable(f"POST /admin/models answered {r.status_code}: {r.text[:300]}")
+        yield url, key, MODEL_NAME
     finally:
         if proc is not None:
             proc.terminate()

@@ -16,7 +16,6 @@ from scipy.stats import chi2_contingency
 from app.cli import main
 from bench.reference import reference_counts
 from bench.service import service_commands_available
-from models.checkpoints import bundled_models
 from models.networks import DMAEClassifier, preset
 from models.smoothing import NoiseStream
 from worker.engine import Engine
@@ -94,13 +93,14 @@ def test_bad_benchmark_settings_get_a_message(capsys: pytest.CaptureFixture) -> 
 
 @pytest.mark.slow
 def test_service_case_certifies_over_http(tmp_path: Path) -> None:
-    if "digits-s0.25" not in bundled_models():
-        pytest.skip("the bundled digits-s0.25 model is not built yet")
+    """Case (d) for real: the embedded service started, the bench model registered, one job."""
     if not service_commands_available():
         pytest.skip("the service commands (serve, keys) are not registered yet")
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--model", "digits-s0.25", *SMALL, "--rounds", "1", "--json", str(out)])
-    assert rc == 0
+    args = ["bench", "--model", "tiny", *SMALL, "--rounds", "1", "--service-n", "200"]
+    assert main([*args, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["service_note"] is None
+    assert result["service_note"] is None, result["service_note"]
     assert result["service_samples_per_s"] > 0 and result["service_enqueue_s"] > 0
+    assert result["service_job_timings"]["samples_per_s"] > 0  # the job really sampled
+    assert result["seconds_per_certificate"]["service"]["10000"] > 0

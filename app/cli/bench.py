@@ -63,33 +63,18 @@ def register(sub: Any) -> None:
     p.add_argument("--service-url", default=None, help="measure this running service instead")
     p.add_argument("--api-key", default=None, help="API key for --service-url")
     p.add_argument("--service-model", default=None, help="registered model name to request")
+    p.add_argument("--service-n", type=int, default=None, help="n of the service's job (def. --n)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from bench.run import BenchConfig, format_report, run_benchmark
 
-    cfg = BenchConfig(
-        device=args.device,
-        model=args.model,
-        n=args.n,
-        n0=args.n0,
-        jobs=args.jobs,
-        job_n=args.job_n,
-        reference_n=args.reference_n,
-        sigma=args.sigma,
-        alpha=args.alpha,
-        rounds=args.rounds,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        compile=args.compile,
-        compile_mode=args.compile_mode,
-        service=args.service,
-        service_url=args.service_url,
-        api_key=args.api_key,
-        service_model=args.service_model,
-    )
+    cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig)})
     result = run_benchmark(cfg, log=lambda msg: print(msg, flush=True))
     print()
     print(format_report(result))

@@ -1,0 +1,329 @@
+"""Stage 2: fine-tune a smoothing classifier on Gaussian-noised inputs with consistency loss.
+
+The classifier (:class:`models.networks.DMAEClassifier`) starts from a pre-trained encoder: a
+project-format checkpoint, or an official DMAE file read by :mod:`models.checkpoints`. Each
+epoch ends with an evaluation on the held-out split: clean and noisy accuracy (one seeded
+noise draw per image) and the smoothed classifier's radius-0 accuracy (PREDICT of
+:mod:`models.smoothing` on a subset). The result is a project-format classifier checkpoint.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.checkpoints import (
+    OFFICIAL_LICENCE,
+    CheckpointError,
+    CheckpointMeta,
+    file_sha256,
+    load_model,
+    resolve,
+    save_checkpoint,
+)
+from models.networks import DMAEClassifier, encoder_state
+from models.runtime import pick_device
+from models.smoothing import BatchSampler, predict
+from models.training.consistency import DEFAULT_LAMBDA, consistency_loss, default_eta
+from models.training.datasets import TrainData, open_training_data, split_off, train_transform
+from models.training.loop import (
+    LogFn,
+    LoopSettings,
+    TrainingRun,
+    resolve_amp,
+    seed_everything,
+    set_threads,
+)
+from models.training.pretrain import CHECKPOINT_FILE, RUN_ONLY
+from models.training.schedule import ADAMW_BETAS, adamw, param_groups, scaled_lr
+
+HEAD_KEYS = frozenset({"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"})
+
+
+@dataclass
+class FinetuneConfig:
+    """``dmae-certify train finetune`` settings; defaults follow the published ViT-B recipe."""
+
+    data: str
+    out: Path
+    pretrained: str
+    sigma: float
+    val_data: str | None = None
+    val_fraction: float = 0.1
+    input_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    num_heads: int | None = None  # official files only: heads are not in any tensor shape
+    epochs: int = 100
+    warmup_epochs: float = 5
+    batch_size: int = 64
+    accum_iter: int = 1
+    blr: float = 5e-4
+    lr: float | None = None
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    drop_path: float = 0.1
+    clip_grad: float | None = None
+    label_smoothing: float = 0.1
+    copies: int = 2
+    lbd: float = DEFAULT_LAMBDA
+    eta: float | None = None  # default: 0.5 for sigma <= 0.5, else 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    augment: bool = True
+    randaug: str | None = None
+    eval_images: int = 100
+    eval_n: int = 100
+    eval_alpha: float = 0.001
+    eval_batch: int = 1000
+    eval_every: int = 1
+    num_workers: int = 4
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    save_every_steps: int = 0
+    threads: int | None = None
+    progress: bool = True
+    resume: bool = False
+    name: str | None = None
+    export: Path | None = None
+    command: str | None = None
+
+    @property
+    def eta_value(self) -> float:
+        return default_eta(self.sigma) if self.eta is None else self.eta
+
+    def recipe(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in RUN_ONLY}
+        out["mean"] = list(self.mean) if self.mean else None
+        out["std"] = list(self.std) if self.std else None
+        out["eta"] = self.eta_value
+        return out
+
+    def check(self) -> None:
+        if not self.sigma > 0:
+            raise ValueError(f"--sigma must be positive, got {self.sigma}")
+        if self.copies < 1:
+            raise ValueError(f"--copies must be at least 1, got {self.copies}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"--layer-decay must lie in (0, 1], got {self.layer_decay}")
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise ValueError("mixup/cutmix need an even --batch-size")
+
+
+@dataclass
+class Pretrained:
+    """The encoder a fine-tuning run starts from, and where it came from."""
+
+    state: dict[str, Tensor]
+    meta: CheckpointMeta
+    official: bool
+    record: dict[str, Any]
+
+
+def load_pretrained(cfg: FinetuneConfig) -> Pretrained:
+    """Encoder weights from a project checkpoint (any kind) or an official DMAE file."""
+    path = resolve(cfg.pretrained)
+    official_kw: dict[str, Any] = {"num_heads": cfg.num_heads}
+    if cfg.input_size:
+        official_kw["input_size"] = cfg.input_size
+    model, meta = load_model(path, **official_kw)
+    state = encoder_state(model.state_dict())
+    if not state:
+        raise CheckpointError(f"{path}: holds no encoder weights")
+    official = meta.licence == OFFICIAL_LICENCE
+    record = {
+        "file": path.name,
+        "sha256": file_sha256(path),
+        "kind": meta.kind,
+        "source": meta.source,
+        "training": meta.training if not official else {},
+    }
+    return Pretrained(state, meta, official, record)
+
+
+def build_classifier(
+    pre: Pretrained, num_classes: int, input_size: int, mean: Any, std: Any, drop_path: float
+) -> DMAEClassifier:
+    """A classifier whose encoder is ``pre``'s; fc_norm fresh, head initialised near zero."""
+    model = DMAEClassifier(pre.meta.arch, num_classes, input_size, mean, std, drop_path)
+    missing, unexpected = model.load_state_dict(pre.state, strict=False)
+    if unexpected or set(missing) - HEAD_KEYS:
+        raise CheckpointError(
+            f"pre-trained encoder does not fit the classifier (missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)})"
+        )
+    head = model.head
+    assert isinstance(head, nn.Linear)
+    nn.init.trunc_normal_(head.weight, std=2e-5)
+    nn.init.zeros_(head.bias)
+    return model
+
+
+def noisy_copies(x: Tensor, copies: int, sigma: float, noise: torch.Generator) -> Tensor:
+    """(B, ...) -> (copies * B, ...): copy i is rows i*B .. (i+1)*B - 1, each freshly noised."""
+    xs = x.float().repeat(copies, *([1] * (x.ndim - 1)))
+    return xs + sigma * torch.randn(xs.shape, generator=noise, device=xs.device)
+
+
+def make_step(cfg: FinetuneConfig, num_classes: int) -> Callable[..., Any]:
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.data import Mixup
+
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing,
+            num_classes=num_classes,
+        )  # fmt: skip
+    eta = cfg.eta_value
+
+    def step(
+        model: nn.Module, x: Tensor, y: Tensor, noise: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
+        target: Tensor = y
+        if mixup is not None:
+            x, target = mixup(x, y)  # soft targets, label smoothing included
+        b = x.shape[0]
+        logits = model(noisy_copies(x, cfg.copies, cfg.sigma, noise)).view(cfg.copies, b, -1)
+        smoothing = 0.0 if mixup is not None else cfg.label_smoothing
+        res = consistency_loss(logits, target, cfg.lbd, eta, smoothing)
+        acc = float((logits.detach().argmax(-1) == y.unsqueeze(0)).float().mean())
+        return res.total, {"ce": res.ce, "kl": res.kl, "entropy": res.entropy, "train_acc": acc}
+
+    return step
+
+
+def make_evaluate(
+    cfg: FinetuneConfig, val: TrainData, num_classes: int, device: torch.device, amp: Any
+) -> Callable[[nn.Module], dict[str, float]]:
+    """Clean / noisy accuracy on ``val`` and smoothed radius-0 accuracy on its first images."""
+
+    @torch.inference_mode()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        model.eval()
+        noise = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+        clean = noisy = total = 0
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            for x, y in val.in_order(cfg.eval_batch):
+                x, y = x.to(device), y.to(device)
+                clean += int((model(x).argmax(1) == y).sum())
+                xn = x + cfg.sigma * torch.randn(x.shape, generator=noise, device=device)
+                noisy += int((model(xn).argmax(1) == y).sum())
+                total += int(y.shape[0])
+        out = {"clean_acc": clean / total, "noisy_acc": noisy / total}
+        if cfg.eval_images > 0:
+            sampler = BatchSampler(model, num_classes, cfg.eval_batch, device, amp)
+            hits = seen = 0
+            for x, y in val.in_order(1, limit=cfg.eval_images):
+                cert = predict(sampler, x[0], cfg.sigma, cfg.eval_n, cfg.eval_alpha, seed=seen)
+                hits += int(cert.prediction == int(y[0]))
+                seen += 1
+            out["smoothed_acc"] = hits / max(seen, 1)
+        return out
+
+    return evaluate
+
+
+def run_finetune(
+    cfg: FinetuneConfig,
+    *,
+    log: LogFn = print,
+    after_step: Callable[[int], None] | None = None,
+) -> Path:
+    """Fine-tune (or resume) in ``cfg.out``; returns the written classifier checkpoint's path."""
+    cfg.check()
+    set_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    amp = resolve_amp(cfg.amp, device)
+    pre = load_pretrained(cfg)
+    input_size = cfg.input_size or pre.meta.input_size
+    augment = None
+    if cfg.augment:
+
+        def augment(size: int, mean: tuple[float, ...]) -> Any:
+            return train_transform(size, (0.08, 1.0), mean, cfg.randaug)
+    elif cfg.randaug:
+        raise ValueError("--randaug needs augmentation on (drop --no-augment)")
+    data = open_training_data(cfg.data, input_size, augment=augment, num_workers=cfg.num_workers)
+    if cfg.val_data:
+        val = open_training_data(cfg.val_data, input_size, num_workers=cfg.num_workers)
+        if val.classes != data.classes:
+            raise ValueError(f"{cfg.val_data}: classes differ from the training data's")
+    else:
+        data, val = split_off(data, cfg.val_fraction, cfg.seed)
+    if pre.official:
+        mean, std = tuple(cfg.mean or data.mean), tuple(cfg.std or data.std)
+    else:
+        mean, std = tuple(cfg.mean or pre.meta.mean), tuple(cfg.std or pre.meta.std)
+    num_classes = len(data.classes)
+    seed_everything(cfg.seed)
+    model = build_classifier(pre, num_classes, input_size, mean, std, cfg.drop_path).to(device)
+    effective = cfg.batch_size * cfg.accum_iter
+    lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, effective)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, pre.meta.arch.depth)
+    optimizer = adamw(groups, lr)
+    settings = LoopSettings(
+        cfg.epochs, cfg.batch_size, cfg.accum_iter, lr, cfg.min_lr, cfg.warmup_epochs,
+        cfg.clip_grad, cfg.seed, device, amp, cfg.save_every_steps, cfg.progress, cfg.eval_every,
+    )  # fmt: skip
+    run = TrainingRun(
+        Path(cfg.out), model, optimizer, settings, data, make_step(cfg, num_classes),
+        cfg.recipe(), evaluate=make_evaluate(cfg, val, num_classes, device, amp), log=log,
+    )  # fmt: skip
+    log(
+        f"fine-tuning at sigma {cfg.sigma} from {pre.record['file']} on {data.spec} "
+        f"({len(data)} images, {num_classes} classes, {input_size}px; held out: {val.spec}, "
+        f"{len(val)}) for {cfg.epochs} epochs x {run.steps_per_epoch} steps; lr {lr:.3e} "
+        f"(effective batch {effective}); device {device}, amp {amp or 'off'}"
+    )
+    run.run(resume=cfg.resume, after_step=after_step)
+    metrics = run.last_record()
+    meta = CheckpointMeta(
+        kind="classifier",
+        arch=pre.meta.arch,
+        input_size=input_size,
+        mean=mean,
+        std=std,
+        num_classes=num_classes,
+        classes=list(data.classes),
+        sigma=cfg.sigma,
+        name=cfg.name or Path(cfg.out).name,
+        source="dmae-certify train finetune",
+        licence=OFFICIAL_LICENCE if pre.official else "",
+        training={
+            "stage": "finetune",
+            "recipe": cfg.recipe(),
+            "optimizer": {"name": "AdamW", "betas": list(ADAMW_BETAS), "lr": lr},
+            "effective_batch": effective,
+            "steps": run.step,
+            "dataset": data.describe(),
+            "held_out": val.describe(),
+            "final_epoch": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+            "pretrained": pre.record,
+            "command": cfg.command,
+            "torch": torch.__version__,
+            "device": device.type,
+            "cpu_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
+    )
+    path = Path(cfg.out) / CHECKPOINT_FILE
+    model.eval()
+    save_checkpoint(path, model, meta)
+    if cfg.export:
+        save_checkpoint(cfg.export, model, meta)
+        path = Path(cfg.export)
+    log(f"wrote {path}")
+    return path

@@ -1,0 +1,291 @@
+"""The training loop both stages share: accumulation, mixed precision, schedule, resume, logs.
+
+One optimiser step = ``accum_iter`` micro-batches of ``batch_size`` images; the lr schedule is
+stepped per optimiser step. Mixed precision (bf16 autocast, or fp16 with a GradScaler) is used
+on CUDA only. The run directory holds ``state.pt`` (resume state, see :mod:`.state`) and
+``log.jsonl`` (one JSON object per epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from models.training.datasets import TrainData, epoch_order
+from models.training.schedule import WarmupCosine
+from models.training.state import (
+    STATE_FILE,
+    capture_rng,
+    config_differences,
+    load_state,
+    restore_rng,
+    save_state,
+)
+
+StepFn = Callable[[nn.Module, Tensor, Tensor, torch.Generator], tuple[Tensor, dict[str, float]]]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+LogFn = Callable[[str], None]
+LOG_FILE = "log.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged loss, unusable settings), with the reason."""
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def set_threads(threads: int | None) -> None:
+    """CPU threads for this process (tiny models on shared CPUs often run fastest on one)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 on CUDA where supported, else fp16 on CUDA, and none on CPU."""
+    if name == "off":
+        return None
+    if device.type != "cuda":
+        if name == "auto":
+            return None
+        raise ValueError(f"mixed precision ({name}) is only used on CUDA; use --amp off on CPU")
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name in ("bf16", "fp16"):
+        return torch.bfloat16 if name == "bf16" else torch.float16
+    raise ValueError(f"--amp must be auto, bf16, fp16 or off, got {name!r}")
+
+
+@dataclass
+class LoopSettings:
+    epochs: int
+    batch_size: int
+    accum_iter: int
+    lr: float  # peak lr (already scaled by the effective batch)
+    min_lr: float
+    warmup_epochs: float
+    clip_grad: float | None
+    seed: int
+    device: torch.device
+    amp: torch.dtype | None
+    save_every_steps: int = 0
+    progress: bool = True
+    eval_every: int = 1  # evaluate every N epochs and after the last
+
+
+class TrainingRun:
+    """Runs (or resumes) the epochs of one stage in ``out_dir``."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        settings: LoopSettings,
+        data: TrainData,
+        step_fn: StepFn,
+        config: dict[str, Any],
+        evaluate: EvalFn | None = None,
+        log: LogFn = print,
+    ):
+        s = settings
+        if s.epochs < 1 or s.batch_size < 1 or s.accum_iter < 1:
+            raise ValueError("epochs, batch size and accumulation steps must be at least 1")
+        if not 0 <= s.warmup_epochs <= s.epochs:
+            raise ValueError(
+                f"--warmup-epochs ({s.warmup_epochs:g}) must lie between 0 and --epochs ({s.epochs})"
+            )
+        self.micro_per_epoch = len(data) // s.batch_size
+        self.steps_per_epoch = self.micro_per_epoch // s.accum_iter
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"{data.spec}: {len(data)} images do not fill one step of "
+                f"{s.batch_size} x {s.accum_iter} images; lower --batch-size or --accum-iter"
+            )
+        self.out_dir = Path(out_dir)
+        self.model = model
+        self.optimizer = optimizer
+        self.s = settings
+        self.data = data
+        self.step_fn = step_fn
+        self.config = config
+        self.evaluate = evaluate
+        self.log = log
+        self.total_steps = s.epochs * self.steps_per_epoch
+        self.schedule = WarmupCosine(
+            optimizer, s.lr, round(s.warmup_epochs * self.steps_per_epoch), self.total_steps,
+            s.min_lr,
+        )  # fmt: skip
+        self.scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp == torch.float16)
+        self.noise = torch.Generator(device=s.device)
+        self.noise.manual_seed(s.seed + 1)
+        self.epoch = 0
+        self.step = 0
+        self.lrs: list[float] = []  # lr of every optimiser step taken by this process
+
+    @property
+    def state_path(self) -> Path:
+        return self.out_dir / STATE_FILE
+
+    def last_record(self) -> dict[str, Any]:
+        """The latest per-epoch record in the run's log (also after a resume)."""
+        path = self.out_dir / LOG_FILE
+        if not path.is_file():
+            return {}
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        return dict(json.loads(lines[-1])) if lines else {}
+
+    # ------------------------------------------------------------ state
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": capture_rng(self.noise),
+        }
+
+    def save(self) -> None:
+        save_state(self.state_path, self.state())
+
+    def restore(self) -> None:
+        state = load_state(self.state_path)
+        diffs = config_differences(state["config"], self.config)
+        if diffs:
+            raise ValueError(
+                f"{self.state_path} was saved by a run with other settings; resuming would not "
+                "continue it: " + "; ".join(diffs)
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        restore_rng(state["rng"], self.noise)
+
+    # ------------------------------------------------------------ loop
+
+    def run(
+        self, resume: bool = False, after_step: Callable[[int], None] | None = None
+    ) -> list[dict[str, Any]]:
+        """Train to the last epoch; returns the per-epoch records written by this process."""
+        if resume:
+            if not self.state_path.is_file():
+                raise FileNotFoundError(f"nothing to resume: {self.state_path} does not exist")
+            self.restore()
+            self.log(f"resumed from {self.state_path} at epoch {self.epoch}, step {self.step}")
+        elif self.state_path.exists():
+            raise ValueError(
+                f"{self.out_dir} already holds a run ({STATE_FILE}); pass --resume to continue "
+                "it or choose another --out"
+            )
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        records = []
+        while self.epoch < self.s.epochs:
+            records.append(self._epoch(after_step))
+        return records
+
+    def _epoch(self, after_step: Callable[[int], None] | None) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        s, epoch = self.s, self.epoch
+        keys = epoch_order(s.seed, epoch, len(self.data))
+        micro = [
+            keys[i * s.batch_size : (i + 1) * s.batch_size]
+            for i in range(self.steps_per_epoch * s.accum_iter)
+        ]
+        done_in_epoch = self.step - epoch * self.steps_per_epoch
+        batches = self.data.batches(micro[done_in_epoch * s.accum_iter :])
+        self.model.train()
+        sums: dict[str, float] = {}
+        images, steps, lr = 0, 0, 0.0
+        started = time.perf_counter()
+        bar = tqdm(
+            total=self.steps_per_epoch, initial=done_in_epoch, disable=not s.progress,
+            desc=f"epoch {epoch + 1}/{s.epochs}", unit="step", leave=False, dynamic_ncols=True,
+        )  # fmt: skip
+        for _ in range(done_in_epoch, self.steps_per_epoch):
+            lr = self.schedule.apply()
+            for _ in range(s.accum_iter):
+                x, y = next(batches)
+                x = x.to(s.device, non_blocking=True)
+                y = y.to(s.device, non_blocking=True)
+                with torch.autocast(
+                    s.device.type, dtype=s.amp or torch.bfloat16, enabled=s.amp is not None
+                ):
+                    loss, parts = self.step_fn(self.model, x, y, self.noise)
+                value = float(loss.detach())
+                if not np.isfinite(value):
+                    raise TrainingError(
+                        f"loss is {value} at step {self.step} (epoch {epoch + 1}); stopping. "
+                        "Lower the learning rate or use --amp bf16/off."
+                    )
+                self.scaler.scale(loss / s.accum_iter).backward()
+                for k, v in {"loss": value, **parts}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                images += x.shape[0]
+            if s.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), s.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.schedule.step()
+            self.lrs.append(lr)
+            self.step += 1
+            steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            if s.save_every_steps and self.step % s.save_every_steps == 0:
+                self.save()
+            if after_step is not None:
+                after_step(self.step)
+        bar.close()
+        elapsed = time.perf_counter() - started
+        micro_done = max(steps * s.accum_iter, 1)
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "lr": lr,
+            **{k: v / micro_done for k, v in sums.items()},
+            "samples_per_s": images / max(elapsed, 1e-9),
+            "epoch_s": elapsed,
+        }
+        last = epoch + 1 == s.epochs
+        if self.evaluate is not None and (last or (epoch + 1) % max(s.eval_every, 1) == 0):
+            record.update(self.evaluate(self.model))
+            self.model.train()
+        self.epoch += 1
+        self.save()
+        with open(self.out_dir / LOG_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.log(format_record(record, s.epochs))
+        return record
+
+
+def format_record(record: dict[str, Any], epochs: int) -> str:
+    """The per-epoch log line: epoch, step, loss (and parts), lr, samples/s, evaluation."""
+    head = f"epoch {record['epoch']}/{epochs} step {record['step']}"
+    skip = {"epoch", "step", "lr", "samples_per_s", "epoch_s"}
+    parts = [f"{k} {v:.4f}" for k, v in record.items() if k not in skip]
+    return f"{head} lr {record['lr']:.3e} samples/s {record['samples_per_s']:.0f} " + " ".join(
+        parts
+    )

@@ -1,0 +1,161 @@
+"""Stage 1: DMAE pre-training (Gaussian noise + 75% masking, clean norm-pix target, all patches).
+
+Writes a project-format ``kind='pretrain'`` checkpoint (encoder + decoder) that
+``dmae-certify train finetune --pretrained`` starts from.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.checkpoints import CheckpointMeta, save_checkpoint
+from models.networks import DenoisingMaskedAutoencoderViT, preset
+from models.runtime import pick_device
+from models.training.datasets import open_training_data, train_transform
+from models.training.loop import (
+    LogFn,
+    LoopSettings,
+    TrainingRun,
+    resolve_amp,
+    seed_everything,
+    set_threads,
+)
+from models.training.schedule import ADAMW_BETAS, adamw, param_groups, scaled_lr
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+# Settings that do not change what a run computes (may differ when resuming).
+RUN_ONLY = ("out", "resume", "num_workers", "progress", "export", "save_every_steps", "device",
+            "command", "name", "eval_every", "threads")  # fmt: skip
+
+
+@dataclass
+class PretrainConfig:
+    """``dmae-certify train pretrain`` settings; defaults are the published recipe's."""
+
+    data: str
+    out: Path
+    arch: str = "base"
+    input_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    sigma: float = 0.25
+    mask_ratio: float = 0.75
+    epochs: int = 1100
+    warmup_epochs: float = 40
+    batch_size: int = 64
+    accum_iter: int = 1
+    blr: float = 1.5e-4
+    lr: float | None = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    clip_grad: float | None = None
+    augment: bool = True
+    num_workers: int = 4
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    save_every_steps: int = 0
+    threads: int | None = None
+    progress: bool = True
+    resume: bool = False
+    name: str | None = None
+    export: Path | None = None
+    command: str | None = None
+
+    def recipe(self) -> dict[str, Any]:
+        """The settings that determine the result (recorded, and checked on resume)."""
+        out = {k: v for k, v in asdict(self).items() if k not in RUN_ONLY}
+        out["mean"] = list(self.mean) if self.mean else None
+        out["std"] = list(self.std) if self.std else None
+        return out
+
+
+def pretrain_step(
+    model: nn.Module, x: Tensor, y: Tensor, noise: torch.Generator
+) -> tuple[Tensor, dict[str, float]]:
+    del y
+    loss, _, _ = model(x, generator=noise)
+    return loss, {}
+
+
+def run_pretrain(
+    cfg: PretrainConfig,
+    *,
+    log: LogFn = print,
+    after_step: Callable[[int], None] | None = None,
+) -> Path:
+    """Pre-train (or resume) in ``cfg.out``; returns the written checkpoint's path."""
+    if not 0 <= cfg.mask_ratio < 1:
+        raise ValueError(f"--mask-ratio must lie in [0, 1), got {cfg.mask_ratio}")
+    if cfg.sigma < 0:
+        raise ValueError(f"--sigma must be non-negative, got {cfg.sigma}")
+    set_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    amp = resolve_amp(cfg.amp, device)
+    arch = preset(cfg.arch)
+    augment = (lambda size, mean: train_transform(size, (0.2, 1.0), mean)) if cfg.augment else None
+    data = open_training_data(
+        cfg.data, cfg.input_size or (None if cfg.data.startswith("digits:") else arch.img_size),
+        augment=augment, num_workers=cfg.num_workers,
+    )  # fmt: skip
+    mean, std = tuple(cfg.mean or data.mean), tuple(cfg.std or data.std)
+    seed_everything(cfg.seed)
+    model = DenoisingMaskedAutoencoderViT(
+        arch, data.input_size, mean, std, sigma=cfg.sigma, mask_ratio=cfg.mask_ratio
+    ).to(device)
+    effective = cfg.batch_size * cfg.accum_iter
+    lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, effective)
+    optimizer = adamw(param_groups(model, cfg.weight_decay), lr)
+    settings = LoopSettings(
+        cfg.epochs, cfg.batch_size, cfg.accum_iter, lr, cfg.min_lr, cfg.warmup_epochs,
+        cfg.clip_grad, cfg.seed, device, amp, cfg.save_every_steps, cfg.progress,
+    )  # fmt: skip
+    run = TrainingRun(
+        Path(cfg.out), model, optimizer, settings, data, pretrain_step, cfg.recipe(), log=log
+    )
+    log(
+        f"pre-training {cfg.arch} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
+        f"{data.spec} ({len(data)} images, {data.input_size}px) for {cfg.epochs} epochs x "
+        f"{run.steps_per_epoch} steps; lr {lr:.3e} (effective batch {effective}); "
+        f"device {device}, amp {amp or 'off'}"
+    )
+    run.run(resume=cfg.resume, after_step=after_step)
+    meta = CheckpointMeta(
+        kind="pretrain",
+        arch=arch,
+        input_size=data.input_size,
+        mean=mean,
+        std=std,
+        classes=list(data.classes),
+        sigma=cfg.sigma,
+        name=cfg.name or Path(cfg.out).name,
+        source="dmae-certify train pretrain",
+        training={
+            "stage": "pretrain",
+            "recipe": cfg.recipe(),
+            "optimizer": {"name": "AdamW", "betas": list(ADAMW_BETAS), "lr": lr},
+            "effective_batch": effective,
+            "steps": run.step,
+            "dataset": data.describe(),
+            "command": cfg.command,
+            "torch": torch.__version__,
+            "device": device.type,
+            "cpu_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
+    )
+    path = Path(cfg.out) / CHECKPOINT_FILE
+    model.eval()
+    save_checkpoint(path, model, meta)
+    if cfg.export:
+        save_checkpoint(cfg.export, model, meta)
+        path = Path(cfg.export)
+    log(f"wrote {path}")
+    return path

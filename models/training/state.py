@@ -1,0 +1,84 @@
+"""Resumable run state: one ``torch.save`` file of tensors and plain containers.
+
+It holds the model, optimiser, schedule and grad-scaler states, the epoch and step, and every
+random state the run draws from (torch CPU and CUDA, NumPy, Python, and the run's own noise
+generator); the data order is a function of (seed, epoch) and the position in the epoch. The
+file is written atomically (temporary file + rename), so a run killed while saving keeps its
+previous state, and it is read back with ``weights_only=True``: nothing is unpickled beyond
+tensors, numbers, strings and containers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FORMAT = "dmae-certify-train-state/1"
+STATE_FILE = "state.pt"
+
+
+def capture_rng(noise: torch.Generator) -> dict[str, Any]:
+    """Every random state the training loop draws from, as tensors and plain values."""
+    _, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": {
+            "key": torch.from_numpy(np.asarray(key).astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(cached),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "noise": noise.get_state(),
+    }
+
+
+def restore_rng(state: dict[str, Any], noise: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    npd = state["numpy"]
+    key = npd["key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, npd["pos"], npd["has_gauss"], npd["gauss"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    noise.set_state(state["noise"])
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically (a kill mid-write leaves the previous file intact)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": STATE_FORMAT, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Read a state written by :func:`save_state` (tensors and plain containers only)."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # unpickling refusal, truncated zip, ...
+        raise ValueError(f"{path}: not a readable training state ({exc})") from exc
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path}: not a {STATE_FORMAT} file")
+    return state
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Settings that differ between a saved run and the one asked to resume it."""
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]

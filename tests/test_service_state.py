@@ -109,3 +109,46 @@ def test_one_certificate_per_job(db: Database) -> None:
         s.add(Certificate(job_id=job_id, abstained=False, radius=1.0, body={}))
         with pytest.raises(IntegrityError):
             s.commit()
+
+
+class KindRecorder:
+    """A dispatcher that records (task kind, id) and reports an empty broker queue."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+
+    def certify(self, job_id: str) -> None:
+        self.sent.append(("certify", job_id))
+
+    def train(self, run_id: str) -> None:
+        self.sent.append(("train", run_id))
+
+    def backlog(self) -> int | None:
+        return 0
+
+
+def test_sweep_requeues_each_kind_with_its_own_task(db: Database, tmp_path: Path) -> None:
+    from app.config import Settings
+    from app.tables import TrainingRun
+    from worker.sweep import sweep_once
+
+    settings = Settings(_env_file=None, data_dir=tmp_path, database_url=db.url)  # type: ignore[call-arg]
+    job_id = _job(db)
+    run_id = new_id()
+    old = utcnow() - timedelta(hours=1)
+    with db.session() as s:
+        s.add(TrainingRun(id=run_id, kind="pretrain", dataset="digits:train", result_name="r"))
+        s.commit()
+        for table, rid in ((Job, job_id), (TrainingRun, run_id)):
+            s.execute(update(table).where(table.id == rid).values(
+                status="running", attempts=1, run_token="dead", heartbeat_at=old))  # fmt: skip
+        s.commit()
+    sent = KindRecorder()
+    report = sweep_once(db, sent, settings)
+    assert sorted(sent.sent) == [("certify", job_id), ("train", run_id)]
+    assert sorted(report.requeued) == sorted([job_id, run_id]) and report.failed == []
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.status == "queued" and job.enqueued_at is not None
+    # Sent again only once the broker's queue is empty and the resend delay has passed.
+    assert sweep_once(db, sent, settings).resent == [] and len(sent.sent) == 2

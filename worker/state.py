@@ -9,6 +9,7 @@ a second result.
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import socket
 import threading
@@ -22,6 +23,8 @@ from sqlalchemy.orm import Session
 
 from app.db import Database, utcnow
 from app.tables import Job, Status, TrainingRun
+
+log = logging.getLogger("dmae.worker")
 
 RunTable = type[Job] | type[TrainingRun]
 RUNNING = Status.RUNNING.value
@@ -216,7 +219,8 @@ class Monitor:
                     if not heartbeat(s, self.table, self.run_id, self.token, self.done):
                         self.lost = True
                         return
-            except Exception:  # database briefly unavailable: keep sampling, try again
+            except Exception as exc:  # database briefly unavailable: keep sampling, try again
+                log.warning("heartbeat of %s failed (%s); retrying", self.run_id, exc)
                 continue
 
     def progress(self, k: int) -> None:

@@ -71,6 +71,7 @@ def _sweep_table(
     assert callable(send)
     now = utcnow()
     stale = now - timedelta(seconds=settings.stale_after_s)
+    requeued: list[str] = []  # this table's: sent with this table's task
     with db.session() as s:
         lost = s.execute(
             select(table.id, table.run_token, table.attempts)
@@ -104,7 +105,7 @@ def _sweep_table(
                     )
                 )
                 if n:
-                    report.requeued.append(run_id)
+                    requeued.append(run_id)
         s.commit()
 
         if resend_all:
@@ -118,7 +119,7 @@ def _sweep_table(
                 or_(never_sent, resend) if queue_empty else never_sent
             )
         ids = list(s.scalars(select(table.id).where(due).order_by(table.created_at).limit(BATCH)))
-        ids += [i for i in report.requeued if i not in ids]
+        ids += [i for i in requeued if i not in ids]
         for run_id in ids:
             try:
                 send(run_id)
@@ -131,8 +132,9 @@ def _sweep_table(
                 .values(enqueued_at=utcnow())
             )
             s.commit()
-            if run_id not in report.requeued:
+            if run_id not in requeued:
                 report.resent.append(run_id)
+        report.requeued += requeued
 
 
 class Sweeper:

@@ -207,3 +207,35 @@ def test_request_body_cap_applies_while_streaming(service: Service) -> None:
         "/admin/training", headers=service.h(service.admin), content=b"{" + b" " * 2_000_000 + b"}"
     )
     assert r.status_code == 413
+
+
+def test_register_an_official_finetuned_file(service: Service, tmp_path: Path) -> None:
+    """An official-format file ({'model', 'args'}) is imported with the options its format does
+    not store, and serves requests like a project checkpoint."""
+    import argparse
+
+    import torch
+
+    from models.checkpoints import load_classifier_with_meta
+
+    model, meta = load_classifier_with_meta(service.checkpoint)
+    official = tmp_path / "data" / "checkpoints" / "official" / "dmae_tiny_ft.pth"
+    official.parent.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "epoch": 3,
+                "args": argparse.Namespace(sigma=0.5, model="vit_tiny")}, official)  # fmt: skip
+    form = {"path": "official/dmae_tiny_ft.pth", "input_size": "8", "num_heads": "4",
+            "classes": ",".join(meta.classes), "mean": ",".join(map(str, meta.mean)),
+            "std": ",".join(map(str, meta.std))}  # fmt: skip
+    r = service.client.post("/admin/models", headers=service.h(service.admin), data=form)
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["name"] == "dmae_tiny_ft" and info["format"] == "official"
+    assert info["sigma"] == 0.5 and info["input_size"] == 8 and "CC BY-NC 4.0" in info["licence"]
+    job = service.submit(service.alice, digit_png(0), sigma="0.5").json()
+    done = wait_for(service.client.get, job["url"], service.alice)
+    assert done["status"] == "succeeded" and done["certificate"]["model"] == "dmae_tiny_ft"
+    # Same weights, same seed, same preprocessing: the same counts as the project checkpoint.
+    twin = service.submit(service.alice, digit_png(0), model="tiny-s0.25", sigma="0.5",
+                          seed=str(done["seed"])).json()  # fmt: skip
+    twin_done = wait_for(service.client.get, twin["url"], service.alice)
+    assert twin_done["certificate"]["counts"] == done["certificate"]["counts"]

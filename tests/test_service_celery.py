@@ -74,6 +74,7 @@ def stack(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
     proc = subprocess.Popen(
         [cli, "worker", "--pool", "solo", "--log-level", "info"],
         env=env,
+        cwd=data.parent,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

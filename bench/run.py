@@ -284,7 +284,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
     rounds: list[dict[str, float]] = []
     with _engine(cfg, device) as engine:
         engine.register(ENGINE_KEY, bm.module, bm.num_classes)
-        warm = BenchConfig(**{**asdict(cfg), "n": REFERENCE_BATCH, "reference_n": REFERENCE_BATCH})
+        small = {"n": min(cfg.n, 400), "reference_n": min(cfg.reference_n or 1, 400)}
+        warm = BenchConfig(**{**asdict(cfg), **small})
         log("warming up (first calls, batch-size choice" + (", compile)" if cfg.compile else ")"))
         case_reference(bm, x, warm, device)
         case_engine(engine, x, warm)

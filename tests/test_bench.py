@@ -16,6 +16,7 @@ from scipy.stats import chi2_contingency
 from app.cli import main
 from bench.reference import reference_counts
 from bench.service import service_commands_available
+from bench.summary import summarise
 from models.networks import DMAEClassifier, preset
 from models.smoothing import NoiseStream
 from worker.engine import Engine
@@ -58,9 +59,11 @@ def test_ci_sized_benchmark_writes_every_case(
     s = result["settings"]
     assert (s["n"], s["jobs"], s["job_n"], s["reference_batch"]) == (300, 3, 100, 400)
     # Every sample of every case went through the engine's batches exactly once.
-    warm_up = 20 + 400
+    warm_up = 20 + 300
     per_round = (20 + 300) + 3 * (20 + 100)
     assert result["engine_stats"]["rows"] == warm_up + 2 * per_round
+    table = summarise([result])
+    assert "| tiny | engine_concurrent |" in table and "c/b = " in table
     printed = capsys.readouterr().out
     assert "b/a (engine vs reference)" in printed and "c/b (3 jobs vs one)" in printed
     assert "(d) service" in printed and "skipped" in printed

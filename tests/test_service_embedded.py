@@ -279,3 +279,27 @@ def test_queued_jobs_survive_a_restart(tmp_path: Path, tiny_checkpoint: Path) ->
     with TestClient(app) as client:
         done = wait_for(client.get, job["url"], key)
         assert done["status"] == "succeeded" and done["attempts"] == 1
+
+
+def test_bundled_models_are_registered_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.checkpoints
+
+    bundled = tmp_path / "bundled"
+    make_checkpoint(bundled / "digits-s0.25.safetensors", name="digits-s0.25")
+    monkeypatch.setattr(models.checkpoints, "BUNDLED_DIR", bundled)
+    settings = service_settings(tmp_path / "data", register_bundled=True)
+    for _ in range(2):  # a restart registers nothing twice
+        app = create_app(settings)
+        with TestClient(app) as client:
+            with app.state.db.session() as s:
+                key = create_key(s)[1]
+            models_ = client.get("/models", headers={"X-API-Key": key}).json()
+            assert [m["name"] for m in models_] == ["digits-s0.25"]
+    app = create_app(settings)
+    with TestClient(app) as client:
+        r = client.post("/certify", headers={"X-API-Key": key},
+                        files={"image": ("d.png", digit_png(0))}, data=SMALL)  # fmt: skip
+        job = wait_for(client.get, r.json()["url"], key)
+        assert job["status"] == "succeeded" and job["certificate"]["model"] == "digits-s0.25"

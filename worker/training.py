@@ -21,9 +21,11 @@ from worker import state
 
 log = logging.getLogger("dmae.training")
 
-# Config fields a client may not set: the service decides where and how a run executes.
+# Config fields a client may not set: the service decides where and how a run executes
+# (num_workers stays 0: a Celery prefork child is daemonic and may not start loader processes).
 RESERVED = frozenset(
     {
+        "num_workers",
         "data",
         "out",
         "pretrained",
@@ -82,7 +84,7 @@ def build_config(run: TrainingRun, init_path: str | None, out: Path, device: str
         device=device,
         command=f"service training run {run.id}",
     )
-    params.setdefault("num_workers", 0)
+    params["num_workers"] = 0
     if run.kind == "finetune":
         if init_path is None:
             raise ValueError("fine-tuning needs a pre-trained model (init)")

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 CPU_BATCH = 1024  # CPU throughput is flat beyond a few hundred rows; large batches cut overhead
 PROBE_BATCH = 16  # rows of the forward pass that measures a model's activation memory per row
 MEMORY_FRACTION = 0.6  # share of free device memory one model's batches may take
-WAIT_POLL_S = 0.5  # how often a waiting job checks that the engine thread is still alive
+WAIT_POLL_S = 0.5  # how often a waiting job checks its cancel event and the engine thread
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -164,6 +164,8 @@ class EngineSampler:
                     item = sub.outbox.get(timeout=WAIT_POLL_S)
                 except queue.Empty:
                     self.engine._check_alive()
+                    if self._cancel is not None and self._cancel.is_set():
+                        raise Cancelled("job cancelled while sampling") from None
                     continue
                 if isinstance(item, int):
                     if progress is not None:
@@ -379,7 +381,12 @@ class Engine:
             key = ready[next(self._group_turn) % len(ready)]
             subs = [s for s in self._groups[key] if s.assigned < s.num]
             model = subs[0].model
-        capacity = model.batch_size or self._choose_batch_size(model, subs[0].x.shape)
+        try:
+            capacity = model.batch_size or self._choose_batch_size(model, subs[0].x.shape)
+        except Exception as exc:  # the probe forward failed: these jobs fail, the engine lives
+            log.exception("choosing a batch size for model %s failed", model.key)
+            self._fail_batch(_Batch(model, [(s, 0) for s in subs], 0), exc)
+            return None
         shares = fair_shares([s.num - s.assigned for s in subs], capacity, next(self._row_turn))
         parts = [(s, k) for s, k in zip(subs, shares, strict=True) if k > 0]
         for sub, k in parts:

@@ -37,6 +37,7 @@ from models.training.finetune import (
     make_step,
     run_finetune,
 )
+from models.training.loop import resolve_amp
 from models.training.pretrain import PretrainConfig, run_pretrain
 from models.training.schedule import WarmupCosine, param_groups
 from models.training.state import STATE_FILE, STATE_FORMAT, load_state
@@ -591,3 +592,15 @@ def test_bundled_model_beats_chance_under_noise(name: str, sigma: float, floor: 
         pred = model(x + sigma * torch.randn(x.shape, generator=g)).argmax(1)
     accuracy = float((pred == y).float().mean())
     assert accuracy > floor  # chance is 10%
+
+
+def test_mixed_precision_only_on_cuda() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
+    for name in ("bf16", "fp16"):
+        with pytest.raises(ValueError, match="only used on CUDA"):
+            resolve_amp(name, cpu)
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        assert resolve_amp("fp16", cuda) == torch.float16
+        assert resolve_amp("auto", cuda) in (torch.bfloat16, torch.float16)

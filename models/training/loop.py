@@ -107,7 +107,7 @@ class TrainingRun:
             raise ValueError("epochs, batch size and accumulation steps must be at least 1")
         if not 0 <= s.warmup_epochs <= s.epochs:
             raise ValueError(
-                f"--warmup-epochs ({s.warmup_epochs:g}) must lie between 0 and --epochs ({s.epochs})"
+                f"--warmup-epochs ({s.warmup_epochs:g}) must be within 0..--epochs ({s.epochs})"
             )
         self.micro_per_epoch = len(data) // s.batch_size
         self.steps_per_epoch = self.micro_per_epoch // s.accum_iter

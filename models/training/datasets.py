@@ -32,7 +32,7 @@ Batch = tuple[Tensor, Tensor]
 def seeded(seed: int) -> Iterator[None]:
     """Run a block with torch, NumPy and Python RNGs seeded by ``seed``, then restore them."""
     saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's is the run's
     np.random.seed(seed % 2**32)
     random.seed(seed)
     try:

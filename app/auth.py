@@ -1,6 +1,7 @@
 """API keys: high-entropy tokens of which only the sha256 is stored; FastAPI dependencies.
 
-A key is a client: it sees only its own jobs. Admin keys may also use the admin routes.
+A key is a client: it sees only its own jobs and has its own rate limit (``app.ratelimit``).
+Admin keys may also use the admin routes.
 """
 
 from __future__ import annotations
@@ -73,14 +74,25 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def current_client(
-    session: SessionDep, token: Annotated[str | None, Depends(api_key_header)]
+    request: Request,
+    session: SessionDep,
+    token: Annotated[str | None, Depends(api_key_header)],
 ) -> ApiKey:
-    """The caller's key; 401 without a valid one."""
+    """The caller's key; 401 without a valid one, 429 when it is over its rate limit."""
+    from app import ratelimit
+
     if not token:
         raise ServiceError(401, f"missing API key: send it in the {HEADER} header")
     key = lookup(session, token)
     if key is None:
         raise ServiceError(401, "invalid or revoked API key")
+    settings = request.app.state.settings
+    ratelimit.check(
+        getattr(request.app.state, "limiter", None),
+        key.id,
+        settings.rate_limit_requests,
+        settings.rate_limit_window_s,
+    )
     return key
 
 

@@ -115,6 +115,44 @@ class Settings(BaseSettings):
         default=True, description="Register the bundled models (e.g. digits-s0.25) at start-up."
     )
     jobs_page_max: int = Field(default=100, gt=0, description="Largest page size of GET /jobs.")
+    max_active_jobs: int = Field(
+        default=100,
+        ge=0,
+        description="Admission control: a client (API key) may have at most this many jobs "
+        "queued or running; a submission beyond it gets 429 with Retry-After (0: no cap).",
+    )
+    rate_limit_requests: int = Field(
+        default=600,
+        ge=0,
+        description="Requests one API key may make per RATE_LIMIT_WINDOW_S; more get 429 with "
+        "Retry-After (0: no limit). Counted in Redis (RATE_LIMIT_URL, else a redis:// "
+        "BROKER_URL) so the limit holds across API processes; in memory otherwise.",
+    )
+    rate_limit_window_s: int = Field(
+        default=60, gt=0, description="Length of the fixed rate-limit window (s)."
+    )
+    rate_limit_url: str = Field(
+        default="",
+        description="Redis URL holding the rate-limit counters. Empty: the broker URL when it "
+        "is a Redis URL, else counters are kept in the API process's memory.",
+    )
+    idempotency_ttl_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="How long an Idempotency-Key of POST /certify is remembered (s).",
+    )
+    idempotency_in_flight_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="A request holding an Idempotency-Key for longer than this (s) is presumed "
+        "dead, and a retry with that key may proceed (before that: 409).",
+    )
+    unsent_grace_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="The sweep sends a queued job that was never handed to the broker (it was "
+        "down at submission) once it is this old (s).",
+    )
 
     @model_validator(mode="after")
     def _defaults_under_data_dir(self) -> Settings:
@@ -130,6 +168,12 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """No broker: jobs run inside the API process."""
         return not self.broker_url
+
+    @property
+    def rate_limit_redis(self) -> str:
+        """The Redis URL of the rate-limit counters ('' keeps them in memory)."""
+        url = self.rate_limit_url or self.broker_url
+        return url if url.startswith(("redis://", "rediss://", "unix://")) else ""
 
     @property
     def is_sqlite(self) -> bool:

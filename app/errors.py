@@ -42,10 +42,11 @@ def not_found(what: str) -> ServiceError:
 
 
 class BrokerUnavailable(ServiceError):
-    """The job is stored but could not be handed to the broker."""
+    """The job is stored but could not be handed to the broker (``job_id``: which job)."""
 
-    def __init__(self, detail: str):
+    def __init__(self, detail: str, job_id: str | None = None):
         super().__init__(503, detail, {"Retry-After": "30"})
+        self.job_id = job_id
 
 
 def _where(loc: Sequence[Any]) -> str:
@@ -72,6 +73,8 @@ def _json(status: int, detail: str, headers: dict[str, str] | None = None, **ext
 
 async def _service_error(_: Request, exc: Exception) -> Any:
     assert isinstance(exc, ServiceError)
+    if isinstance(exc, BrokerUnavailable) and exc.job_id:  # stored: the client may poll it
+        return _json(exc.status_code, exc.detail, exc.headers, id=exc.job_id)
     return _json(exc.status_code, exc.detail, exc.headers)
 
 

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from app import errors
 from app.config import Settings, get_settings
 from app.db import get_database
+from app.ratelimit import make_limiter
 from app.routes import admin, health, jobs, models
 from app.uploads import MULTIPART_SLACK, BodyLimit
 
@@ -121,6 +122,7 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.limiter = make_limiter(settings)
     errors.install(app)
     app.add_middleware(BodyLimit, limit_for=body_limits(settings))
     for module in (jobs, models, admin, health):

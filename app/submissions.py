@@ -5,6 +5,10 @@ input hash, the model and the parameters), and (client, input sha256, model, par
 is unique. Submitting the same thing again returns the stored job and, once it has succeeded,
 its certificate: never a re-roll. Only a job that produced nothing (failed or cancelled) is
 queued again, under the same seed.
+
+Admission control: a client may have at most ``max_active_jobs`` jobs queued or running; a
+submission that would add one more gets 429 with ``Retry-After``. On Postgres the count and the
+insert run under a row lock on the client's key, so concurrent submissions cannot overshoot.
 """
 
 from __future__ import annotations
@@ -14,18 +18,19 @@ import json
 import math
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import registry
 from app.config import Settings
-from app.errors import bad_input
-from app.tables import ApiKey, Checkpoint, Job, JobInput, Status, new_id
+from app.errors import ServiceError, bad_input
+from app.tables import ACTIVE_STATUSES, ApiKey, Checkpoint, Job, JobInput, Status, new_id
 from app.uploads import decode_image
 
 SEED_BITS = 53  # seeds stay exact in JSON numbers (JavaScript clients included)
 MODES = ("certify", "predict", "certify_top2")
+ADMISSION_RETRY_S = 10
 
 
 @dataclass
@@ -142,7 +147,8 @@ def submit(
 
     existing = _find(session, client.id, job.request_key)
     if existing is not None:
-        return _reuse(session, existing)
+        return _reuse(session, existing, settings)
+    admit(session, client.id, settings)
     session.add(job)
     session.add(
         JobInput(job_id=job.id, shape=list(decoded.tensor.shape), data=tensor_bytes(decoded.tensor))
@@ -154,18 +160,41 @@ def submit(
         existing = _find(session, client.id, job.request_key)
         if existing is None:
             raise
-        return _reuse(session, existing)
+        return _reuse(session, existing, settings)
     return job, True
+
+
+def admit(session: Session, owner_id: int, settings: Settings) -> None:
+    """429 when the client already has ``max_active_jobs`` jobs queued or running. On Postgres
+    this locks the client's key row until the caller's commit, serialising its submissions."""
+    cap = settings.max_active_jobs
+    if cap <= 0:
+        return
+    session.execute(select(ApiKey.id).where(ApiKey.id == owner_id).with_for_update())
+    active = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.owner_id == owner_id, Job.status.in_(ACTIVE_STATUSES))
+    )
+    if (active or 0) >= cap:
+        session.rollback()
+        raise ServiceError(
+            429,
+            f"too many jobs in progress: this API key has {active} queued or running (at most "
+            f"{cap}); wait for some to finish",
+            {"Retry-After": str(ADMISSION_RETRY_S)},
+        )
 
 
 def _find(session: Session, owner_id: int, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.owner_id == owner_id, Job.request_key == key))
 
 
-def _reuse(session: Session, job: Job) -> tuple[Job, bool]:
+def _reuse(session: Session, job: Job, settings: Settings) -> tuple[Job, bool]:
     """An identical earlier job: as it is, or queued again if it produced nothing."""
     if job.status not in (Status.FAILED.value, Status.CANCELLED.value):
         return job, False
+    admit(session, job.owner_id, settings)
     session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status.in_((Status.FAILED.value, Status.CANCELLED.value)))

@@ -185,3 +185,20 @@ class TrainingRun(RunState, Base):
     checkpoint_id: Mapped[int | None] = mapped_column(
         ForeignKey("checkpoints.id", ondelete="SET NULL"), default=None
     )
+
+
+class IdempotencyKey(Base):
+    """A client's ``Idempotency-Key`` on POST /certify: the request it was first used with
+    (``fingerprint``) and the job that request made (null while that request is in flight)."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("owner_id", "key", name="uq_idempotency_keys_owner_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), default=None
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -18,7 +18,15 @@ from app import migrate
 from app.db import make_engine
 from app.tables import Base
 
-TABLES = {"api_keys", "checkpoints", "jobs", "job_inputs", "certificates", "training_runs"}
+TABLES = {
+    "api_keys",
+    "checkpoints",
+    "jobs",
+    "job_inputs",
+    "certificates",
+    "training_runs",
+    "idempotency_keys",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -72,5 +80,8 @@ def test_db_commands(tmp_path: Path) -> None:
     assert run("db", "current") == "base"
     run("db", "upgrade")
     assert run("db", "current") == migrate.current(url) != "base"
-    run("db", "downgrade")
+    head = run("db", "current")
+    run("db", "downgrade")  # one step back
+    assert run("db", "current") not in (head, "")
+    run("db", "downgrade", "--revision", "base")
     assert run("db", "current") == "base" and _tables(url) == set()

@@ -1,6 +1,7 @@
 """The periodic sweep: nothing stays stuck, nothing runs past its attempts cap.
 
-- A queued job or run never handed to the broker (it was down at submission) is sent. One handed
+- A queued job or run never handed to the broker (it was down at submission) is sent once it is
+  ``unsent_grace_s`` old (a submission sends its own message right after committing). One handed
   over longer than ``requeue_after_s`` ago that has still not started is sent again when the
   broker's queue is empty (its message was lost, e.g. Redis restarted without persistence, or
   sits reserved behind a long job on a busy worker, where an idle worker may now take it).
@@ -29,7 +30,6 @@ from worker.state import QUEUED, RUNNING, RunTable, rowcount
 
 log = logging.getLogger("dmae.sweep")
 
-NEVER_SENT_GRACE_S = 10.0  # a submission sends its own message right after committing
 BATCH = 500
 
 
@@ -112,7 +112,7 @@ def _sweep_table(
             due = table.status == QUEUED
         else:
             never_sent = table.enqueued_at.is_(None) & (
-                table.created_at < now - timedelta(seconds=NEVER_SENT_GRACE_S)
+                table.created_at < now - timedelta(seconds=settings.unsent_grace_s)
             )
             resend = table.enqueued_at < now - timedelta(seconds=settings.requeue_after_s)
             due = (table.status == QUEUED) & (

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 from sqlalchemy import func, select
 
+from app import idempotency
 from app.auth import Client, SessionDep
-from app.errors import ServiceError, not_found
+from app.errors import BrokerUnavailable, ServiceError, not_found
 from app.routes.deps import DispatcherDep, SettingsDep
 from app.schemas import JobOut, JobPage, Mode, job_out
 from app.submissions import Params, submit
@@ -88,7 +90,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing or invalid API key."},
     413: {"description": "Upload or image too large."},
     415: {"description": "Not a PNG, JPEG or WebP image."},
-    422: {"description": "Invalid parameters, no model for that sigma, or a corrupt image."},
+    422: {
+        "description": "Invalid parameters, no model for that sigma, a corrupt image, or an "
+        "Idempotency-Key reused for another request."
+    },
+    429: {
+        "description": "Rate limit, or too many jobs queued or running for this key "
+        "(see Retry-After)."
+    },
     503: {"description": "Database or job queue unavailable; retry later."},
 }
 
@@ -112,10 +121,12 @@ def _load(session: SessionDep, client: Client, job_id: str) -> tuple[Job, dict[s
             "content": {"application/json": {"example": EXAMPLE_QUEUED}},
         },
         200: {
-            "description": "The identical request was submitted before: the stored job (with its "
-            "certificate once it succeeded) is returned; no new noise is drawn.",
+            "description": "The identical request was submitted before (or this Idempotency-Key "
+            "was): the stored job (with its certificate once it succeeded) is returned; no new "
+            "noise is drawn.",
             "content": {"application/json": {"example": EXAMPLE_JOB}},
         },
+        409: {"description": "A request with this Idempotency-Key is still in flight."},
         **ERRORS,
     },
 )
@@ -146,6 +157,15 @@ def certify(
             "parameters, so the same submission is always the same pre-committed run."
         ),
     ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias=idempotency.HEADER,
+            description="Optional client-chosen key (e.g. a UUID) making retries safe: the same "
+            "key and request return the same job; the same key with another request is 422; "
+            "while the first request is in flight, 409.",
+        ),
+    ] = None,
 ) -> JobOut:
     """Queue a PREDICT/CERTIFY job on the uploaded image and answer 202 with its id and URL.
 
@@ -156,15 +176,50 @@ def certify(
     """
     data = read_upload(image, settings.max_upload_bytes, "image upload")
     params = Params(mode=mode, sigma=sigma, alpha=alpha, n0=n0, n=n, seed=seed, model=model)
-    job, send = submit(session, client, data, params, settings)
-    if send:
-        dispatcher.certify(job.id)  # BrokerUnavailable -> 503; the sweep queues it later
-        state.mark_enqueued(session, Job, job.id)
+    if idempotency_key is None:
+        job = _submit_and_send(session, client, data, params, settings, dispatcher, response)
     else:
-        response.status_code = 200
+        fp = idempotency.fingerprint(hashlib.sha256(data).hexdigest(), params)
+        earlier = idempotency.reserve(session, client.id, idempotency_key, fp, settings)
+        if earlier is not None:
+            response.status_code = 200
+            response.headers["Idempotent-Replayed"] = "true"
+            return job_out(*_load(session, client, earlier))
+        try:
+            job = _submit_and_send(session, client, data, params, settings, dispatcher, response)
+        except BrokerUnavailable as exc:  # the job is stored: the key now names it
+            if exc.job_id:
+                idempotency.complete(session, client.id, idempotency_key, exc.job_id)
+            raise
+        except BaseException:  # no job was made: a retry is processed afresh
+            idempotency.release(session, client.id, idempotency_key)
+            raise
+        idempotency.complete(session, client.id, idempotency_key, job.id)
     session.refresh(job)
     body = session.scalar(select(Certificate.body).where(Certificate.job_id == job.id))
     return job_out(job, body)
+
+
+def _submit_and_send(
+    session: SessionDep,
+    client: Client,
+    data: bytes,
+    params: Params,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+    response: Response,
+) -> Job:
+    job, send = submit(session, client, data, params, settings)
+    if send:
+        try:
+            dispatcher.certify(job.id)  # BrokerUnavailable -> 503; the sweep queues it later
+        except BrokerUnavailable as exc:
+            exc.job_id = job.id
+            raise
+        state.mark_enqueued(session, Job, job.id)
+    else:
+        response.status_code = 200
+    return job
 
 
 @router.get(

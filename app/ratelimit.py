@@ -1,0 +1,118 @@
+"""Request rate limits per API key: a fixed window of ``rate_limit_requests`` per
+``rate_limit_window_s`` seconds.
+
+With a Redis URL (``DMAE_RATE_LIMIT_URL``, or a ``redis://`` broker URL) the counters live in
+Redis (one ``INCR`` + ``EXPIRE`` per request), so the limit holds across every API process and
+host sharing that Redis. Without one (the embedded default) they live in this process's memory.
+If Redis cannot be reached, the process falls back to its in-memory counters (logged): requests
+are still limited, per process, until Redis answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from app.config import Settings
+from app.errors import ServiceError
+
+log = logging.getLogger("dmae.api")
+
+KEY_PREFIX = "dmae:ratelimit"
+
+
+class Limiter(Protocol):
+    def hit(self, client_id: int) -> float | None:
+        """Count one request of ``client_id``; None if allowed, else seconds to wait."""
+        ...
+
+
+class MemoryLimiter:
+    """Fixed-window counters in this process (thread-safe)."""
+
+    def __init__(self, limit: int, window_s: int, clock: Callable[[], float] = time.time) -> None:
+        self.limit, self.window_s, self.clock = limit, window_s, clock
+        self._counts: dict[int, tuple[int, int]] = {}  # client -> (window index, count)
+        self._lock = threading.Lock()
+
+    def hit(self, client_id: int) -> float | None:
+        now = self.clock()
+        window = int(now // self.window_s)
+        with self._lock:
+            if len(self._counts) > 100_000:  # forget windows that are over
+                self._counts = {k: v for k, v in self._counts.items() if v[0] == window}
+            index, count = self._counts.get(client_id, (window, 0))
+            if index != window:
+                count = 0
+            count += 1
+            self._counts[client_id] = (window, count)
+        if count <= self.limit:
+            return None
+        return (window + 1) * self.window_s - now
+
+
+class RedisLimiter:
+    """Fixed-window counters in Redis, shared by every process using the same URL."""
+
+    def __init__(self, url: str, limit: int, window_s: int, namespace: str = "") -> None:
+        import redis
+
+        self.limit, self.window_s = limit, window_s
+        self.prefix = f"{KEY_PREFIX}:{namespace}" if namespace else KEY_PREFIX
+        self.client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.fallback = MemoryLimiter(limit, window_s)
+        self._warned = False
+
+    def hit(self, client_id: int) -> float | None:
+        import redis
+
+        now = time.time()
+        window = int(now // self.window_s)
+        key = f"{self.prefix}:{client_id}:{window}"
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.incr(key)
+            pipe.expire(key, self.window_s + 1)
+            count = int(pipe.execute()[0])
+        except (redis.exceptions.RedisError, OSError) as exc:
+            if not self._warned:
+                log.warning("rate limiter: Redis unavailable (%s); counting in memory", exc)
+                self._warned = True
+            return self.fallback.hit(client_id)
+        self._warned = False
+        if count <= self.limit:
+            return None
+        return (window + 1) * self.window_s - now
+
+
+def make_limiter(settings: Settings) -> Limiter | None:
+    """The limiter the settings ask for (None: no rate limit)."""
+    if settings.rate_limit_requests <= 0:
+        return None
+    if settings.rate_limit_redis:
+        return RedisLimiter(
+            settings.rate_limit_redis,
+            settings.rate_limit_requests,
+            settings.rate_limit_window_s,
+            namespace=settings.queue,
+        )
+    return MemoryLimiter(settings.rate_limit_requests, settings.rate_limit_window_s)
+
+
+def check(limiter: Limiter | None, client_id: int, limit: int, window_s: int) -> None:
+    """429 with Retry-After when ``client_id`` is over its limit."""
+    if limiter is None:
+        return
+    wait = limiter.hit(client_id)
+    if wait is not None:
+        retry = max(1, math.ceil(wait))
+        raise ServiceError(
+            429,
+            f"rate limit exceeded: at most {limit} requests per {window_s} s for one API key; "
+            f"retry in {retry} s",
+            {"Retry-After": str(retry)},
+        )

@@ -77,13 +77,18 @@ def _cli(args: list[str], env: dict[str, str], cwd: Path) -> str:
 
 @contextmanager
 def embedded_service(
-    device: str, model: nn.Module, meta: Any, startup_s: float = 180.0
+    device: str,
+    model: nn.Module,
+    meta: Any,
+    threads: int | None = None,
+    startup_s: float = 180.0,
 ) -> Iterator[tuple[str, str, str]]:
     """Start the embedded service on a free local port with ``model`` registered in it.
 
     The model is saved as a project checkpoint into the service's checkpoint folder and
     registered through ``POST /admin/models``, so the service certifies with the very weights
-    the other cases ran. Yields (base URL, API key, registered model name).
+    the other cases ran; ``threads`` sets its torch CPU threads (``OMP_NUM_THREADS``) like the
+    benchmark's own. Yields (base URL, API key, registered model name).
     """
     import httpx
 
@@ -102,6 +107,8 @@ def embedded_service(
         DMAE_DATA_DIR=str(data), DMAE_CHECKPOINT_DIR=str(data / "checkpoints"),
         DMAE_DEVICE=device, DMAE_REGISTER_BUNDLED="false",
     )  # fmt: skip
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     proc: subprocess.Popen[bytes] | None = None
     try:
         save_checkpoint(data / "checkpoints" / "bench.safetensors", model, meta)

@@ -110,7 +110,7 @@ class TrainingIn(BaseModel):
         "(ImageFolder layout: one sub-folder per class)."
     )
     name: str = Field(description="Registry name of the resulting checkpoint.")
-    sigma: float = Field(0.25, gt=0, description="Training noise level.")
+    sigma: float = Field(0.25, gt=0, allow_inf_nan=False, description="Training noise level.")
     init: str | None = Field(
         None, description="Registered model to start from (a pretrain checkpoint to fine-tune)."
     )

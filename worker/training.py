@@ -52,15 +52,48 @@ def config_class(kind: str) -> Any:
     return FinetuneConfig
 
 
+AT_LEAST_ONE = frozenset({"epochs", "batch_size", "accum_iter", "copies", "eval_batch"})
+
+
 def check_params(kind: str, params: dict[str, Any]) -> None:
-    """ValueError naming any hyper-parameter the training pipeline does not know."""
-    fields = {f.name for f in dataclasses.fields(config_class(kind))} - RESERVED
+    """ValueError naming any hyper-parameter the training pipeline does not know, or a value
+    of the wrong type, not finite, negative, or zero where a count must be positive."""
+    import math
+
+    types = {f.name: str(f.type) for f in dataclasses.fields(config_class(kind))}
+    fields = set(types) - RESERVED
     unknown = sorted(set(params) - fields)
     if unknown:
         raise ValueError(
             f"unknown {kind} parameter(s) {', '.join(unknown)}; "
             f"accepted: {', '.join(sorted(fields))}"
         )
+    for name, value in params.items():
+        kind_of = types[name]
+        if "tuple" in kind_of:  # mean/std: "0.5,0.5,0.5"
+            parts = str(value).split(",")
+            try:
+                numbers = [float(v) for v in parts]
+            except ValueError:
+                raise ValueError(f"{name} must be comma-separated numbers, got {value!r}") from None
+            if len(numbers) != 3 or not all(math.isfinite(v) for v in numbers):
+                raise ValueError(f"{name} must be 3 finite numbers, got {value!r}")
+            continue
+        if kind_of.startswith("bool"):
+            ok = isinstance(value, bool)
+        elif kind_of.startswith("int"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind_of.startswith("float"):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise ValueError(f"{name} must be of type {kind_of}, got {value!r}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+            if name in AT_LEAST_ONE and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value!r}")
 
 
 def build_config(run: TrainingRun, init_path: str | None, out: Path, device: str) -> Any:

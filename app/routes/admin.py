@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
@@ -10,7 +11,7 @@ from sqlalchemy import func, select
 from app import registry
 from app.auth import Admin, SessionDep
 from app.errors import ServiceError, bad_input, not_found
-from app.routes.deps import DispatcherDep, SettingsDep
+from app.routes.deps import MAX_OFFSET, DispatcherDep, SettingsDep
 from app.schemas import ModelOut, TrainingIn, TrainingOut, TrainingPage, model_out, training_out
 from app.tables import Checkpoint, Status, TrainingRun
 from app.uploads import save_upload
@@ -24,13 +25,18 @@ ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _floats(text: str | None, what: str) -> list[float] | None:
+def _floats(text: str | None, what: str, positive: bool = False) -> list[float] | None:
+    """Three comma-separated finite numbers (positive ones for ``positive``), or None."""
     if text is None or text == "":
         return None
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError as exc:
         raise bad_input(f"{what} must be comma-separated numbers, got {text!r}") from exc
+    if len(values) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+        kind = "positive" if positive else "finite"
+        raise bad_input(f"{what} must be 3 {kind} numbers (one per RGB channel), got {text!r}")
+    return values
 
 
 @router.get(
@@ -94,10 +100,13 @@ def register_model(
         "num_heads": num_heads,
         "classes": [c.strip() for c in classes.split(",")] if classes else None,
         "mean": _floats(mean, "mean"),
-        "std": _floats(std, "std"),
+        "std": _floats(std, "std", positive=True),
     }
-    if sigma is not None and not sigma > 0:
-        raise bad_input(f"sigma must be positive, got {sigma}")
+    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
+        raise bad_input(f"sigma must be a positive finite number, got {sigma}")
+    for what, count in (("input_size", input_size), ("num_heads", num_heads)):
+        if count is not None and not 1 <= count <= 100_000:
+            raise bad_input(f"{what} must be a positive integer, got {count}")
     if name is not None:
         registry.check_name(name)
     if file is not None:
@@ -286,7 +295,7 @@ def list_training(
     session: SessionDep,
     settings: SettingsDep,
     limit: Annotated[int, Query(ge=1)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> TrainingPage:
     del admin
     limit = min(limit, settings.jobs_page_max)

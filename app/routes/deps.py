@@ -20,3 +20,5 @@ def get_dispatcher(request: Request) -> Any:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DispatcherDep = Annotated[Any, Depends(get_dispatcher)]
+
+MAX_OFFSET = 2**31 - 1  # page offsets beyond any table, and within every database's integers

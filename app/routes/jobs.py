@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from app import idempotency
 from app.auth import Client, SessionDep
 from app.errors import BrokerUnavailable, ServiceError, not_found
-from app.routes.deps import DispatcherDep, SettingsDep
+from app.routes.deps import MAX_OFFSET, DispatcherDep, SettingsDep
 from app.schemas import JobOut, JobPage, Mode, job_out
 from app.submissions import Params, submit
 from app.tables import Certificate, Job, Status
@@ -245,7 +245,7 @@ def list_jobs(
     session: SessionDep,
     settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, description="Page size.")] = 20,
-    offset: Annotated[int, Query(ge=0, description="Jobs to skip.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Jobs to skip.")] = 0,
     status: Annotated[Status | None, Query(description="Only jobs in this status.")] = None,
 ) -> JobPage:
     limit = min(limit, settings.jobs_page_max)

@@ -23,9 +23,10 @@ def tiny() -> nn.Module:
     return DMAEClassifier(preset("tiny"), NUM_CLASSES, input_size=8).eval()
 
 
-@pytest.fixture
-def engine(tiny: nn.Module) -> Iterator[Engine]:
-    eng = Engine("cpu", batch_size=256)
+@pytest.fixture(params=[1, 3], ids=["synchronous", "pipelined"])
+def engine(tiny: nn.Module, request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """Depth 3 keeps batches in flight while the next ones are built, as on CUDA (depth 2)."""
+    eng = Engine("cpu", batch_size=256, pipeline_depth=request.param)
     eng.register("tiny", tiny, NUM_CLASSES)
     yield eng
     eng.close()

@@ -373,7 +373,8 @@ def format_report(result: dict[str, Any]) -> str:
     s = result["settings"]
     labels = {
         "reference": f"(a) reference loop (fp32, batch {s['reference_batch']}, host counts)",
-        "engine": f"(b) engine, one job (batch {s['engine_batch']}, {s['engine_dtype']})",
+        "engine": f"(b) engine, one job (batch {s['engine_batch']}, {s['engine_dtype']}"
+        + (", compiled)" if s["compile"] else ")"),
         "engine_concurrent": f"(c) engine, {s['jobs']} concurrent jobs of n={s['job_n']:,}",
         "service": "(d) service, HTTP submit -> poll until done",
     }

@@ -19,9 +19,10 @@ def register(sub: Any) -> None:
             "seconds per certificate at n=10,000 and 100,000, and the ratios b/a and c/b. "
             "Defaults are CI-sized on CPU and n=100,000 on a GPU."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--device", default="auto", help="auto (default: CUDA if available), cpu, cuda or cuda:N"
+    )
     p.add_argument(
         "--model",
         default=None,
@@ -29,17 +30,21 @@ def register(sub: Any) -> None:
         "vit-l16 (default: the bundled digits-s0.25 if present, else tiny)",
     )
     p.add_argument("--n", type=int, default=None, help="n of the one-job case (CPU 10000, GPU 1e5)")
-    p.add_argument("--n0", type=int, default=100, help="selection samples per certificate")
-    p.add_argument("--jobs", type=int, default=16, help="concurrent jobs in case (c)")
-    p.add_argument("--job-n", type=int, default=1000, help="n of each concurrent job")
+    p.add_argument(
+        "--n0", type=int, default=100, help="selection samples per certificate (default 100)"
+    )
+    p.add_argument("--jobs", type=int, default=16, help="concurrent jobs in case (c) (default 16)")
+    p.add_argument(
+        "--job-n", type=int, default=1000, help="n of each concurrent job (default 1000)"
+    )
     p.add_argument(
         "--reference-n",
         type=int,
         default=None,
         help="estimation samples timed for the reference loop (default: --n on CPU, 10000 on GPU)",
     )
-    p.add_argument("--sigma", type=float, default=0.25)
-    p.add_argument("--alpha", type=float, default=0.001)
+    p.add_argument("--sigma", type=float, default=0.25, help="noise level (default 0.25)")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (CPU 3, GPU 1)")
     p.add_argument("--batch-size", type=int, default=None, help="engine batch (default: auto)")
     p.add_argument(

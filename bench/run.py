@@ -250,7 +250,7 @@ def case_service(bm: BenchModel, x: Tensor, cfg: BenchConfig, device: torch.devi
     try:
         if cfg.service_url and cfg.api_key:
             return measure(cfg.service_url, cfg.api_key, cfg.service_model)
-        with embedded_service(str(device), bm.module, bm.meta, cfg.threads) as (url, key, name):
+        with embedded_service(device.type, bm.module, bm.meta, cfg.threads) as (url, key, name):
             return measure(url, key, name)
     except ServiceUnavailable as exc:
         return {"note": f"skipped: {exc}"}

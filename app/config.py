@@ -72,7 +72,12 @@ class Settings(BaseSettings):
     n0_max: int = Field(
         default=10_000, gt=0, description="Largest accepted n0 (selection samples)."
     )
-    batch_size: int = Field(default=1000, gt=0, description="Noisy samples per forward pass.")
+    batch_size: int = Field(
+        default=0,
+        ge=0,
+        description="Noisy samples per forward pass; 0: chosen per model by the engine (256 on "
+        "CPU; from free memory on CUDA, halved on out-of-memory).",
+    )
     max_attempts: int = Field(
         default=3, gt=0, description="A job whose worker vanished this many times is failed."
     )
@@ -122,7 +127,7 @@ class Settings(BaseSettings):
         "queued or running; a submission beyond it gets 429 with Retry-After (0: no cap).",
     )
     rate_limit_requests: int = Field(
-        default=600,
+        default=3000,
         ge=0,
         description="Requests one API key may make per RATE_LIMIT_WINDOW_S; more get 429 with "
         "Retry-After (0: no limit). Counted in Redis (RATE_LIMIT_URL, else a redis:// "

@@ -152,6 +152,7 @@ def corpus(good_png: bytes, other_job_url: str) -> list[Case]:
             b"not an image",
             "../../../../etc/passwd",
         ),
+        image_case("unicode filename", 415, b"GIF87a", "\u6570\u5b57\U0001f600\u202e.png"),
         Case(
             "50 MB body",
             413,
@@ -289,6 +290,14 @@ def corpus(good_png: bytes, other_job_url: str) -> list[Case]:
             "/admin/models",
             who="admin",
             kw={"data": {"path": "tiny.safetensors", "name": "../x"}},
+        ),
+        Case(
+            "unicode model name",
+            422,
+            "post",
+            "/admin/models",
+            who="admin",
+            kw={"data": {"path": "tiny.safetensors", "name": "\u6a21\u578b\u2603"}},
         ),
         *(
             Case(

@@ -73,6 +73,14 @@ def shared_engine(device: torch.device | str = "cpu", **options: Any) -> Engine:
         return engine
 
 
+def unregister_everywhere(key: str) -> None:
+    """Forget model ``key`` on every engine of this process (e.g. evicted from a model cache)."""
+    with _SHARED_LOCK:
+        engines = list(_SHARED.values())
+    for engine in engines:
+        engine.unregister(key)
+
+
 class Cancelled(Exception):
     """The job was cancelled while its samples were being drawn."""
 

@@ -31,16 +31,15 @@ log = logging.getLogger("dmae.worker")
 def sampler_for(loaded: LoadedModel, settings: Settings) -> Any:
     """The Sampler that turns a job's noisy copies into counts on ``loaded``'s model.
 
-    The one switch point between the plain per-job loop and the cross-job batching engine.
-    Same precision as the CLI (bf16 autocast on CUDA, float32 on CPU; noise always float32).
+    The process's batching engine (worker/engine.py): concurrent jobs on the same model share
+    batches, each with its own seeded noise, so a job's counts equal the CLI's for its seed.
+    Precision as in the CLI: bf16 autocast on CUDA, float32 on CPU; noise always float32.
     """
-    from models.runtime import autocast_dtype
-    from models.smoothing import BatchSampler
+    from worker.engine import shared_engine
 
-    device = torch.device(loaded.device)
-    return BatchSampler(
-        loaded.model, loaded.meta.num_classes, settings.batch_size, device, autocast_dtype(device)
-    )
+    engine = shared_engine(loaded.device, batch_size=settings.batch_size or None)
+    engine.register(loaded.engine_key, loaded.model, loaded.meta.num_classes)
+    return engine.sampler(loaded.engine_key)
 
 
 def input_tensor(row: JobInput) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch import nn
 
 from app.registry import location_path
 from app.tables import Checkpoint
+from worker.engine import unregister_everywhere
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class LoadedModel:
     device: str
     load_s: float
 
+    @property
+    def engine_key(self) -> str:
+        """The batching engine's name for this loaded copy: registry id, file hash, instance."""
+        return f"{self.ref.id}:{self.ref.file_sha256[:16]}:{id(self.model):x}"
+
 
 class ModelCache:
     """Thread-safe LRU of loaded classifiers; one load per (model, file hash, device)."""
@@ -71,12 +77,15 @@ class ModelCache:
             with self._lock:
                 self._models[key] = loaded
                 while len(self._models) > self.capacity:
-                    self._models.popitem(last=False)
+                    _, evicted = self._models.popitem(last=False)
+                    unregister_everywhere(evicted.engine_key)
                 self._loading.pop(key, None)
             return loaded
 
     def clear(self) -> None:
         with self._lock:
+            for loaded in self._models.values():
+                unregister_everywhere(loaded.engine_key)
             self._models.clear()
 
 

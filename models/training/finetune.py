@@ -9,7 +9,6 @@ noise draw per image) and the smoothed classifier's radius-0 accuracy (PREDICT o
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,6 @@ from models.checkpoints import (
     file_sha256,
     load_model,
     resolve,
-    save_checkpoint,
 )
 from models.networks import DMAEClassifier, encoder_state
 from models.runtime import pick_device
@@ -39,9 +37,11 @@ from models.training.loop import (
     resolve_amp,
     seed_everything,
     set_threads,
+    training_record,
+    write_checkpoint,
 )
-from models.training.pretrain import CHECKPOINT_FILE, RUN_ONLY
-from models.training.schedule import ADAMW_BETAS, adamw, param_groups, scaled_lr
+from models.training.pretrain import RUN_ONLY
+from models.training.schedule import adamw, param_groups, scaled_lr
 
 HEAD_KEYS = frozenset({"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"})
 
@@ -302,28 +302,17 @@ def run_finetune(
         name=cfg.name or Path(cfg.out).name,
         source="dmae-certify train finetune",
         licence=OFFICIAL_LICENCE if pre.official else "",
-        training={
-            "stage": "finetune",
-            "recipe": cfg.recipe(),
-            "optimizer": {"name": "AdamW", "betas": list(ADAMW_BETAS), "lr": lr},
-            "effective_batch": effective,
-            "steps": run.step,
-            "dataset": data.describe(),
-            "held_out": val.describe(),
-            "final_epoch": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
-            "pretrained": pre.record,
-            "command": cfg.command,
-            "torch": torch.__version__,
-            "device": device.type,
-            "cpu_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-        },
+        training=training_record(
+            "finetune",
+            cfg,
+            lr,
+            effective,
+            run,
+            data,
+            device,
+            held_out=val.describe(),
+            final_epoch={k: v for k, v in metrics.items() if isinstance(v, int | float)},
+            pretrained=pre.record,
+        ),
     )
-    path = Path(cfg.out) / CHECKPOINT_FILE
-    model.eval()
-    save_checkpoint(path, model, meta)
-    if cfg.export:
-        save_checkpoint(cfg.export, model, meta)
-        path = Path(cfg.export)
-    log(f"wrote {path}")
-    return path
+    return write_checkpoint(cfg.out, cfg.export, model, meta, log)

@@ -9,6 +9,7 @@ on CUDA only. The run directory holds ``state.pt`` (resume state, see :mod:`.sta
 from __future__ import annotations
 
 import json
+import platform
 import random
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from models.checkpoints import CheckpointMeta, save_checkpoint
 from models.training.datasets import TrainData, epoch_order
 from models.training.schedule import WarmupCosine
 from models.training.state import (
@@ -39,6 +41,9 @@ LOG_FILE = "log.jsonl"
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (diverged loss, unusable settings), with the reason."""
+
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
 def seed_everything(seed: int) -> None:
@@ -279,6 +284,53 @@ class TrainingRun:
             f.write(json.dumps(record) + "\n")
         self.log(format_record(record, s.epochs))
         return record
+
+
+def training_record(
+    stage: str,
+    cfg: Any,
+    lr: float,
+    effective: int,
+    run: TrainingRun,
+    data: TrainData,
+    device: torch.device,
+    **extra: Any,
+) -> dict[str, Any]:
+    """What a checkpoint records about the run that made it (recipe, data, environment)."""
+    from models.training.schedule import ADAMW_BETAS
+
+    return {
+        "stage": stage,
+        "recipe": cfg.recipe(),
+        "optimizer": {"name": "AdamW", "betas": list(ADAMW_BETAS), "lr": lr},
+        "effective_batch": effective,
+        "steps": run.step,
+        "dataset": data.describe(),
+        **extra,
+        "command": cfg.command,
+        "torch": torch.__version__,
+        "device": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def write_checkpoint(
+    out: str | Path,
+    export: str | Path | None,
+    model: nn.Module,
+    meta: CheckpointMeta,
+    log: Callable[[str], None],
+) -> Path:
+    """Save the final model as OUT/checkpoint.safetensors (and EXPORT); returns the last path."""
+    path = Path(out) / CHECKPOINT_FILE
+    model.eval()
+    save_checkpoint(path, model, meta)
+    if export:
+        save_checkpoint(export, model, meta)
+        path = Path(export)
+    log(f"wrote {path}")
+    return path
 
 
 def format_record(record: dict[str, Any], epochs: int) -> str:

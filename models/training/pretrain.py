@@ -6,7 +6,6 @@ Writes a project-format ``kind='pretrain'`` checkpoint (encoder + decoder) that
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.checkpoints import CheckpointMeta, save_checkpoint
+from models.checkpoints import CheckpointMeta
 from models.networks import DenoisingMaskedAutoencoderViT, preset
 from models.runtime import pick_device
 from models.training.datasets import open_training_data, train_transform
@@ -26,10 +25,11 @@ from models.training.loop import (
     resolve_amp,
     seed_everything,
     set_threads,
+    training_record,
+    write_checkpoint,
 )
-from models.training.schedule import ADAMW_BETAS, adamw, param_groups, scaled_lr
+from models.training.schedule import adamw, param_groups, scaled_lr
 
-CHECKPOINT_FILE = "checkpoint.safetensors"
 # Settings that do not change what a run computes (may differ when resuming).
 RUN_ONLY = ("out", "resume", "num_workers", "progress", "export", "save_every_steps", "device",
             "command", "name", "eval_every", "threads")  # fmt: skip
@@ -137,25 +137,6 @@ def run_pretrain(
         sigma=cfg.sigma,
         name=cfg.name or Path(cfg.out).name,
         source="dmae-certify train pretrain",
-        training={
-            "stage": "pretrain",
-            "recipe": cfg.recipe(),
-            "optimizer": {"name": "AdamW", "betas": list(ADAMW_BETAS), "lr": lr},
-            "effective_batch": effective,
-            "steps": run.step,
-            "dataset": data.describe(),
-            "command": cfg.command,
-            "torch": torch.__version__,
-            "device": device.type,
-            "cpu_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-        },
+        training=training_record("pretrain", cfg, lr, effective, run, data, device),
     )
-    path = Path(cfg.out) / CHECKPOINT_FILE
-    model.eval()
-    save_checkpoint(path, model, meta)
-    if cfg.export:
-        save_checkpoint(cfg.export, model, meta)
-        path = Path(cfg.export)
-    log(f"wrote {path}")
-    return path
+    return write_checkpoint(cfg.out, cfg.export, model, meta, log)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import sys
 import tempfile
 import threading
@@ -383,10 +384,15 @@ def main(argv: list[str] | None = None) -> int:
         n=args.n,
         timeout_s=args.timeout,
     )
-    report = run_chaos(cfg)
+    workdir = Path(tempfile.mkdtemp(prefix="dmae-chaos-"))
+    report = run_chaos(cfg, workdir)
     print(report.summary())
     if report.mismatches:
         print("mismatches:", *report.mismatches[:10], sep="\n  ")
+    if report.ok:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"worker and redis logs kept in {workdir}")
     if args.json:
         args.json.write_text(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
     return 0 if report.ok else 1

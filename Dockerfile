@@ -82,4 +82,4 @@ ENV DMAE_DATA_DIR=/data \
     DMAE_CHECKPOINT_DIR=/checkpoints \
     DMAE_DATASET_DIR=/datasets
 USER dmae
-CMD ["dmae-certify", "worker"]
+CMD ["dmae-certify", "worker", "--pool", "threads", "--concurrency", "8"]

@@ -109,7 +109,10 @@ class Settings(BaseSettings):
         "re-queued, or failed once it has used MAX_ATTEMPTS.",
     )
     runner_threads: int = Field(
-        default=1, gt=0, description="Threads of the embedded in-process runner (no broker)."
+        default=4,
+        gt=0,
+        description="Threads of the embedded in-process runner (no broker); their jobs share "
+        "the batching engine's batches, and a training run takes one thread.",
     )
     model_cache_size: int = Field(
         default=4,

@@ -132,6 +132,7 @@ def service_settings(data_dir: Path, **overrides: Any) -> Settings:
         register_bundled=False,
         device="cpu",
         batch_size=64,
+        runner_threads=1,  # one job at a time: a second submission stays queued
         heartbeat_s=0.2,
         sweep_interval_s=0.5,
         stale_after_s=30,

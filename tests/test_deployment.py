@@ -47,6 +47,9 @@ class Stage:
     def args(self, keyword: str) -> list[str]:
         return [a for k, a in self.instructions if k == keyword]
 
+# One process per GPU, 8 jobs at once feeding its batching engine (docs/DEPLOYMENT.md).
+WORKER_COMMAND = ["dmae-certify", "worker", "--pool", "threads", "--concurrency", "8"]
+
 
 def dockerfile() -> tuple[dict[str, str], dict[str, Stage]]:
     """Global ``ARG`` defaults and the stages (by name) of the Dockerfile."""
@@ -207,7 +210,7 @@ def test_image_commands_are_real_cli_commands() -> None:
     api_cmd = json.loads(stages["api"].args("CMD")[-1])
     worker_cmd = json.loads(stages["worker"].args("CMD")[-1])
     assert api_cmd[:2] == ["dmae-certify", "serve"]
-    assert worker_cmd == ["dmae-certify", "worker"]
+    assert worker_cmd == WORKER_COMMAND
     cli_accepts(api_cmd)
     cli_accepts(worker_cmd)
     # The health check probes the port the API listens on.
@@ -274,7 +277,7 @@ def test_compose_commands_images_and_ports() -> None:
         assert services[name]["env_file"] == ".env", name
         cli_accepts(services[name]["command"])
     assert services["migrate"]["command"] == ["dmae-certify", "db", "upgrade"]
-    assert services["worker"]["command"] == ["dmae-certify", "worker"]
+    assert services["worker"]["command"] == WORKER_COMMAND
     api_cmd = services["api"]["command"]
     assert api_cmd[:2] == ["dmae-certify", "serve"]
     assert f"8000:{api_cmd[api_cmd.index('--port') + 1]}" in services["api"]["ports"]

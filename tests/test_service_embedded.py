@@ -139,6 +139,27 @@ def test_a_different_seed_is_a_different_job(service: Service) -> None:
     assert mine["id"] != theirs["id"] and mine["seed"] == theirs["seed"]
 
 
+def test_concurrent_jobs_share_the_engine_and_keep_their_certificates(
+    tmp_path: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+) -> None:
+    """Four runner threads: jobs sampled together in shared batches get the core's answers."""
+    app = create_app(service_settings(tmp_path / "data", runner_threads=4))
+    with TestClient(app) as client:
+        svc = Service(client, app, tiny_checkpoint)
+        assert svc.register().status_code == 201
+        pngs = [digit_png(i) for i in range(6)]
+        urls = [svc.submit(svc.alice, png, n="2000").json()["url"] for png in pngs]
+        jobs = [svc.wait(svc.alice, url) for url in urls]
+    for png, job in zip(pngs, jobs, strict=True):
+        assert job["status"] == "succeeded", job
+        want = reference(
+            tiny_checkpoint, png, sigma=SIGMA, alpha=0.001, n0=20, n=2000, seed=job["seed"],
+            batch_size=64,
+        )  # fmt: skip
+        assert_same_certificate(job["certificate"], want)
+
+
 def test_cancel_queued_and_running_jobs(service: Service) -> None:
     png = digit_png(2)
     big = {"n": "100000", "n0": "10"}

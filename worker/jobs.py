@@ -60,16 +60,7 @@ def run_job(
     """Run job ``job_id`` if it can be claimed; returns what happened (for logs and tests)."""
     settings = settings or get_settings()
     db = get_database(settings.database_url)
-    token = state.new_token()
-    with db.session() as s:
-        outcome = state.claim(
-            s,
-            Job,
-            job_id,
-            token,
-            max_attempts=settings.max_attempts,
-            stale_after_s=settings.stale_after_s,
-        )
+    token, outcome = state.claim_with_new_token(db, Job, job_id, settings)
     if outcome is not state.Claim.CLAIMED:
         log.info("job %s not run: %s", job_id, outcome.value)
         return outcome.value

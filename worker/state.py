@@ -16,13 +16,16 @@ import threading
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import CursorResult, or_, update
 from sqlalchemy.orm import Session
 
 from app.db import Database, utcnow
 from app.tables import Job, Status, TrainingRun
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 log = logging.getLogger("dmae.worker")
 
@@ -104,6 +107,19 @@ def claim(
     )
     session.commit()
     return Claim.EXHAUSTED if failed else Claim.NOT_CLAIMABLE
+
+
+def claim_with_new_token(
+    db: Database, table: RunTable, run_id: str, settings: Settings
+) -> tuple[str, Claim]:
+    """:func:`claim` under a fresh token with the settings' attempts cap and staleness."""
+    token = new_token()
+    with db.session() as s:
+        outcome = claim(
+            s, table, run_id, token,
+            max_attempts=settings.max_attempts, stale_after_s=settings.stale_after_s,
+        )  # fmt: skip
+    return token, outcome
 
 
 def heartbeat(session: Session, table: RunTable, run_id: str, token: str, done: int) -> bool:

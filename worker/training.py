@@ -135,16 +135,7 @@ def run_training(
 
     settings = settings or get_settings()
     db = get_database(settings.database_url)
-    token = state.new_token()
-    with db.session() as s:
-        outcome = state.claim(
-            s,
-            TrainingRun,
-            run_id,
-            token,
-            max_attempts=settings.max_attempts,
-            stale_after_s=settings.stale_after_s,
-        )
+    token, outcome = state.claim_with_new_token(db, TrainingRun, run_id, settings)
     if outcome is not state.Claim.CLAIMED:
         return outcome.value
 

@@ -47,6 +47,7 @@ class Stage:
     def args(self, keyword: str) -> list[str]:
         return [a for k, a in self.instructions if k == keyword]
 
+
 # One process per GPU, 8 jobs at once feeding its batching engine (docs/DEPLOYMENT.md).
 WORKER_COMMAND = ["dmae-certify", "worker", "--pool", "threads", "--concurrency", "8"]
 

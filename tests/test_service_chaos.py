@@ -10,7 +10,8 @@ from chaos.chaos import ChaosConfig, run_chaos
 
 
 def test_chaos_reduced(tmp_path: Path) -> None:
-    cfg = ChaosConfig(jobs=30, kills=1, redis_restarts=1, workers=1, timeout_s=240)
+    # n=1,000 keeps each job in flight long enough for the kill to land mid-job.
+    cfg = ChaosConfig(jobs=30, kills=1, redis_restarts=1, workers=1, n=1000, timeout_s=240)
     report = run_chaos(cfg, tmp_path)
     print("\n" + report.summary())
     assert report.submitted == 30 and report.lost == 0 and report.duplicates == 0

@@ -164,40 +164,55 @@ def _status_counts(db: Any) -> dict[str, int]:
         }
 
 
-def _running_worker_pid(db: Any) -> int | None:
-    """pid of the process running a job (from jobs.worker), preferring one drawing samples."""
+def _running_job(db: Any) -> tuple[str, int] | None:
+    """(job id, pid of the process running it) from jobs.worker, preferring one drawing samples."""
     from sqlalchemy import select
 
     from app.tables import Job
 
     with db.session() as s:
         row = s.execute(
-            select(Job.worker)
+            select(Job.id, Job.worker)
             .where(Job.status == "running")
             .order_by(Job.progress_done.desc(), Job.started_at.desc())
             .limit(1)
         ).first()
-    if row is None or not row[0]:
+    if row is None or not row[1]:
         return None
     try:
-        return int(str(row[0]).split(":")[1])
+        return str(row[0]), int(str(row[1]).split(":")[1])
     except (IndexError, ValueError):
         return None
 
 
+def _finished_before_kill(db: Any, job_id: str) -> bool:
+    from app.tables import Job
+
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        return job is not None and job.status == "succeeded" and job.attempts == 1
+
+
 def _kill_one(workers: list[WorkerProcess], db: Any, number: int, deadline: float) -> str:
     """SIGKILL the worker running a job: odd kills take the whole worker (parent and pool
-    child, then it is restarted), even kills only the pool child (Celery redelivers)."""
+    child, then it is restarted), even kills only the pool child (Celery redelivers).
+
+    A job can finish between reading its row and the signal; a kill that hit no job in flight
+    is made again on the next running job, so every counted kill interrupted a job."""
     while time.monotonic() < deadline:
-        pid = _running_worker_pid(db)
+        running = _running_job(db)
+        pid = running[1] if running else None
         owner = next((w for w in workers if w.alive() and pid in w.pool_children(0)), None)
-        if pid is not None and owner is not None:
+        if running is not None and owner is not None:
             if number % 2:
                 owner.kill()
                 owner.start()
-                return "worker"
-            owner.kill_child()
-            return "pool child"
+                kind = "worker"
+            else:
+                owner.kill_child()
+                kind = "pool child"
+            if not _finished_before_kill(db, running[0]):
+                return kind
         time.sleep(0.02)
     raise TimeoutError("no running job to kill before the deadline")
 

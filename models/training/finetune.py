@@ -10,7 +10,7 @@ noise draw per image) and the smoothed classifier's radius-0 accuracy (PREDICT o
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from models.training.datasets import TrainData, open_training_data, split_off, t
 from models.training.loop import (
     LogFn,
     LoopSettings,
+    RunOptions,
     TrainingRun,
     resolve_amp,
     seed_everything,
@@ -40,14 +41,13 @@ from models.training.loop import (
     training_record,
     write_checkpoint,
 )
-from models.training.pretrain import RUN_ONLY
 from models.training.schedule import adamw, param_groups, scaled_lr
 
 HEAD_KEYS = frozenset({"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"})
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunOptions):
     """``dmae-certify train finetune`` settings; defaults follow the published ViT-B recipe."""
 
     data: str
@@ -57,8 +57,6 @@ class FinetuneConfig:
     val_data: str | None = None
     val_fraction: float = 0.1
     input_size: int | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
     num_heads: int | None = None  # official files only: heads are not in any tensor shape
     epochs: int = 100
     warmup_epochs: float = 5
@@ -86,28 +84,13 @@ class FinetuneConfig:
     eval_alpha: float = 0.001
     eval_batch: int = 1000
     eval_every: int = 1
-    num_workers: int = 4
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"
-    save_every_steps: int = 0
-    threads: int | None = None
-    progress: bool = True
-    resume: bool = False
-    name: str | None = None
-    export: Path | None = None
-    command: str | None = None
 
     @property
     def eta_value(self) -> float:
         return default_eta(self.sigma) if self.eta is None else self.eta
 
     def recipe(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in RUN_ONLY}
-        out["mean"] = list(self.mean) if self.mean else None
-        out["std"] = list(self.std) if self.std else None
-        out["eta"] = self.eta_value
-        return out
+        return {**super().recipe(), "eta": self.eta_value}
 
     def check(self) -> None:
         if not self.sigma > 0:

@@ -13,7 +13,7 @@ import platform
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,35 @@ class TrainingError(RuntimeError):
 
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+# Settings that do not change what a run computes (may differ when resuming).
+RUN_ONLY = ("out", "resume", "num_workers", "progress", "export", "save_every_steps", "device",
+            "command", "name", "eval_every", "threads")  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """How a training run is executed and recorded (shared by both stages)."""
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    num_workers: int = 4
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    save_every_steps: int = 0
+    threads: int | None = None
+    progress: bool = True
+    resume: bool = False
+    name: str | None = None
+    export: Path | None = None
+    command: str | None = None
+
+    def recipe(self) -> dict[str, Any]:
+        """The settings that determine the result (recorded, and checked on resume)."""
+        out = {k: v for k, v in asdict(self).items() if k not in RUN_ONLY}
+        out["mean"] = list(self.mean) if self.mean else None
+        out["std"] = list(self.std) if self.std else None
+        return out
 
 
 def seed_everything(seed: int) -> None:

@@ -7,9 +7,8 @@ Writes a project-format ``kind='pretrain'`` checkpoint (encoder + decoder) that
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +20,7 @@ from models.training.datasets import open_training_data, train_transform
 from models.training.loop import (
     LogFn,
     LoopSettings,
+    RunOptions,
     TrainingRun,
     resolve_amp,
     seed_everything,
@@ -30,21 +30,15 @@ from models.training.loop import (
 )
 from models.training.schedule import adamw, param_groups, scaled_lr
 
-# Settings that do not change what a run computes (may differ when resuming).
-RUN_ONLY = ("out", "resume", "num_workers", "progress", "export", "save_every_steps", "device",
-            "command", "name", "eval_every", "threads")  # fmt: skip
-
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunOptions):
     """``dmae-certify train pretrain`` settings; defaults are the published recipe's."""
 
     data: str
     out: Path
     arch: str = "base"
     input_size: int | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
     sigma: float = 0.25
     mask_ratio: float = 0.75
     epochs: int = 1100
@@ -57,24 +51,6 @@ class PretrainConfig:
     weight_decay: float = 0.05
     clip_grad: float | None = None
     augment: bool = True
-    num_workers: int = 4
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"
-    save_every_steps: int = 0
-    threads: int | None = None
-    progress: bool = True
-    resume: bool = False
-    name: str | None = None
-    export: Path | None = None
-    command: str | None = None
-
-    def recipe(self) -> dict[str, Any]:
-        """The settings that determine the result (recorded, and checked on resume)."""
-        out = {k: v for k, v in asdict(self).items() if k not in RUN_ONLY}
-        out["mean"] = list(self.mean) if self.mean else None
-        out["std"] = list(self.std) if self.std else None
-        return out
 
 
 def pretrain_step(

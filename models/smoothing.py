@@ -251,61 +251,33 @@ def certify(
         timings=timings,
     )
     if not top2:
+        mode, pb, count_b = Mode.CERTIFY, None, None
         pa = clopper_pearson_lower(k_a, n, alpha)
-        if pa < 0.5:
-            return Certificate(
-                Mode.CERTIFY.value,
-                None,
-                True,
-                AbstainReason.PA_BELOW_HALF.value,
-                0.0,
-                pa,
-                None,
-                count_b=None,
-                **common,
-            )
-        return Certificate(
-            Mode.CERTIFY.value,
-            c_a,
-            False,
-            None,
-            sigma * float(norm.ppf(pa)),
-            pa,
-            None,
-            count_b=None,
-            **common,
+        reason = AbstainReason.PA_BELOW_HALF if pa < 0.5 else None
+        radius = sigma * float(norm.ppf(pa)) if reason is None else 0.0
+    else:
+        mode = Mode.CERTIFY_TOP2
+        pa = clopper_pearson_lower(k_a, n, alpha / 2)
+        others = [i for i in range(counts.numel()) if i != c_a]
+        per_class = alpha / (2 * max(len(others), 1))
+        c_b = max(others, key=lambda i: int(counts[i])) if others else c_a
+        count_b = int(counts[c_b])
+        pb = min(
+            max((clopper_pearson_upper(int(counts[i]), n, per_class) for i in others), default=0.0),
+            1.0 - pa,
         )
-
-    pa = clopper_pearson_lower(k_a, n, alpha / 2)
-    others = [i for i in range(counts.numel()) if i != c_a]
-    per_class = alpha / (2 * max(len(others), 1))
-    c_b = max(others, key=lambda i: int(counts[i])) if others else c_a
-    pb = min(
-        max((clopper_pearson_upper(int(counts[i]), n, per_class) for i in others), default=0.0),
-        1.0 - pa,
-    )
-    radius = 0.5 * sigma * (float(norm.ppf(pa)) - float(norm.ppf(pb))) if pa > 0 else 0.0
-    if pa <= pb or radius <= 0:
-        return Certificate(
-            Mode.CERTIFY_TOP2.value,
-            None,
-            True,
-            AbstainReason.PA_NOT_ABOVE_PB.value,
-            0.0,
-            pa,
-            pb,
-            count_b=int(counts[c_b]),
-            **common,
-        )
+        radius = 0.5 * sigma * (float(norm.ppf(pa)) - float(norm.ppf(pb))) if pa > 0 else 0.0
+        reason = AbstainReason.PA_NOT_ABOVE_PB if pa <= pb or radius <= 0 else None
+        radius = radius if reason is None else 0.0
     return Certificate(
-        Mode.CERTIFY_TOP2.value,
-        c_a,
-        False,
-        None,
+        mode.value,
+        c_a if reason is None else None,
+        reason is not None,
+        None if reason is None else reason.value,
         radius,
         pa,
         pb,
-        count_b=int(counts[c_b]),
+        count_b=count_b,
         **common,
     )
 

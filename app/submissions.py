@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
@@ -52,15 +51,13 @@ def check_params(p: Params, settings: Settings) -> None:
 
     if p.mode not in MODES:
         raise bad_input(f"mode must be one of {', '.join(MODES)}, got {p.mode!r}")
-    if p.sigma is not None and not (math.isfinite(p.sigma) and p.sigma > 0):
-        raise bad_input(f"sigma must be a positive finite number, got {p.sigma!r}")
     if not 1 <= p.n <= settings.n_max:
         raise bad_input(f"n must lie in [1, {settings.n_max}], got {p.n}")
     if p.mode != "predict" and not 1 <= p.n0 <= settings.n0_max:
         raise bad_input(f"n0 must lie in [1, {settings.n0_max}], got {p.n0}")
     if p.seed is not None and not 0 <= p.seed < 2**63:
         raise bad_input(f"seed must lie in [0, 2^63), got {p.seed}")
-    try:
+    try:  # the core's checks of sigma (when given), alpha and n, with its messages
         validate(p.sigma if p.sigma is not None else 1.0, p.alpha, p.n)
     except ValueError as exc:
         raise bad_input(str(exc)) from exc

@@ -96,7 +96,8 @@ def register(
     licence: str | None = None,
 ) -> Checkpoint:
     """Validate the checkpoint at ``location`` and add it to the registry (409 if the name is
-    taken)."""
+    taken). The row is flushed, not committed: the caller commits, together with whatever else
+    must become visible at the same time."""
     from models.checkpoints import OFFICIAL_LICENCE, file_sha256
 
     options = {k: v for k, v in (options or {}).items() if k in OFFICIAL_OPTIONS and v is not None}
@@ -128,7 +129,7 @@ def register(
     )
     session.add(row)
     try:
-        session.commit()
+        session.flush()
     except IntegrityError as exc:
         session.rollback()
         raise ServiceError(409, f"a model named {name!r} is already registered") from exc
@@ -149,6 +150,7 @@ def register_bundled(session: Session) -> list[str]:
             continue
         try:
             register(session, location=BUNDLED_PREFIX + name, name=name)
+            session.commit()
             added.append(name)
         except (ServiceError, CheckpointError) as exc:
             log.error("bundled model %s not registered: %s", name, exc)

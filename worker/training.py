@@ -202,7 +202,7 @@ def run_training(
         ):
             s.rollback()
             return "aborted"
-        try:  # commits the finish together with the registration
+        try:  # the finish, the registration and the link commit together
             ckpt: Checkpoint = registry.register(
                 s,
                 location=str(Path(path).resolve()),

@@ -128,6 +128,7 @@ def register_model(
             ):
                 saved.unlink(missing_ok=True)
             raise
+        session.commit()
     else:
         assert path is not None
         target = registry.inside(settings.checkpoints, path)
@@ -142,6 +143,7 @@ def register_model(
             created_by=admin.id,
             licence=licence,
         )
+        session.commit()
     return model_out(row)
 
 

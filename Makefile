@@ -26,7 +26,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 typecheck: setup
-	$(BIN)/mypy app worker models bench
+	$(BIN)/mypy app domain worker models bench
 
 pytest: setup
 	$(BIN)/pytest

@@ -1,8 +1,8 @@
-"""Error handling in one place: every error answer is JSON with a readable ``detail``.
+"""Error answers in one place: every error is JSON with a readable ``detail``.
 
-Domain code raises :class:`ServiceError` (or a subclass); request validation, HTTP errors, an
-unreachable database or broker and unexpected exceptions are all mapped here, so a client never
-sees a traceback.
+Domain code raises :class:`domain.errors.ServiceError` (or a subclass); request validation,
+HTTP errors, an unreachable database or broker and unexpected exceptions are all mapped here,
+so a client never sees a traceback.
 """
 
 from __future__ import annotations
@@ -19,34 +19,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from domain.errors import BrokerUnavailable, ServiceError
+
 log = logging.getLogger("dmae.api")
-
-
-class ServiceError(Exception):
-    """An error with an HTTP status and a message meant for the client."""
-
-    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None):
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
-        self.headers = headers
-
-
-def bad_input(detail: str) -> ServiceError:
-    """422: the request is well-formed but its content cannot be used."""
-    return ServiceError(422, detail)
-
-
-def not_found(what: str) -> ServiceError:
-    return ServiceError(404, f"{what} not found")
-
-
-class BrokerUnavailable(ServiceError):
-    """The job is stored but could not be handed to the broker (``job_id``: which job)."""
-
-    def __init__(self, detail: str, job_id: str | None = None):
-        super().__init__(503, detail, {"Retry-After": "30"})
-        self.job_id = job_id
 
 
 def _where(loc: Sequence[Any]) -> str:

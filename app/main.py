@@ -15,11 +15,11 @@ from typing import Any
 from fastapi import FastAPI
 
 from app import errors
-from app.config import Settings, get_settings
-from app.db import get_database
 from app.ratelimit import make_limiter
 from app.routes import admin, health, jobs, models
-from app.uploads import MULTIPART_SLACK, BodyLimit
+from app.upload_files import MULTIPART_SLACK, BodyLimit
+from domain.config import Settings, get_settings
+from domain.db import get_database
 
 log = logging.getLogger("dmae.api")
 
@@ -36,7 +36,7 @@ certificate's `space` and `input_shape`).
 
 
 def body_limits(settings: Settings) -> Any:
-    """The per-route request body cap used by :class:`app.uploads.BodyLimit`."""
+    """The per-route request body cap used by :class:`app.upload_files.BodyLimit`."""
 
     def limit_for(method: str, path: str) -> int:
         if method == "POST" and path.rstrip("/") == "/certify":
@@ -57,7 +57,7 @@ def prepare_database(settings: Settings) -> None:
     (``dmae-certify db upgrade``, the compose migration step)."""
     from alembic.script import ScriptDirectory
 
-    from app import migrate
+    from domain import migrate
 
     if settings.is_sqlite:
         migrate.upgrade(settings.database_url)
@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from app import auth, registry
+        from domain import keys, registry
 
         prepare_database(settings)
         db = get_database(settings.database_url)
@@ -87,8 +87,8 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
         with db.session() as session:
             if settings.register_bundled:
                 registry.register_bundled(session)
-            if settings.embedded and auth.count_keys(session) == 0:
-                _, token = auth.create_key(session, name="first key", admin=True)
+            if settings.embedded and keys.count_keys(session) == 0:
+                _, token = keys.create_key(session, name="first key", admin=True)
                 log.warning(
                     "No API key existed: created an admin key (shown once): %s  "
                     "e.g. curl -H 'X-API-Key: %s' -F image=@digit.png -F sigma=0.25 "
@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
             runner.start()
             app.state.dispatcher = runner
         else:
-            from worker.dispatch import CeleryDispatcher
+            from worker.celery_app import CeleryDispatcher
 
             app.state.dispatcher = CeleryDispatcher(settings)
         try:

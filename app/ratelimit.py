@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from app.config import Settings
-from app.errors import ServiceError
+from domain.config import Settings
+from domain.errors import ServiceError
 
 log = logging.getLogger("dmae.api")
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.tables import Checkpoint, Job, TrainingRun
+from domain.tables import Checkpoint, Job, TrainingRun
 
 Mode = Literal["certify", "predict", "certify_top2"]
 

@@ -8,7 +8,6 @@ available the case is skipped with a note saying why; the other cases do not dep
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import shutil
@@ -42,20 +41,6 @@ def png_bytes(x: Tensor) -> bytes:
     out = io.BytesIO()
     Image.fromarray(arr, "RGB").save(out, format="PNG")
     return out.getvalue()
-
-
-def service_commands_available() -> bool:
-    """Whether ``dmae-certify serve`` and ``keys create`` exist (the service has landed)."""
-    from app.cli import build_parser
-
-    parser = build_parser()
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            parser.parse_known_args(["serve"])
-            parser.parse_known_args(["keys", "create"])
-    except SystemExit:
-        return False
-    return True
 
 
 def _free_port() -> int:
@@ -94,11 +79,6 @@ def embedded_service(
 
     from models.checkpoints import save_checkpoint
 
-    if not service_commands_available():
-        raise ServiceUnavailable(
-            "the service is not available yet (`dmae-certify serve` / `keys` are not "
-            "registered); pass --service-url and --api-key to measure a running service"
-        )
     data = Path(tempfile.mkdtemp(prefix="dmae-bench-"))
     env = dict(os.environ)
     for name in ("DMAE_DATABASE_URL", "DMAE_BROKER_URL"):

@@ -35,6 +35,17 @@ def preprocess(img: Image.Image, input_size: int) -> Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
+def tensor_bytes(x: Tensor) -> bytes:
+    """The raw float32 bytes (C order) of ``x``: how a preprocessed input is stored."""
+    return x.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()
+
+
+def tensor_from_bytes(data: bytes, shape: Sequence[int]) -> Tensor:
+    """Inverse of :func:`tensor_bytes`: a float32 tensor of ``shape``."""
+    arr = np.frombuffer(data, dtype=np.float32).reshape(tuple(shape))
+    return torch.from_numpy(arr.copy())
+
+
 def load_image(path: str | Path, input_size: int) -> Tensor:
     with Image.open(path) as img:
         return preprocess(img, input_size)

@@ -105,7 +105,7 @@ class BlockableDatabase:
         )
 
     def create(self) -> None:
-        from app import migrate
+        from domain import migrate
 
         with _admin() as conn:
             conn.execute(f'CREATE DATABASE "{self.name}"')
@@ -125,7 +125,7 @@ class BlockableDatabase:
             conn.execute(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS true')
 
     def drop(self) -> None:
-        from app.db import _databases
+        from domain.db import _databases
 
         for url in [u for u in _databases if self.name in u]:
             _databases.pop(url).dispose()

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from sqlalchemy.engine import make_url
 
-from app.config import Settings
+from domain.config import Settings
 
 PG_ADMIN_URL = os.environ.get(
     "DMAE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -185,7 +185,7 @@ def pg_url() -> Iterator[str]:
     try:
         yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     finally:
-        from app.db import _databases
+        from domain.db import _databases
 
         for url in [u for u in _databases if name in u]:
             _databases.pop(url).dispose()

@@ -15,7 +15,6 @@ from scipy.stats import chi2_contingency
 
 from app.cli import main
 from bench.reference import reference_counts
-from bench.service import service_commands_available
 from bench.summary import summarise
 from models.networks import DMAEClassifier, preset
 from models.smoothing import NoiseStream
@@ -97,8 +96,6 @@ def test_bad_benchmark_settings_get_a_message(capsys: pytest.CaptureFixture) -> 
 @pytest.mark.slow
 def test_service_case_certifies_over_http(tmp_path: Path) -> None:
     """Case (d) for real: the embedded service started, the bench model registered, one job."""
-    if not service_commands_available():
-        pytest.skip("the service commands (serve, keys) are not registered yet")
     out = tmp_path / "bench.json"
     args = ["bench", "--model", "tiny", *SMALL, "--rounds", "1", "--service-n", "200"]
     assert main([*args, "--json", str(out)]) == 0

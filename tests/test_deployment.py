@@ -2,7 +2,7 @@
 
 There is no Docker engine in CI, so nothing is built or pulled. Instead: the Dockerfile, the
 Compose files, ``.env.example`` and ``.dockerignore`` are parsed and checked against what the
-project really provides (pyproject pins, the ``dmae-certify`` commands, ``app.config.Settings``);
+project really provides (pyproject pins, the ``dmae-certify`` commands, ``domain.config.Settings``);
 the Docker build context is turned into a wheel exactly as ``pip install .`` in the image does;
 and ``docker compose config`` validates the Compose files when a Compose binary is installed
 (Debian: ``apt-get install -y docker-compose``).
@@ -108,11 +108,11 @@ def env_example() -> dict[str, str]:
 
 
 def settings_fields() -> set[str]:
-    """Environment names of every field of app.config.Settings."""
+    """Environment names of every field of domain.config.Settings."""
     try:
-        from app.config import Settings
-    except ImportError as exc:  # pragma: no cover - only while app.config does not exist
-        pytest.skip(f"app.config is not importable ({exc}); cannot check setting names")
+        from domain.config import Settings
+    except ImportError as exc:  # pragma: no cover - only while domain.config does not exist
+        pytest.skip(f"domain.config is not importable ({exc}); cannot check setting names")
     prefix = Settings.model_config.get("env_prefix", "")
     return {f"{prefix}{name}".upper() for name in Settings.model_fields}
 
@@ -340,7 +340,7 @@ def test_env_example_documents_exactly_the_service_settings() -> None:
     documented = {k for k in env_example() if k.startswith("DMAE_")}
     fields = settings_fields()
     assert not fields - documented, f"settings missing from .env.example: {fields - documented}"
-    assert not documented - fields, f"not settings of app.config: {documented - fields}"
+    assert not documented - fields, f"not settings of domain.config: {documented - fields}"
 
 
 def test_deployment_files_use_only_documented_settings() -> None:
@@ -358,8 +358,8 @@ def test_deployment_doc_lists_every_setting() -> None:
 
 
 def test_env_example_values_are_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    settings_fields()  # skips with the reason while app.config is not importable
-    from app.config import Settings
+    settings_fields()  # skips with the reason while domain.config is not importable
+    from domain.config import Settings
 
     for key, value in env_example().items():
         monkeypatch.setenv(key, value)
@@ -398,7 +398,7 @@ def test_dockerignore_keeps_secrets_and_local_state_out() -> None:
         "x/__pycache__/a.pyc",
     ):
         assert dockerignored(path, patterns), path
-    for path in ("pyproject.toml", "README.md", "app/config.py", "models/networks.py"):
+    for path in ("pyproject.toml", "README.md", "domain/config.py", "models/networks.py"):
         assert not dockerignored(path, patterns), path
 
 

@@ -1,4 +1,4 @@
-"""Alembic migrations up and down on SQLite and Postgres, and in step with app.tables."""
+"""Alembic migrations up and down on SQLite and Postgres, and in step with domain.tables."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from alembic.script import ScriptDirectory
 from service_support import pg_url, reset_postgres  # noqa: F401 - pg_url is a fixture
 from sqlalchemy import inspect
 
-from app import migrate
-from app.db import make_engine
-from app.tables import Base
+from domain import migrate
+from domain.db import make_engine
+from domain.tables import Base
 
 TABLES = {
     "api_keys",

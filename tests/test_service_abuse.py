@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from test_service_embedded import Recorder, Service
 
 from app.main import create_app
-from app.tables import IdempotencyKey, Job
+from domain.tables import IdempotencyKey, Job
 
 
 def _service(app: Any, client: TestClient, checkpoint: Path) -> Service:

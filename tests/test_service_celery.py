@@ -32,10 +32,10 @@ from service_support import (  # noqa: F401 - pg_url is a fixture
 from sqlalchemy import func, select, update
 from test_service_embedded import Recorder, Service
 
-from app import migrate
-from app.db import utcnow
 from app.main import create_app
-from app.tables import Certificate, Job
+from domain import migrate
+from domain.db import utcnow
+from domain.tables import Certificate, Job
 
 WORKER_ENV = {
     "DMAE_DEVICE": "cpu",

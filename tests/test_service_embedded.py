@@ -24,9 +24,9 @@ from service_support import (  # noqa: F401 - tiny_checkpoint is a fixture
 )
 from sqlalchemy import func, select
 
-from app.auth import create_key
 from app.main import create_app
-from app.tables import Certificate
+from domain.keys import create_key
+from domain.tables import Certificate
 
 SMALL = {"sigma": str(SIGMA), "n0": "20", "n": "200"}
 

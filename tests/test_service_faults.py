@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 from test_service_embedded import Service
 
 from app.main import create_app
-from app.tables import Certificate, Job
+from domain.tables import Certificate, Job
 
 MAX_ATTEMPTS = 2
 WORKER_ENV = {

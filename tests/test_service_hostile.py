@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from test_service_embedded import Recorder, Service
 
 from app.main import create_app
-from app.tables import (
+from domain.tables import (
     ApiKey,
     Certificate,
     Checkpoint,

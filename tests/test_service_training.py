@@ -8,8 +8,8 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from service_support import digit_png, service_settings, wait_for
 
-from app.auth import create_key
 from app.main import create_app
+from domain.keys import create_key
 
 FAST = {"epochs": 1, "batch_size": 512, "warmup_epochs": 0}
 

@@ -2,7 +2,7 @@
 
 - A task carries only the job id (task id = job id); results are ignored: Postgres holds state.
 - ``task_acks_late`` + ``task_reject_on_worker_lost``: a task whose worker process dies is
-  redelivered; the attempts cap lives in the job row (``worker.state.claim``).
+  redelivered; the attempts cap lives in the job row (``domain.state.claim``).
 - ``worker_prefetch_multiplier = 1``: a worker reserves no more jobs than it runs.
 - Redis ``visibility_timeout`` above the longest job, so a running task is never handed out twice.
 - Nothing here touches CUDA: models load lazily in the process that runs the task
@@ -19,10 +19,13 @@ from typing import Any
 
 from celery import Celery, signals
 
-from app.config import Settings, get_settings
-from worker.dispatch import CERTIFY_TASK, TRAIN_TASK
+from domain.config import Settings, get_settings
+from domain.errors import BrokerUnavailable
 
 log = logging.getLogger("dmae.worker")
+
+CERTIFY_TASK = "dmae.certify"
+TRAIN_TASK = "dmae.train"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -64,13 +67,46 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
+class CeleryDispatcher:
+    """Sends ``(task, id)`` messages; the task id is the job id and results are ignored."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.app = make_celery(settings)
+
+    def _send(self, task: str, run_id: str) -> None:
+        from kombu.exceptions import OperationalError
+
+        try:
+            self.app.send_task(task, args=[run_id], task_id=run_id, queue=self.settings.queue)
+        except (OperationalError, OSError, ConnectionError) as exc:
+            raise BrokerUnavailable(
+                f"the job queue is unavailable ({exc}); the job {run_id} is stored and will be "
+                "queued automatically when it returns"
+            ) from exc
+
+    def backlog(self) -> int | None:
+        """Length of the Redis list holding the queue's waiting messages (None: unknown)."""
+        try:
+            with self.app.connection_for_write() as conn:
+                return int(conn.default_channel.client.llen(self.settings.queue))
+        except Exception:  # another transport, or the broker is down
+            return None
+
+    def certify(self, job_id: str) -> None:
+        self._send(CERTIFY_TASK, job_id)
+
+    def train(self, run_id: str) -> None:
+        self._send(TRAIN_TASK, run_id)
+
+
 app = make_celery(get_settings())
 
 
 @signals.worker_process_init.connect
 def _child_started(**_: Any) -> None:
     """A forked pool child: drop the parent's pooled connections and any cached model."""
-    from app.db import reset_after_fork
+    from domain.db import reset_after_fork
     from worker.model_cache import CACHE
 
     reset_after_fork()
@@ -86,7 +122,6 @@ def _start_sweep(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
     if settings.sweep_interval_s <= 0 or _sweeper is not None:
         return
-    from worker.dispatch import CeleryDispatcher
     from worker.sweep import Sweeper
 
     _sweeper = Sweeper(settings, CeleryDispatcher(settings))

@@ -16,14 +16,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
-from app.config import Settings, get_settings
-from app.db import get_database
-from app.tables import Certificate, Checkpoint, Job, JobInput, Status
-from worker import state
+from domain import state
+from domain.config import Settings, get_settings
+from domain.db import get_database
+from domain.tables import Certificate, Checkpoint, Job, JobInput, Status
+from models.data import tensor_from_bytes
 from worker.model_cache import CACHE, LoadedModel, ModelRef
+from worker.monitor import Aborted, Monitor
 
 log = logging.getLogger("dmae.worker")
 
@@ -40,16 +41,6 @@ def sampler_for(loaded: LoadedModel, settings: Settings) -> Any:
     engine = shared_engine(loaded.device, batch_size=settings.batch_size or None)
     engine.register(loaded.engine_key, loaded.model, loaded.meta.num_classes)
     return engine.sampler(loaded.engine_key)
-
-
-def input_tensor(row: JobInput) -> torch.Tensor:
-    """The stored float32 input, exactly as the API preprocessed it."""
-    arr = np.frombuffer(row.data, dtype=np.float32).reshape(tuple(row.shape))
-    return torch.from_numpy(arr.copy())
-
-
-def tensor_bytes(x: torch.Tensor) -> bytes:
-    return x.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()
 
 
 def run_job(
@@ -85,11 +76,11 @@ def run_job(
                 created_at=job.created_at,
                 started_at=job.started_at,
             )
-            x = input_tensor(inp)
+            x = tensor_from_bytes(inp.data, inp.shape)
     except Exception as exc:  # any failure here is the job's, reported on it
         return _fail(db, job_id, token, f"could not read the job: {exc}")
 
-    with state.Monitor(db, Job, job_id, token, settings.heartbeat_s, should_stop) as monitor:
+    with Monitor(db, Job, job_id, token, settings.heartbeat_s, should_stop) as monitor:
         try:
             CACHE.capacity = settings.model_cache_size
             load_started = time.perf_counter()
@@ -99,7 +90,7 @@ def run_job(
             return _fail(db, job_id, token, f"model {ref.name!r} could not be loaded: {exc}")
         try:
             cert = _run_core(loaded, x, params, settings, monitor.progress)
-        except state.Aborted as exc:
+        except Aborted as exc:
             if exc.reason == "shutdown":
                 with db.session() as s:
                     state.release(s, Job, job_id, token)

@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from app.registry import location_path
-from app.tables import Checkpoint
+from domain.registry import location_path
+from domain.tables import Checkpoint
 from worker.engine import unregister_everywhere
 
 

@@ -12,8 +12,8 @@ import logging
 import queue
 import threading
 
-from app.config import Settings
-from app.db import get_database
+from domain.config import Settings
+from domain.db import get_database
 from worker.sweep import Sweeper, sweep_once
 
 log = logging.getLogger("dmae.runner")
@@ -22,7 +22,7 @@ _STOP = ("stop", "")
 
 
 class InProcessRunner:
-    """A :class:`worker.dispatch.Dispatcher` backed by threads of this process."""
+    """A :class:`domain.dispatch.Dispatcher` backed by threads of this process."""
 
     def __init__(self, settings: Settings):
         self.settings = settings

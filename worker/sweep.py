@@ -21,12 +21,12 @@ from datetime import timedelta
 
 from sqlalchemy import or_, select, update
 
-from app.config import Settings
-from app.db import Database, get_database, utcnow
-from app.errors import ServiceError
-from app.tables import Job, Status, TrainingRun
-from worker.dispatch import Dispatcher
-from worker.state import QUEUED, RUNNING, RunTable, rowcount
+from domain.config import Settings
+from domain.db import Database, get_database, utcnow
+from domain.dispatch import Dispatcher
+from domain.errors import ServiceError
+from domain.state import QUEUED, RUNNING, RunTable, rowcount
+from domain.tables import Job, Status, TrainingRun
 
 log = logging.getLogger("dmae.sweep")
 

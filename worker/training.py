@@ -5,7 +5,6 @@ resulting checkpoint registered in the model registry.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -14,90 +13,20 @@ from typing import Any
 
 from sqlalchemy import update
 
-from app.config import Settings, get_settings
-from app.db import get_database
-from app.tables import Checkpoint, Status, TrainingRun
-from worker import state
+from domain import state
+from domain.config import Settings, get_settings
+from domain.db import get_database
+from domain.tables import Checkpoint, Status, TrainingRun
+from worker.monitor import Aborted, Monitor
 
 log = logging.getLogger("dmae.training")
 
-# Config fields a client may not set: the service decides where and how a run executes
-# (num_workers stays 0: a Celery prefork child is daemonic and may not start loader processes).
-RESERVED = frozenset(
-    {
-        "num_workers",
-        "data",
-        "out",
-        "pretrained",
-        "sigma",
-        "init",
-        "resume",
-        "export",
-        "command",
-        "progress",
-        "name",
-        "device",
-    }
-)
 LOG_TAIL = 30
-
-
-def config_class(kind: str) -> Any:
-    if kind == "pretrain":
-        from models.training.pretrain import PretrainConfig
-
-        return PretrainConfig
-    from models.training.finetune import FinetuneConfig
-
-    return FinetuneConfig
-
-
-AT_LEAST_ONE = frozenset({"epochs", "batch_size", "accum_iter", "copies", "eval_batch"})
-
-
-def check_params(kind: str, params: dict[str, Any]) -> None:
-    """ValueError naming any hyper-parameter the training pipeline does not know, or a value
-    of the wrong type, not finite, negative, or zero where a count must be positive."""
-    import math
-
-    types = {f.name: str(f.type) for f in dataclasses.fields(config_class(kind))}
-    fields = set(types) - RESERVED
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise ValueError(
-            f"unknown {kind} parameter(s) {', '.join(unknown)}; "
-            f"accepted: {', '.join(sorted(fields))}"
-        )
-    for name, value in params.items():
-        kind_of = types[name]
-        if "tuple" in kind_of:  # mean/std: "0.5,0.5,0.5"
-            parts = str(value).split(",")
-            try:
-                numbers = [float(v) for v in parts]
-            except ValueError:
-                raise ValueError(f"{name} must be comma-separated numbers, got {value!r}") from None
-            if len(numbers) != 3 or not all(math.isfinite(v) for v in numbers):
-                raise ValueError(f"{name} must be 3 finite numbers, got {value!r}")
-            continue
-        if kind_of.startswith("bool"):
-            ok = isinstance(value, bool)
-        elif kind_of.startswith("int"):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif kind_of.startswith("float"):
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, str)
-        if not ok:
-            raise ValueError(f"{name} must be of type {kind_of}, got {value!r}")
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
-            if name in AT_LEAST_ONE and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value!r}")
 
 
 def build_config(run: TrainingRun, init_path: str | None, out: Path, device: str) -> Any:
     """The pipeline's config for ``run``, resuming from ``out`` when a lost attempt left state."""
+    from models.training.params import config_class
     from models.training.state import STATE_FILE
 
     cls = config_class(run.kind)
@@ -131,7 +60,7 @@ def run_training(
     should_stop: Callable[[], bool] | None = None,
 ) -> str:
     """Run training run ``run_id`` if it can be claimed; registers its checkpoint on success."""
-    from app import registry
+    from domain import registry
 
     settings = settings or get_settings()
     db = get_database(settings.database_url)
@@ -155,7 +84,7 @@ def run_training(
     except Exception as exc:  # a bad configuration is the run's failure, not the worker's
         return _fail(db, run_id, token, f"invalid training run: {exc}")
 
-    with state.Monitor(db, TrainingRun, run_id, token, settings.heartbeat_s, should_stop) as mon:
+    with Monitor(db, TrainingRun, run_id, token, settings.heartbeat_s, should_stop) as mon:
 
         def after_step(step: int) -> None:
             mon.done = step
@@ -176,7 +105,7 @@ def run_training(
                 from models.training.finetune import run_finetune
 
                 path = run_finetune(cfg, log=log_line, after_step=after_step)
-        except state.Aborted as exc:
+        except Aborted as exc:
             if exc.reason == "shutdown":
                 with db.session() as s:
                     state.release(s, TrainingRun, run_id, token)

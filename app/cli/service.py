@@ -1,6 +1,6 @@
 """``dmae-certify serve | worker | keys | db``: run and administer the certification service.
 
-Settings come from ``DMAE_*`` environment variables and ``.env`` (see ``app.config``).
+Settings come from ``DMAE_*`` environment variables and ``.env`` (see ``domain.config``).
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def _logging(level: str) -> None:
 
 
 def _ready_database() -> Any:
-    from app.config import get_settings
     from app.main import SchemaNotReady, prepare_database
+    from domain.config import get_settings
 
     settings = get_settings()
     try:
@@ -144,8 +144,8 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def keys_create(args: argparse.Namespace) -> int:
-    from app.auth import create_key
-    from app.db import get_database
+    from domain.db import get_database
+    from domain.keys import create_key
 
     settings = _ready_database()
     with get_database(settings.database_url).session() as session:
@@ -159,8 +159,8 @@ def keys_create(args: argparse.Namespace) -> int:
 def keys_list(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from app.db import get_database
-    from app.tables import ApiKey
+    from domain.db import get_database
+    from domain.tables import ApiKey
 
     del args
     settings = _ready_database()
@@ -175,8 +175,8 @@ def keys_list(args: argparse.Namespace) -> int:
 
 
 def keys_revoke(args: argparse.Namespace) -> int:
-    from app.db import get_database, utcnow
-    from app.tables import ApiKey
+    from domain.db import get_database, utcnow
+    from domain.tables import ApiKey
 
     settings = _ready_database()
     with get_database(settings.database_url).session() as session:
@@ -190,8 +190,8 @@ def keys_revoke(args: argparse.Namespace) -> int:
 
 
 def db_upgrade(args: argparse.Namespace) -> int:
-    from app import migrate
-    from app.config import get_settings
+    from domain import migrate
+    from domain.config import get_settings
 
     migrate.upgrade(get_settings().database_url, args.revision)
     print(f"database at {migrate.current(get_settings().database_url)}", file=sys.stderr)
@@ -199,8 +199,8 @@ def db_upgrade(args: argparse.Namespace) -> int:
 
 
 def db_downgrade(args: argparse.Namespace) -> int:
-    from app import migrate
-    from app.config import get_settings
+    from domain import migrate
+    from domain.config import get_settings
 
     migrate.downgrade(get_settings().database_url, args.revision)
     print(f"database at {migrate.current(get_settings().database_url) or 'base'}", file=sys.stderr)
@@ -208,8 +208,8 @@ def db_downgrade(args: argparse.Namespace) -> int:
 
 
 def db_current(args: argparse.Namespace) -> int:
-    from app import migrate
-    from app.config import get_settings
+    from domain import migrate
+    from domain.config import get_settings
 
     del args
     print(migrate.current(get_settings().database_url) or "base")

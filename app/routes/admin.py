@@ -8,14 +8,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from sqlalchemy import func, select
 
-from app import registry
 from app.auth import Admin, SessionDep
-from app.errors import ServiceError, bad_input, not_found
 from app.routes.deps import MAX_OFFSET, DispatcherDep, SettingsDep
 from app.schemas import ModelOut, TrainingIn, TrainingOut, TrainingPage, model_out, training_out
-from app.tables import Checkpoint, Status, TrainingRun
-from app.uploads import save_upload
-from worker import state
+from app.upload_files import save_upload
+from domain import registry, state
+from domain.errors import ServiceError, bad_input, not_found
+from domain.tables import Checkpoint, Status, TrainingRun
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -243,7 +242,7 @@ def launch_training(
 ) -> TrainingOut:
     """The run reports progress (optimiser steps) on GET /admin/training/{id} and registers the
     resulting checkpoint under ``name`` when it finishes."""
-    from worker.training import check_params
+    from models.training.params import check_params
 
     registry.check_name(body.name)
     if session.scalar(select(Checkpoint.id).where(Checkpoint.name == body.name)) is not None:

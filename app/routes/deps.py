@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from app.config import Settings
+from domain.config import Settings
 
 
 def get_settings(request: Request) -> Settings:

@@ -8,15 +8,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 from sqlalchemy import func, select
 
-from app import idempotency
 from app.auth import Client, SessionDep
-from app.errors import BrokerUnavailable, ServiceError, not_found
 from app.routes.deps import MAX_OFFSET, DispatcherDep, SettingsDep
 from app.schemas import JobOut, JobPage, Mode, job_out
-from app.submissions import Params, submit
-from app.tables import Certificate, Job, Status
-from app.uploads import read_upload
-from worker import state
+from app.upload_files import read_upload
+from domain import idempotency, state
+from domain.errors import BrokerUnavailable, ServiceError, not_found
+from domain.submissions import Params, submit
+from domain.tables import Certificate, Job, Status
 
 router = APIRouter(tags=["certification"])
 

@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from app.auth import Client, SessionDep
 from app.schemas import ModelOut, model_out
-from app.tables import Checkpoint
+from domain.tables import Checkpoint
 
 router = APIRouter(tags=["models"])
 

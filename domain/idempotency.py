@@ -26,12 +26,12 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.db import utcnow
-from app.errors import ServiceError, bad_input
-from app.submissions import Params
-from app.tables import IdempotencyKey
-from worker.state import rowcount
+from domain.config import Settings
+from domain.db import utcnow
+from domain.errors import ServiceError, bad_input
+from domain.state import rowcount
+from domain.submissions import Params
+from domain.tables import IdempotencyKey
 
 log = logging.getLogger("dmae.api")
 

@@ -9,25 +9,21 @@ a second result.
 from __future__ import annotations
 
 import enum
-import logging
 import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import CursorResult, or_, update
 from sqlalchemy.orm import Session
 
-from app.db import Database, utcnow
-from app.tables import Job, Status, TrainingRun
+from domain.db import Database, utcnow
+from domain.tables import Job, Status, TrainingRun
 
 if TYPE_CHECKING:
-    from app.config import Settings
-
-log = logging.getLogger("dmae.worker")
+    from domain.config import Settings
 
 RunTable = type[Job] | type[TrainingRun]
 RUNNING = Status.RUNNING.value
@@ -188,63 +184,3 @@ def mark_enqueued(session: Session, table: RunTable, run_id: str) -> None:
         update(table).where(table.id == run_id, table.status == QUEUED).values(enqueued_at=utcnow())
     )
     session.commit()
-
-
-class Aborted(Exception):
-    """Raised inside sampling when the attempt must stop (cancelled, taken over, shutdown)."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class Monitor:
-    """Heartbeat thread of one attempt: writes progress every ``interval`` seconds and notices
-    when the run stops being ours. ``progress(k)`` is the sampler's callback."""
-
-    def __init__(
-        self,
-        db: Database,
-        table: RunTable,
-        run_id: str,
-        token: str,
-        interval: float,
-        should_stop: Callable[[], bool] | None = None,
-    ):
-        self.db, self.table, self.run_id, self.token = db, table, run_id, token
-        self.interval = interval
-        self.should_stop = should_stop or (lambda: False)
-        self.done = 0
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{run_id[:8]}")
-        self._thread.daemon = True
-
-    def __enter__(self) -> Monitor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                with self.db.session() as s:
-                    if not heartbeat(s, self.table, self.run_id, self.token, self.done):
-                        self.lost = True
-                        return
-            except Exception as exc:  # database briefly unavailable: keep sampling, try again
-                log.warning("heartbeat of %s failed (%s); retrying", self.run_id, exc)
-                continue
-
-    def progress(self, k: int) -> None:
-        self.done += k
-        self.check()
-
-    def check(self) -> None:
-        if self.lost:
-            raise Aborted("the job was cancelled or taken over by another worker")
-        if self.should_stop():
-            raise Aborted("shutdown")

@@ -21,11 +21,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import registry
-from app.config import Settings
-from app.errors import ServiceError, bad_input
-from app.tables import ACTIVE_STATUSES, ApiKey, Checkpoint, Job, JobInput, Status, new_id
-from app.uploads import decode_image
+from domain import registry
+from domain.config import Settings
+from domain.errors import ServiceError, bad_input
+from domain.images import decode_image
+from domain.tables import ACTIVE_STATUSES, ApiKey, Checkpoint, Job, JobInput, Status, new_id
 
 SEED_BITS = 53  # seeds stay exact in JSON numbers (JavaScript clients included)
 MODES = ("certify", "predict", "certify_top2")
@@ -110,7 +110,7 @@ def submit(
 ) -> tuple[Job, bool]:
     """Store the job (or find the identical one); returns (job, whether it must be sent to the
     workers now)."""
-    from worker.jobs import tensor_bytes
+    from models.data import tensor_bytes
 
     check_params(p, settings)
     ckpt: Checkpoint = registry.choose(session, p.sigma, p.model)

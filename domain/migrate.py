@@ -34,7 +34,7 @@ def current(url: str) -> str | None:
     """The revision the database is at (None: never migrated)."""
     from alembic.runtime.migration import MigrationContext
 
-    from app.db import make_engine
+    from domain.db import make_engine
 
     engine = make_engine(url)
     try:

@@ -1,35 +1,26 @@
-"""Everything that touches client-sent bytes: body-size caps, image decoding, file uploads.
+"""Request bodies and uploaded files: per-route body caps while they stream, reading an image
+upload, and saving a checkpoint upload under a server-chosen name.
 
 - Request bodies are capped per route *while they stream* (:class:`BodyLimit`): a declared
   ``Content-Length`` over the cap is refused before reading, and a body that grows past it is
   cut off, both with 413.
-- Images are opened by Pillow restricted to :data:`IMAGE_FORMATS` (the bytes decide, never the
-  client's filename or content type), the pixel count is checked from the header before any
-  decoding, and truncated or corrupt files are refused with 422.
-- The accepted image is converted exactly as ``models.data.preprocess`` documents.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import UploadFile
-from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from torch import Tensor
 
-from app.errors import ServiceError
+from domain.errors import ServiceError
 
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MULTIPART_SLACK = 64 * 1024  # form fields and part headers around an upload
 CHUNK = 1 << 20
 
@@ -72,60 +63,6 @@ class BodyLimit:
             return msg
 
         await self.app(scope, limited, send)
-
-
-@dataclass
-class DecodedImage:
-    """An accepted upload: the preprocessed tensor and facts about the original."""
-
-    tensor: Tensor
-    sha256: str
-    format: str
-    size: tuple[int, int]
-
-
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode ``data`` as PNG, JPEG or WebP, refusing bombs and damaged files with clear errors."""
-    if not data:
-        raise ServiceError(422, "the image upload is empty")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ServiceError(413, f"image too large to decode safely: {exc}") from exc
-        except UnidentifiedImageError as exc:
-            raise ServiceError(
-                415, f"not a supported image: accepted formats are {', '.join(IMAGE_FORMATS)}"
-            ) from exc
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise ServiceError(422, f"unreadable image: {exc}") from exc
-        w, h = img.size
-        if w < 1 or h < 1:
-            raise ServiceError(422, f"image has no pixels ({w} x {h})")
-        if w * h > max_pixels:
-            raise ServiceError(
-                413, f"image of {w} x {h} = {w * h} pixels exceeds the limit of {max_pixels}"
-            )
-        try:
-            img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ServiceError(413, f"image too large to decode safely: {exc}") from exc
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            raise ServiceError(422, f"truncated or corrupt {img.format} image: {exc}") from exc
-    return img
-
-
-def decode_image(data: bytes, input_size: int, max_pixels: int) -> DecodedImage:
-    """Bytes of an upload -> the (3, S, S) tensor the certificate will refer to."""
-    from models.data import preprocess
-
-    img = open_image(data, max_pixels)
-    try:
-        tensor = preprocess(img, input_size)
-    except (OSError, ValueError) as exc:
-        raise ServiceError(422, f"could not convert the image: {exc}") from exc
-    return DecodedImage(tensor, hashlib.sha256(data).hexdigest(), str(img.format), img.size)
 
 
 def read_upload(upload: UploadFile, limit: int, what: str = "upload") -> bytes:

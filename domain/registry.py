@@ -16,8 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.errors import ServiceError, bad_input
-from app.tables import Checkpoint
+from domain.errors import ServiceError, bad_input
+from domain.tables import Checkpoint
 
 log = logging.getLogger("dmae.registry")
 

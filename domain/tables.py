@@ -1,6 +1,6 @@
 """SQLAlchemy models: API keys, registered checkpoints, jobs, their inputs and certificates,
 training runs. Postgres is the source of truth; every state change of a job or run is a
-compare-and-set ``UPDATE`` (see ``worker/state.py``).
+compare-and-set ``UPDATE`` (see ``domain/state.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from app.db import utcnow
+from domain.db import utcnow
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",

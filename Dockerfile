@@ -82,4 +82,5 @@ ENV DMAE_DATA_DIR=/data \
     DMAE_CHECKPOINT_DIR=/checkpoints \
     DMAE_DATASET_DIR=/datasets
 USER dmae
-CMD ["dmae-certify", "worker", "--pool", "threads", "--concurrency", "8"]
+EXPOSE 9101
+CMD ["dmae-certify", "worker", "--pool", "threads", "--concurrency", "8", "--metrics-port", "9101"]

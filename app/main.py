@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from app import errors
 from app.ratelimit import make_limiter
-from app.routes import admin, health, jobs, models
+from app.routes import admin, health, jobs, metrics, models
 from app.upload_files import MULTIPART_SLACK, BodyLimit
 from domain.config import Settings, get_settings
 from domain.db import get_database
@@ -48,40 +48,15 @@ def body_limits(settings: Settings) -> Any:
     return limit_for
 
 
-class SchemaNotReady(RuntimeError):
-    pass
-
-
-def prepare_database(settings: Settings) -> None:
-    """SQLite is migrated automatically; other databases must already be at the latest schema
-    (``dmae-certify db upgrade``, the compose migration step)."""
-    from alembic.script import ScriptDirectory
-
-    from domain import migrate
-
-    if settings.is_sqlite:
-        migrate.upgrade(settings.database_url)
-        return
-    head = ScriptDirectory.from_config(
-        migrate.alembic_config(settings.database_url)
-    ).get_current_head()
-    at = migrate.current(settings.database_url)
-    if at != head:
-        raise SchemaNotReady(
-            f"database schema is at {at or 'nothing'}, the service needs {head}: run "
-            "`dmae-certify db upgrade`"
-        )
-
-
 def create_app(settings: Settings | None = None, dispatcher: Any = None) -> FastAPI:
     """The API. ``dispatcher`` overrides how job ids reach the workers (tests)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from domain import keys, registry
+        from domain import keys, migrate, registry
 
-        prepare_database(settings)
+        migrate.prepare_database(settings)
         db = get_database(settings.database_url)
         app.state.db = db
         with db.session() as session:
@@ -125,7 +100,8 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
     app.state.limiter = make_limiter(settings)
     errors.install(app)
     app.add_middleware(BodyLimit, limit_for=body_limits(settings))
-    for module in (jobs, models, admin, health):
+    metrics.instrument(app)
+    for module in (jobs, models, admin, health, metrics):
         app.include_router(module.router)
     return app
 

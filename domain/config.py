@@ -162,6 +162,16 @@ class Settings(BaseSettings):
         "down at submission) once it is this old (s).",
     )
 
+    metrics_require_admin: bool = Field(
+        default=False,
+        description="GET /metrics needs an admin API key (default: open, for Prometheus).",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log lines of `serve` and `worker`: text, or json (one JSON object a line, "
+        "job events with job_id, status, model, mode and durations as keys).",
+    )
+
     @model_validator(mode="after")
     def _defaults_under_data_dir(self) -> Settings:
         if not self.database_url:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alembic import command
 from alembic.config import Config
 
 import migrations
+
+if TYPE_CHECKING:
+    from domain.config import Settings
 
 SCRIPT_LOCATION = Path(migrations.__file__).parent
 
@@ -42,3 +46,24 @@ def current(url: str) -> str | None:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()
+
+
+class SchemaNotReady(RuntimeError):
+    """The database is not at the schema this code needs (run ``dmae-certify db upgrade``)."""
+
+
+def prepare_database(settings: Settings) -> None:
+    """SQLite is migrated automatically; other databases must already be at the latest schema
+    (``dmae-certify db upgrade``, the compose migration step): else :class:`SchemaNotReady`."""
+    from alembic.script import ScriptDirectory
+
+    if settings.is_sqlite:
+        upgrade(settings.database_url)
+        return
+    head = ScriptDirectory.from_config(alembic_config(settings.database_url)).get_current_head()
+    at = current(settings.database_url)
+    if at != head:
+        raise SchemaNotReady(
+            f"database schema is at {at or 'nothing'}, the service needs {head}: run "
+            "`dmae-certify db upgrade`"
+        )

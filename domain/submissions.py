@@ -21,7 +21,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from domain import registry
+from domain import events, registry
 from domain.config import Settings
 from domain.errors import ServiceError, bad_input
 from domain.images import decode_image
@@ -158,6 +158,7 @@ def submit(
         if existing is None:
             raise
         return _reuse(session, existing, settings)
+    events.job_changed(job.id, Status.QUEUED.value, events.JobFacts(job.mode, job.model_name))
     return job, True
 
 
@@ -209,4 +210,8 @@ def _reuse(session: Session, job: Job, settings: Settings) -> tuple[Job, bool]:
     )
     session.commit()
     session.refresh(job)
-    return job, job.status == Status.QUEUED.value
+    queued = job.status == Status.QUEUED.value
+    if queued:
+        facts = events.JobFacts(job.mode, job.model_name)
+        events.job_changed(job.id, Status.QUEUED.value, facts, reason="submitted again")
+    return job, queued

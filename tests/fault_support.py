@@ -141,6 +141,16 @@ class BlockableDatabase:
         self.drop()
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM ``proc`` and wait; SIGKILL it if it has not exited within ``timeout`` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def children(pid: int) -> list[int]:
     """Direct child processes of ``pid`` (Linux /proc)."""
     found: list[int] = []

@@ -49,7 +49,9 @@ class Stage:
 
 
 # One process per GPU, 8 jobs at once feeding its batching engine (docs/DEPLOYMENT.md).
-WORKER_COMMAND = ["dmae-certify", "worker", "--pool", "threads", "--concurrency", "8"]
+WORKER_COMMAND = [
+    "dmae-certify", "worker", "--pool", "threads", "--concurrency", "8", "--metrics-port", "9101",
+]  # fmt: skip
 
 
 def dockerfile() -> tuple[dict[str, str], dict[str, Stage]]:
@@ -457,17 +459,25 @@ def compose_binary() -> list[str] | None:
 
 
 @pytest.mark.parametrize(
-    "files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpus.yml"]]
+    "files",
+    [
+        ["docker-compose.yml"],
+        ["docker-compose.yml", "docker-compose.gpus.yml"],
+        ["--profile", "monitoring", "docker-compose.yml"],
+    ],
 )
 def test_docker_compose_config_accepts_the_files(files: list[str], tmp_path: Path) -> None:
     binary = compose_binary()
     if binary is None:
         pytest.skip("no Compose binary; install it with `apt-get install -y docker-compose`")
+    profile = files[:2] if files[0] == "--profile" else []
+    files = files[len(profile) :]
     for name in [*files, "Dockerfile"]:
         shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
     shutil.copy(ROOT / ".env.example", tmp_path / ".env")  # what a user does first
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DMAE_", "POSTGRES_"))}
-    cmd = [*binary, *(a for f in files for a in ("-f", f)), "config"]
+    cmd = [*binary, *profile, *(a for f in files for a in ("-f", f)), "config"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     # Compose's own reading of the file keeps the GPU reservation and the start conditions.
@@ -478,3 +488,59 @@ def test_docker_compose_config_accepts_the_files(files: list[str], tmp_path: Pat
     assert api_deps["migrate"]["condition"] == "service_completed_successfully"
     # .env reaches the containers: the API gets the Postgres URL, not the SQLite default.
     assert services["api"]["environment"]["DMAE_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert "prometheus" in services or not profile
+
+
+# ---------------------------------------------------------------------------------------------
+# monitoring (compose profile "monitoring")
+# ---------------------------------------------------------------------------------------------
+
+MONITORING = ROOT / "deploy" / "monitoring"
+
+
+def test_prometheus_scrapes_the_api_and_each_worker_where_they_serve_metrics() -> None:
+    services = compose()["services"]
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    targets = {
+        job["job_name"]: [t for c in job["static_configs"] for t in c["targets"]]
+        for job in config["scrape_configs"]
+    }
+    assert targets["dmae-api"] == ["api:8000"]
+    assert "8000" in services["api"]["command"]
+    worker_cmd = services["worker"]["command"]
+    port = worker_cmd[worker_cmd.index("--metrics-port") + 1]
+    assert targets["dmae-worker"] == [f"worker:{port}"]
+    cli_accepts(worker_cmd)
+    for job in config["scrape_configs"]:
+        assert job["metrics_path"] == "/metrics"
+    mounted = [v.split(":")[0] for v in services["prometheus"]["volumes"]]
+    assert "./deploy/monitoring/prometheus.yml" in mounted
+    assert services["prometheus"]["profiles"] == ["monitoring"]
+    assert services["grafana"]["profiles"] == ["monitoring"]
+
+
+def test_grafana_dashboard_queries_only_metrics_the_service_exports() -> None:
+    """Every metric a panel queries is one this project defines (domain.metrics, or the HTTP
+    instrumentation's dmae_http_* names), so a renamed metric breaks this test, not the board."""
+    from domain import metrics
+
+    exported = {m._name for m in vars(metrics).values() if hasattr(m, "_name")}
+    exported |= {"dmae_queue_depth", "dmae_http_request_duration_seconds", "dmae_http_requests"}
+    board = json.loads((MONITORING / "grafana" / "dashboards" / "dmae-certify.json").read_text())
+    assert board["panels"], "empty dashboard"
+    used = set()
+    for panel in board["panels"]:
+        for target in panel["targets"]:
+            used |= set(re.findall(r"\b(dmae_[a-z_]+)", target["expr"]))
+    suffixes = ("_total", "_bucket", "_sum", "_count")
+    bare = {next((u[: -len(s)] for s in suffixes if u.endswith(s)), u) for u in used}
+    assert bare <= exported, bare - exported
+    provisioning = MONITORING / "grafana" / "provisioning"
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((provisioning / "dashboards" / "dmae.yml").read_text())
+    mounts = compose()["services"]["grafana"]["volumes"]
+    assert (
+        f"./deploy/monitoring/grafana/dashboards:{provider['providers'][0]['options']['path']}:ro"
+        in mounts
+    )

@@ -6,8 +6,8 @@ subprocess, started here with the test's settings, claims and runs them against 
 
 from __future__ import annotations
 
+import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from fault_support import free_port, terminate
 from service_support import (  # noqa: F401 - pg_url is a fixture
     REDIS_URL,
     SIGMA,
@@ -68,11 +69,22 @@ def stack(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
         "DMAE_BROKER_URL": REDIS_URL,
         "DMAE_QUEUE": queue,
         "DMAE_DATA_DIR": str(data),
+        "DMAE_LOG_FORMAT": "json",
     }
+    metrics_port = free_port()
     log = open(data.parent / "worker.log", "wb")  # noqa: SIM115 - closed below
     cli = str(Path(sys.executable).parent / "dmae-certify")
     proc = subprocess.Popen(
-        [cli, "worker", "--pool", "solo", "--log-level", "info"],
+        [
+            cli,
+            "worker",
+            "--pool",
+            "solo",
+            "--log-level",
+            "info",
+            "--metrics-port",
+            str(metrics_port),
+        ],
         env=env,
         cwd=data.parent,
         stdout=log,
@@ -87,14 +99,10 @@ def stack(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
             "checkpoint": checkpoint,
             "proc": proc,
             "log": data.parent / "worker.log",
+            "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
         }
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         log.close()
         client = redis.Redis.from_url(REDIS_URL)
         for key in client.scan_iter(f"*{queue}*"):
@@ -265,3 +273,27 @@ def test_sweep_resends_jobs_whose_message_was_lost(stack: dict[str, Any]) -> Non
         assert lost.sent == [job["id"]] and job["status"] == "queued"
         done = wait_for(client.get, job["url"], svc.alice, timeout=60)
         assert done["status"] == "succeeded" and done["attempts"] == 1
+
+
+def test_worker_metrics_and_json_job_log(service: Service, stack: dict[str, Any]) -> None:
+    """The Celery path: the worker's own /metrics counts the job and its noisy samples, and its
+    JSON log has one line per state change with the job id, model and mode."""
+    import httpx
+    from test_metrics import samples, total
+
+    r = service.submit(service.alice, digit_png(7))
+    assert r.status_code == 202, r.text
+    job = wait_for(service.client.get, r.json()["url"], service.alice, timeout=120)
+    assert job["status"] == "succeeded", job
+    api = samples(service.client.get("/metrics").text)
+    assert total(api, "dmae_jobs_total", mode="certify", status="queued") >= 1
+    worker = samples(httpx.get(stack["metrics"], timeout=10).text)
+    assert total(worker, "dmae_jobs_total", mode="certify", status="succeeded") >= 1
+    assert total(worker, "dmae_samples_total", model="tiny-s0.25", device="cpu") >= 220
+    lines = [
+        json.loads(x) for x in Path(stack["log"]).read_text().splitlines() if x.startswith("{")
+    ]
+    mine = [x for x in lines if x.get("job_id") == job["id"]]
+    assert [x["status"] for x in mine] == ["running", "succeeded"], mine
+    assert all(x["model"] == "tiny-s0.25" and x["mode"] == "certify" for x in mine)
+    assert mine[-1]["run_s"] > 0 and mine[0]["queue_wait_s"] >= 0

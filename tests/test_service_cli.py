@@ -4,14 +4,13 @@ runner, SQLite under the data folder), then upload an image over HTTP and poll t
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from fault_support import free_port, terminate
 from service_support import (  # noqa: F401 - tiny_checkpoint is a fixture
     SIGMA,
     assert_same_certificate,
@@ -22,12 +21,6 @@ from service_support import (  # noqa: F401 - tiny_checkpoint is a fixture
 )
 
 CLI = str(Path(sys.executable).parent / "dmae-certify")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_keys_serve_upload_poll(tmp_path: Path, tiny_checkpoint: Path) -> None:  # noqa: F811
@@ -52,7 +45,7 @@ def test_keys_serve_upload_poll(tmp_path: Path, tiny_checkpoint: Path) -> None: 
     listing = cli("keys", "list")
     assert "ops" in listing and "alice" in listing and admin not in listing
 
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [CLI, "serve", "--port", str(port)],
@@ -103,12 +96,7 @@ def test_keys_serve_upload_poll(tmp_path: Path, tiny_checkpoint: Path) -> None: 
                 "/admin/training",
             } <= set(schema["paths"])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         log.close()
     assert "No API key existed" not in (tmp_path / "serve.log").read_text()
     assert (tmp_path / "data" / "dmae.sqlite3").is_file()

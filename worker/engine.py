@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from domain import metrics
 from models.smoothing import NoiseStream, ProgressFn
 from worker.batching import fair_shares
 
@@ -444,6 +445,10 @@ class Engine:
             self.stats["batches"] += 1
             self.stats["rows"] += batch.used
             self.stats["padded_rows"] += rows - batch.used
+            metrics.BATCH_FILL.observe(batch.used / max(size, batch.used))
+            if self.device.type == "cuda":
+                memory = torch.cuda.memory_allocated(self.device)
+                metrics.DEVICE_MEMORY.labels(device=str(self.device)).set(memory)
         except Exception as exc:
             log.exception("batch for model %s failed", model.key)
             self._fail_batch(batch, exc)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from domain import state
+from domain import events, metrics, state
 from domain.config import Settings, get_settings
 from domain.db import get_database
 from domain.tables import Certificate, Checkpoint, Job, JobInput, Status
@@ -54,9 +54,12 @@ def run_job(
     token, outcome = state.claim_with_new_token(db, Job, job_id, settings)
     if outcome is not state.Claim.CLAIMED:
         log.info("job %s not run: %s", job_id, outcome.value)
+        if outcome is state.Claim.EXHAUSTED:
+            _report(db, job_id, Status.FAILED.value, reason="attempts cap reached")
         return outcome.value
 
     started = time.perf_counter()
+    who = events.UNKNOWN
     try:
         with db.session() as s:
             job = s.get(Job, job_id)
@@ -64,6 +67,9 @@ def run_job(
             ckpt = s.get(Checkpoint, job.checkpoint_id) if job is not None else None
             if job is None or inp is None or ckpt is None:
                 raise LookupError("the job's input or model record is missing")
+            who = events.JobFacts(job.mode, job.model_name)
+            wait = (job.started_at - job.created_at).total_seconds() if job.started_at else None
+            events.job_changed(job_id, Status.RUNNING.value, who, queue_wait_s=wait)
             ref = ModelRef.of(ckpt)
             params = dict(
                 mode=job.mode,
@@ -78,8 +84,13 @@ def run_job(
             )
             x = tensor_from_bytes(inp.data, inp.shape)
     except Exception as exc:  # any failure here is the job's, reported on it
-        return _fail(db, job_id, token, f"could not read the job: {exc}")
+        return _fail(db, job_id, token, f"could not read the job: {exc}", who, started)
 
+    def progress(k: int) -> None:
+        samples.inc(k)
+        monitor.progress(k)
+
+    samples = metrics.SAMPLES.labels(model=who.model, device=settings.torch_device())
     with Monitor(db, Job, job_id, token, settings.heartbeat_s, should_stop) as monitor:
         try:
             CACHE.capacity = settings.model_cache_size
@@ -87,19 +98,21 @@ def run_job(
             loaded = CACHE.get(ref, settings.torch_device())
             params["model_load_s"] = time.perf_counter() - load_started
         except Exception as exc:  # CheckpointError, OSError, CUDA errors
-            return _fail(db, job_id, token, f"model {ref.name!r} could not be loaded: {exc}")
+            error = f"model {ref.name!r} could not be loaded: {exc}"
+            return _fail(db, job_id, token, error, who, started)
         try:
-            cert = _run_core(loaded, x, params, settings, monitor.progress)
+            cert = _run_core(loaded, x, params, settings, progress)
         except Aborted as exc:
             if exc.reason == "shutdown":
                 with db.session() as s:
-                    state.release(s, Job, job_id, token)
+                    if state.release(s, Job, job_id, token):
+                        events.job_changed(job_id, Status.QUEUED.value, who, reason="shutdown")
                 return "released"
             log.info("job %s stopped: %s", job_id, exc.reason)
             return "aborted"
         except Exception as exc:  # the core's errors are the job's
             log.exception("job %s failed", job_id)
-            return _fail(db, job_id, token, f"{type(exc).__name__}: {exc}")
+            return _fail(db, job_id, token, f"{type(exc).__name__}: {exc}", who, started)
 
     body = certificate_body(cert, loaded, params, started)
     with db.session() as s:
@@ -117,7 +130,7 @@ def run_job(
             )
         )
         s.commit()
-    log.info("job %s succeeded in %.2fs", job_id, time.perf_counter() - started)
+    events.job_changed(job_id, Status.SUCCEEDED.value, who, run_s=time.perf_counter() - started)
     return Status.SUCCEEDED.value
 
 
@@ -169,9 +182,22 @@ def certificate_body(
     return body
 
 
-def _fail(db: Any, job_id: str, token: str, error: str) -> str:
+def _fail(
+    db: Any, job_id: str, token: str, error: str, who: events.JobFacts, started: float
+) -> str:
     with db.session() as s:
         ok = state.finish(s, Job, job_id, token, Status.FAILED, error=error[:4000])
         s.commit()
-    log.warning("job %s failed: %s", job_id, error)
+    if ok:
+        run_s = time.perf_counter() - started
+        events.job_changed(job_id, Status.FAILED.value, who, run_s=run_s, reason=error)
     return Status.FAILED.value if ok else "aborted"
+
+
+def _report(db: Any, job_id: str, status: str, reason: str) -> None:
+    """A state change made by the claim itself (the attempts cap): logged with the job's facts."""
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is not None:
+            facts = events.JobFacts(job.mode, job.model_name)
+            events.job_changed(job_id, status, facts, reason=reason)

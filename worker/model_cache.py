@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from domain import metrics
 from domain.registry import location_path
 from domain.tables import Checkpoint
 from worker.engine import unregister_everywhere
@@ -108,7 +109,9 @@ def load(ref: ModelRef, device: str) -> LoadedModel:
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in ref.import_options}
     model, meta = load_classifier_with_meta(path, **options)
     model = model.to(device).eval()
-    return LoadedModel(ref, model, meta, device, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    metrics.MODEL_LOAD_SECONDS.observe(seconds)
+    return LoadedModel(ref, model, meta, device, seconds)
 
 
 CACHE = ModelCache()

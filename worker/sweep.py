@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
 
+from domain import events
 from domain.config import Settings
 from domain.db import Database, get_database, utcnow
 from domain.dispatch import Dispatcher
@@ -96,6 +98,7 @@ def _sweep_table(
                 )
                 if n:
                     report.failed.append(run_id)
+                    _event(s, table, run_id, Status.FAILED.value, "worker lost, attempts cap")
             else:
                 n = rowcount(
                     s.execute(
@@ -106,6 +109,7 @@ def _sweep_table(
                 )
                 if n:
                     requeued.append(run_id)
+                    _event(s, table, run_id, QUEUED, "worker lost")
         s.commit()
 
         if resend_all:
@@ -135,6 +139,14 @@ def _sweep_table(
             if run_id not in requeued:
                 report.resent.append(run_id)
         report.requeued += requeued
+
+
+def _event(s: Session, table: RunTable, run_id: str, status: str, reason: str) -> None:
+    if table is Job:
+        job = s.get(Job, run_id)
+        if job is not None:
+            facts = events.JobFacts(job.mode, job.model_name)
+            events.job_changed(run_id, status, facts, reason=reason)
 
 
 class Sweeper:

@@ -37,6 +37,17 @@ def register(sub: Any) -> None:
     )
     w.add_argument("--queues", default=None, help="queues to consume (default DMAE_QUEUE)")
     w.add_argument("--log-level", default="info")
+    w.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve this worker's Prometheus metrics on this port (default: none)",
+    )
+    w.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        help="interface of --metrics-port (default %(default)s)",
+    )
     w.set_defaults(func=_database_errors(worker))
 
     k = sub.add_parser("keys", help="manage API keys")
@@ -81,14 +92,24 @@ def _database_errors(func: Any) -> Any:
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    """Log lines to stderr: text, or JSON objects with DMAE_LOG_FORMAT=json."""
+    from domain.config import get_settings
+
+    handler = logging.StreamHandler(sys.stderr)
+    if get_settings().log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("dmae").setLevel(level.upper())
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def _ready_database() -> Any:
-    from app.main import SchemaNotReady, prepare_database
     from domain.config import get_settings
+    from domain.migrate import SchemaNotReady, prepare_database
 
     settings = get_settings()
     try:
@@ -118,6 +139,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def worker(args: argparse.Namespace) -> int:
+    if args.metrics_port is not None:
+        _metrics_folder(args.pool)  # before anything imports prometheus_client
     _logging(args.log_level)
     settings = _ready_database()
     if settings.embedded:
@@ -129,6 +152,8 @@ def worker(args: argparse.Namespace) -> int:
         raise ValueError("--concurrency must be at least 1")
     from worker.celery_app import app
 
+    if args.metrics_port is not None:
+        _serve_metrics(args.metrics_port, args.metrics_host)
     app.worker_main(
         [
             "worker",
@@ -214,3 +239,28 @@ def db_current(args: argparse.Namespace) -> int:
     del args
     print(migrate.current(get_settings().database_url) or "base")
     return 0
+
+
+def _metrics_folder(pool: str) -> None:
+    """Prefork children count in prometheus_client's multiprocess mode: a private folder unless
+    PROMETHEUS_MULTIPROC_DIR names one."""
+    import os
+    import tempfile
+
+    if pool == "prefork" and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dmae-metrics-")
+
+
+def _serve_metrics(port: int, host: str) -> None:
+    """This worker's metrics (all its processes') over HTTP, from a daemon thread."""
+    from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from domain.metrics import multiprocess_dir
+
+    registry = REGISTRY
+    if (folder := multiprocess_dir()) is not None:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=folder)
+    start_http_server(port, addr=host, registry=registry)
+    logging.getLogger("dmae.worker").info("metrics on http://%s:%d/metrics", host, port)

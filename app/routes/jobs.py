@@ -12,7 +12,7 @@ from app.auth import Client, SessionDep
 from app.routes.deps import MAX_OFFSET, DispatcherDep, SettingsDep
 from app.schemas import JobOut, JobPage, Mode, job_out
 from app.upload_files import read_upload
-from domain import idempotency, state
+from domain import events, idempotency, state
 from domain.errors import BrokerUnavailable, ServiceError, not_found
 from domain.submissions import Params, submit
 from domain.tables import Certificate, Job, Status
@@ -280,5 +280,6 @@ def cancel_job(job_id: str, client: Client, session: SessionDep) -> JobOut:
         session.refresh(job)
         raise ServiceError(409, f"job {job.id} already {job.status}; nothing to cancel")
     session.refresh(job)
+    events.job_changed(job.id, Status.CANCELLED.value, events.JobFacts(job.mode, job.model_name))
     body = session.scalar(select(Certificate.body).where(Certificate.job_id == job.id))
     return job_out(job, body)

@@ -11,8 +11,7 @@ from fastapi.security import APIKeyHeader
 from sqlalchemy.orm import Session
 
 from domain.errors import ServiceError
-from domain.keys import lookup
-from domain.tables import ApiKey
+from domain.keys import Caller
 
 HEADER = "X-API-Key"
 
@@ -34,13 +33,13 @@ def current_client(
     request: Request,
     session: SessionDep,
     token: Annotated[str | None, Depends(api_key_header)],
-) -> ApiKey:
+) -> Caller:
     """The caller's key; 401 without a valid one, 429 when it is over its rate limit."""
     from app import ratelimit
 
     if not token:
         raise ServiceError(401, f"missing API key: send it in the {HEADER} header")
-    key = lookup(session, token)
+    key = request.app.state.keys.resolve(session, token)
     if key is None:
         raise ServiceError(401, "invalid or revoked API key")
     settings = request.app.state.settings
@@ -53,14 +52,14 @@ def current_client(
     return key
 
 
-Client = Annotated[ApiKey, Depends(current_client)]
+Client = Annotated[Caller, Depends(current_client)]
 
 
-def require_admin(client: Client) -> ApiKey:
+def require_admin(client: Client) -> Caller:
     """The caller's key if it is an admin key; 403 otherwise."""
     if not client.is_admin:
         raise ServiceError(403, "this route needs an admin key")
     return client
 
 
-Admin = Annotated[ApiKey, Depends(require_admin)]
+Admin = Annotated[Caller, Depends(require_admin)]

@@ -20,6 +20,7 @@ from app.routes import admin, health, jobs, metrics, models
 from app.upload_files import MULTIPART_SLACK, BodyLimit
 from domain.config import Settings, get_settings
 from domain.db import get_database
+from domain.keys import KeyCache
 
 log = logging.getLogger("dmae.api")
 
@@ -98,6 +99,7 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
     )
     app.state.settings = settings
     app.state.limiter = make_limiter(settings)
+    app.state.keys = KeyCache(settings.key_cache_s)
     errors.install(app)
     app.add_middleware(BodyLimit, limit_for=body_limits(settings))
     metrics.instrument(app)

@@ -162,6 +162,12 @@ class Settings(BaseSettings):
         "down at submission) once it is this old (s).",
     )
 
+    key_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds an API process remembers a valid key without asking the database; "
+        "a revoked key stops working within this time (0: ask on every request).",
+    )
     metrics_require_admin: bool = Field(
         default=False,
         description="GET /metrics needs an admin API key (default: open, for Prometheus).",

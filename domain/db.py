@@ -18,6 +18,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+POOL_SIZE = 20
+MAX_OVERFLOW = 20
+
 
 def utcnow() -> dt.datetime:
     """Current time, naive UTC (the form every timestamp column stores)."""
@@ -41,7 +44,9 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # Up to 40 connections: one per thread of the thread pool running the API's sync endpoints
+    # (AnyIO's default 40), so no request waits for a connection another holds.
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
 
 
 class Database:

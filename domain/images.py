@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from domain.errors import ServiceError
+from models.data import preprocess
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -65,8 +66,6 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 def decode_image(data: bytes, input_size: int, max_pixels: int) -> DecodedImage:
     """Bytes of an upload -> the (3, S, S) tensor the certificate will refer to."""
-    from models.data import preprocess
-
     img = open_image(data, max_pixels)
     try:
         tensor = preprocess(img, input_size)

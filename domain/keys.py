@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
+from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -52,3 +55,44 @@ def lookup(session: Session, token: str) -> ApiKey | None:
     if key is None or key.revoked_at is not None:
         return None
     return key
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request comes from: the key's id (the owner of its jobs) and whether it is admin."""
+
+    id: int
+    is_admin: bool
+
+
+class KeyCache:
+    """Live keys by token hash for ``ttl_s`` seconds, so a request costs no key query.
+
+    A revoked key keeps working at most ``ttl_s`` seconds longer on each API process; unknown
+    and revoked tokens are never cached (each such request asks the database)."""
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self._known: dict[str, tuple[Caller, float]] = {}
+        self._lock = threading.Lock()
+
+    def resolve(self, session: Session, token: str) -> Caller | None:
+        """The caller with this token, or None for a missing, unknown or revoked one."""
+        if not token or len(token) > 200:
+            return None
+        digest = hash_token(token)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._known.get(digest)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        key = lookup(session, token)
+        if key is None:
+            return None
+        caller = Caller(key.id, key.is_admin)
+        if self.ttl_s > 0:
+            with self._lock:
+                if len(self._known) > 10_000:  # bound the memory: forget the expired ones
+                    self._known = {k: v for k, v in self._known.items() if v[1] > now}
+                self._known[digest] = (caller, now + self.ttl_s)
+        return caller

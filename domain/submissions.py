@@ -25,7 +25,11 @@ from domain import events, registry
 from domain.config import Settings
 from domain.errors import ServiceError, bad_input
 from domain.images import decode_image
+from domain.keys import Caller
+from domain.state import rowcount
 from domain.tables import ACTIVE_STATUSES, ApiKey, Checkpoint, Job, JobInput, Status, new_id
+from models.data import tensor_bytes
+from models.smoothing import validate
 
 SEED_BITS = 53  # seeds stay exact in JSON numbers (JavaScript clients included)
 MODES = ("certify", "predict", "certify_top2")
@@ -47,8 +51,6 @@ class Params:
 
 def check_params(p: Params, settings: Settings) -> None:
     """422 with the reason for any parameter no certificate can use or the service refuses."""
-    from models.smoothing import validate
-
     if p.mode not in MODES:
         raise bad_input(f"mode must be one of {', '.join(MODES)}, got {p.mode!r}")
     if not 1 <= p.n <= settings.n_max:
@@ -106,12 +108,10 @@ def request_key(job: Job, checkpoint_sha256: str) -> str:
 
 
 def submit(
-    session: Session, client: ApiKey, image: bytes, p: Params, settings: Settings
+    session: Session, client: Caller, image: bytes, p: Params, settings: Settings
 ) -> tuple[Job, bool]:
     """Store the job (or find the identical one); returns (job, whether it must be sent to the
     workers now)."""
-    from models.data import tensor_bytes
-
     check_params(p, settings)
     ckpt: Checkpoint = registry.choose(session, p.sigma, p.model)
     sigma = p.sigma if p.sigma is not None else ckpt.sigma
@@ -145,41 +145,47 @@ def submit(
     existing = _find(session, client.id, job.request_key)
     if existing is not None:
         return _reuse(session, existing, settings)
-    admit(session, client.id, settings)
     session.add(job)
     session.add(
         JobInput(job_id=job.id, shape=list(decoded.tensor.shape), data=tensor_bytes(decoded.tensor))
     )
     try:
-        session.commit()
+        session.flush()
     except IntegrityError:  # the same request raced in from another connection
         session.rollback()
         existing = _find(session, client.id, job.request_key)
         if existing is None:
             raise
         return _reuse(session, existing, settings)
+    admit(session, client.id, settings)
+    session.commit()
     events.job_changed(job.id, Status.QUEUED.value, events.JobFacts(job.mode, job.model_name))
     return job, True
 
 
 def admit(session: Session, owner_id: int, settings: Settings) -> None:
-    """429 when the client already has ``max_active_jobs`` jobs queued or running. On Postgres
-    this locks the client's key row until the caller's commit, serialising its submissions."""
+    """Call after writing the job that makes one more active (not yet committed): rolls back and
+    raises 429 when the client now has more than ``max_active_jobs`` queued or running.
+
+    The count runs under a lock on the client's key row (Postgres: ``FOR NO KEY UPDATE``, which
+    the job rows' foreign-key locks do not conflict with; SQLite: the write lock the insert
+    already holds), so concurrent submissions of one client are counted one after another, and
+    the lock is held only from here to the caller's commit."""
     cap = settings.max_active_jobs
     if cap <= 0:
         return
-    session.execute(select(ApiKey.id).where(ApiKey.id == owner_id).with_for_update())
+    session.execute(select(ApiKey.id).where(ApiKey.id == owner_id).with_for_update(key_share=True))
     active = session.scalar(
         select(func.count())
         .select_from(Job)
         .where(Job.owner_id == owner_id, Job.status.in_(ACTIVE_STATUSES))
     )
-    if (active or 0) >= cap:
+    if (active or 0) > cap:
         session.rollback()
         raise ServiceError(
             429,
-            f"too many jobs in progress: this API key has {active} queued or running (at most "
-            f"{cap}); wait for some to finish",
+            f"too many jobs in progress: this API key has {int(active or 0) - 1} queued or "
+            f"running (at most {cap}); wait for some to finish",
             {"Retry-After": str(ADMISSION_RETRY_S)},
         )
 
@@ -192,8 +198,7 @@ def _reuse(session: Session, job: Job, settings: Settings) -> tuple[Job, bool]:
     """An identical earlier job: as it is, or queued again if it produced nothing."""
     if job.status not in (Status.FAILED.value, Status.CANCELLED.value):
         return job, False
-    admit(session, job.owner_id, settings)
-    session.execute(
+    requeued = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status.in_((Status.FAILED.value, Status.CANCELLED.value)))
         .values(
@@ -208,6 +213,8 @@ def _reuse(session: Session, job: Job, settings: Settings) -> tuple[Job, bool]:
             finished_at=None,
         )
     )
+    if rowcount(requeued):
+        admit(session, job.owner_id, settings)
     session.commit()
     session.refresh(job)
     queued = job.status == Status.QUEUED.value

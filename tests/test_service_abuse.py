@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from service_support import (  # noqa: F401 - tiny_checkpoint is a fixture
+from service_support import (  # noqa: F401 - tiny_checkpoint and pg_url are fixtures
     REDIS_URL,
     digit_png,
+    pg_url,
     service_settings,
     tiny_checkpoint,
     wait_for,
@@ -214,3 +215,111 @@ def test_resubmission_returns_the_stored_certificate(
             assert r.status_code == 200 and r.json()["id"] == job["id"], form
             assert r.json()["certificate"] == job["certificate"]
         assert svc.certificates() == 1 and _jobs(svc) == 1
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def race_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    from service_support import reset_postgres
+
+    from domain import migrate
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'race.sqlite3'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+        reset_postgres(url)
+    migrate.upgrade(url)
+    yield url
+
+
+def _race(url: str, tmp_path: Path, checkpoint: Path, admit: Any, cap: int, racers: int) -> int:
+    """``racers`` threads submit distinct images for one key at once; returns the jobs stored.
+
+    On Postgres every racer is held at a barrier after writing its job and before the admission
+    count, so all counts overlap. (SQLite's write lock, taken by the insert, already makes the
+    writers wait for each other: a barrier there would only deadlock.)"""
+    import shutil
+
+    from domain import registry, submissions
+    from domain.db import get_database
+    from domain.keys import Caller, create_key
+
+    settings = service_settings(tmp_path / "data", database_url=url, max_active_jobs=cap)
+    db = get_database(url)
+    shutil.copy(checkpoint, tmp_path / "tiny.safetensors")
+    with db.session() as s:
+        registry.register(s, location=str(tmp_path / "tiny.safetensors"), name="tiny-s0.25")
+        key, _ = create_key(s, "racer")
+        s.commit()
+        caller = Caller(key.id, False)
+    barrier = threading.Barrier(racers, timeout=30)
+    codes: list[int] = []
+
+    def held_admit(session: Any, owner_id: int, settings: Any) -> None:
+        if not settings.is_sqlite:
+            barrier.wait()  # every racer has flushed its job: all count "at once"
+        admit(session, owner_id, settings)
+
+    def racer(i: int) -> None:
+        params = submissions.Params(sigma=0.25, n0=20, n=200, seed=1000 + i)
+        with db.session() as s:
+            try:
+                submissions.submit(s, caller, digit_png(i % 50), params, settings)
+                codes.append(202)
+            except submissions.ServiceError as exc:
+                codes.append(exc.status_code)
+
+    original = submissions.admit
+    submissions.admit = held_admit
+    try:
+        threads = [threading.Thread(target=racer, args=(i,)) for i in range(racers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        submissions.admit = original
+    with db.session() as s:
+        stored = int(s.scalar(select(func.count()).select_from(Job)) or 0)
+    db.dispose()
+    assert len(codes) == racers and set(codes) <= {202, 429}, codes
+    assert codes.count(202) == stored
+    return stored
+
+
+def test_admission_cap_holds_under_concurrent_submissions(
+    race_db: str,
+    tmp_path: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+) -> None:
+    """12 submissions of one key race; the cap of 3 admits exactly 3, on SQLite and Postgres."""
+    from domain import submissions
+
+    assert _race(race_db, tmp_path, tiny_checkpoint, submissions.admit, cap=3, racers=12) == 3
+
+
+def test_the_race_test_catches_an_unlocked_count(
+    pg_url: str,  # noqa: F811
+    tmp_path: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+) -> None:
+    """Teeth: the same count without the key-row lock lets every racer in (overshoot)."""
+    from service_support import reset_postgres
+
+    from domain import migrate
+    from domain.submissions import ACTIVE_STATUSES, ServiceError
+
+    reset_postgres(pg_url)
+    migrate.upgrade(pg_url)
+
+    def unlocked_admit(session: Any, owner_id: int, settings: Any) -> None:
+        active = session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.owner_id == owner_id, Job.status.in_(ACTIVE_STATUSES))
+        )
+        if active > settings.max_active_jobs:
+            session.rollback()
+            raise ServiceError(429, "over the cap")
+
+    assert _race(pg_url, tmp_path, tiny_checkpoint, unlocked_admit, cap=3, racers=12) > 3

@@ -21,6 +21,13 @@ def register(sub: Any) -> None:
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s)")
     s.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
     s.add_argument("--log-level", default="info", help="debug, info, warning (default info)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API processes (default 1); more than 1 needs DMAE_BROKER_URL (Celery workers run "
+        "the jobs), since the embedded runner lives in the one API process",
+    )
     s.set_defaults(func=_database_errors(serve))
 
     w = sub.add_parser("worker", help="start a Celery worker (one per GPU) for DMAE_BROKER_URL")
@@ -120,12 +127,24 @@ def _ready_database() -> Any:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
     import uvicorn
 
-    from app.main import create_app
-
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each worker process counts into one folder that GET /metrics adds up.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dmae-metrics-")
     _logging(args.log_level)
     settings = _ready_database()  # a schema problem is a clear error before the server starts
+    if args.workers > 1 and settings.embedded:
+        raise ValueError(
+            "--workers needs DMAE_BROKER_URL: the embedded in-process runner (no broker) runs "
+            "jobs inside the one API process; start Celery workers and set the broker URL to "
+            "serve with several API processes"
+        )
     mode = "embedded runner, " if settings.embedded else "Celery broker, "
     logging.getLogger("dmae.api").info(
         "serving on http://%s:%d (%sdatabase %s)",
@@ -134,6 +153,18 @@ def serve(args: argparse.Namespace) -> int:
         mode,
         settings.database_url.split("@")[-1],
     )
+    if args.workers > 1:  # each process builds its app from the same environment
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            workers=args.workers,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+        )
+        return 0
+    from app.main import create_app
+
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -102,11 +102,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _load(session: SessionDep, client: Client, job_id: str) -> tuple[Job, dict[str, Any] | None]:
-    job = session.get(Job, job_id)
-    if job is None or job.owner_id != client.id:  # another client's job does not exist for you
+    row = session.execute(  # one query: the job and its certificate, if any
+        select(Job, Certificate.body)
+        .outerjoin(Certificate, Certificate.job_id == Job.id)
+        .where(Job.id == job_id, Job.owner_id == client.id)  # another client's job: not found
+    ).first()
+    if row is None:
         raise not_found(f"job {job_id!r}")
-    body = session.scalar(select(Certificate.body).where(Certificate.job_id == job.id))
-    return job, body
+    return row[0], row[1]
 
 
 @router.post(
@@ -194,6 +197,8 @@ def certify(
             idempotency.release(session, client.id, idempotency_key)
             raise
         idempotency.complete(session, client.id, idempotency_key, job.id)
+    if response.status_code != 200:  # just queued: nothing more to read back
+        return job_out(job, None)
     session.refresh(job)
     body = session.scalar(select(Certificate.body).where(Certificate.job_id == job.id))
     return job_out(job, body)

@@ -1,0 +1,318 @@
+"""POST /certify and GET /jobs/{id} under concurrent clients, side by side with their floor.
+
+The floor (``scripts/enqueue_floor.py``) is a minimal FastAPI app on the same Postgres doing only
+the unavoidable work: multipart upload, Pillow decode, sha256, one INSERT (or one SELECT by
+primary key). The service is ``dmae-certify serve`` on Postgres + Redis with no worker consuming,
+so the figures are the API's alone. Each round runs both cases, in alternating order, with
+``--clients`` concurrent clients each posting ``--per-client`` distinct digit PNGs and then
+polling each of its jobs ``--polls`` times; it prints requests/s, p50/p95/p99 and the
+service/floor ratio of every round, then the median and spread of the ratios.
+
+    python scripts/enqueue_bench.py [--clients 50] [--per-client 8] [--rounds 3] [--workers 1]
+
+Needs PostgreSQL (``--database``: an admin URL; a throw-away database is created and dropped)
+and Redis (``--broker``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = str(Path(sys.executable).parent / "dmae-certify")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def distinct_pngs(count: int) -> list[bytes]:
+    """``count`` 8x8 digit PNGs that all differ (one pixel carries a counter)."""
+    from PIL import Image
+
+    from models.data import load_digits_split
+
+    x, _, _ = load_digits_split("test")
+    out = []
+    for i in range(count):
+        arr = (x[i % len(x)].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        arr[0, 0, :] = [i % 256, (i // 256) % 256, (i // 65536) % 256]
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def load(
+    base: str,
+    post_path: str,
+    keys: list[str],
+    pngs: list[list[bytes]],
+    form: dict[str, str],
+    polls: int,
+) -> dict[str, Any]:
+    """Every client posts its PNGs one after another, then polls each answer's URL."""
+    post_lat: list[float] = []
+    get_lat: list[float] = []
+    bad: dict[int, int] = {}
+    urls: list[list[str]] = [[] for _ in keys]
+    limits = httpx.Limits(max_connections=len(keys), max_keepalive_connections=len(keys))
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as http:
+
+        async def poster(c: int) -> None:
+            for png in pngs[c]:
+                t0 = time.perf_counter()
+                r = await http.post(
+                    post_path,
+                    headers={"X-API-Key": keys[c]},
+                    files={"image": ("d.png", png, "image/png")},
+                    data=form,
+                )
+                post_lat.append(time.perf_counter() - t0)
+                if r.status_code != 202:
+                    bad[r.status_code] = bad.get(r.status_code, 0) + 1
+                else:
+                    urls[c].append(r.json()["url"])
+
+        async def poller(c: int) -> None:
+            for _ in range(polls):
+                for url in urls[c]:
+                    t0 = time.perf_counter()
+                    r = await http.get(url, headers={"X-API-Key": keys[c]})
+                    get_lat.append(time.perf_counter() - t0)
+                    if r.status_code != 200:
+                        bad[r.status_code] = bad.get(r.status_code, 0) + 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(poster(c) for c in range(len(keys))))
+        post_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        await asyncio.gather(*(poller(c) for c in range(len(keys))))
+        get_s = time.perf_counter() - t0
+    return {
+        "post_rps": len(post_lat) / post_s,
+        "post_p50": quantile(post_lat, 0.50),
+        "post_p95": quantile(post_lat, 0.95),
+        "post_p99": quantile(post_lat, 0.99),
+        "get_rps": len(get_lat) / get_s if get_lat else 0.0,
+        "get_p50": quantile(get_lat, 0.50) if get_lat else 0.0,
+        "get_p99": quantile(get_lat, 0.99) if get_lat else 0.0,
+        "errors": bad,
+    }
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"server not ready: {url}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=50, help="concurrent clients (default 50)")
+    p.add_argument("--per-client", type=int, default=8, help="uploads per client (default 8)")
+    p.add_argument("--polls", type=int, default=4, help="GETs of each job per client (default 4)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of both cases (default 3)")
+    p.add_argument("--workers", type=int, default=1, help="serve --workers (default 1)")
+    p.add_argument(
+        "--database",
+        default=os.environ.get(
+            "DMAE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1/test"
+        ),
+        help="admin URL of a PostgreSQL server (a throw-away database is made on it)",
+    )
+    p.add_argument("--broker", default="redis://127.0.0.1:6379/13", help="Redis URL")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="run the service under `py-spy record --format raw` writing collapsed stacks here",
+    )
+    p.add_argument(
+        "--keys", type=int, default=0, help="API keys shared by the clients (0: one each)"
+    )
+    args = p.parse_args()
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    sys.path.insert(0, str(ROOT))
+    admin = make_url(args.database).set(drivername="postgresql")
+    name = f"dmae_enqueue_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(args.database).set(database=name).render_as_string(hide_password=False)
+    data = Path(tempfile.mkdtemp(prefix="dmae-enqueue-"))
+    queue = f"enqueue-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "DMAE_DATA_DIR": str(data),
+        "DMAE_DATABASE_URL": url,
+        "DMAE_BROKER_URL": args.broker,
+        "DMAE_QUEUE": queue,
+        "DMAE_DEVICE": "cpu",
+        "DMAE_FLOOR_DATABASE_URL": url,
+        # Admission control still runs on every submission; no worker drains the queue here.
+        "DMAE_MAX_ACTIVE_JOBS": str(10 * args.clients * args.per_client * args.rounds),
+        "DMAE_RATE_LIMIT_REQUESTS": "10000000",  # still counted per request, never reached
+    }
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        subprocess.run([CLI, "db", "upgrade"], env=env, check=True, capture_output=True)
+        os.environ.update(DMAE_DATABASE_URL=url)
+        from domain.db import get_database
+        from domain.keys import create_key
+
+        db = get_database(url)
+        with db.session() as s:
+            distinct = [create_key(s, f"client-{i}")[1] for i in range(args.keys or args.clients)]
+        keys = [distinct[i % len(distinct)] for i in range(args.clients)]
+        db.dispose()
+        service_port, floor_port = free_port(), free_port()
+        commands = {
+            "service": [CLI, "serve", "--port", str(service_port), "--log-level", "warning"]
+            + (["--workers", str(args.workers)] if args.workers > 1 else []),
+            "floor": [
+                sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "scripts"),
+                "enqueue_floor:app", "--port", str(floor_port), "--log-level", "warning",
+            ] + (["--workers", str(args.workers)] if args.workers > 1 else []),
+        }  # fmt: skip
+        if args.profile:
+            spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw"]
+            commands["service"] = [
+                *spy,
+                "-r",
+                "200",
+                "-o",
+                args.profile,
+                "--",
+                *commands["service"],
+            ]
+        for case, cmd in commands.items():
+            log = data / f"{case}.log"
+            procs.append(
+                subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+            )
+            port = service_port if case == "service" else floor_port
+            ready = "/readyz" if case == "service" else "/floor/none"
+            wait_ready(f"http://127.0.0.1:{port}{ready}", procs[-1], log)
+        spy = None
+        if args.profile:  # sampled while the service serves; py-spy writes its file on SIGINT
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw"]
+                + ["--subprocesses", "-r", "200", "-o", args.profile, "--pid", str(procs[0].pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+
+        total = args.clients * args.per_client
+        pngs = distinct_pngs(total * args.rounds * 2)
+        results: dict[str, list[dict[str, Any]]] = {"service": [], "floor": []}
+        print(
+            f"{args.clients} clients x {args.per_client} uploads, {args.polls} polls each; "
+            f"serve --workers {args.workers}; Postgres + Redis, no worker consuming"
+        )
+        batch = 0
+        for r in range(args.rounds):
+            order = ["floor", "service"] if r % 2 == 0 else ["service", "floor"]
+            for case in order:
+                mine = pngs[batch * total : (batch + 1) * total]
+                batch += 1
+                per = [mine[c :: args.clients] for c in range(args.clients)]
+                base = f"http://127.0.0.1:{service_port if case == 'service' else floor_port}"
+                path = "/certify" if case == "service" else "/floor"
+                form = {"sigma": "0.25", "n": "1000"} if case == "service" else {}
+                out = asyncio.run(load(base, path, keys, per, form, args.polls))
+                results[case].append(out)
+                print(
+                    f"round {r + 1} {case:7s}: POST {out['post_rps']:6.1f} req/s p50 "
+                    f"{out['post_p50'] * 1e3:6.1f} p95 {out['post_p95'] * 1e3:6.1f} p99 "
+                    f"{out['post_p99'] * 1e3:6.1f} ms | GET {out['get_rps']:6.1f} req/s p99 "
+                    f"{out['get_p99'] * 1e3:6.1f} ms | errors {out['errors'] or 'none'}"
+                )
+        summary: dict[str, Any] = {"clients": args.clients, "per_client": args.per_client}
+        for what in ("post_rps", "get_rps"):
+            ratios = [
+                s[what] / f[what] for s, f in zip(results["service"], results["floor"], strict=True)
+            ]
+            summary[f"{what}_ratio"] = {
+                "median": statistics.median(ratios),
+                "min": min(ratios),
+                "max": max(ratios),
+            }
+        for case in ("service", "floor"):
+            for what in ("post_rps", "post_p99", "get_rps", "get_p99"):
+                summary[f"{case}_{what}"] = statistics.median(x[what] for x in results[case])
+        print(
+            "service/floor requests/s: POST median {m:.2f} (range {lo:.2f}-{hi:.2f}); ".format(
+                m=summary["post_rps_ratio"]["median"],
+                lo=summary["post_rps_ratio"]["min"],
+                hi=summary["post_rps_ratio"]["max"],
+            )
+            + "GET median {m:.2f} (range {lo:.2f}-{hi:.2f})".format(
+                m=summary["get_rps_ratio"]["median"],
+                lo=summary["get_rps_ratio"]["min"],
+                hi=summary["get_rps_ratio"]["max"],
+            )
+        )
+        print(
+            f"service POST p99 {summary['service_post_p99'] * 1e3:.0f} ms (median of rounds), "
+            f"GET p99 {summary['service_get_p99'] * 1e3:.0f} ms"
+        )
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps({"summary": summary, "rounds": results}, indent=2)
+            )
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        import redis
+
+        client = redis.Redis.from_url(args.broker)
+        for k in client.scan_iter(f"*{queue}*"):
+            client.delete(k)
+        with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

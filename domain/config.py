@@ -168,6 +168,13 @@ class Settings(BaseSettings):
         description="Seconds an API process remembers a valid key without asking the database; "
         "a revoked key stops working within this time (0: ask on every request).",
     )
+    registry_cache_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="Seconds an API process reuses its snapshot of the model registry when "
+        "choosing a submission's model; a model (de)activated through another process is seen "
+        "within this time (0: read the registry on every submission).",
+    )
     metrics_require_admin: bool = Field(
         default=False,
         description="GET /metrics needs an admin API key (default: open, for Prometheus).",

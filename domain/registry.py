@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +133,7 @@ def register(
     session.add(row)
     try:
         session.flush()
+        SNAPSHOTS.invalidate()
     except IntegrityError as exc:
         session.rollback()
         raise ServiceError(409, f"a model named {name!r} is already registered") from exc
@@ -164,11 +168,78 @@ def get_model(session: Session, name: str) -> Checkpoint:
     return row
 
 
-def choose(session: Session, sigma: float | None, name: str | None) -> Checkpoint:
+@dataclass(frozen=True)
+class Choice:
+    """What a submission needs to know of the model it runs on (a snapshot of its row)."""
+
+    id: int
+    name: str
+    kind: str
+    active: bool
+    sigma: float | None
+    input_size: int
+    file_sha256: str
+
+    @classmethod
+    def of(cls, row: Checkpoint) -> Choice:
+        return cls(
+            row.id, row.name, row.kind, row.active, row.sigma, row.input_size, row.file_sha256
+        )
+
+
+class Snapshots:
+    """The registry's rows as :class:`Choice` records, re-read when older than ``max_age_s``.
+
+    Choosing a model is on every submission's path; reading every classifier row (with its
+    class names and architecture) each time cost a query and ORM work. A change made by this
+    process (:func:`register`, activation) is seen at once; one made by another API process
+    within ``max_age_s`` seconds."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[float, list[Choice]]] = {}
+        self._lock = threading.Lock()
+
+    def rows(self, session: Session, max_age_s: float) -> list[Choice]:
+        key = str(session.get_bind().engine.url)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._rows.get(key)
+        if hit is not None and now - hit[0] < max_age_s:
+            return hit[1]
+        query = select(
+            Checkpoint.id, Checkpoint.name, Checkpoint.kind, Checkpoint.active,
+            Checkpoint.sigma, Checkpoint.input_size, Checkpoint.file_sha256,
+        ).order_by(Checkpoint.id.desc())  # fmt: skip
+        rows = [Choice(*r) for r in session.execute(query).all()]
+        with self._lock:
+            self._rows[key] = (now, rows)
+        return rows
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._rows.clear()
+
+
+SNAPSHOTS = Snapshots()
+
+
+def set_active(session: Session, name: str, active: bool) -> Checkpoint:
+    """Serve (or stop serving) new requests with model ``name``; the caller commits."""
+    row = get_model(session, name)
+    row.active = active
+    SNAPSHOTS.invalidate()
+    return row
+
+
+def choose(
+    session: Session, sigma: float | None, name: str | None, max_age_s: float = 0.0
+) -> Choice:
     """The model a request runs on: the named one, else the newest active classifier trained
-    at ``sigma``. Every failure is a 422 that says what to do."""
+    at ``sigma``, from rows at most ``max_age_s`` seconds old. Every failure is a 422 that says
+    what to do."""
+    rows = SNAPSHOTS.rows(session, max_age_s)
     if name is not None:
-        row = session.scalar(select(Checkpoint).where(Checkpoint.name == name))
+        row = next((r for r in rows if r.name == name), None)
         if row is None:
             raise bad_input(f"unknown model {name!r}; GET /models lists the registered ones")
         if not row.active:
@@ -178,11 +249,7 @@ def choose(session: Session, sigma: float | None, name: str | None) -> Checkpoin
         return row
     if sigma is None:
         raise bad_input("give sigma (the noise level) or a model name")
-    candidates = session.scalars(
-        select(Checkpoint)
-        .where(Checkpoint.active.is_(True), Checkpoint.kind == "classifier")
-        .order_by(Checkpoint.id.desc())
-    ).all()
+    candidates = [r for r in rows if r.active and r.kind == "classifier"]
     for row in candidates:
         if row.sigma is not None and abs(row.sigma - sigma) <= 1e-9 * max(1.0, sigma):
             return row

@@ -180,7 +180,10 @@ def cancel(session: Session, table: RunTable, run_id: str) -> bool:
 
 
 def mark_enqueued(session: Session, table: RunTable, run_id: str) -> None:
-    session.execute(
+    """Record that ``run_id`` was handed to the broker. One statement in autocommit mode (no
+    BEGIN/COMMIT round trips); the session must have no transaction open."""
+    conn = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    conn.execute(
         update(table).where(table.id == run_id, table.status == QUEUED).values(enqueued_at=utcnow())
     )
     session.commit()

@@ -27,7 +27,7 @@ from domain.errors import ServiceError, bad_input
 from domain.images import decode_image
 from domain.keys import Caller
 from domain.state import rowcount
-from domain.tables import ACTIVE_STATUSES, ApiKey, Checkpoint, Job, JobInput, Status, new_id
+from domain.tables import ACTIVE_STATUSES, ApiKey, Job, JobInput, Status, new_id
 from models.data import tensor_bytes
 from models.smoothing import validate
 
@@ -113,7 +113,7 @@ def submit(
     """Store the job (or find the identical one); returns (job, whether it must be sent to the
     workers now)."""
     check_params(p, settings)
-    ckpt: Checkpoint = registry.choose(session, p.sigma, p.model)
+    ckpt = registry.choose(session, p.sigma, p.model, settings.registry_cache_s)
     sigma = p.sigma if p.sigma is not None else ckpt.sigma
     if sigma is None:
         raise bad_input(f"model {ckpt.name!r} records no training sigma: give sigma")
@@ -142,9 +142,8 @@ def submit(
     )
     job.request_key = request_key(job, ckpt.file_sha256)
 
-    existing = _find(session, client.id, job.request_key)
-    if existing is not None:
-        return _reuse(session, existing, settings)
+    # The unique (owner, request key) decides whether this is new: no look-up first, since a
+    # new submission is the common case and an identical one costs one rolled-back insert.
     session.add(job)
     session.add(
         JobInput(job_id=job.id, shape=list(decoded.tensor.shape), data=tensor_bytes(decoded.tensor))

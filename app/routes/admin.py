@@ -155,8 +155,7 @@ def _stem(filename: str | None) -> str | None:
 
 
 def _set_active(session: SessionDep, name: str, active: bool) -> ModelOut:
-    row = registry.get_model(session, name)
-    row.active = active
+    row = registry.set_active(session, name, active)
     session.commit()
     return model_out(row)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app import errors
+from app import api_docs, errors
 from app.ratelimit import make_limiter
 from app.routes import admin, health, jobs, metrics, models
 from app.upload_files import MULTIPART_SLACK, BodyLimit
@@ -95,10 +95,12 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        generate_unique_id_function=api_docs.operation_id,
     )
     app.state.settings = settings
     app.state.limiter = make_limiter(settings)
     errors.install(app)
+    api_docs.install(app)
     app.add_middleware(BodyLimit, limit_for=body_limits(settings))
     metrics.instrument(app)
     for module in (jobs, models, admin, health, metrics):

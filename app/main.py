@@ -67,9 +67,10 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
                 log.warning(
                     "No API key existed: created an admin key (shown once): %s  "
                     "e.g. curl -H 'X-API-Key: %s' -F image=@digit.png -F sigma=0.25 "
-                    "http://HOST:PORT/certify",
+                    "%s/certify",
                     token,
                     token,
+                    getattr(app.state, "base_url", "http://HOST:PORT"),  # set by `serve`
                 )
         runner = None
         if dispatcher is not None:

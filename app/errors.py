@@ -19,9 +19,35 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.schemas import ErrorOut, UnavailableOut, ValidationErrorOut
 from domain.errors import BrokerUnavailable, ServiceError
 
 log = logging.getLogger("dmae.api")
+
+# What each error status means when a route does not say more, and the body it carries.
+MEANING = {
+    400: "Malformed request body: not parseable as its content type (JSON or multipart).",
+    401: "Missing, invalid or revoked API key.",
+    403: "This route needs an admin key.",
+    404: "Not found.",
+    409: "Conflicts with the current state.",
+    413: "Request body or upload larger than its limit.",
+    415: "Not a supported image format.",
+    422: "Invalid request: `errors` lists the invalid fields.",
+    429: "Rate limit of this API key exceeded; retry after `Retry-After` seconds.",
+    503: "Database or job queue unavailable; retry after `Retry-After` seconds.",
+}
+BODY: dict[int, type[ErrorOut]] = {422: ValidationErrorOut, 503: UnavailableOut}
+
+
+def error_responses(*codes: int, why: dict[int, str] | None = None) -> dict[int | str, Any]:
+    """OpenAPI ``responses`` for these error statuses, each with the model of the body the
+    handlers below send (``why``: a route's own description of a status)."""
+    why = why or {}
+    return {
+        code: {"model": BODY.get(code, ErrorOut), "description": why.get(code, MEANING[code])}
+        for code in codes
+    }
 
 
 def _where(loc: Sequence[Any]) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app import errors
+from app import api_docs, errors
 from app.ratelimit import make_limiter
 from app.routes import admin, health, jobs, metrics, models
 from app.upload_files import MULTIPART_SLACK, BodyLimit
@@ -68,9 +68,10 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
                 log.warning(
                     "No API key existed: created an admin key (shown once): %s  "
                     "e.g. curl -H 'X-API-Key: %s' -F image=@digit.png -F sigma=0.25 "
-                    "http://HOST:PORT/certify",
+                    "%s/certify",
                     token,
                     token,
+                    getattr(app.state, "base_url", "http://HOST:PORT"),  # set by `serve`
                 )
         runner = None
         if dispatcher is not None:
@@ -96,11 +97,13 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        generate_unique_id_function=api_docs.operation_id,
     )
     app.state.settings = settings
     app.state.limiter = make_limiter(settings)
     app.state.keys = KeyCache(settings.key_cache_s)
     errors.install(app)
+    api_docs.install(app)
     app.add_middleware(BodyLimit, limit_for=body_limits(settings))
     metrics.instrument(app)
     for module in (jobs, models, admin, health, metrics):

@@ -21,6 +21,21 @@ class Progress(BaseModel):
     total: int = Field(description="Samples the job draws in all: n0 + n (n for predict).")
 
 
+class Timings(BaseModel):
+    """Where a job's time went, in seconds (``samples_per_s``: noisy samples per second)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    selection_s: float | None = Field(
+        None, description="Drawing the n0 selection samples (certify modes only)."
+    )
+    estimation_s: float = Field(description="Drawing the n estimation samples.")
+    samples_per_s: float = Field(description="Noisy samples evaluated per second.")
+    queued_s: float = Field(description="From submission until a worker started the job.")
+    model_load_s: float = Field(description="Loading the model (0 when it was cached).")
+    run_s: float = Field(description="From start to the stored certificate.")
+
+
 class CertificateOut(BaseModel):
     """The result of one pre-committed PREDICT/CERTIFY run; ``radius`` is an L2 radius in
     ``space``, on a tensor of shape ``input_shape``."""
@@ -48,10 +63,48 @@ class CertificateOut(BaseModel):
     input_shape: list[int]
     space: str
     model: str
-    checkpoint_sha256: str
-    input_sha256: str
+    checkpoint_sha256: str = Field(description="sha256 of the checkpoint file.")
+    weights_sha256: str = Field(
+        description="sha256 of the model's tensors (the same weights in another file format "
+        "have the same value)."
+    )
+    input_sha256: str = Field(description="sha256 of the uploaded image.")
     device: str
-    timings: dict[str, float]
+    timings: Timings
+
+
+class ErrorOut(BaseModel):
+    """Every error answer: ``detail`` says what is wrong in one sentence."""
+
+    detail: str = Field(description="What is wrong, as a sentence for a person.")
+
+
+class FieldError(BaseModel):
+    """One problem with one field of the request."""
+
+    loc: list[str | int] = Field(description="Where: e.g. ['query', 'limit'] or ['body', 'n'].")
+    msg: str = Field(description="What is wrong with it.")
+    type: str = Field(description="A machine-readable kind, e.g. 'greater_than_equal'.")
+
+
+class ValidationErrorOut(ErrorOut):
+    """422: ``detail`` joins one sentence per problem; ``errors`` lists them per field when the
+    request's fields did not validate (absent when the content itself was unusable, e.g. a
+    corrupt image or no model for that sigma)."""
+
+    errors: list[FieldError] = Field(
+        default_factory=list, description="One entry per invalid field."
+    )
+
+
+class UnavailableOut(ErrorOut):
+    """503: the database or the job queue is unavailable; retry after ``Retry-After`` seconds."""
+
+    id: str | None = Field(
+        None,
+        description="POST /certify only: the job was stored but could not be queued yet; it is "
+        "queued once the broker is back; poll /jobs/{id}.",
+    )
 
 
 class JobOut(BaseModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 # Modules that define ``register(subparsers)``; each adds its commands.
 COMMAND_MODULES = (
@@ -19,8 +20,29 @@ COMMAND_MODULES = (
 )
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that states each option's default, unless the help already speaks of it or there is
+    none to state (a flag, None, an empty string)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        shown = action.default not in (None, "", argparse.SUPPRESS)
+        if action.option_strings and action.nargs != 0 and shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` with :class:`DefaultsFormatter`; its sub-command parsers, made with
+    ``add_subparsers``, are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dmae-certify",
         description="Certified robustness for DMAE-smoothed image classifiers.",
     )

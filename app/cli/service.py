@@ -146,12 +146,9 @@ def serve(args: argparse.Namespace) -> int:
             "serve with several API processes"
         )
     mode = "embedded runner, " if settings.embedded else "Celery broker, "
+    url = base_url(args.host, args.port)
     logging.getLogger("dmae.api").info(
-        "serving on http://%s:%d (%sdatabase %s)",
-        args.host,
-        args.port,
-        mode,
-        settings.database_url.split("@")[-1],
+        "serving on %s (%sdatabase %s)", url, mode, settings.database_url.split("@")[-1]
     )
     if args.workers > 1:  # each process builds its app from the same environment
         uvicorn.run(
@@ -165,8 +162,16 @@ def serve(args: argparse.Namespace) -> int:
         return 0
     from app.main import create_app
 
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    api = create_app(settings)
+    api.state.base_url = url  # for the start-up log's example command
+    uvicorn.run(api, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def base_url(host: str, port: int) -> str:
+    """The URL a client on this machine reaches ``serve`` at (a wildcard bind via loopback)."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def worker(args: argparse.Namespace) -> int:

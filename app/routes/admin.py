@@ -9,6 +9,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from sqlalchemy import func, select
 
 from app.auth import Admin, SessionDep
+from app.errors import error_responses
 from app.routes.deps import MAX_OFFSET, DispatcherDep, SettingsDep
 from app.schemas import ModelOut, TrainingIn, TrainingOut, TrainingPage, model_out, training_out
 from app.upload_files import save_upload
@@ -16,12 +17,8 @@ from domain import registry, state
 from domain.errors import ServiceError, bad_input, not_found
 from domain.tables import Checkpoint, Status, TrainingRun
 
-router = APIRouter(prefix="/admin", tags=["admin"])
-
-ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or invalid API key."},
-    403: {"description": "Not an admin key."},
-}
+router = APIRouter(prefix="/admin", tags=["admin"], responses=error_responses(401, 403, 429, 503))
+NO_SUCH_RUN = {404: "No such training run."}
 
 
 def _floats(text: str | None, what: str, positive: bool = False) -> list[float] | None:
@@ -41,7 +38,6 @@ def _floats(text: str | None, what: str, positive: bool = False) -> list[float] 
 @router.get(
     "/models",
     response_model=list[ModelOut],
-    responses=ADMIN_ERRORS,
     summary="Every registered model, active or not",
 )
 def all_models(admin: Admin, session: SessionDep) -> list[ModelOut]:
@@ -53,11 +49,18 @@ def all_models(admin: Admin, session: SessionDep) -> list[ModelOut]:
     "/models",
     status_code=201,
     response_model=ModelOut,
-    responses={
-        **ADMIN_ERRORS,
-        409: {"description": "Name taken."},
-        422: {"description": "Not a loadable checkpoint, or a path outside the folder."},
-    },
+    responses=error_responses(
+        400,
+        409,
+        413,
+        422,
+        why={
+            409: "Name taken.",
+            413: "Upload larger than DMAE_MAX_CHECKPOINT_BYTES.",
+            422: "Not a loadable checkpoint, a path outside the checkpoint folder, or an "
+            "invalid option.",
+        },
+    ),
     summary="Register a checkpoint (upload, or a path in the server's checkpoint folder)",
 )
 def register_model(
@@ -163,7 +166,7 @@ def _set_active(session: SessionDep, name: str, active: bool) -> ModelOut:
 @router.post(
     "/models/{name}/activate",
     response_model=ModelOut,
-    responses=ADMIN_ERRORS,
+    responses=error_responses(404, why={404: "No such model."}),
     summary="Serve requests with this model",
 )
 def activate(name: str, admin: Admin, session: SessionDep) -> ModelOut:
@@ -174,7 +177,7 @@ def activate(name: str, admin: Admin, session: SessionDep) -> ModelOut:
 @router.post(
     "/models/{name}/deactivate",
     response_model=ModelOut,
-    responses=ADMIN_ERRORS,
+    responses=error_responses(404, why={404: "No such model."}),
     summary="Stop serving new requests with this model",
 )
 def deactivate(name: str, admin: Admin, session: SessionDep) -> ModelOut:
@@ -209,11 +212,17 @@ def _dataset(settings: Any, spec: str) -> str:
     "/training",
     status_code=202,
     response_model=TrainingOut,
-    responses={
-        **ADMIN_ERRORS,
-        409: {"description": "Result name taken."},
-        422: {"description": "Unknown dataset, model or hyper-parameter."},
-    },
+    responses=error_responses(
+        400,
+        409,
+        413,
+        422,
+        why={
+            409: "Result name taken.",
+            413: "Request body larger than 1 MiB.",
+            422: "Unknown dataset, model or hyper-parameter.",
+        },
+    ),
     summary="Launch a pre-training or fine-tuning run on the workers",
     openapi_extra={
         "requestBody": {
@@ -287,7 +296,7 @@ def launch_training(
 @router.get(
     "/training",
     response_model=TrainingPage,
-    responses=ADMIN_ERRORS,
+    responses=error_responses(422),
     summary="Training runs, newest first",
 )
 def list_training(
@@ -308,7 +317,11 @@ def list_training(
     )
 
 
-@router.get("/training/{run_id}", response_model=TrainingOut, responses=ADMIN_ERRORS)
+@router.get(
+    "/training/{run_id}",
+    response_model=TrainingOut,
+    responses=error_responses(404, why=NO_SUCH_RUN),
+)
 def get_training(run_id: str, admin: Admin, session: SessionDep) -> TrainingOut:
     del admin
     run = session.get(TrainingRun, run_id)
@@ -320,7 +333,7 @@ def get_training(run_id: str, admin: Admin, session: SessionDep) -> TrainingOut:
 @router.delete(
     "/training/{run_id}",
     response_model=TrainingOut,
-    responses=ADMIN_ERRORS,
+    responses=error_responses(404, 409, why={**NO_SUCH_RUN, 409: "The run already finished."}),
     summary="Cancel a queued or running training run",
 )
 def cancel_training(run_id: str, admin: Admin, session: SessionDep) -> TrainingOut:

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from sqlalchemy import text
 
 from app.auth import SessionDep
+from app.errors import error_responses
 from app.routes.deps import SettingsDep
 
 router = APIRouter(tags=["health"])
@@ -16,7 +17,11 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="The database answers")
+@router.get(
+    "/readyz",
+    summary="The database answers",
+    responses=error_responses(503, why={503: "The database is unavailable."}),
+)
 def readyz(session: SessionDep, settings: SettingsDep) -> dict[str, str]:
     """200 when the database answers (503 with a message otherwise)."""
     session.execute(text("SELECT 1"))

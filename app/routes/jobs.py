@@ -9,6 +9,7 @@ from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 from sqlalchemy import func, select
 
 from app.auth import Client, SessionDep
+from app.errors import error_responses
 from app.routes.deps import MAX_OFFSET, DispatcherDep, SettingsDep
 from app.schemas import JobOut, JobPage, Mode, job_out
 from app.upload_files import read_upload
@@ -17,7 +18,7 @@ from domain.errors import BrokerUnavailable, ServiceError, not_found
 from domain.submissions import Params, submit
 from domain.tables import Certificate, Job, Status
 
-router = APIRouter(tags=["certification"])
+router = APIRouter(tags=["certification"], responses=error_responses(401, 429, 503))
 
 EXAMPLE_CERTIFICATE: dict[str, Any] = {
     "mode": "certify",
@@ -85,20 +86,7 @@ EXAMPLE_QUEUED = {
     "certificate": None,
 }
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or invalid API key."},
-    413: {"description": "Upload or image too large."},
-    415: {"description": "Not a PNG, JPEG or WebP image."},
-    422: {
-        "description": "Invalid parameters, no model for that sigma, a corrupt image, or an "
-        "Idempotency-Key reused for another request."
-    },
-    429: {
-        "description": "Rate limit, or too many jobs queued or running for this key "
-        "(see Retry-After)."
-    },
-    503: {"description": "Database or job queue unavailable; retry later."},
-}
+NO_SUCH_JOB = "No such job among yours."
 
 
 def _load(session: SessionDep, client: Client, job_id: str) -> tuple[Job, dict[str, Any] | None]:
@@ -123,13 +111,33 @@ def _load(session: SessionDep, client: Client, job_id: str) -> tuple[Job, dict[s
             "content": {"application/json": {"example": EXAMPLE_QUEUED}},
         },
         200: {
+            "model": JobOut,
             "description": "The identical request was submitted before (or this Idempotency-Key "
             "was): the stored job (with its certificate once it succeeded) is returned; no new "
             "noise is drawn.",
             "content": {"application/json": {"example": EXAMPLE_JOB}},
         },
-        409: {"description": "A request with this Idempotency-Key is still in flight."},
-        **ERRORS,
+        **error_responses(
+            400,
+            409,
+            413,
+            415,
+            422,
+            429,
+            503,
+            why={
+                409: "A request with this Idempotency-Key is still in flight (see Retry-After).",
+                413: "Upload larger than DMAE_MAX_UPLOAD_BYTES, or image (width x height) over "
+                "DMAE_MAX_IMAGE_PIXELS.",
+                415: "Not a PNG, JPEG or WebP image.",
+                422: "Invalid parameters, no model for that sigma, a corrupt image, or an "
+                "Idempotency-Key reused for another request.",
+                429: "Rate limit, or too many jobs queued or running for this key "
+                "(see Retry-After).",
+                503: "Database or job queue unavailable; retry later. A job stored but not yet "
+                "queued has its `id` in the body (it is queued once the broker is back).",
+            },
+        ),
     },
 )
 def certify(
@@ -143,7 +151,8 @@ def certify(
         float | None,
         Form(
             description="Noise level (L2, in [0,1] pixel units). Picks the active model "
-            "trained for it; optional when a model is named.",
+            "trained for it. Optional when a model is named (then that model's training "
+            "sigma); one of the two is required.",
             examples=[0.25],
         ),
     ] = None,
@@ -232,8 +241,7 @@ def _submit_and_send(
     summary="Status, progress and certificate of a job",
     responses={
         200: {"content": {"application/json": {"example": EXAMPLE_JOB}}},
-        404: {"description": "No such job among yours."},
-        401: ERRORS[401],
+        **error_responses(404, why={404: NO_SUCH_JOB}),
     },
 )
 def get_job(job_id: str, client: Client, session: SessionDep) -> JobOut:
@@ -243,7 +251,12 @@ def get_job(job_id: str, client: Client, session: SessionDep) -> JobOut:
     return job_out(job, body)
 
 
-@router.get("/jobs", response_model=JobPage, summary="Your jobs, newest first")
+@router.get(
+    "/jobs",
+    response_model=JobPage,
+    summary="Your jobs, newest first",
+    responses=error_responses(422),
+)
 def list_jobs(
     client: Client,
     session: SessionDep,
@@ -272,10 +285,7 @@ def list_jobs(
     "/jobs/{job_id}",
     response_model=JobOut,
     summary="Cancel a queued or running job",
-    responses={
-        404: {"description": "No such job among yours."},
-        409: {"description": "The job already finished."},
-    },
+    responses=error_responses(404, 409, why={404: NO_SUCH_JOB, 409: "The job already finished."}),
 )
 def cancel_job(job_id: str, client: Client, session: SessionDep) -> JobOut:
     """Cancel the job: a queued job never runs, a running one stops at its next batch. A job

@@ -14,6 +14,7 @@ from prometheus_fastapi_instrumentator import metrics as http_metrics
 from sqlalchemy import func, select
 
 from app.auth import HEADER
+from app.errors import error_responses
 from domain import metrics
 from domain.errors import ServiceError
 from domain.keys import lookup
@@ -60,8 +61,15 @@ def instrument(app: FastAPI) -> None:
     response_class=Response,
     responses={
         200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition."},
-        401: {"description": "DMAE_METRICS_REQUIRE_ADMIN is set and no valid key was sent."},
-        403: {"description": "DMAE_METRICS_REQUIRE_ADMIN is set and the key is not an admin's."},
+        **error_responses(
+            401,
+            403,
+            503,
+            why={
+                401: "DMAE_METRICS_REQUIRE_ADMIN is set and no valid key was sent.",
+                403: "DMAE_METRICS_REQUIRE_ADMIN is set and the key is not an admin's.",
+            },
+        ),
     },
 )
 def prometheus_metrics(request: Request) -> Response:

@@ -6,10 +6,11 @@ from fastapi import APIRouter
 from sqlalchemy import select
 
 from app.auth import Client, SessionDep
+from app.errors import error_responses
 from app.schemas import ModelOut, model_out
 from domain.tables import Checkpoint
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], responses=error_responses(401, 429, 503))
 
 
 @router.get("/models", response_model=list[ModelOut], summary="Active registered models")

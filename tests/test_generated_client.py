@@ -1,0 +1,219 @@
+"""A client generated from the served /openapi.json by a generator nobody here wrote
+(openapi-python-client, the dev extra) works against a real `dmae-certify serve`: it uploads a
+checkpoint and a digit, polls the job, reads the parsed certificate, and parses error answers
+into the declared error models. Also: the start-up log shows the real address.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+from fault_support import free_port, terminate
+from service_support import SIGMA, assert_same_certificate, digit_png, make_checkpoint, reference
+
+BIN = Path(sys.executable).parent
+PACKAGE = "dmae_certify_client"
+KEY_LINE = re.compile(r"created an admin key \(shown once\): (\S+) .* (http://\S+/certify)")
+
+
+@dataclass
+class Server:
+    base: str
+    admin: str
+    log: str
+    checkpoint: Path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`dmae-certify serve` on a free port, fresh data folder, no bundled models."""
+    root = tmp_path_factory.mktemp("generated-client")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DMAE_")}
+    env.update(
+        DMAE_DATA_DIR=str(root / "data"),
+        DMAE_REGISTER_BUNDLED="false",
+        DMAE_DEVICE="cpu",
+        DMAE_BATCH_SIZE="64",
+    )
+    port = free_port()
+    log_path = root / "serve.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(BIN / "dmae-certify"), "serve", "--port", str(port)],
+        env=env,
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        text = log_path.read_text()
+        found = KEY_LINE.search(text)
+        assert found, text
+        checkpoint = make_checkpoint(root / "tiny.safetensors")
+        yield Server(base, found.group(1), text, checkpoint)
+    finally:
+        terminate(proc)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client_package(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The package openapi-python-client generates from the server's /openapi.json."""
+    out = tmp_path_factory.mktemp("generated")
+    config = out / "config.yaml"
+    config.write_text("post_hooks: []\n")  # no formatting pass: faster, and ruff may be absent
+    run = subprocess.run(
+        [
+            str(BIN / "openapi-python-client"),
+            "generate",
+            "--url",
+            f"{server.base}/openapi.json",
+            "--output-path",
+            str(out / PACKAGE),
+            "--meta",
+            "none",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    # A warning means a part of the schema the generator could not turn into code.
+    assert "Warning" not in run.stdout + run.stderr, run.stdout + run.stderr
+    sys.path.insert(0, str(out))
+    try:
+        yield importlib.import_module(PACKAGE)
+    finally:
+        sys.path.remove(str(out))
+        for name in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:
+            del sys.modules[name]
+
+
+def _api(operation: str) -> ModuleType:
+    """The generated module of one operation, e.g. ``certification.certify``."""
+    return importlib.import_module(f"{PACKAGE}.api.{operation}")
+
+
+def test_start_up_log_shows_the_real_address(server: Server) -> None:
+    found = KEY_LINE.search(server.log)
+    assert found is not None
+    assert found.group(2) == f"{server.base}/certify"
+    assert "HOST:PORT" not in server.log
+
+
+def test_generated_client_uploads_polls_and_parses(server: Server, client_package: Any) -> None:
+    from dmae_certify_client import AuthenticatedClient
+    from dmae_certify_client.models import (
+        BodyCertify,
+        BodyRegisterModel,
+        ErrorOut,
+        JobOut,
+        ModelOut,
+        ValidationErrorOut,
+    )
+    from dmae_certify_client.types import File
+
+    client = AuthenticatedClient(
+        base_url=server.base, token=server.admin, auth_header_name="X-API-Key", prefix=""
+    )
+    raw = httpx.Client(base_url=server.base, headers={"X-API-Key": server.admin}, timeout=30)
+    with client, raw:
+        # A checkpoint upload (the `file` field) ...
+        ckpt = File(payload=io.BytesIO(server.checkpoint.read_bytes()), file_name="tiny.bin")
+        r = _api("admin.register_model").sync_detailed(
+            client=client, body=BodyRegisterModel(file=ckpt, name="tiny-s0.25")
+        )
+        assert r.status_code == 201, r.content
+        assert isinstance(r.parsed, ModelOut) and r.parsed.sigma == SIGMA
+
+        # ... and an image upload (the `image` field).
+        png = digit_png(7)
+        form = {"sigma": SIGMA, "n0": 20, "n": 300, "seed": 42}
+        r = _api("certification.certify").sync_detailed(
+            client=client,
+            body=BodyCertify(image=File(payload=io.BytesIO(png), file_name="7.png"), **form),
+        )
+        assert r.status_code == 202, r.content
+        assert isinstance(r.parsed, JobOut)
+        job_id = r.parsed.id
+
+        deadline = time.monotonic() + 60
+        while (job := _api("certification.get_job").sync(client=client, job_id=job_id)).status in (
+            "queued",
+            "running",
+        ):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert isinstance(job, JobOut) and job.status == "succeeded", job
+
+        served = raw.get(f"/jobs/{job_id}").json()
+        cert = job.certificate
+        assert cert.radius == served["certificate"]["radius"]
+        assert job.to_dict() == served  # nothing lost or altered by the generated parser
+        # Every field the stored certificate has is declared in the schema, timings included.
+        assert cert.additional_properties == {}, sorted(cert.additional_properties)
+        assert cert.timings.additional_properties == {}, sorted(cert.timings.additional_properties)
+        assert cert.weights_sha256 == served["certificate"]["weights_sha256"] != ""
+        want = reference(
+            server.checkpoint, png, sigma=SIGMA, alpha=0.001, n0=20, n=300, seed=42, batch_size=64
+        )
+        assert_same_certificate(served["certificate"], want)
+
+        # The same submission again: 200 with the stored job, parsed as a job too.
+        r = _api("certification.certify").sync_detailed(
+            client=client,
+            body=BodyCertify(image=File(payload=io.BytesIO(png), file_name="7.png"), **form),
+        )
+        assert r.status_code == 200 and isinstance(r.parsed, JobOut), r.content
+        assert r.parsed.id == job_id and r.parsed.certificate.radius == cert.radius
+
+        # Errors parse into the declared models.
+        r = _api("certification.list_jobs").sync_detailed(client=client, limit=-1)
+        assert r.status_code == 422 and isinstance(r.parsed, ValidationErrorOut), r.content
+        assert "limit" in r.parsed.detail
+        assert [e.loc for e in r.parsed.errors] == [["query", "limit"]]
+
+        r = _api("certification.certify").sync_detailed(
+            client=client,
+            body=BodyCertify(image=File(payload=io.BytesIO(png), file_name="7.png"), sigma=0.9),
+        )
+        assert r.status_code == 422 and isinstance(r.parsed, ValidationErrorOut), r.content
+        assert "0.9" in r.parsed.detail
+
+        r = _api("certification.get_job").sync_detailed(client=client, job_id="no-such-job")
+        assert r.status_code == 404 and isinstance(r.parsed, ErrorOut), r.content
+        assert r.parsed.detail == "job 'no-such-job' not found"
+
+        stranger = AuthenticatedClient(
+            base_url=server.base, token="dmae_wrong", auth_header_name="X-API-Key", prefix=""
+        )
+        with stranger:
+            r = _api("models.list_models").sync_detailed(client=stranger)
+        assert r.status_code == 401 and isinstance(r.parsed, ErrorOut), r.content

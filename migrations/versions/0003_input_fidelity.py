@@ -29,13 +29,15 @@ BACKFILL_CHUNK = 200
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:
-        batch.add_column(
-            sa.Column("tensor_sha256", sa.String(length=64), server_default="", nullable=False)
-        )
-        batch.add_column(
-            sa.Column("input_record", sa.JSON(), server_default=sa.text("'{}'"), nullable=False)
-        )
+    # Plain ADD COLUMN (SQLite supports it with a constant default), never batch mode: on SQLite
+    # batch mode recreates the table, and dropping ``jobs`` with foreign keys on would cascade
+    # to every job input and certificate.
+    op.add_column(
+        "jobs", sa.Column("tensor_sha256", sa.String(length=64), server_default="", nullable=False)
+    )
+    op.add_column(
+        "jobs", sa.Column("input_record", sa.JSON(), server_default=sa.text("'{}'"), nullable=False)
+    )
     conn = op.get_bind()
     inputs = sa.table("job_inputs", sa.column("job_id", sa.String), sa.column("data"))
     jobs = sa.table("jobs", sa.column("id", sa.String), sa.column("tensor_sha256", sa.String))
@@ -51,6 +53,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:
-        batch.drop_column("input_record")
-        batch.drop_column("tensor_sha256")
+    op.drop_column("jobs", "input_record")  # ALTER TABLE ... DROP COLUMN (SQLite >= 3.35)
+    op.drop_column("jobs", "tensor_sha256")

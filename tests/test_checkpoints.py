@@ -50,7 +50,7 @@ def _t(
 def official_encoder(
     g: torch.Generator, img: int, patch: int, dim: int, depth: int, hidden: int
 ) -> dict[str, Tensor]:
-    """Encoder keys exactly as in the official DMAE files (DESIGN.md), random values."""
+    """Encoder keys exactly as in the official DMAE files (docs/DESIGN.md), random values."""
     n = (img // patch) ** 2
     state = {
         "cls_token": _t((1, 1, dim), g),

@@ -230,3 +230,16 @@ def test_a_bare_state_dict_and_a_heads_error_over_http(
         "/admin/models", headers=h, files=upload, data={"name": "w96", "num_heads": "3"}
     )
     assert r.status_code == 201, r.text
+
+
+def test_the_cli_says_where_class_names_come_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = official_finetuned(2, 8, 2, 64, 1, 128, 1000)
+    state["head.bias"][1] += 50.0
+    path = save_official_finetuned(tmp_path / "inet.pth", state, sigma=0.25)
+    assert main(["certify", "--input", "digits:test", "--max", "1", "--checkpoint", str(path),
+                 "--n0", "10", "--n", "50", "--alpha", "0.01", "--no-progress"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "# class names: ImageNet-1k class names (timm ImageNetInfo), assumed" in err
+    assert "digits:0: goldfish, Carassius auratus radius=" in err

@@ -1,4 +1,5 @@
-"""Randomized smoothing: PREDICT and CERTIFY (Cohen, Rosenfeld, Kolter 2019), docs/DESIGN.md section 2.
+"""Randomized smoothing: PREDICT and CERTIFY (Cohen, Rosenfeld, Kolter 2019); docs/DESIGN.md
+section 2.
 
 The one certification core: the CLI, the in-process runner and the Celery worker all call
 :func:`certify` / :func:`predict`, differing only in the :class:`Sampler` that turns noisy

@@ -163,6 +163,10 @@ def _alpha_cases() -> dict[str, tuple[Image.Image, np.ndarray]]:
     p = Image.fromarray(index, "P")
     p.putpalette(palette_rgb.flatten().tolist())
     p.info["transparency"] = 5
+    p_alphas = rng.integers(0, 256, 16, dtype=np.uint8)  # a PNG palette with per-entry alpha
+    p_levels = Image.fromarray(index, "P")
+    p_levels.putpalette(palette_rgb.flatten().tolist())
+    p_levels.info["transparency"] = p_alphas.tobytes()
     pa_alpha = np.where(index % 3 == 0, 0, 200).astype(np.uint8)
     pa = Image.merge("PA", [Image.fromarray(index), Image.fromarray(pa_alpha)])
     pa.putpalette(palette_rgb.flatten().tolist())
@@ -185,6 +189,10 @@ def _alpha_cases() -> dict[str, tuple[Image.Image, np.ndarray]]:
         "P with a transparent index": (
             p,
             np.where((index == 5)[..., None], 1.0, palette_rgb[index] / 255),
+        ),
+        "P with per-entry alpha": (
+            encode(p_levels),
+            composite_on_white(palette_rgb[index], p_alphas[index]),
         ),
         "PA": (pa, composite_on_white(palette_rgb[index], pa_alpha)),
         "L with a transparent value": (l_key, np.where(key, 1.0, grey / 255)),

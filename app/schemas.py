@@ -68,7 +68,28 @@ class CertificateOut(BaseModel):
         description="sha256 of the model's tensors (the same weights in another file format "
         "have the same value)."
     )
-    input_sha256: str = Field(description="sha256 of the uploaded image.")
+    input_sha256: str = Field(description="sha256 of the uploaded bytes.")
+    tensor_sha256: str | None = Field(
+        None,
+        description="sha256 of the preprocessed float32 tensor (little-endian, C order): the "
+        "input's identity. The same pixels in another file format have the same hash.",
+    )
+    original_size: list[int] | None = Field(
+        None, description="[width, height] of the upload as displayed (after EXIF orientation)."
+    )
+    scale: float | None = Field(
+        None, description="Output pixels per source pixel, S / min(width, height); < 1: shrunk."
+    )
+    preprocessing: list[str] = Field(
+        default_factory=list, description="The ordered steps that made the certified tensor."
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What a reader should know, e.g. the input is far from the model's domain.",
+    )
+    label_source: str | None = Field(
+        None, description="Where the class names come from when the model file stores none."
+    )
     device: str
     timings: Timings
 
@@ -118,8 +139,18 @@ class JobOut(BaseModel):
     n0: int
     n: int
     seed: int
-    input_sha256: str
+    input_sha256: str = Field(description="sha256 of the uploaded bytes.")
+    tensor_sha256: str = Field(
+        description="sha256 of the preprocessed float32 tensor: the input's identity (no "
+        "re-roll, derived seed). Empty for jobs made before it was recorded."
+    )
     input_shape: list[int]
+    original_size: list[int] | None = Field(
+        description="[width, height] of the upload as displayed (after EXIF orientation)."
+    )
+    scale: float | None = Field(description="S / min(width, height): below 1 the image shrank.")
+    preprocessing: list[str] = Field(description="The ordered preprocessing steps.")
+    warnings: list[str] = Field(description="E.g. 'downscaled 53x to the model's 8x8 input'.")
     progress: Progress
     attempts: int
     created_at: str
@@ -201,6 +232,7 @@ class TrainingPage(BaseModel):
 
 
 def job_out(job: Job, certificate: dict[str, Any] | None) -> JobOut:
+    record = dict(job.input_record or {})
     return JobOut(
         id=job.id,
         url=f"/jobs/{job.id}",
@@ -213,7 +245,12 @@ def job_out(job: Job, certificate: dict[str, Any] | None) -> JobOut:
         n=job.n,
         seed=job.seed,
         input_sha256=job.input_sha256,
+        tensor_sha256=job.tensor_sha256,
         input_shape=list(job.input_shape),
+        original_size=record.get("original_size"),
+        scale=record.get("scale"),
+        preprocessing=list(record.get("preprocessing", [])),
+        warnings=list(record.get("warnings", [])),
         progress=Progress(done=job.progress_done, total=job.progress_total),
         attempts=job.attempts,
         created_at=_iso(job.created_at) or "",

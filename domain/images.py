@@ -3,7 +3,9 @@
 - Images are opened by Pillow restricted to :data:`IMAGE_FORMATS` (the bytes decide, never the
   client's filename or content type), the pixel count is checked from the header before any
   decoding, and truncated or corrupt files are refused with 422.
-- The accepted image is converted exactly as ``models.data.preprocess`` documents.
+- The accepted image is converted by ``models.images.preprocess_image``, the one conversion the
+  CLI and the datasets use too; its record (steps, original size, scale, warnings) goes into
+  the job and its certificate, and the sha256 of the resulting tensor is the input's identity.
 """
 
 from __future__ import annotations
@@ -17,19 +19,27 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from domain.errors import ServiceError
-from models.data import preprocess
+from models.images import ImageError, Preprocessed, preprocess_image
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 @dataclass
 class DecodedImage:
-    """An accepted upload: the preprocessed tensor and facts about the original."""
+    """An accepted upload: the preprocessed input (tensor and record) and facts about the bytes."""
 
-    tensor: Tensor
-    sha256: str
+    input: Preprocessed
+    sha256: str  # of the uploaded bytes
     format: str
     size: tuple[int, int]
+
+    @property
+    def tensor(self) -> Tensor:
+        return self.input.tensor
+
+    @property
+    def tensor_sha256(self) -> str:
+        return self.input.tensor_sha256
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -65,10 +75,10 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def decode_image(data: bytes, input_size: int, max_pixels: int) -> DecodedImage:
-    """Bytes of an upload -> the (3, S, S) tensor the certificate will refer to."""
+    """Bytes of an upload -> the (3, S, S) tensor the certificate will refer to, with its record."""
     img = open_image(data, max_pixels)
     try:
-        tensor = preprocess(img, input_size)
-    except (OSError, ValueError) as exc:
+        done = preprocess_image(img, input_size)
+    except (ImageError, OSError, ValueError) as exc:
         raise ServiceError(422, f"could not convert the image: {exc}") from exc
-    return DecodedImage(tensor, hashlib.sha256(data).hexdigest(), str(img.format), img.size)
+    return DecodedImage(done, hashlib.sha256(data).hexdigest(), str(img.format), img.size)

@@ -180,10 +180,12 @@ def cancel(session: Session, table: RunTable, run_id: str) -> bool:
 
 
 def mark_enqueued(session: Session, table: RunTable, run_id: str) -> None:
-    """Record that ``run_id`` was handed to the broker. One statement in autocommit mode (no
-    BEGIN/COMMIT round trips); the session must have no transaction open."""
-    conn = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-    conn.execute(
-        update(table).where(table.id == run_id, table.status == QUEUED).values(enqueued_at=utcnow())
-    )
+    """Record that ``run_id`` was handed to the broker. Commits; when the session has no
+    transaction open this is one statement in autocommit mode (no BEGIN/COMMIT round trips)."""
+    stmt = update(table).where(table.id == run_id, table.status == QUEUED)
+    if session.in_transaction():
+        session.execute(stmt.values(enqueued_at=utcnow()))
+    else:
+        conn = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        conn.execute(stmt.values(enqueued_at=utcnow()))
     session.commit()

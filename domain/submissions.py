@@ -1,10 +1,12 @@
 """Turning a POST /certify into a stored, queued job, exactly once per request.
 
 A job is pre-committed: its seed is fixed at submission (the client's, or one derived from the
-input hash, the model and the parameters), and (client, input sha256, model, parameters, seed)
-is unique. Submitting the same thing again returns the stored job and, once it has succeeded,
-its certificate: never a re-roll. Only a job that produced nothing (failed or cancelled) is
-queued again, under the same seed.
+input, the model and the parameters), and (client, input, model, parameters, seed) is unique.
+The input is identified by the sha256 of its preprocessed float32 tensor (``tensor_sha256``),
+not of the uploaded bytes: the same pixels re-encoded are the same job. Submitting the same
+thing again returns the stored job and, once it has succeeded, its certificate: never a
+re-roll. Only a job that produced nothing (failed or cancelled) is queued again, under the
+same seed.
 
 Admission control: a client may have at most ``max_active_jobs`` jobs queued or running; a
 submission that would add one more gets 429 with ``Retry-After``. On Postgres the count and the
@@ -29,7 +31,7 @@ from domain.keys import Caller
 from domain.state import rowcount
 from domain.tables import ACTIVE_STATUSES, ApiKey, Job, JobInput, Status, new_id
 from models.data import tensor_bytes
-from models.smoothing import validate
+from models.smoothing import check_n, validate
 
 SEED_BITS = 53  # seeds stay exact in JSON numbers (JavaScript clients included)
 MODES = ("certify", "predict", "certify_top2")
@@ -61,6 +63,7 @@ def check_params(p: Params, settings: Settings) -> None:
         raise bad_input(f"seed must lie in [0, 2^63), got {p.seed}")
     try:  # the core's checks of sigma (when given), alpha and n, with its messages
         validate(p.sigma if p.sigma is not None else 1.0, p.alpha, p.n)
+        check_n(p.mode, p.n, p.alpha)  # n too small for alpha: no possible certificate
     except ValueError as exc:
         raise bad_input(str(exc)) from exc
 
@@ -70,7 +73,7 @@ def _digest(fields: dict[str, object]) -> bytes:
 
 
 def derive_seed(
-    input_sha256: str,
+    tensor_sha256: str,
     checkpoint_sha256: str,
     mode: str,
     sigma: float,
@@ -81,7 +84,7 @@ def derive_seed(
     """The default seed: a fixed function of what is certified, so a submission always maps
     to the same pre-committed run."""
     fields = dict(
-        input=input_sha256,
+        tensor=tensor_sha256,
         checkpoint=checkpoint_sha256,
         mode=mode,
         sigma=sigma,
@@ -94,7 +97,7 @@ def derive_seed(
 
 def request_key(job: Job, checkpoint_sha256: str) -> str:
     fields = dict(
-        input=job.input_sha256,
+        tensor=job.tensor_sha256,
         checkpoint=checkpoint_sha256,
         model=job.model_name,
         mode=job.mode,
@@ -121,7 +124,7 @@ def submit(
     n0 = 0 if p.mode == "predict" else p.n0
     seed = p.seed
     if seed is None:
-        seed = derive_seed(decoded.sha256, ckpt.file_sha256, p.mode, sigma, p.alpha, n0, p.n)
+        seed = derive_seed(decoded.tensor_sha256, ckpt.file_sha256, p.mode, sigma, p.alpha, n0, p.n)
     job = Job(
         id=new_id(),
         owner_id=client.id,
@@ -134,6 +137,8 @@ def submit(
         n=p.n,
         seed=seed,
         input_sha256=decoded.sha256,
+        tensor_sha256=decoded.tensor_sha256,
+        input_record=decoded.input.record(),
         input_shape=list(decoded.tensor.shape),
         status=Status.QUEUED.value,
         progress_done=0,
@@ -150,7 +155,7 @@ def submit(
     )
     try:
         session.flush()
-    except IntegrityError:  # the same request raced in from another connection
+    except IntegrityError:  # the identical request exists (earlier, or racing in right now)
         session.rollback()
         existing = _find(session, client.id, job.request_key)
         if existing is None:

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -139,7 +140,11 @@ class Job(RunState, Base):
     n0: Mapped[int] = mapped_column(Integer)
     n: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(BigInteger)
-    input_sha256: Mapped[str] = mapped_column(String(64))
+    input_sha256: Mapped[str] = mapped_column(String(64))  # of the uploaded bytes
+    # The input's identity: sha256 of the preprocessed float32 tensor (no-re-roll key, seed).
+    tensor_sha256: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # What preprocessing did: original_size, scale, preprocessing (steps), warnings.
+    input_record: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))
     input_shape: Mapped[list[Any]] = mapped_column(default=list)
 
 

@@ -59,6 +59,7 @@ class CheckpointMeta:
     licence: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
+    classes_source: str = ""  # set when the class names were not stored with the weights
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -157,6 +158,8 @@ def load_project(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
 # ---------------------------------------------------------------- official DMAE files
 
 
+OFFICIAL_MARKER_KEY = "patch_embed.proj.weight"
+
 # torch's generic lines around the specific reason (one of them advises weights_only=False).
 _TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
@@ -187,8 +190,58 @@ def _count_blocks(state: dict[str, Tensor], prefix: str) -> int:
     return len(ids)
 
 
-def infer_arch(state: dict[str, Tensor], num_heads: int | None = None) -> ArchConfig:
-    """Architecture from tensor shapes. Heads are not in any shape: width/64 unless given."""
+# The official DMAE/MAE ViTs (models_vit.py, models_dmae.py): size -> (width, heads).
+KNOWN_VITS = {
+    "tiny": (192, 3),
+    "small": (384, 6),
+    "base": (768, 12),
+    "large": (1024, 16),
+    "huge": (1280, 16),
+}
+_VIT_NAME = re.compile(r"vit_(tiny|small|base|large|huge)(?:_patch(\d+))?")
+HEADS_HINT = "give the number of attention heads: num_heads (dmae-certify: --num-heads)"
+OFFICIAL_DECODER_HEADS = 16
+
+
+def infer_heads(dim: int, patch: int, num_heads: int | None, model_name: str | None) -> int:
+    """Attention heads, which no tensor shape holds. Never a guess that could be wrong:
+
+    - ``num_heads`` when given (it must divide the width);
+    - else the heads of the architecture ``model_name`` names (``args.model`` of official
+      files, e.g. ``vit_base_patch16``: 12), if its width (and patch) match the weights;
+    - else width / 64, the head width of every standard ViT, for widths that are multiples of
+      64, except 1280 (ViT-H uses 16 heads of 80);
+    - anything else (a name that disagrees, another width) is a CheckpointError naming
+      ``num_heads`` / ``--num-heads``.
+    """
+    if num_heads is not None:
+        if num_heads < 1 or dim % num_heads:
+            raise CheckpointError(f"num_heads={num_heads} does not divide the width {dim}")
+        return num_heads
+    named = _VIT_NAME.search(model_name or "")
+    if named is not None:
+        size, named_patch = named.group(1), named.group(2)
+        width, heads = KNOWN_VITS[size]
+        if width == dim and (named_patch is None or int(named_patch) == patch):
+            return heads
+        raise CheckpointError(
+            f"the file's model name {model_name!r} is a ViT-{size} (width {width}"
+            + (f", patch {named_patch}" if named_patch else "")
+            + f") but its weights have width {dim}, patch {patch}: {HEADS_HINT}"
+        )
+    if dim % 64 == 0 and dim != KNOWN_VITS["huge"][0]:
+        return dim // 64
+    raise CheckpointError(
+        f"cannot tell the number of attention heads of a width-{dim} encoder"
+        + (" (ViT-H uses 16, width / 64 would give 20)" if dim == KNOWN_VITS["huge"][0] else "")
+        + f" and the file names no known architecture: {HEADS_HINT}"
+    )
+
+
+def infer_arch(
+    state: dict[str, Tensor], num_heads: int | None = None, model_name: str | None = None
+) -> ArchConfig:
+    """Architecture from tensor shapes; heads by :func:`infer_heads` (they are in no shape)."""
     try:
         proj = state["patch_embed.proj.weight"]
         pos = state["pos_embed"]
@@ -203,15 +256,20 @@ def infer_arch(state: dict[str, Tensor], num_heads: int | None = None) -> ArchCo
             patch_size=patch,
             embed_dim=dim,
             depth=depth,
-            num_heads=num_heads or max(dim // 64, 1),
+            num_heads=infer_heads(dim, patch, num_heads, model_name),
             mlp_ratio=hidden / dim,
         )
         if "decoder_embed.weight" in state:
             ddim = state["decoder_embed.weight"].shape[0]
+            if ddim % OFFICIAL_DECODER_HEADS:
+                raise CheckpointError(
+                    f"decoder width {ddim} is not a multiple of the official "
+                    f"{OFFICIAL_DECODER_HEADS} decoder heads: not an official DMAE decoder"
+                )
             fields.update(
                 decoder_embed_dim=ddim,
                 decoder_depth=_count_blocks(state, "decoder_blocks"),
-                decoder_num_heads=16 if ddim % 16 == 0 else max(ddim // 32, 1),
+                decoder_num_heads=OFFICIAL_DECODER_HEADS,
             )
     except KeyError as exc:
         raise CheckpointError(f"not a DMAE/ViT state dict: missing {exc}") from exc
@@ -228,10 +286,19 @@ class OfficialFile:
 
 
 def read_official(path: str | Path) -> OfficialFile:
+    """An official file: ``{'model': state, 'args': ...}`` or a bare state dict of tensors with
+    the official key layout (how the released pre-trained weights are stored)."""
     obj = _torch_load_safely(path)
-    if not isinstance(obj, dict) or "model" not in obj or not isinstance(obj["model"], dict):
-        raise CheckpointError(f"{path}: expected an official DMAE file holding {{'model': ...}}")
-    state = {k: v for k, v in obj["model"].items() if isinstance(v, Tensor)}
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        raw = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get(OFFICIAL_MARKER_KEY), Tensor):
+        raw = obj  # a bare state dict
+    else:
+        raise CheckpointError(
+            f"{path}: expected an official DMAE file: {{'model': state dict, ...}} or a bare "
+            f"state dict with the official keys ({OFFICIAL_MARKER_KEY}, pos_embed, blocks.N.*)"
+        )
+    state = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, Tensor)}
     args = dict(vars(obj["args"])) if isinstance(obj.get("args"), argparse.Namespace) else {}
     if "head.weight" in state:
         form = "finetuned"
@@ -255,10 +322,18 @@ def import_official(
     """Load an official DMAE file as a classifier (fine-tuned) or pre-training model.
 
     Mean/std are not stored in official files: ImageNet's unless given (pass CIFAR's for CIFAR
-    models, with ``input_size=32``).
+    models, with ``input_size=32``). Nor are class names: without ``classes`` they default by
+    :func:`models.classnames.default_classes` (ImageNet-1k or CIFAR-10 names, else indices).
     """
+    from models.classnames import default_classes
+
     off = read_official(path)
-    arch = infer_arch(off.state, num_heads or off.args.get("num_heads"))
+    model_name = off.args.get("model")
+    arch = infer_arch(
+        off.state,
+        num_heads or off.args.get("num_heads"),
+        model_name if isinstance(model_name, str) else None,
+    )
     meta = CheckpointMeta(
         kind="classifier" if off.form == "finetuned" else "pretrain",
         arch=arch,
@@ -273,7 +348,12 @@ def import_official(
     )
     if off.form == "finetuned":
         meta.num_classes = int(off.state["head.weight"].shape[0])
-        meta.classes = list(classes) if classes else [str(i) for i in range(meta.num_classes)]
+        if classes:
+            meta.classes = list(classes)
+        else:
+            meta.classes, meta.classes_source = default_classes(
+                meta.num_classes, meta.mean, meta.std
+            )
         if len(meta.classes) != meta.num_classes:
             raise CheckpointError(
                 f"{len(meta.classes)} class names given for a {meta.num_classes}-class head"

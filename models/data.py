@@ -1,38 +1,33 @@
-"""Inputs: the one documented image conversion, the digits dataset, ImageFolder and input specs.
+"""Inputs: the digits dataset, ImageFolder layouts and input specs, all through the one image
+conversion of :mod:`models.images` (re-exported here as :func:`preprocess_image`).
 
-The tensor a certificate's radius refers to is what :func:`preprocess` returns: RGB, the shorter
-side bicubic-resized to the model's input size S, centre-cropped to S x S, float32 in [0, 1].
+The tensor a certificate's radius refers to is what :func:`preprocess_image` returns: the image
+as a viewer shows it (EXIF orientation, transparency on white, every bit depth mapped to [0, 1]),
+its centred square bicubic-resized straight to the model's input size S, float32 (3, S, S).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from models.classnames import ClassLookup
+from models.images import ImageError as ImageError
+from models.images import Preprocessed, read_image
+from models.images import load_image as load_image
+from models.images import preprocess as preprocess
+from models.images import preprocess_image as preprocess_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
-
-
-def preprocess(img: Image.Image, input_size: int) -> Tensor:
-    """PIL image -> (3, S, S) float32 in [0, 1]: RGB, shorter side resized to S, centre crop."""
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = input_size / min(w, h)
-    nw, nh = max(input_size, round(w * scale)), max(input_size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - input_size) // 2, (nh - input_size) // 2
-    img = img.crop((left, top, left + input_size, top + input_size))
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
 def tensor_bytes(x: Tensor) -> bytes:
@@ -44,11 +39,6 @@ def tensor_from_bytes(data: bytes, shape: Sequence[int]) -> Tensor:
     """Inverse of :func:`tensor_bytes`: a float32 tensor of ``shape``."""
     arr = np.frombuffer(data, dtype=np.float32).reshape(tuple(shape))
     return torch.from_numpy(arr.copy())
-
-
-def load_image(path: str | Path, input_size: int) -> Tensor:
-    with Image.open(path) as img:
-        return preprocess(img, input_size)
 
 
 # ---------------------------------------------------------------- digits (scikit-learn)
@@ -105,26 +95,51 @@ DIGITS_STD = (0.37611917, 0.37611917, 0.37611917)
 # ---------------------------------------------------------------- input sets
 
 
+@dataclass
+class Sample:
+    """One input: its preprocessed tensor with the record of how, its label (-1: none), name."""
+
+    input: Preprocessed
+    label: int
+    name: str
+
+
 class InputSet(Dataset[tuple[Tensor, int, str]]):
-    """A sequence of (image tensor, label or -1, name) with optional class names."""
+    """A sequence of inputs (image files or tensors) with labels (-1: none), names and optional
+    class names. ``tensor_steps`` describes how in-memory tensors were made."""
 
     def __init__(
         self,
         items: Sequence[tuple[Path | Tensor, int, str]],
         input_size: int,
         classes: list[str] | None,
+        tensor_steps: Sequence[str] = (),
+        native_size: int | None = None,
     ):
         self.items = list(items)
         self.input_size = input_size
         self.classes = classes
+        self.tensor_steps = list(tensor_steps)
+        self.native_size = native_size or input_size
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int, str]:
+    def load(self, i: int) -> Sample:
+        """Input ``i``; :class:`ImageError` (naming the file) when it cannot be read."""
         src, label, name = self.items[i]
-        x = src if isinstance(src, Tensor) else load_image(src, self.input_size)
-        return x, label, name
+        if isinstance(src, Tensor):
+            side = self.native_size
+            record = Preprocessed(
+                src, (side, side), self.input_size / side, list(self.tensor_steps), []
+            )
+        else:
+            record = read_image(src, self.input_size)
+        return Sample(record, label, name)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, str]:
+        sample = self.load(i)
+        return sample.input.tensor, sample.label, sample.name
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -132,19 +147,44 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 class ImageFolderDataset(InputSet):
-    """ImageFolder layout: one sub-folder per class (sorted names give label indices)."""
+    """ImageFolder layout: one sub-folder per class.
 
-    def __init__(self, root: str | Path, input_size: int):
+    With ``classes`` (a model's class names) each folder name must be one of them and gives
+    that class's index; otherwise ValueError listing the model's classes. Without (training a
+    new model), the sorted folder names are the classes, in that order.
+    """
+
+    def __init__(self, root: str | Path, input_size: int, classes: list[str] | None = None):
         root = Path(root)
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and _images_in(d))
-        if not classes:
+        folders = sorted(d.name for d in root.iterdir() if d.is_dir() and _images_in(d))
+        if not folders:
             raise ValueError(f"{root}: no class sub-folders with images")
+        if classes is None:
+            labels = {name: i for i, name in enumerate(folders)}
+            classes = folders
+        else:
+            lookup = ClassLookup(list(classes))
+            labels, unknown = {}, []
+            for name in folders:
+                try:
+                    index = lookup.index(name)
+                except ValueError as exc:
+                    raise ValueError(f"{root}: folder {exc}") from exc
+                if index is None:
+                    unknown.append(name)
+                else:
+                    labels[name] = index
+            if unknown:
+                raise ValueError(
+                    f"{root}: folder name(s) {', '.join(map(repr, unknown))} are not classes of "
+                    f"the model; name each folder by a class ({lookup.describe()})"
+                )
         items: list[tuple[Path | Tensor, int, str]] = [
-            (p, label, f"{name}/{p.name}")
-            for label, name in enumerate(classes)
+            (p, labels[name], f"{name}/{p.name}")
+            for name in folders
             for p in _images_in(root / name)
         ]
-        super().__init__(items, input_size, classes)
+        super().__init__(items, input_size, list(classes))
 
 
 def _resize_tensors(x: Tensor, input_size: int) -> Tensor:
@@ -155,21 +195,31 @@ def _resize_tensors(x: Tensor, input_size: int) -> Tensor:
     ).clamp(0, 1)
 
 
-def open_inputs(spec: str, input_size: int) -> InputSet:
-    """An image file, a folder of images, an ImageFolder root, or ``digits:train|test``."""
+DIGITS_STEPS = ("scikit-learn digits 8x8, 0..16 / 16", "grey -> 3 equal channels")
+
+
+def open_inputs(spec: str, input_size: int, classes: list[str] | None = None) -> InputSet:
+    """An image file, a folder of images, an ImageFolder root, or ``digits:train|test``.
+
+    ``classes``: the model's class names; ImageFolder labels are then the model's indices of the
+    folder names (see :class:`ImageFolderDataset`).
+    """
     if spec.startswith("digits:"):
-        x, y, classes = load_digits_split(spec.split(":", 1)[1])
+        x, y, names = load_digits_split(spec.split(":", 1)[1])
+        steps = list(DIGITS_STEPS)
+        if input_size != x.shape[-1]:
+            steps.append(f"bicubic tensor resize 8x8 -> {input_size}x{input_size}, clamp to [0,1]")
         x = _resize_tensors(x, input_size)
         items: list[tuple[Path | Tensor, int, str]] = [
             (x[i], int(y[i]), f"digits:{i}") for i in range(len(y))
         ]
-        return InputSet(items, input_size, classes)
+        return InputSet(items, input_size, names, steps, native_size=8)
     path = Path(spec)
     if path.is_file():
         return InputSet([(path, -1, path.name)], input_size, None)
     if path.is_dir():
         if any(d.is_dir() and _images_in(d) for d in path.iterdir()):
-            return ImageFolderDataset(path, input_size)
+            return ImageFolderDataset(path, input_size, classes)
         files = _images_in(path)
         if not files:
             raise ValueError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")

@@ -1,9 +1,14 @@
-"""Certified accuracy curves from per-image results (Cohen et al.'s TSV convention)."""
+"""Certified accuracy curves from per-image results (Cohen et al.'s TSV convention).
+
+Numbers are written at full precision (``repr``, which reads back to the same float); a radius,
+bound or accuracy shown rounded is rounded *down* (:func:`round_down`), toward the safe side.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +16,20 @@ import numpy as np
 TSV_COLUMNS = (
     "idx", "label", "predict", "radius", "correct", "time",
     "count_a", "n", "pa_lower", "n0", "sigma", "alpha", "max_radius", "name",
+    "tensor_sha256", "preprocessing", "warnings",
 )  # fmt: skip
+LIST_SEPARATOR = " | "  # between preprocessing steps (or warnings) in one TSV cell
+
+
+def round_down(value: float, digits: int = 4) -> str:
+    """``value`` with ``digits`` decimals, rounded toward -infinity: the printed number never
+    exceeds the float (a radius of 0.49996 shows as 0.4999, not 0.5000)."""
+    quantum = Decimal(1).scaleb(-digits)
+    return str(Decimal(repr(float(value))).quantize(quantum, rounding=ROUND_FLOOR))
+
+
+def _cell(text: str) -> str:
+    return text.replace("\t", " ").replace("\n", " ")
 
 
 @dataclass
@@ -31,19 +49,25 @@ class Row:
     alpha: float
     max_radius: float
     name: str
+    tensor_sha256: str = ""
+    preprocessing: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def correct(self) -> int:
         return int(self.label >= 0 and self.predict == self.label)
 
     def tsv(self) -> str:
-        pa = "" if self.pa_lower is None else f"{self.pa_lower:.6f}"
+        """One TSV line; radius, pa_lower, max_radius, sigma and alpha at full precision."""
+        pa = "" if self.pa_lower is None else repr(float(self.pa_lower))
         return "\t".join(
             [
-                str(self.idx), str(self.label), str(self.predict), f"{self.radius:.4f}",
+                str(self.idx), str(self.label), str(self.predict), repr(float(self.radius)),
                 str(self.correct), f"{self.time:.4f}", str(self.count_a), str(self.n), pa,
-                str(self.n0), f"{self.sigma:g}", f"{self.alpha:g}", f"{self.max_radius:.4f}",
-                self.name.replace("\t", " "),
+                str(self.n0), repr(float(self.sigma)), repr(float(self.alpha)),
+                repr(float(self.max_radius)), _cell(self.name), self.tensor_sha256,
+                _cell(LIST_SEPARATOR.join(self.preprocessing)),
+                _cell(LIST_SEPARATOR.join(self.warnings)),
             ]
         )  # fmt: skip
 

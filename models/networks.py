@@ -1,7 +1,7 @@
 """DMAE networks: the denoising masked autoencoder (pre-training) and the smoothing classifier.
 
 Both take images in [0, 1] pixel space at their *native* input size and do the bicubic resize
-to the model resolution and the mean/std normalisation inside (DESIGN.md section 1). Parameter
+to the model resolution and the mean/std normalisation inside (docs/DESIGN.md section 1). Parameter
 names follow the official DMAE key layout exactly, so official state dicts load unchanged.
 """
 

@@ -1,4 +1,5 @@
-"""Randomized smoothing: PREDICT and CERTIFY (Cohen, Rosenfeld, Kolter 2019), DESIGN.md section 2.
+"""Randomized smoothing: PREDICT and CERTIFY (Cohen, Rosenfeld, Kolter 2019); docs/DESIGN.md
+section 2.
 
 The one certification core: the CLI, the in-process runner and the Celery worker all call
 :func:`certify` / :func:`predict`, differing only in the :class:`Sampler` that turns noisy
@@ -179,8 +180,52 @@ def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
 
 
 def max_radius(sigma: float, n: int, alpha: float) -> float:
-    """Largest radius n samples at level alpha can certify: all n hits give pA = alpha^(1/n)."""
-    return sigma * float(norm.ppf(alpha ** (1.0 / n)))
+    """Largest radius n samples at level alpha can certify: all n hits give pA = alpha^(1/n).
+
+    sigma * Phi^-1(alpha^(1/n)) (Cohen et al. 2019, section 3.2), never negative: 0 when n is
+    below :func:`min_n`. For the top-2 bound pass alpha/2 (pB_upper is capped by 1 - pA_lower,
+    so its best case is sigma * Phi^-1((alpha/2)^(1/n))).
+    """
+    return max(0.0, sigma * float(norm.ppf(alpha ** (1.0 / n))))
+
+
+def _possible(mode: str, n: int, alpha: float) -> bool:
+    """Whether n samples, all hits, let ``mode`` answer at level alpha."""
+    if mode == Mode.CERTIFY:
+        return bool(alpha ** (1.0 / n) > 0.5)  # pA_lower of n/n hits must pass 1/2
+    if mode == Mode.CERTIFY_TOP2:
+        return bool((alpha / 2) ** (1.0 / n) > 0.5)  # pA is bounded at alpha/2
+    if mode == Mode.PREDICT:
+        return float(binomtest(n, n, 0.5).pvalue) <= alpha  # = 2 * 0.5^n
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def min_n(mode: str, alpha: float) -> int:
+    """Smallest n with which ``mode`` can return anything but an abstention at level alpha.
+
+    CERTIFY: alpha^(1/n) > 1/2, i.e. n > log2(1/alpha) (10 at alpha = 0.001). certify_top2:
+    (alpha/2)^(1/n) > 1/2, n > log2(2/alpha) (11). PREDICT: the two-sided binomial test of n
+    hits out of n, p = 2^(1-n), must reach alpha: n >= 1 + log2(1/alpha) (11).
+    """
+    n = max(1, math.floor(math.log2(1 / alpha)) - 1)
+    while not _possible(mode, n, alpha):
+        n += 1
+    return n
+
+
+def check_n(mode: str, n: int, alpha: float) -> None:
+    """ValueError giving the minimum when n samples can never certify (or predict) at alpha."""
+    need = min_n(mode, alpha)
+    if n < need:
+        what = {
+            Mode.CERTIFY: "CERTIFY can only certify when alpha^(1/n) > 1/2",
+            Mode.CERTIFY_TOP2: "certify_top2 can only certify when (alpha/2)^(1/n) > 1/2",
+            Mode.PREDICT: "PREDICT can only answer when 2 * 0.5^n <= alpha",
+        }[Mode(mode)]
+        raise ValueError(
+            f"n={n} is too small for alpha={alpha:g}: {what}, which needs n >= {need} "
+            "(with fewer samples every answer would be an abstention)"
+        )
 
 
 def _is_count(value: object) -> bool:
@@ -225,6 +270,7 @@ def certify(
     alpha / (2 (K-1)), pB_upper being the largest of them (capped by 1 - pA_lower).
     """
     validate(sigma, alpha, n, n0)
+    check_n(Mode.CERTIFY_TOP2 if top2 else Mode.CERTIFY, n, alpha)
     started = time.perf_counter()
     noise = NoiseStream(seed, x.shape, sampler.device)
     selection = sampler.counts(x, sigma, n0, noise, progress)
@@ -245,7 +291,7 @@ def certify(
         n=n,
         alpha=alpha,
         sigma=sigma,
-        max_radius=max_radius(sigma, n, alpha),
+        max_radius=max_radius(sigma, n, alpha / 2 if top2 else alpha),
         seed=seed,
         input_shape=list(x.shape),
         timings=timings,
@@ -294,6 +340,7 @@ def predict(
 ) -> Certificate:
     """PREDICT(x, n, alpha): abstain unless binomtest(c1, c1 + c2, 0.5) p-value <= alpha."""
     validate(sigma, alpha, n)
+    check_n(Mode.PREDICT, n, alpha)
     started = time.perf_counter()
     noise = NoiseStream(seed, x.shape, sampler.device)
     counts = sampler.counts(x, sigma, n, noise, progress)

@@ -106,7 +106,7 @@ def test_certify_photo_folder_with_official_checkpoint(
     out = tmp_path / "photos.tsv"
     code = main([
         "certify", "--input", str(photos), "--checkpoint", str(official_ckpt), "--n0", "10",
-        "--n", "200", "--out", str(out), "--no-progress",
+        "--n", "200", "--out", str(out), "--no-progress", "--num-heads", "4",
     ])  # fmt: skip
     assert code == 0
     rows = read_tsv(out)
@@ -127,7 +127,7 @@ def test_imagefolder_labels_and_single_file(
     assert main(["predict", "--input", str(root), "--checkpoint", str(project_ckpt),
                  "--n", "100", "--out", str(out), "--no-progress"]) == 0  # fmt: skip
     rows = read_tsv(out)
-    assert [r["label"] for r in rows] == ["0", "1"]  # sorted class folders -> indices
+    assert [r["label"] for r in rows] == ["3", "7"]  # folder names are the model's classes
     assert [r["name"] for r in rows] == ["3/a.png", "7/a.png"]
 
     single = tmp_path / "one.tsv"

@@ -1,4 +1,4 @@
-"""The DMAE networks against DESIGN.md section 1: noise before resize, all-patch loss, sin-cos
+"""The DMAE networks against docs/DESIGN.md section 1: noise before resize, all-patch loss, sin-cos
 position embeddings, patch ordering, masking and the classifier's interface."""
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def test_classifier_maps_native_images_to_logits(small_arch: ArchConfig) -> None
 
 def test_classifier_pools_patch_tokens_not_cls(small_arch: ArchConfig) -> None:
     """With depth 0 tokens never mix, so the logits ignore the cls token only if the features are
-    the mean of the patch tokens (cls excluded), as DESIGN.md specifies."""
+    the mean of the patch tokens (cls excluded), as docs/DESIGN.md specifies."""
     arch = ArchConfig(**{**small_arch.to_dict(), "depth": 0})
     clf = DMAEClassifier(arch, 3, input_size=16).eval()
     x = images(2, 16)

@@ -71,7 +71,7 @@ def test_pretrain_finetune_register_certify(tmp_path: Path) -> None:
                 "name": "digits-ft-s0.5",
                 "sigma": 0.5,
                 "init": "digits-pre",
-                "params": {**FAST, "eval_images": 5, "eval_n": 10},
+                "params": {**FAST, "eval_images": 5, "eval_n": 11},
             },
         )
         run = wait_for(client.get, ft.json()["url"], admin["X-API-Key"], timeout=300)

@@ -1,5 +1,5 @@
 """Behaviour of CERTIFY / PREDICT a user relies on: reproducibility, fresh samples, abstentions,
-the radius cap, the top-2 formula and parameter validation (DESIGN.md section 2)."""
+the radius cap, the top-2 formula and parameter validation (docs/DESIGN.md section 2)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Every Monte-Carlo test runs the real :func:`certify` / :func:`predict` with :class:`BatchSampler`
 over seeded trials and compares the observed failure count with its *exact* expectation
 (computed here independently with scipy), so the tests fail both when a guarantee is broken and
-when the statistics are not what DESIGN.md section 2 specifies.
+when the statistics are not what docs/DESIGN.md section 2 specifies.
 """
 
 from __future__ import annotations

@@ -488,7 +488,7 @@ def test_cli_trains_both_stages_on_an_image_folder(
                 "--eval-images",
                 "2",
                 "--eval-n",
-                "10",
+                "11",
                 "--export",
                 str(tmp_path / "exported.safetensors"),
             ]

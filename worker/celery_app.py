@@ -1,4 +1,4 @@
-"""Celery on Redis for long GPU tasks (DESIGN.md section 3).
+"""Celery on Redis for long GPU tasks (docs/DESIGN.md section 3).
 
 - A task carries only the job id (task id = job id); results are ignored: Postgres holds state.
 - ``task_acks_late`` + ``task_reject_on_worker_lost``: a task whose worker process dies is

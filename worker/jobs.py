@@ -27,6 +27,7 @@ from worker.model_cache import CACHE, LoadedModel, ModelRef
 from worker.monitor import Aborted, Monitor
 
 log = logging.getLogger("dmae.worker")
+RECORD_FIELDS = ("original_size", "scale", "preprocessing", "warnings")
 
 
 def sampler_for(loaded: LoadedModel, settings: Settings) -> Any:
@@ -79,6 +80,8 @@ def run_job(
                 n=job.n,
                 seed=job.seed,
                 input_sha256=job.input_sha256,
+                tensor_sha256=job.tensor_sha256,
+                input_record=dict(job.input_record or {}),
                 created_at=job.created_at,
                 started_at=job.started_at,
             )
@@ -171,8 +174,13 @@ def certificate_body(
         checkpoint_sha256=loaded.ref.file_sha256,
         weights_sha256=loaded.meta.weights_sha256,
         input_sha256=p["input_sha256"],
+        tensor_sha256=p["tensor_sha256"],
         device=str(loaded.device),
     )
+    record = p["input_record"]  # original_size, scale, preprocessing, warnings (may be empty)
+    body.update((k, v) for k, v in record.items() if k in RECORD_FIELDS)
+    if loaded.meta.classes_source:
+        body["label_source"] = loaded.meta.classes_source
     body["timings"] = {
         **{k: float(v) for k, v in cert.timings.items()},
         "queued_s": max(queued_s, 0.0),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 NORMS = ("imagenet", "cifar")
@@ -58,7 +59,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--num-heads",
         type=int,
         default=None,
-        help="official files only: attention heads (default: width / 64)",
+        help="official files only: attention heads (default: those of the architecture the "
+        "file's args.model names, else width / 64 when the width is a multiple of 64)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -78,22 +80,26 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run, mode="predict", n0=0, top2=False)
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+@dataclass
+class Setup:
+    """Everything the per-input loop needs, prepared (and validated) once."""
 
+    mode: str  # certify, certify_top2 or predict
+    sigma: float
+    meta: Any  # models.checkpoints.CheckpointMeta
+    sampler: Any  # models.smoothing.BatchSampler
+    inputs: Any  # models.data.InputSet
+    indices: list[int]
+    device: Any
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Load the model and the inputs; ValueError with the reason for anything unusable."""
     from models.checkpoints import load_classifier_with_meta
     from models.data import open_inputs
-    from models.evaluate import (
-        Row,
-        certified_accuracy,
-        certified_fraction,
-        default_radii,
-        plot_curve,
-        write_tsv,
-    )
     from models.networks import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
     from models.runtime import autocast_dtype, pick_device
-    from models.smoothing import SPACE, BatchSampler, certify, max_radius, predict, validate
+    from models.smoothing import BatchSampler, check_n, validate
 
     mean, std = (CIFAR_MEAN, CIFAR_STD) if args.norm == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
     model, meta = load_classifier_with_meta(
@@ -102,82 +108,137 @@ def run(args: argparse.Namespace) -> int:
     sigma = args.sigma if args.sigma is not None else meta.sigma
     if sigma is None:
         raise ValueError("this checkpoint records no training sigma: pass --sigma")
+    mode = "certify_top2" if args.top2 else args.mode
     validate(sigma, args.alpha, args.n, args.n0 if args.mode == "certify" else None)
+    check_n(mode, args.n, args.alpha)
     if args.batch < 1 or args.skip < 1:
         raise ValueError("--batch and --skip must be at least 1")
-    device = pick_device(args.device)
-    model = model.to(device)
-    sampler = BatchSampler(model, meta.num_classes, args.batch, device, autocast_dtype(device))
-    inputs = open_inputs(args.input, meta.input_size)
+    inputs = open_inputs(args.input, meta.input_size, meta.classes or None)
     indices = list(range(0, len(inputs), args.skip))
     if args.max >= 0:
         indices = indices[: args.max]
+    device = pick_device(args.device)
+    model = model.to(device)
+    sampler = BatchSampler(model, meta.num_classes, args.batch, device, autocast_dtype(device))
+    return Setup(mode, sigma, meta, sampler, inputs, indices, device)
+
+
+def certify_one(
+    args: argparse.Namespace, setup: Setup, i: int, sample: Any, progress: Any
+) -> tuple[Any, Any]:
+    """Run the core on input number ``i`` (seed ``--seed + i``); returns (Row, Certificate)."""
+    from models.evaluate import Row
+    from models.smoothing import certify, predict
+
+    x, started = sample.input.tensor, time.perf_counter()
+    if args.mode == "certify":
+        cert = certify(
+            setup.sampler, x, setup.sigma, args.n0, args.n, args.alpha, args.seed + i,
+            top2=args.top2, progress=progress,
+        )  # fmt: skip
+    else:
+        cert = predict(
+            setup.sampler, x, setup.sigma, args.n, args.alpha, args.seed + i, progress=progress
+        )
+    row = Row(
+        idx=i,
+        label=sample.label,
+        predict=-1 if cert.prediction is None else cert.prediction,
+        radius=cert.radius,
+        time=time.perf_counter() - started,
+        count_a=cert.count_a,
+        n=cert.n,
+        pa_lower=cert.pa_lower,
+        n0=cert.n0,
+        sigma=setup.sigma,
+        alpha=args.alpha,
+        max_radius=cert.max_radius,
+        name=sample.name,
+        tensor_sha256=sample.input.tensor_sha256,
+        preprocessing=list(sample.input.steps),
+        warnings=list(sample.input.warnings),
+    )
+    return row, cert
+
+
+def outcome(cert: Any, meta: Any) -> str:
+    """One input's result for people: the radius and pA bound rounded down, never up."""
+    from models.evaluate import round_down
+
+    if cert.abstained:
+        return f"abstain ({cert.abstain_reason})"
+    text = str(meta.class_name(cert.prediction))
+    if cert.mode == "predict":
+        return text
+    return f"{text} radius={round_down(cert.radius)} pA_lower={round_down(cert.pa_lower)}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from models.evaluate import (
+        Row,
+        certified_accuracy,
+        certified_fraction,
+        default_radii,
+        plot_curve,
+        round_down,
+        write_tsv,
+    )
+    from models.images import ImageError
+    from models.smoothing import SPACE, max_radius
+
+    setup = prepare(args)
+    size, meta = setup.meta.input_size, setup.meta
     print(
-        f"# {args.mode} {len(indices)} input(s) with {args.checkpoint} on {device}: "
-        f"sigma={sigma:g} n0={args.n0} n={args.n} alpha={args.alpha:g}; radius in L2 over "
-        f"(3, {meta.input_size}, {meta.input_size}) {SPACE}",
+        f"# {setup.mode} {len(setup.indices)} input(s) with {args.checkpoint} on {setup.device}: "
+        f"sigma={setup.sigma:g} n0={args.n0} n={args.n} alpha={args.alpha:g}; radius in L2 "
+        f"over (3, {size}, {size}) {SPACE}",
         file=sys.stderr,
     )
+    if meta.classes_source:
+        print(f"# class names: {meta.classes_source}", file=sys.stderr)
 
     rows: list[Row] = []
+    skipped: list[str] = []
     show = not args.no_progress
-    per_sample = len(indices) == 1
+    per_sample = len(setup.indices) == 1
     bar = tqdm(
-        total=(args.n0 + args.n) if per_sample else len(indices),
+        total=(args.n0 + args.n) if per_sample else len(setup.indices),
         disable=not show,
         unit="sample" if per_sample else "img",
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    for i in indices:
-        x, label, name = inputs[i]
-        started = time.perf_counter()
-        progress = bar.update if per_sample else None
-        if args.mode == "certify":
-            cert = certify(
-                sampler,
-                x,
-                sigma,
-                args.n0,
-                args.n,
-                args.alpha,
-                args.seed + i,
-                top2=args.top2,
-                progress=progress,
-            )
-        else:
-            cert = predict(sampler, x, sigma, args.n, args.alpha, args.seed + i, progress=progress)
-        row = Row(
-            idx=i,
-            label=label,
-            predict=-1 if cert.prediction is None else cert.prediction,
-            radius=cert.radius,
-            time=time.perf_counter() - started,
-            count_a=cert.count_a,
-            n=cert.n,
-            pa_lower=cert.pa_lower,
-            n0=cert.n0,
-            sigma=sigma,
-            alpha=args.alpha,
-            max_radius=cert.max_radius,
-            name=name,
-        )
+    for i in setup.indices:
+        try:
+            sample = setup.inputs.load(i)
+        except ImageError as exc:  # one unreadable file: say so, certify the others
+            skipped.append(str(exc))
+            tqdm.write(f"warning: skipped {exc}", file=sys.stderr)
+            bar.update(0 if per_sample else 1)
+            continue
+        row, cert = certify_one(args, setup, i, sample, bar.update if per_sample else None)
         rows.append(row)
         if not per_sample:
             bar.update(1)
+        for warning in row.warnings:
+            tqdm.write(f"{row.name}: warning: {warning}", file=sys.stderr)
         if per_sample or not show:
-            outcome = (
-                f"abstain ({cert.abstain_reason})"
-                if cert.abstained
-                else f"{meta.class_name(cert.prediction)} radius={cert.radius:.4f}"
-            )
-            tqdm.write(f"{name}: {outcome}", file=sys.stderr)
+            tqdm.write(f"{row.name}: {outcome(cert, meta)}", file=sys.stderr)
     bar.close()
 
     if args.out:
         write_tsv(args.out, rows)
+    if skipped and not rows:
+        print(
+            f"dmae-certify {args.command}: error: nothing could be certified: "
+            f"{len(skipped)} unreadable input(s)",
+            file=sys.stderr,
+        )
+        return 1
     labelled = any(r.label >= 0 for r in rows)
-    radii = default_radii(max_radius(sigma, args.n, args.alpha))
+    radii = default_radii(max_radius(setup.sigma, args.n, args.alpha))
     values = (certified_accuracy if labelled else certified_fraction)(rows, radii)
     what = "certified accuracy" if labelled else "fraction certified (no labels)"
     if args.mode == "predict":
@@ -186,10 +247,12 @@ def run(args: argparse.Namespace) -> int:
     seconds = sum(r.time for r in rows)
     print(
         f"{what} over {len(rows)} input(s), {seconds:.1f} s "
-        f"({seconds / max(len(rows), 1):.2f} s per input):"
+        f"({seconds / max(len(rows), 1):.2f} s per input)"
+        + (f", {len(skipped)} unreadable input(s) skipped" if skipped else "")
+        + ":"
     )
     print("radius\t" + "\t".join(f"{r:g}" for r in radii))
-    print("value\t" + "\t".join(f"{v:.3f}" for v in values))
+    print("value\t" + "\t".join(round_down(v, 3) for v in values))
     if args.plot:
-        plot_curve(args.plot, rows, f"{args.checkpoint} sigma={sigma:g} n={args.n}")
+        plot_curve(args.plot, rows, f"{args.checkpoint} sigma={setup.sigma:g} n={args.n}")
     return 0

@@ -45,6 +45,11 @@ EXAMPLE_CERTIFICATE: dict[str, Any] = {
     "checkpoint_sha256": "9f2c...",
     "weights_sha256": "51be...",
     "input_sha256": "e3b0...",
+    "tensor_sha256": "5d1c...",
+    "original_size": [8, 8],
+    "scale": 1.0,
+    "preprocessing": ["decode PNG RGB 8x8", "8-bit RGB / 255", "no resize: already 8x8"],
+    "warnings": [],
     "device": "cpu",
     "timings": {
         "selection_s": 0.02,
@@ -67,7 +72,12 @@ EXAMPLE_JOB: dict[str, Any] = {
     "n": 10000,
     "seed": 4171520194651379,
     "input_sha256": "e3b0...",
+    "tensor_sha256": "5d1c...",
     "input_shape": [3, 8, 8],
+    "original_size": [8, 8],
+    "scale": 1.0,
+    "preprocessing": ["decode PNG RGB 8x8", "8-bit RGB / 255", "no resize: already 8x8"],
+    "warnings": [],
     "progress": {"done": 10100, "total": 10100},
     "attempts": 1,
     "created_at": "2026-01-15T10:00:00.000Z",
@@ -158,14 +168,20 @@ def certify(
     ] = None,
     alpha: Annotated[float, Form(description="Failure probability, in (0, 0.5).")] = 0.001,
     n0: Annotated[int, Form(description="Selection samples (certify modes).")] = 100,
-    n: Annotated[int, Form(description="Estimation samples.")] = 10_000,
+    n: Annotated[
+        int,
+        Form(
+            description="Estimation samples; at least the mode's minimum for alpha (422 gives it)."
+        ),
+    ] = 10_000,
     mode: Annotated[Mode, Form(description="certify, predict, or certify_top2.")] = "certify",
     model: Annotated[str | None, Form(description="A registered model name.")] = None,
     seed: Annotated[
         int | None,
         Form(
-            description="Noise seed. Default: derived from the image hash, the model and the "
-            "parameters, so the same submission is always the same pre-committed run."
+            description="Noise seed. Default: derived from the preprocessed tensor's hash, the "
+            "model and the parameters, so the same submission is always the same pre-committed "
+            "run."
         ),
     ] = None,
     idempotency_key: Annotated[
@@ -180,10 +196,12 @@ def certify(
 ) -> JobOut:
     """Queue a PREDICT/CERTIFY job on the uploaded image and answer 202 with its id and URL.
 
-    The image is converted to the model's input exactly as documented (RGB, shorter side
-    bicubic-resized to the model's input size, centre crop, [0,1]); the certificate states the
-    space and shape its radius refers to. Submitting the same image, model and parameters again
-    returns the stored job (200) instead of drawing new noise.
+    The image is converted to the model's input as a viewer shows it (EXIF orientation,
+    transparency composited on white, every bit depth mapped to [0,1], the centred square
+    resized to the model's input size); the job and certificate record the steps
+    (`preprocessing`), `original_size`, `scale` and `warnings`, and the certificate states the
+    space and shape its radius refers to. Submitting the same pixels (in any encoding), model
+    and parameters again returns the stored job (200) instead of drawing new noise.
     """
     data = read_upload(image, settings.max_upload_bytes, "image upload")
     params = Params(mode=mode, sigma=sigma, alpha=alpha, n0=n0, n=n, seed=seed, model=model)

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from models.data import DIGITS_MEAN, DIGITS_STD, ImageFolderDataset, load_image, open_inputs
+from models.images import displayed_rgb, open_file
 from models.networks import IMAGENET_MEAN, IMAGENET_STD
 
 Key = tuple[int, int]
@@ -72,10 +73,7 @@ class FolderImages(Dataset[tuple[Tensor, int]]):
         path, label, _ = self.items[index]
         if self.transform is None:
             return load_image(path, self.input_size), label
-        from PIL import Image
-
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
+        rgb = open_file(path, displayed_rgb)  # orientation, transparency, bit depth as certified
         with seeded(seed):
             return self.transform(rgb), label
 

@@ -103,6 +103,10 @@ class FinetuneConfig(RunOptions):
             raise ValueError(f"--layer-decay must lie in (0, 1], got {self.layer_decay}")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ValueError("mixup/cutmix need an even --batch-size")
+        if self.eval_images:  # PREDICT below its minimum n would only ever abstain
+            from models.smoothing import check_n
+
+            check_n("predict", self.eval_n, self.eval_alpha)
 
 
 @dataclass

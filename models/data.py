@@ -125,6 +125,10 @@ class InputSet(Dataset[tuple[Tensor, int, str]]):
     def __len__(self) -> int:
         return len(self.items)
 
+    def name(self, i: int) -> str:
+        """The name of input ``i`` (as rows and TSVs show it), without reading it."""
+        return self.items[i][2]
+
     def load(self, i: int) -> Sample:
         """Input ``i``; :class:`ImageError` (naming the file) when it cannot be read."""
         src, label, name = self.items[i]

@@ -71,12 +71,80 @@ class Row:
             ]
         )  # fmt: skip
 
+    @classmethod
+    def parse(cls, line: str) -> Row:
+        """The row a :meth:`tsv` line was written from (ValueError if it is not one)."""
+        cells = line.rstrip("\n").split("\t")
+        if len(cells) != len(TSV_COLUMNS):
+            raise ValueError(f"{len(cells)} cells, expected {len(TSV_COLUMNS)}")
+        v = dict(zip(TSV_COLUMNS, cells, strict=True))
+
+        def items(text: str) -> list[str]:
+            return text.split(LIST_SEPARATOR) if text else []
+
+        return cls(
+            idx=int(v["idx"]), label=int(v["label"]), predict=int(v["predict"]),
+            radius=float(v["radius"]), time=float(v["time"]), count_a=int(v["count_a"]),
+            n=int(v["n"]), pa_lower=float(v["pa_lower"]) if v["pa_lower"] else None,
+            n0=int(v["n0"]), sigma=float(v["sigma"]), alpha=float(v["alpha"]),
+            max_radius=float(v["max_radius"]), name=v["name"], tensor_sha256=v["tensor_sha256"],
+            preprocessing=items(v["preprocessing"]), warnings=items(v["warnings"]),
+        )  # fmt: skip
+
 
 def write_tsv(path: str | Path, rows: Iterable[Row]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\t".join(TSV_COLUMNS) + "\n")
+    with TsvWriter(path) as out:
         for row in rows:
-            f.write(row.tsv() + "\n")
+            out.write(row)
+
+
+def read_tsv(path: str | Path) -> list[Row]:
+    """The complete rows of a TSV written by :class:`TsvWriter`; a last line cut off by a kill
+    (no newline) is left out. ValueError when the file is not such a TSV."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.split("\n")
+    if not lines or lines[0] != "\t".join(TSV_COLUMNS):
+        raise ValueError(f"{path}: not a dmae-certify TSV (header differs)")
+    complete = lines[1:-1]  # the last element follows the last newline: empty or cut off
+    rows = []
+    for number, line in enumerate(complete, start=2):
+        try:
+            rows.append(Row.parse(line))
+        except ValueError as exc:
+            raise ValueError(f"{path}:{number}: not a result row ({exc})") from exc
+    return rows
+
+
+class TsvWriter:
+    """Writes rows one at a time, each flushed as soon as it is written, so a run that is
+    killed leaves every finished row on disk. ``append`` continues an existing file (its
+    header already written) after dropping a last line cut off by a kill."""
+
+    def __init__(self, path: str | Path, append: bool = False):
+        path = Path(path)
+        if append and path.exists():
+            data = path.read_bytes()
+            keep = data[: data.rfind(b"\n") + 1]  # whole lines only
+            if keep != data:
+                path.write_bytes(keep)
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        else:
+            self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115
+            self._file.write("\t".join(TSV_COLUMNS) + "\n")
+            self._file.flush()
+
+    def write(self, row: Row) -> None:
+        self._file.write(row.tsv() + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> TsvWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def default_radii(max_radius: float, step: float = 0.25) -> list[float]:

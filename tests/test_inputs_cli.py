@@ -209,8 +209,8 @@ def test_tsv_is_exact_and_every_printed_radius_is_rounded_down(
     model, meta = load_classifier_with_meta(DIGITS)
     sampler = BatchSampler(model, 10, 1000)
     inputs = open_inputs("digits:test", 8)
-    printed = dict(re.findall(r"^(digits:\d+): .*radius=(\S+)", captured.err, re.M))
-    shown_pa = dict(re.findall(r"^(digits:\d+): .*pA_lower=(\S+)", captured.err, re.M))
+    printed = dict(re.findall(r"^(digits:\d+)\t.*radius=(\S+)", captured.out, re.M))
+    shown_pa = dict(re.findall(r"^(digits:\d+)\t.*pA_lower=(\S+)", captured.out, re.M))
     certs = []
     for r in rows:
         i = int(r["idx"])

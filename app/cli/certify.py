@@ -63,6 +63,18 @@ def _common(p: argparse.ArgumentParser) -> None:
         "file's args.model names, else width / 64 when the width is a multiple of 64)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in --out (a run that was interrupted) and certify only the "
+        "other inputs; the same seeds make the result equal to an uninterrupted run",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print each input's certificate as one JSON line on stdout (the summary goes to "
+        "stderr)",
+    )
 
 
 def register(sub: Any) -> None:
@@ -173,63 +185,126 @@ def outcome(cert: Any, meta: Any) -> str:
     return f"{text} radius={round_down(cert.radius)} pA_lower={round_down(cert.pa_lower)}"
 
 
+def _interrupted() -> None:  # pragma: no cover - replaced by tests
+    """Hook called after each input (tests raise KeyboardInterrupt here)."""
+
+
+def _done_before(args: argparse.Namespace, setup: Setup) -> list[Any]:
+    """With --resume: the rows already in --out, checked to come from the same run."""
+    from models.evaluate import read_tsv
+
+    if not args.resume:
+        return []
+    if not args.out:
+        raise ValueError("--resume needs --out: the TSV whose finished rows are kept")
+    try:
+        rows = read_tsv(args.out)
+    except FileNotFoundError:
+        return []
+    names = {i: setup.inputs.name(i) for i in setup.indices}
+    for row in rows:
+        same = (row.sigma, row.alpha, row.n) == (setup.sigma, args.alpha, args.n) and (
+            row.n0 == (0 if args.mode == "predict" else args.n0)
+        )
+        if not same or names.get(row.idx) != row.name:
+            raise ValueError(
+                f"--resume: {args.out} row {row.idx} ({row.name}) is not from this run "
+                "(other inputs, sigma, alpha, n or n0); write to a new --out instead"
+            )
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
+    import json
+
     from tqdm import tqdm
 
     from models.evaluate import (
         Row,
+        TsvWriter,
         certified_accuracy,
         certified_fraction,
         default_radii,
         plot_curve,
         round_down,
-        write_tsv,
     )
     from models.images import ImageError
     from models.smoothing import SPACE, max_radius
 
+    if args.plot and args.mode == "predict":
+        raise ValueError(
+            "--plot draws certified accuracy against the radius, and PREDICT certifies no "
+            "radius; use certify (or decide) for a curve"
+        )
     setup = prepare(args)
     size, meta = setup.meta.input_size, setup.meta
+    rows: list[Row] = _done_before(args, setup)
+    done = {r.idx for r in rows}
+    todo = [i for i in setup.indices if i not in done]
     print(
         f"# {setup.mode} {len(setup.indices)} input(s) with {args.checkpoint} on {setup.device}: "
         f"sigma={setup.sigma:g} n0={args.n0} n={args.n} alpha={args.alpha:g}; radius in L2 "
-        f"over (3, {size}, {size}) {SPACE}",
+        f"over (3, {size}, {size}) {SPACE}"
+        + (f"; resuming: {len(rows)} already in {args.out}" if args.resume else ""),
         file=sys.stderr,
     )
     if meta.classes_source:
         print(f"# class names: {meta.classes_source}", file=sys.stderr)
 
-    rows: list[Row] = []
     skipped: list[str] = []
-    show = not args.no_progress
-    per_sample = len(setup.indices) == 1
+    per_sample = len(todo) == 1
     bar = tqdm(
-        total=(args.n0 + args.n) if per_sample else len(setup.indices),
-        disable=not show,
+        total=(args.n0 + args.n) if per_sample else len(todo),
+        disable=args.no_progress,
         unit="sample" if per_sample else "img",
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    for i in setup.indices:
-        try:
-            sample = setup.inputs.load(i)
-        except ImageError as exc:  # one unreadable file: say so, certify the others
-            skipped.append(str(exc))
-            tqdm.write(f"warning: skipped {exc}", file=sys.stderr)
-            bar.update(0 if per_sample else 1)
-            continue
-        row, cert = certify_one(args, setup, i, sample, bar.update if per_sample else None)
-        rows.append(row)
-        if not per_sample:
-            bar.update(1)
-        for warning in row.warnings:
-            tqdm.write(f"{row.name}: warning: {warning}", file=sys.stderr)
-        if per_sample or not show:
-            tqdm.write(f"{row.name}: {outcome(cert, meta)}", file=sys.stderr)
-    bar.close()
+    out = TsvWriter(args.out, append=args.resume) if args.out else None
+    interrupted = False
+    try:
+        for i in todo:
+            try:
+                sample = setup.inputs.load(i)
+            except ImageError as exc:  # one unreadable file: say so, certify the others
+                skipped.append(str(exc))
+                tqdm.write(f"warning: skipped {exc}", file=sys.stderr)
+                bar.update(0 if per_sample else 1)
+                continue
+            row, cert = certify_one(args, setup, i, sample, bar.update if per_sample else None)
+            rows.append(row)
+            if out is not None:
+                out.write(row)  # flushed: a kill loses at most the input in progress
+            for warning in row.warnings:
+                tqdm.write(f"{row.name}: warning: {warning}", file=sys.stderr)
+            if args.json:
+                record = {"idx": i, "name": row.name, "label": row.label, **cert.to_dict()}
+                record["label_name"] = meta.class_name(row.label) if row.label >= 0 else None
+                record["prediction_name"] = meta.class_name(cert.prediction)
+                record["tensor_sha256"] = row.tensor_sha256
+                print(json.dumps(record), flush=True)
+            else:
+                truth = meta.class_name(row.label) if row.label >= 0 else "-"
+                tqdm.write(f"{row.name}\tlabel={truth}\t{outcome(cert, meta)}", file=sys.stdout)
+                sys.stdout.flush()
+            if not per_sample:
+                bar.update(1)
+            _interrupted()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+        if out is not None:
+            out.close()
 
-    if args.out:
-        write_tsv(args.out, rows)
+    summary = sys.stderr if args.json else sys.stdout
+    if interrupted:
+        print(
+            f"interrupted after {len(rows)} of {len(setup.indices)} input(s)"
+            + (f"; finish with the same command and --resume (rows are in {args.out})"
+               if args.out else ""),
+            file=sys.stderr,
+        )  # fmt: skip
     if skipped and not rows:
         print(
             f"dmae-certify {args.command}: error: nothing could be certified: "
@@ -249,10 +324,11 @@ def run(args: argparse.Namespace) -> int:
         f"{what} over {len(rows)} input(s), {seconds:.1f} s "
         f"({seconds / max(len(rows), 1):.2f} s per input)"
         + (f", {len(skipped)} unreadable input(s) skipped" if skipped else "")
-        + ":"
+        + ":",
+        file=summary,
     )
-    print("radius\t" + "\t".join(f"{r:g}" for r in radii))
-    print("value\t" + "\t".join(round_down(v, 3) for v in values))
-    if args.plot:
+    print("radius\t" + "\t".join(f"{r:g}" for r in radii), file=summary)
+    print("value\t" + "\t".join(round_down(v, 3) for v in values), file=summary)
+    if args.plot and rows:
         plot_curve(args.plot, rows, f"{args.checkpoint} sigma={setup.sigma:g} n={args.n}")
-    return 0
+    return 130 if interrupted else 0

@@ -28,7 +28,7 @@ import os
 import secrets
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -328,8 +328,3 @@ def seed_secret(settings: Settings) -> bytes:
     if len(secret) < 16:
         raise SigningError(f"the seed secret {path} is shorter than 16 bytes")
     return secret
-
-
-def parse_public_keys(items: Iterable[Ed25519PublicKey]) -> dict[str, Ed25519PublicKey]:
-    """Public key objects by key id."""
-    return {key_id(k): k for k in items}

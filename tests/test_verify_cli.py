@@ -155,25 +155,35 @@ def test_the_bare_certificate_and_a_saved_key_file(
     assert code == 0 and out.startswith("valid: ")
 
 
+def _changed(issued: Issued, what: str) -> tuple[list[str], str]:
+    """(verify's arguments, the reason it must give) for one kind of change."""
+    cert = issued.cert
+    if what == "radius":
+        return [issued.write("radius.json", {**cert, "radius": cert["radius"] + 0.01})], (
+            "altered after signing"
+        )
+    if what.startswith("count"):
+        counts = list(cert["counts"])
+        other = next(i for i, k in enumerate(counts) if i != cert["prediction"] and k > 0)
+        if what == "count moved":  # the total stays n
+            counts[other] -= 1
+            counts[cert["prediction"]] += 1
+        else:
+            counts[0 if other else 1] += 1
+        return [issued.write("count.json", {**cert, "counts": counts})], "altered after signing"
+    image = issued.write("other.png", digit_png(6))
+    return [issued.write("c.json", cert), "--image", image], "not the certified input"
+
+
+@pytest.mark.parametrize("what", ["radius", "count moved", "count added", "another image"])
 def test_a_changed_radius_count_or_image_fails(
-    issued: Issued, capsys: pytest.CaptureFixture[str]
+    issued: Issued, capsys: pytest.CaptureFixture[str], what: str
 ) -> None:
     keys = issued.write("keys.json", httpx.get(f"{issued.base}/keys").json())
-    cert = issued.cert
-    radius = issued.write("radius.json", {**cert, "radius": cert["radius"] + 0.01})
-    counts = list(cert["counts"])
-    other = next(i for i, k in enumerate(counts) if i != cert["prediction"] and k > 0)
-    counts[other] -= 1
-    counts[cert["prediction"]] += 1
-    count = issued.write("count.json", {**cert, "counts": counts})
-    image = issued.write("other.png", digit_png(6))
-    for args in ([radius], [count], [issued.write("c.json", cert), "--image", image]):
-        code, out, err = in_process(capsys, *args, "--key", keys)
-        assert code == 1 and err == "" and out.count("\n") == 1, (args, out, err)
-        assert out.startswith("invalid: "), out
-    assert "altered after signing" in in_process(capsys, radius, "--key", keys)[1]
-    assert "not the certified input" in in_process(capsys, issued.write("c.json", cert),
-                                                    "--key", keys, "--image", image)[1]  # fmt: skip
+    args, reason = _changed(issued, what)
+    code, out, err = in_process(capsys, *args, "--key", keys)
+    assert code == 1 and err == "" and out.count("\n") == 1, (out, err)
+    assert out.startswith("invalid: ") and reason in out, out
 
 
 def test_consistent_tampering_fails_on_the_signature(

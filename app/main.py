@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from app import api_docs, errors
 from app.ratelimit import make_limiter
-from app.routes import admin, health, jobs, metrics, models
+from app.routes import admin, health, jobs, metrics, models, replays, signing
 from app.upload_files import MULTIPART_SLACK, BodyLimit
 from domain.config import Settings, get_settings
 from domain.db import get_database
@@ -56,8 +56,11 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from domain import keys, migrate, registry
+        from domain import signing as signing_keys
 
         migrate.prepare_database(settings)
+        signing_keys.signer(settings)  # made at first start; a bad DMAE_SIGNING_KEY stops here
+        signing_keys.seed_secret(settings)
         db = get_database(settings.database_url)
         app.state.db = db
         with db.session() as session:
@@ -106,7 +109,7 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
     api_docs.install(app)
     app.add_middleware(BodyLimit, limit_for=body_limits(settings))
     metrics.instrument(app)
-    for module in (jobs, models, admin, health, metrics):
+    for module in (jobs, replays, models, admin, signing, health, metrics):
         app.include_router(module.router)
     return app
 

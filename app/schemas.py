@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from domain.tables import Checkpoint, Job, TrainingRun
 
@@ -21,7 +21,26 @@ class Progress(BaseModel):
     total: int = Field(description="Samples the job draws in all: n0 + n (n for predict).")
 
 
-class Timings(BaseModel):
+class AsStored(BaseModel):
+    """A stored JSON body served exactly as stored: optional fields it lacks are left out rather
+    than shown as null, so a signed certificate's bytes still verify after the round trip."""
+
+    model_config = ConfigDict(extra="allow")
+
+    # No return annotation: pydantic would take it as the serialised schema (``Any``: {}).
+    @model_serializer(mode="wrap")
+    def _as_stored(self, handler: SerializerFunctionWrapHandler):
+        data = handler(self)
+        if not isinstance(data, dict):
+            return data
+        fields = type(self).model_fields
+        absent = {
+            f.alias or name for name, f in fields.items() if name not in self.model_fields_set
+        }
+        return {k: v for k, v in data.items() if k not in absent}
+
+
+class Timings(AsStored):
     """Where a job's time went, in seconds (``samples_per_s``: noisy samples per second)."""
 
     model_config = ConfigDict(extra="allow")
@@ -36,11 +55,11 @@ class Timings(BaseModel):
     run_s: float = Field(description="From start to the stored certificate.")
 
 
-class CertificateOut(BaseModel):
+class CertificateOut(AsStored):
     """The result of one pre-committed PREDICT/CERTIFY run; ``radius`` is an L2 radius in
-    ``space``, on a tensor of shape ``input_shape``."""
-
-    model_config = ConfigDict(extra="allow")
+    ``space``, on a tensor of shape ``input_shape``. Signed by the service (``signature``,
+    ``key_id``; public keys at ``GET /keys``): served exactly as stored and signed. Certificates
+    made before signing lack the fields from ``job_id`` on."""
 
     mode: str
     prediction: int | None = Field(description="Class index; null when the model abstained.")
@@ -90,8 +109,74 @@ class CertificateOut(BaseModel):
     label_source: str | None = Field(
         None, description="Where the class names come from when the model file stores none."
     )
-    device: str
+    device: str = Field(
+        description="Where the samples were drawn: counts are reproducible per kind of device."
+    )
     timings: Timings
+    job_id: str | None = Field(None, description="The job that made it (one certificate a job).")
+    seed_source: Literal["derived", "client", "unknown"] | None = Field(
+        None,
+        description="derived: HMAC of the input and parameters under the server's secret (not "
+        "predictable before submission); client: chosen by the client (could have been tried "
+        "offline first).",
+    )
+    prior_runs: int | None = Field(
+        None,
+        description="Certificates this service issued before this one to the same client for "
+        "the same tensor and model, any seed or parameters: 0 for a first run.",
+    )
+    issued_at: str | None = Field(None, description="When it was signed (UTC, ISO 8601).")
+    version: str | None = Field(None, description="Version of the service that issued it.")
+    schema_: int | None = Field(
+        None, alias="schema", description="Certificate schema version (2: signed)."
+    )
+    key_id: str | None = Field(
+        None, description="Signing key: first 16 hex digits of sha256 of the raw public key."
+    )
+    signature: str | None = Field(
+        None,
+        description="Base64 Ed25519 signature of the RFC 8785 (JCS) form of every other field.",
+    )
+
+
+class ReplayOut(BaseModel):
+    """What a replay found: the original job re-run with its seed, model and parameters."""
+
+    replay_of: str = Field(description="The replayed job.")
+    identical: bool = Field(
+        description="Counts, the selected class's count and the prediction all as certified."
+    )
+    counts: list[int]
+    original_counts: list[int]
+    differing_classes: list[int] = Field(description="Classes whose counts differ.")
+    count_a: int
+    original_count_a: int | None
+    prediction: int | None
+    original_prediction: int | None
+    radius: float
+    original_radius: float | None
+    device: str = Field(description="Where the replay drew its samples.")
+    original_device: str
+    same_device_kind: bool = Field(
+        description="Counts are reproducible per kind of device (CUDA runs bf16, CPU float32): "
+        "across kinds they may differ without anything being wrong."
+    )
+
+
+class SigningKeyOut(BaseModel):
+    key_id: str = Field(description="First 16 hex digits of sha256 of the raw public key.")
+    algorithm: Literal["Ed25519"]
+    public_key_pem: str = Field(description="SubjectPublicKeyInfo PEM.")
+    public_key: str = Field(description="The raw 32-byte public key, base64.")
+    current: bool = Field(description="Signs new certificates (the others signed earlier ones).")
+
+
+class SigningKeysOut(BaseModel):
+    """The public keys certificates are signed with, and how to check a signature."""
+
+    keys: list[SigningKeyOut]
+    canonicalization: str
+    signature: str
 
 
 class ErrorOut(BaseModel):
@@ -158,6 +243,11 @@ class JobOut(BaseModel):
     finished_at: str | None
     error: str | None = None
     certificate: CertificateOut | None = None
+    seed_source: str | None = Field(
+        None, description="derived or client ('' for jobs made before it was recorded)."
+    )
+    replay_of: str | None = Field(None, description="For a replay: the job it re-runs.")
+    replay: ReplayOut | None = Field(None, description="For a finished replay: what it found.")
 
 
 class JobPage(BaseModel):
@@ -258,6 +348,9 @@ def job_out(job: Job, certificate: dict[str, Any] | None) -> JobOut:
         finished_at=_iso(job.finished_at),
         error=job.error,
         certificate=CertificateOut(**certificate) if certificate else None,
+        seed_source=job.seed_source,
+        replay_of=job.replay_of,
+        replay=ReplayOut(**job.replay_result) if job.replay_result else None,
     )
 
 

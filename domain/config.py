@@ -179,6 +179,24 @@ class Settings(BaseSettings):
         default=False,
         description="GET /metrics needs an admin API key (default: open, for Prometheus).",
     )
+    signing_key: str = Field(
+        default="",
+        description="PEM file (PKCS#8) of the Ed25519 private key that signs certificates; it "
+        "must exist. Empty: DATA_DIR/signing/signing_key.pem, generated at first start (0600). "
+        "The API and every worker need the same key (a shared data folder, or this setting).",
+    )
+    seed_secret_file: str = Field(
+        default="",
+        description="File holding the secret mixed into derived seeds (HMAC-SHA256), so nobody "
+        "can predict a job's noise before submitting it; it must exist. Empty: "
+        "DATA_DIR/signing/seed_secret, generated at first start (0600).",
+    )
+    allow_client_seed: bool | None = Field(
+        default=None,
+        description="Accept seeds chosen by clients (a known seed lets a client predict the "
+        "noise and submit only lucky inputs). Unset: allowed in the embedded default (no "
+        "broker; research use), refused with a broker. Certificates say seed_source.",
+    )
     log_format: Literal["text", "json"] = Field(
         default="text",
         description="Log lines of `serve` and `worker`: text, or json (one JSON object a line, "
@@ -199,6 +217,16 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """No broker: jobs run inside the API process."""
         return not self.broker_url
+
+    @property
+    def client_seeds_allowed(self) -> bool:
+        """Whether POST /certify accepts a client's seed (default: only when embedded)."""
+        return self.embedded if self.allow_client_seed is None else self.allow_client_seed
+
+    @property
+    def signing_dir(self) -> Path:
+        """Where the generated signing key, the seed secret and the public keys live."""
+        return self.data_dir / "signing"
 
     @property
     def rate_limit_redis(self) -> str:

@@ -1,7 +1,8 @@
 """Turning a POST /certify into a stored, queued job, exactly once per request.
 
-A job is pre-committed: its seed is fixed at submission (the client's, or one derived from the
-input, the model and the parameters), and (client, input, model, parameters, seed) is unique.
+A job is pre-committed: its seed is fixed at submission (derived from the input, the model, the
+parameters and a server secret, or, where allowed, the client's), and (client, input, model,
+parameters, seed) is unique.
 The input is identified by the sha256 of its preprocessed float32 tensor (``tensor_sha256``),
 not of the uploaded bytes: the same pixels re-encoded are the same job. Submitting the same
 thing again returns the stored job and, once it has succeeded, its certificate: never a
@@ -16,6 +17,7 @@ insert run under a row lock on the client's key, so concurrent submissions canno
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from dataclasses import dataclass
 
@@ -23,7 +25,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from domain import events, registry
+from domain import events, registry, signing
 from domain.config import Settings
 from domain.errors import ServiceError, bad_input
 from domain.images import decode_image
@@ -33,8 +35,9 @@ from domain.tables import ACTIVE_STATUSES, ApiKey, Job, JobInput, Status, new_id
 from models.data import tensor_bytes
 from models.smoothing import check_n, validate
 
-SEED_BITS = 53  # seeds stay exact in JSON numbers (JavaScript clients included)
+SEED_BITS = 53  # seeds stay exact in JSON numbers (JavaScript clients, RFC 8785 signatures)
 MODES = ("certify", "predict", "certify_top2")
+SEED_DERIVED, SEED_CLIENT = "derived", "client"
 ADMISSION_RETRY_S = 10
 
 
@@ -59,8 +62,8 @@ def check_params(p: Params, settings: Settings) -> None:
         raise bad_input(f"n must lie in [1, {settings.n_max}], got {p.n}")
     if p.mode != "predict" and not 1 <= p.n0 <= settings.n0_max:
         raise bad_input(f"n0 must lie in [1, {settings.n0_max}], got {p.n0}")
-    if p.seed is not None and not 0 <= p.seed < 2**63:
-        raise bad_input(f"seed must lie in [0, 2^63), got {p.seed}")
+    if p.seed is not None and not 0 <= p.seed < 2**SEED_BITS:
+        raise bad_input(f"seed must lie in [0, 2^{SEED_BITS}), got {p.seed}")
     try:  # the core's checks of sigma (when given), alpha and n, with its messages
         validate(p.sigma if p.sigma is not None else 1.0, p.alpha, p.n)
         check_n(p.mode, p.n, p.alpha)  # n too small for alpha: no possible certificate
@@ -68,8 +71,12 @@ def check_params(p: Params, settings: Settings) -> None:
         raise bad_input(str(exc)) from exc
 
 
+def _canonical(fields: dict[str, object]) -> bytes:
+    return json.dumps(fields, sort_keys=True).encode()
+
+
 def _digest(fields: dict[str, object]) -> bytes:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
+    return hashlib.sha256(_canonical(fields)).digest()
 
 
 def derive_seed(
@@ -80,9 +87,12 @@ def derive_seed(
     alpha: float,
     n0: int,
     n: int,
+    *,
+    secret: bytes,
 ) -> int:
-    """The default seed: a fixed function of what is certified, so a submission always maps
-    to the same pre-committed run."""
+    """The default seed: HMAC-SHA256 under the server's ``secret`` of what is certified (the
+    first 53 bits), so a submission always maps to the same pre-committed run, yet nobody
+    without the secret can predict a run's noise before submitting (no offline grinding)."""
     fields = dict(
         tensor=tensor_sha256,
         checkpoint=checkpoint_sha256,
@@ -92,7 +102,8 @@ def derive_seed(
         n0=n0,
         n=n,
     )
-    return int.from_bytes(_digest(fields)[:8], "big") >> (64 - SEED_BITS)
+    mac = hmac.new(secret, _canonical(fields), hashlib.sha256).digest()
+    return int.from_bytes(mac[:8], "big") >> (64 - SEED_BITS)
 
 
 def request_key(job: Job, checkpoint_sha256: str) -> str:
@@ -110,6 +121,23 @@ def request_key(job: Job, checkpoint_sha256: str) -> str:
     return _digest(fields).hex()
 
 
+def choose_seed(given: int | None, derived: int, settings: Settings) -> tuple[int, str]:
+    """(seed, seed_source): the derived seed, or the client's where the settings allow it.
+
+    A client's seed equal to the derived one is the same pre-committed run (``derived``). Any
+    other is refused with 422 unless ``DMAE_ALLOW_CLIENT_SEED`` (default: only embedded)."""
+    if given is None or given == derived:
+        return derived, SEED_DERIVED
+    if not settings.client_seeds_allowed:
+        raise bad_input(
+            "client-chosen seeds are not accepted by this service: a seed known before sampling "
+            "lets a client predict the noise and submit only inputs that come out well. Leave "
+            "seed out (the service derives one from a secret and reveals it in the "
+            "certificate), or ask the operator to set DMAE_ALLOW_CLIENT_SEED=true"
+        )
+    return given, SEED_CLIENT
+
+
 def submit(
     session: Session, client: Caller, image: bytes, p: Params, settings: Settings
 ) -> tuple[Job, bool]:
@@ -122,9 +150,11 @@ def submit(
         raise bad_input(f"model {ckpt.name!r} records no training sigma: give sigma")
     decoded = decode_image(image, ckpt.input_size, settings.max_image_pixels)
     n0 = 0 if p.mode == "predict" else p.n0
-    seed = p.seed
-    if seed is None:
-        seed = derive_seed(decoded.tensor_sha256, ckpt.file_sha256, p.mode, sigma, p.alpha, n0, p.n)
+    secret = signing.seed_secret(settings)
+    derived = derive_seed(
+        decoded.tensor_sha256, ckpt.file_sha256, p.mode, sigma, p.alpha, n0, p.n, secret=secret
+    )
+    seed, source = choose_seed(p.seed, derived, settings)
     job = Job(
         id=new_id(),
         owner_id=client.id,
@@ -136,6 +166,7 @@ def submit(
         n0=n0,
         n=p.n,
         seed=seed,
+        seed_source=source,
         input_sha256=decoded.sha256,
         tensor_sha256=decoded.tensor_sha256,
         input_record=decoded.input.record(),

@@ -121,12 +121,16 @@ class RunState:
 
 
 class Job(RunState, Base):
-    """One PREDICT/CERTIFY request. (owner, request_key) is unique: no re-rolls."""
+    """One PREDICT/CERTIFY request. (owner, request_key) is unique: no re-rolls.
+
+    A replay (``replay_of`` set) re-runs another job's seed and parameters to check its counts;
+    it stores ``replay_result`` instead of a certificate."""
 
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("owner_id", "request_key", name="uq_jobs_owner_request"),
         Index("ix_jobs_owner_created", "owner_id", "created_at"),
+        Index("ix_jobs_owner_tensor", "owner_id", "tensor_sha256"),  # a certificate's prior_runs
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -146,6 +150,11 @@ class Job(RunState, Base):
     # What preprocessing did: original_size, scale, preprocessing (steps), warnings.
     input_record: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))
     input_shape: Mapped[list[Any]] = mapped_column(default=list)
+    # "derived" (HMAC of the input and parameters under the server secret) or "client";
+    # "" for jobs made before it was recorded.
+    seed_source: Mapped[str] = mapped_column(String(8), default="", server_default="")
+    replay_of: Mapped[str | None] = mapped_column(String(36), default=None, index=True)
+    replay_result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class JobInput(Base):

@@ -245,10 +245,92 @@ def validate(sigma: float, alpha: float, n: int, n0: int | None = None) -> None:
         raise ValueError(f"n0 must be a positive integer, got {n0!r}")
 
 
-def _top_two(counts: Tensor) -> tuple[int, int]:
-    order = torch.argsort(counts, descending=True, stable=True)
-    second = int(order[1]) if counts.numel() > 1 else int(order[0])
-    return int(order[0]), second
+def _top_two(counts: Sequence[int]) -> tuple[int, int]:
+    """The most and second most frequent classes; ties go to the lower index."""
+    order = sorted(range(len(counts)), key=lambda i: -int(counts[i]))  # a stable sort
+    return order[0], order[1] if len(order) > 1 else order[0]
+
+
+BoundFn = Callable[[int, float], float]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run's counts imply: the statistics of a :class:`Certificate`."""
+
+    prediction: int | None
+    abstain_reason: str | None
+    radius: float
+    pa_lower: float | None
+    pb_upper: float | None
+    count_a: int
+    count_b: int | None
+    pvalue: float | None = None
+
+
+def certify_outcome(
+    counts: Sequence[int],
+    c_a: int,
+    n: int,
+    sigma: float,
+    alpha: float,
+    *,
+    top2: bool = False,
+    lower: BoundFn | None = None,
+    upper: BoundFn | None = None,
+) -> Outcome:
+    """CERTIFY's answer from the n estimation ``counts`` (one per class) and the class ``c_a``
+    the n0 selection samples chose (Cohen et al. 2019, section 3.2; docs/DESIGN.md section 2).
+
+    pA_lower = ``lower(k_a, alpha)`` (default: the one-sided Clopper-Pearson bound at n); below
+    1/2 an abstention, else radius = sigma * Phi^-1(pA_lower). With ``top2``: pA_lower at
+    alpha/2 and every other class's ``upper(k, alpha / (2 (K-1)))`` (Bonferroni), pB_upper the
+    largest of those capped by 1 - pA_lower, radius = sigma/2 (Phi^-1(pA_lower) -
+    Phi^-1(pB_upper)), an abstention unless pA_lower > pB_upper. The radius is in sigma's units
+    (L2 in the certified space); it is 0 for an abstention.
+    """
+    if lower is None:
+        lower = lambda k, level: clopper_pearson_lower(k, n, level)  # noqa: E731
+    if upper is None:
+        upper = lambda k, level: clopper_pearson_upper(k, n, level)  # noqa: E731
+    k_a = int(counts[c_a])
+    pb: float | None = None
+    count_b: int | None = None
+    if not top2:
+        pa = lower(k_a, alpha)
+        reason = AbstainReason.PA_BELOW_HALF if pa < 0.5 else None
+        radius = sigma * float(norm.ppf(pa)) if reason is None else 0.0
+    else:
+        pa = lower(k_a, alpha / 2)
+        others = [i for i in range(len(counts)) if i != c_a]
+        per_class = alpha / (2 * max(len(others), 1))
+        c_b = max(others, key=lambda i: int(counts[i])) if others else c_a
+        count_b = int(counts[c_b])
+        pb = min(max((upper(int(counts[i]), per_class) for i in others), default=0.0), 1.0 - pa)
+        radius = 0.5 * sigma * (float(norm.ppf(pa)) - float(norm.ppf(pb))) if pa > 0 else 0.0
+        reason = AbstainReason.PA_NOT_ABOVE_PB if pa <= pb or radius <= 0 else None
+        radius = radius if reason is None else 0.0
+    return Outcome(
+        c_a if reason is None else None,
+        None if reason is None else reason.value,
+        radius,
+        pa,
+        pb,
+        k_a,
+        count_b,
+    )
+
+
+def predict_outcome(counts: Sequence[int], alpha: float) -> Outcome:
+    """PREDICT's answer from its n ``counts``: the top class c1 unless the two-sided binomial
+    test of its count against the runner-up's, SciPy's ``binomtest(c1, c1 + c2, 0.5)``, has a
+    p-value above alpha (Cohen et al. 2019, Algorithm 1). Ties go to the lower class index."""
+    c1, c2 = _top_two(counts)
+    k1, k2 = int(counts[c1]), int(counts[c2]) if c2 != c1 else 0
+    pvalue = float(binomtest(k1, k1 + k2, 0.5).pvalue) if k1 + k2 > 0 else 1.0
+    abstain = pvalue > alpha
+    reason = AbstainReason.NOT_SIGNIFICANT.value if abstain else None
+    return Outcome(None if abstain else c1, reason, 0.0, None, None, k1, k2, pvalue)
 
 
 def certify(
@@ -267,7 +349,8 @@ def certify(
 
     With ``top2`` the radius is sigma/2 (Phi^-1(pA_lower) - Phi^-1(pB_upper)) with simultaneous
     bounds (Bonferroni): pA at alpha/2 and every other class's upper bound at
-    alpha / (2 (K-1)), pB_upper being the largest of them (capped by 1 - pA_lower).
+    alpha / (2 (K-1)), pB_upper being the largest of them (capped by 1 - pA_lower); the
+    statistics are :func:`certify_outcome`'s.
     """
     validate(sigma, alpha, n, n0)
     check_n(Mode.CERTIFY_TOP2 if top2 else Mode.CERTIFY, n, alpha)
@@ -276,17 +359,26 @@ def certify(
     selection = sampler.counts(x, sigma, n0, noise, progress)
     c_a = int(torch.argmax(selection))
     selected = time.perf_counter()
-    counts = sampler.counts(x, sigma, n, noise, progress)
+    counts = [int(c) for c in sampler.counts(x, sigma, n, noise, progress)]
     estimated = time.perf_counter()
-    k_a = int(counts[c_a])
     timings = {
         "selection_s": selected - started,
         "estimation_s": estimated - selected,
         "samples_per_s": (n0 + n) / max(estimated - started, 1e-9),
     }
-    common: dict[str, Any] = dict(
-        count_a=k_a,
-        counts=[int(c) for c in counts],
+    out = certify_outcome(counts, c_a, n, sigma, alpha, top2=top2)
+    mode = Mode.CERTIFY_TOP2 if top2 else Mode.CERTIFY
+    return Certificate(
+        mode.value,
+        out.prediction,
+        out.abstain_reason is not None,
+        out.abstain_reason,
+        out.radius,
+        out.pa_lower,
+        out.pb_upper,
+        count_a=out.count_a,
+        count_b=out.count_b,
+        counts=counts,
         n0=n0,
         n=n,
         alpha=alpha,
@@ -295,36 +387,6 @@ def certify(
         seed=seed,
         input_shape=list(x.shape),
         timings=timings,
-    )
-    if not top2:
-        mode, pb, count_b = Mode.CERTIFY, None, None
-        pa = clopper_pearson_lower(k_a, n, alpha)
-        reason = AbstainReason.PA_BELOW_HALF if pa < 0.5 else None
-        radius = sigma * float(norm.ppf(pa)) if reason is None else 0.0
-    else:
-        mode = Mode.CERTIFY_TOP2
-        pa = clopper_pearson_lower(k_a, n, alpha / 2)
-        others = [i for i in range(counts.numel()) if i != c_a]
-        per_class = alpha / (2 * max(len(others), 1))
-        c_b = max(others, key=lambda i: int(counts[i])) if others else c_a
-        count_b = int(counts[c_b])
-        pb = min(
-            max((clopper_pearson_upper(int(counts[i]), n, per_class) for i in others), default=0.0),
-            1.0 - pa,
-        )
-        radius = 0.5 * sigma * (float(norm.ppf(pa)) - float(norm.ppf(pb))) if pa > 0 else 0.0
-        reason = AbstainReason.PA_NOT_ABOVE_PB if pa <= pb or radius <= 0 else None
-        radius = radius if reason is None else 0.0
-    return Certificate(
-        mode.value,
-        c_a if reason is None else None,
-        reason is not None,
-        None if reason is None else reason.value,
-        radius,
-        pa,
-        pb,
-        count_b=count_b,
-        **common,
     )
 
 
@@ -338,28 +400,26 @@ def predict(
     *,
     progress: ProgressFn | None = None,
 ) -> Certificate:
-    """PREDICT(x, n, alpha): abstain unless binomtest(c1, c1 + c2, 0.5) p-value <= alpha."""
+    """PREDICT(x, n, alpha): abstain unless binomtest(c1, c1 + c2, 0.5) p-value <= alpha (the
+    statistics are :func:`predict_outcome`'s)."""
     validate(sigma, alpha, n)
     check_n(Mode.PREDICT, n, alpha)
     started = time.perf_counter()
     noise = NoiseStream(seed, x.shape, sampler.device)
-    counts = sampler.counts(x, sigma, n, noise, progress)
+    counts = [int(c) for c in sampler.counts(x, sigma, n, noise, progress)]
     elapsed = time.perf_counter() - started
-    c1, c2 = _top_two(counts)
-    k1, k2 = int(counts[c1]), int(counts[c2]) if c2 != c1 else 0
-    pvalue = float(binomtest(k1, k1 + k2, 0.5).pvalue) if k1 + k2 > 0 else 1.0
-    abstain = pvalue > alpha
+    out = predict_outcome(counts, alpha)
     return Certificate(
         Mode.PREDICT.value,
-        None if abstain else c1,
-        abstain,
-        AbstainReason.NOT_SIGNIFICANT.value if abstain else None,
+        out.prediction,
+        out.abstain_reason is not None,
+        out.abstain_reason,
         0.0,
         None,
         None,
-        count_a=k1,
-        count_b=k2,
-        counts=[int(c) for c in counts],
+        count_a=out.count_a,
+        count_b=out.count_b,
+        counts=counts,
         n0=0,
         n=n,
         alpha=alpha,
@@ -367,6 +427,6 @@ def predict(
         max_radius=max_radius(sigma, n, alpha),
         seed=seed,
         input_shape=list(x.shape),
-        pvalue=pvalue,
+        pvalue=out.pvalue,
         timings={"estimation_s": elapsed, "samples_per_s": n / max(elapsed, 1e-9)},
     )

@@ -108,6 +108,7 @@ def main() -> int:
         "DMAE_DATABASE_URL": args.database,
         "DMAE_BROKER_URL": args.broker,
         "DMAE_QUEUE": f"latency-{uuid.uuid4().hex[:8]}",
+        "DMAE_ALLOW_CLIENT_SEED": "true",  # distinct seeds: nothing served from a stored job
     }
 
     def cli(*a: str) -> str:

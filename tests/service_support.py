@@ -126,9 +126,11 @@ def assert_same_certificate(got: dict[str, Any], want: dict[str, Any]) -> None:
 
 
 def service_settings(data_dir: Path, **overrides: Any) -> Settings:
-    """Settings for a test service: its own data folder, CPU, no bundled models, no .env."""
+    """Settings for a test service: its own data folder, CPU, no bundled models, no .env;
+    client seeds accepted even with a broker (the tests compare with the core at fixed seeds)."""
     values: dict[str, Any] = dict(
         data_dir=data_dir,
+        allow_client_seed=True,
         register_bundled=False,
         device="cpu",
         batch_size=64,

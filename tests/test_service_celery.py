@@ -298,3 +298,28 @@ def test_worker_metrics_and_json_job_log(service: Service, stack: dict[str, Any]
     assert [x["status"] for x in mine] == ["running", "succeeded"], mine
     assert all(x["model"] == "tiny-s0.25" and x["mode"] == "certify" for x in mine)
     assert mine[-1]["run_s"] > 0 and mine[0]["queue_wait_s"] >= 0
+
+
+def test_worker_signs_and_replays(service: Service, stack: dict[str, Any]) -> None:
+    """The Celery worker signs with the key the API publishes (the shared data folder) and runs
+    a replay as a job of its own: identical counts, still one certificate."""
+    from domain import signing
+    from domain.verification import verify_certificate
+
+    png = digit_png(8)
+    job = wait_for(service.client.get, service.submit(service.alice, png).json()["url"],
+                   service.alice, timeout=120)  # fmt: skip
+    assert job["status"] == "succeeded", job
+    keys = signing.load_public_keys(service.client.get("/keys").text)
+    verdict = verify_certificate(job["certificate"], public_keys=keys, image_bytes=png)
+    assert verdict.valid, verdict.reason
+    r = service.client.post(f"/jobs/{job['id']}/replay", headers=service.h(service.admin))
+    assert r.status_code == 202, r.text
+    replay = wait_for(service.client.get, r.json()["url"], service.admin, timeout=120)
+    assert replay["status"] == "succeeded", (replay, Path(stack["log"]).read_text()[-3000:])
+    assert replay["replay"]["identical"] and replay["certificate"] is None
+    with service.app.state.db.session() as s:
+        n = s.scalar(
+            select(func.count()).select_from(Certificate).where(Certificate.job_id == job["id"])
+        )
+    assert n == 1

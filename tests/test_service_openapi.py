@@ -24,7 +24,7 @@ from service_support import digit_png, make_checkpoint, service_settings
 
 from app.auth import current_client, get_session, require_admin
 from app.main import create_app
-from app.routes import admin, health, jobs, metrics, models
+from app.routes import admin, health, jobs, metrics, models, replays, signing
 from app.routes.deps import get_dispatcher
 from app.schemas import ValidationErrorOut
 
@@ -37,6 +37,7 @@ CAN_RETURN: dict[tuple[str, str], set[int]] = {
     ("GET", "/jobs"): {200, 401, 422, 429, 503},
     ("GET", "/jobs/{job_id}"): {200, 401, 404, 429, 503},
     ("DELETE", "/jobs/{job_id}"): {200, 401, 404, 409, 429, 503},
+    ("POST", "/jobs/{job_id}/replay"): {202, 401, 403, 404, 409, 429, 503},
     ("GET", "/models"): {200, 401, 429, 503},
     ("GET", "/admin/models"): {200, 401, 403, 429, 503},
     ("POST", "/admin/models"): {201, 400, 401, 403, 409, 413, 422, 429, 503},
@@ -46,6 +47,7 @@ CAN_RETURN: dict[tuple[str, str], set[int]] = {
     ("GET", "/admin/training"): {200, 401, 403, 422, 429, 503},
     ("GET", "/admin/training/{run_id}"): {200, 401, 403, 404, 429, 503},
     ("DELETE", "/admin/training/{run_id}"): {200, 401, 403, 404, 409, 429, 503},
+    ("GET", "/keys"): {200},
     ("GET", "/healthz"): {200},
     ("GET", "/readyz"): {200, 503},
     ("GET", "/metrics"): {200, 401, 403, 503},
@@ -101,7 +103,7 @@ def test_the_table_covers_every_operation(schema: dict[str, Any]) -> None:
 def test_the_table_has_what_each_routes_code_implies() -> None:
     routes = [
         r
-        for module in (admin, health, jobs, metrics, models)
+        for module in (admin, health, jobs, metrics, models, replays, signing)
         for r in module.router.routes
         if isinstance(r, APIRoute) and r.include_in_schema
     ]

@@ -6,7 +6,9 @@ in-process runner.
 3. Run ``models.smoothing.certify`` / ``predict`` (the one core) with the job's seed, writing
    progress and a heartbeat to the job row, stopping when the job is cancelled.
 4. Store exactly one certificate, in the same transaction as the compare-and-set to
-   ``succeeded``; a redelivered or re-claimed task cannot add a second one.
+   ``succeeded``, signed there with its ``prior_runs`` (``domain.certificates.issue``); a
+   redelivered or re-claimed task cannot add a second one. A replay job
+   (``domain.replays``) stores what it found in ``replay_result`` instead, and no certificate.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from sqlalchemy import select
 
-from domain import events, metrics, state
+from domain import certificates, events, metrics, replays, signing, state
 from domain.config import Settings, get_settings
 from domain.db import get_database
 from domain.tables import Certificate, Checkpoint, Job, JobInput, Status
@@ -86,8 +89,20 @@ def run_job(
                 started_at=job.started_at,
             )
             x = tensor_from_bytes(inp.data, inp.shape)
+            original: dict[str, Any] | None = None
+            if job.replay_of is not None:
+                original = s.scalar(
+                    select(Certificate.body).where(Certificate.job_id == job.replay_of)
+                )
+                if original is None:
+                    raise LookupError(f"the replayed job {job.replay_of}'s certificate is gone")
+            replay_of = job.replay_of
     except Exception as exc:  # any failure here is the job's, reported on it
         return _fail(db, job_id, token, f"could not read the job: {exc}", who, started)
+    try:
+        signer = signing.signer(settings) if original is None else None
+    except signing.SigningError as exc:  # no certificate without a signature
+        return _fail(db, job_id, token, f"cannot sign certificates: {exc}", who, started)
 
     def progress(k: int) -> None:
         samples.inc(k)
@@ -117,12 +132,22 @@ def run_job(
             log.exception("job %s failed", job_id)
             return _fail(db, job_id, token, f"{type(exc).__name__}: {exc}", who, started)
 
+    if original is not None:
+        found = replays.compare(original, cert.to_dict(), str(loaded.device), replay_of=replay_of)
+        return _finish(db, job_id, token, monitor.done, who, started, replay_result=found)
     body = certificate_body(cert, loaded, params, started)
     with db.session() as s:
         if not state.finish(s, Job, job_id, token, Status.SUCCEEDED, progress_done=monitor.done):
             s.rollback()
             log.info("job %s finished but no longer ours (cancelled or taken over)", job_id)
             return "aborted"
+        stored = s.get(Job, job_id)
+        assert stored is not None and signer is not None
+        try:
+            body = certificates.issue(s, stored, body, signer)
+        except ValueError as exc:  # no canonical JSON form (e.g. an old seed beyond 2^53)
+            s.rollback()
+            return _fail(db, job_id, token, f"cannot sign the certificate: {exc}", who, started)
         s.add(
             Certificate(
                 job_id=job_id,
@@ -188,6 +213,20 @@ def certificate_body(
         "run_s": time.perf_counter() - started,
     }
     return body
+
+
+def _finish(
+    db: Any, job_id: str, token: str, done: int, who: events.JobFacts, started: float, **values: Any
+) -> str:
+    """Move the attempt's job to succeeded with ``values`` and no certificate (a replay)."""
+    with db.session() as s:
+        ok = state.finish(s, Job, job_id, token, Status.SUCCEEDED, progress_done=done, **values)
+        s.commit()
+    if not ok:
+        log.info("job %s finished but no longer ours (cancelled or taken over)", job_id)
+        return "aborted"
+    events.job_changed(job_id, Status.SUCCEEDED.value, who, run_s=time.perf_counter() - started)
+    return Status.SUCCEEDED.value
 
 
 def _fail(

@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "app.cli.train",  # train pretrain | finetune
     "app.cli.service",  # serve, worker, keys, db
     "app.cli.bench",  # bench
+    "app.cli.verify",  # verify
 )
 
 

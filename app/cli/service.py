@@ -68,6 +68,11 @@ def register(sub: Any) -> None:
     kr = ks.add_parser("revoke", help="revoke a key by id")
     kr.add_argument("id", type=int)
     kr.set_defaults(func=_database_errors(keys_revoke))
+    krs = ks.add_parser(
+        "rotate-signing",
+        help="replace the certificate signing key; old public keys stay published at GET /keys",
+    )
+    krs.set_defaults(func=keys_rotate_signing)
 
     d = sub.add_parser("db", help="database schema migrations (DMAE_DATABASE_URL)")
     ds = d.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -115,6 +120,7 @@ def _logging(level: str) -> None:
 
 
 def _ready_database() -> Any:
+    from domain import signing
     from domain.config import get_settings
     from domain.migrate import SchemaNotReady, prepare_database
 
@@ -123,6 +129,8 @@ def _ready_database() -> Any:
         prepare_database(settings)
     except SchemaNotReady as exc:
         raise ValueError(str(exc)) from exc
+    signing.signer(settings)  # the signing key (made at first start) and the seed secret:
+    signing.seed_secret(settings)  # a missing or unusable file is an error before serving
     return settings
 
 
@@ -247,6 +255,18 @@ def keys_revoke(args: argparse.Namespace) -> int:
         key.revoked_at = key.revoked_at or utcnow()
         session.commit()
     print(f"revoked key {args.id}", file=sys.stderr)
+    return 0
+
+
+def keys_rotate_signing(args: argparse.Namespace) -> int:
+    """A new Ed25519 signing key; running API and worker processes sign with it from their
+    next certificate; certificates signed before still verify with the kept public key."""
+    from domain import signing
+    from domain.config import get_settings
+
+    del args
+    old, new = signing.rotate_signing_key(get_settings())
+    print(f"signing key rotated: {old} -> {new} (the old public key stays published)")
     return 0
 
 

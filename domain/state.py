@@ -118,13 +118,16 @@ def claim_with_new_token(
     return token, outcome
 
 
-def heartbeat(session: Session, table: RunTable, run_id: str, token: str, done: int) -> bool:
-    """Record progress; False when the attempt no longer owns the run (cancelled, taken over)."""
+def heartbeat(
+    session: Session, table: RunTable, run_id: str, token: str, done: int, **values: Any
+) -> bool:
+    """Record progress (and other columns in ``values``, e.g. a training run's ``metrics``);
+    False when the attempt no longer owns the run (cancelled, taken over)."""
     ok = rowcount(
         session.execute(
             update(table)
             .where(table.id == run_id, table.status == RUNNING, table.run_token == token)
-            .values(progress_done=done, heartbeat_at=utcnow())
+            .values(progress_done=done, heartbeat_at=utcnow(), **values)
         )
     )
     session.commit()

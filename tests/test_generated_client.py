@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from fault_support import free_port, terminate
+from PIL import Image
 from service_support import SIGMA, assert_same_certificate, digit_png, make_checkpoint, reference
 
 BIN = Path(sys.executable).parent
@@ -86,7 +87,11 @@ def client_package(server: Server, tmp_path_factory: pytest.TempPathFactory) -> 
     """The package openapi-python-client generates from the server's /openapi.json."""
     out = tmp_path_factory.mktemp("generated")
     config = out / "config.yaml"
-    config.write_text("post_hooks: []\n")  # no formatting pass: faster, and ruff may be absent
+    # No formatting pass (faster, and ruff may be absent); PNG answers (input.png, noisy.png)
+    # read as files, the generator's documented way for binary types it does not know.
+    config.write_text(
+        "post_hooks: []\ncontent_type_overrides:\n  image/png: application/octet-stream\n"
+    )
     run = subprocess.run(
         [
             str(BIN / "openapi-python-client"),
@@ -185,6 +190,11 @@ def test_generated_client_uploads_polls_and_parses(server: Server, client_packag
             server.checkpoint, png, sigma=SIGMA, alpha=0.001, n0=20, n=300, seed=42, batch_size=64
         )
         assert_same_certificate(served["certificate"], want)
+
+        # What the model sees: PNG answers come back as files.
+        strip = _api("certification.job_noisy_png").sync(client=client, job_id=job_id, k=2)
+        assert isinstance(strip, File)
+        assert Image.open(strip.payload).size == (2 * 8 + 1, 8)
 
         # The same submission again: 200 with the stored job, parsed as a job too.
         r = _api("certification.certify").sync_detailed(

@@ -24,7 +24,7 @@ from service_support import digit_png, make_checkpoint, service_settings
 
 from app.auth import current_client, get_session, require_admin
 from app.main import create_app
-from app.routes import admin, health, jobs, metrics, models, replays, signing
+from app.routes import admin, health, jobs, metrics, models, previews, replays, signing, web
 from app.routes.deps import get_dispatcher
 from app.schemas import ValidationErrorOut
 
@@ -38,6 +38,8 @@ CAN_RETURN: dict[tuple[str, str], set[int]] = {
     ("GET", "/jobs/{job_id}"): {200, 401, 404, 429, 503},
     ("DELETE", "/jobs/{job_id}"): {200, 401, 404, 409, 429, 503},
     ("POST", "/jobs/{job_id}/replay"): {202, 401, 403, 404, 409, 429, 503},
+    ("GET", "/jobs/{job_id}/input.png"): {200, 401, 404, 429, 503},
+    ("GET", "/jobs/{job_id}/noisy.png"): {200, 401, 404, 422, 429, 503},
     ("GET", "/models"): {200, 401, 429, 503},
     ("GET", "/admin/models"): {200, 401, 403, 429, 503},
     ("POST", "/admin/models"): {201, 400, 401, 403, 409, 413, 422, 429, 503},
@@ -53,6 +55,8 @@ CAN_RETURN: dict[tuple[str, str], set[int]] = {
     ("GET", "/metrics"): {200, 401, 403, 503},
 }
 ERROR_MODEL = {422: "ValidationErrorOut", 503: "UnavailableOut"}  # every other: ErrorOut
+NOT_JSON = {"/metrics": "text/plain", "/jobs/{job_id}/input.png": "image/png",
+            "/jobs/{job_id}/noisy.png": "image/png"}  # fmt: skip
 RAISES = re.compile(r"ServiceError\((\d{3})|(not_found)\(|(bad_input)\(")
 
 
@@ -103,7 +107,7 @@ def test_the_table_covers_every_operation(schema: dict[str, Any]) -> None:
 def test_the_table_has_what_each_routes_code_implies() -> None:
     routes = [
         r
-        for module in (admin, health, jobs, metrics, models, replays, signing)
+        for module in (admin, health, jobs, metrics, models, previews, replays, signing, web)
         for r in module.router.routes
         if isinstance(r, APIRoute) and r.include_in_schema
     ]
@@ -127,7 +131,11 @@ def test_every_route_documents_every_status_with_a_model(schema: dict[str, Any])
                 want = ERROR_MODEL.get(int(status), "ErrorOut")
                 assert ref == f"#/components/schemas/{want}", (method, path, status, ref)
                 assert answer["description"], (method, path, status)
-            elif path != "/metrics":  # Prometheus text
+            elif path in NOT_JSON:  # Prometheus text, images
+                if NOT_JSON[path] == "image/png":
+                    assert set(content) == {"image/png"}, (method, path, content)
+                    assert content["image/png"]["schema"]["format"] == "binary"
+            else:
                 assert content["application/json"]["schema"], (method, path, status)
     assert "HTTPValidationError" not in names and "ValidationError" not in names
 

@@ -3,6 +3,7 @@ certifies requests; bad runs are refused up front."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -97,3 +98,31 @@ def test_pretrain_finetune_register_certify(tmp_path: Path) -> None:
             json={"kind": "pretrain", "dataset": "digits:train", "name": "digits-pre"},
         )
         assert again.status_code == 409
+
+
+def test_a_running_run_shows_its_log_tail(tmp_path: Path) -> None:
+    """While a run trains, GET /admin/training/{id} carries the latest log lines (written with
+    each heartbeat), not only once it has finished."""
+    app = create_app(service_settings(tmp_path / "data"))
+    with TestClient(app) as client:
+        with app.state.db.session() as s:
+            admin = {"X-API-Key": create_key(s, admin=True)[1]}
+        r = client.post(
+            "/admin/training",
+            headers=admin,
+            json={
+                "kind": "pretrain",
+                "dataset": "digits:train",
+                "name": "digits-long",
+                "params": {"arch": "tiny", **FAST, "epochs": 200},
+            },
+        )
+        assert r.status_code == 202, r.text
+        run = wait_for(client.get, r.json()["url"], admin["X-API-Key"], until=("running",))
+        deadline = time.monotonic() + 60
+        while not run["metrics"].get("log") and time.monotonic() < deadline:
+            time.sleep(0.05)
+            run = client.get(r.json()["url"], headers=admin).json()
+        assert run["status"] == "running", run
+        assert any("pre-training tiny" in line for line in run["metrics"]["log"]), run
+        assert client.delete(r.json()["url"], headers=admin).json()["status"] == "cancelled"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from domain.db import Database
 from domain.state import RunTable, heartbeat
@@ -38,6 +39,7 @@ class Monitor:
         self.interval = interval
         self.should_stop = should_stop or (lambda: False)
         self.done = 0
+        self.values: dict[str, Any] = {}  # more columns each heartbeat writes (e.g. metrics)
         self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{run_id[:8]}")
@@ -55,7 +57,10 @@ class Monitor:
         while not self._stop.wait(self.interval):
             try:
                 with self.db.session() as s:
-                    if not heartbeat(s, self.table, self.run_id, self.token, self.done):
+                    beat = heartbeat(
+                        s, self.table, self.run_id, self.token, self.done, **self.values
+                    )
+                    if not beat:
                         self.lost = True
                         return
             except Exception as exc:  # database briefly unavailable: keep sampling, try again

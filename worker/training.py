@@ -93,6 +93,7 @@ def run_training(
         def log_line(msg: str) -> None:
             lines.append(str(msg))
             del lines[:-LOG_TAIL]
+            mon.values = {"metrics": {"log": list(lines)}}  # the live log tail, each heartbeat
             log.info("training %s: %s", run_id[:8], msg)
 
         started = time.perf_counter()

@@ -1,0 +1,336 @@
+// The certify view: choose a model and an image, submit, watch the job, read the certificate.
+
+import { alertIn, api, apiObjectUrl, ApiError } from "./api.js";
+import {
+  abstainReason, count, decisionWords, el, nonCommercial, roundDown, seconds, when,
+} from "./format.js";
+
+const $ = (id) => document.getElementById(id);
+const ACTIVE = ["queued", "running"];
+const POLL_MS = 250;
+const NOISY_COPIES = 4;
+
+let config = null;
+let models = [];
+let watching = null; // the job id whose panel is shown
+let timer = null;
+let objectUrls = [];
+
+export function initCertify(cfg) {
+  config = cfg;
+  const d = cfg.defaults, lim = cfg.limits;
+  $("alpha").value = d.alpha;
+  $("n0").value = d.n0;
+  $("n").value = d.n;
+  $("n0").max = lim.n0_max;
+  $("n").max = lim.n_max;
+  $("alpha").min = lim.alpha_above;
+  $("alpha").max = lim.alpha_below;
+  $("alpha-help").textContent =
+    `alpha in (${lim.alpha_above}, ${lim.alpha_below}); default ${d.alpha}. ` +
+    `n0 up to ${count(lim.n0_max)}, n up to ${count(lim.n_max)} ` +
+    `(defaults ${count(d.n0)} and ${count(d.n)}). More samples: a larger possible radius.`;
+  $("image").accept = cfg.image_types.join(",");
+  const mode = $("mode");
+  mode.replaceChildren(...cfg.modes.map((m) => el("option", { value: m, text: m })));
+  mode.value = d.mode;
+  mode.addEventListener("change", () => { $("n0").disabled = mode.value === "predict"; });
+  $("model").addEventListener("change", () => showModel(true));
+  $("sigma").addEventListener("input", () => showModel(false));
+  initImage();
+  $("certify-form").addEventListener("submit", submit);
+  $("job-cancel").addEventListener("click", cancel);
+}
+
+export async function loadModels() {
+  const select = $("model");
+  try {
+    models = await api("/models");
+  } catch (err) {
+    alertIn($("certify-alert"), err.message);
+    return;
+  }
+  alertIn($("certify-alert"), "");
+  const chosen = select.value;
+  select.replaceChildren(
+    ...models.map((m) =>
+      el("option", {
+        value: m.name,
+        text: `${m.name} (sigma ${m.sigma}, ${m.num_classes} classes)`,
+      }),
+    ),
+  );
+  if (!models.length) {
+    select.append(el("option", { value: "", text: "no active model" }));
+  }
+  if (models.some((m) => m.name === chosen)) select.value = chosen;
+  showModel(true);
+}
+
+function showModel(resetSigma) {
+  const m = models.find((x) => x.name === $("model").value);
+  const info = $("model-info");
+  if (!m) { info.replaceChildren(); return; }
+  if (resetSigma) $("sigma").value = m.sigma ?? "";
+  const sigma = Number($("sigma").value);
+  const classes = m.classes.length > 8
+    ? `${m.classes.slice(0, 8).join(", ")} and ${m.classes.length - 8} more`
+    : m.classes.join(", ");
+  info.replaceChildren(
+    el("div", {}, `Trained at sigma ${m.sigma} on ${m.input_size}x${m.input_size} inputs; `,
+      `${m.num_classes} classes: ${classes}.`),
+    m.licence
+      ? el("div", { class: nonCommercial(m.licence) ? "licence-nc" : "" }, `Licence: ${m.licence}`)
+      : null,
+  );
+  $("sigma-help").textContent =
+    m.sigma !== null && $("sigma").value !== "" && sigma !== m.sigma
+      ? `This model was trained at sigma ${m.sigma}: a certificate at sigma ${sigma} is ` +
+        "valid, but the classifier may do poorly under noise it was not trained for."
+      : "sigma: the standard deviation of the Gaussian noise, in [0,1] pixel units.";
+}
+
+function initImage() {
+  const input = $("image"), drop = $("drop"), preview = $("preview");
+  const show = () => {
+    const file = input.files && input.files[0];
+    if (preview.src) URL.revokeObjectURL(preview.src);
+    if (!file) { preview.hidden = true; preview.removeAttribute("src"); return; }
+    preview.src = URL.createObjectURL(file);
+    preview.alt = `Preview of ${file.name}`;
+    preview.hidden = false;
+  };
+  preview.addEventListener("error", () => { preview.hidden = true; });
+  input.addEventListener("change", show);
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    if (e.dataTransfer && e.dataTransfer.files.length) {
+      input.files = e.dataTransfer.files;
+      show();
+    }
+  });
+}
+
+async function submit(event) {
+  event.preventDefault();
+  const alertEl = $("certify-alert");
+  alertIn(alertEl, "");
+  const form = new FormData();
+  const file = $("image").files[0];
+  if (file) form.append("image", file, file.name);
+  for (const name of ["model", "sigma", "alpha", "n0", "n", "mode"]) {
+    const field = $(name);
+    if (!field.disabled && field.value !== "") form.append(name, field.value);
+  }
+  const button = $("certify-button");
+  button.disabled = true;
+  try {
+    const job = await api("/certify", { method: "POST", form });
+    if (location.hash === `#job/${job.id}`) openJob(job.id);
+    else location.hash = `#job/${job.id}`;
+  } catch (err) {
+    alertIn(alertEl, err.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+/** Show job `id` in the panel and follow it until it ends. */
+export function openJob(id) {
+  stopWatching();
+  watching = id;
+  for (const url of objectUrls) URL.revokeObjectURL(url);
+  objectUrls = [];
+  $("job").hidden = false;
+  $("job-title").textContent = `Job ${id}`;
+  $("job-status").textContent = "Loading...";
+  $("job-progress").value = 0;
+  $("job-progress-text").textContent = "";
+  $("certificate").hidden = true;
+  $("certificate").replaceChildren();
+  $("sees").hidden = true;
+  alertIn($("job-alert"), "");
+  poll(id, true);
+}
+
+export function stopWatching() {
+  clearTimeout(timer);
+  timer = null;
+  watching = null;
+}
+
+async function poll(id, first) {
+  if (watching !== id) return;
+  let job;
+  try {
+    job = await api(`/jobs/${encodeURIComponent(id)}`);
+  } catch (err) {
+    if (watching !== id) return;
+    alertIn($("job-alert"), err.message);
+    $("job-status").textContent = "";
+    if (err instanceof ApiError && err.status >= 500) timer = setTimeout(() => poll(id), 2000);
+    return;
+  }
+  if (watching !== id) return;
+  showProgress(job);
+  if (first) showWhatItSees(job);
+  if (ACTIVE.includes(job.status)) {
+    timer = setTimeout(() => poll(id, false), POLL_MS);
+  } else if (job.status === "succeeded" && job.certificate) {
+    showCertificate(job);
+  }
+}
+
+function showProgress(job) {
+  const words = {
+    queued: "Queued: waiting for a worker.",
+    running: "Running: drawing noisy samples.",
+    succeeded: "Done.",
+    failed: `Failed: ${job.error || "no reason given"}`,
+    cancelled: "Cancelled: no certificate was made.",
+  };
+  $("job-status").textContent = words[job.status] || job.status;
+  $("job-status").className = `status-${job.status}`;
+  const bar = $("job-progress");
+  bar.max = Math.max(1, job.progress.total);
+  bar.value = job.progress.done;
+  $("job-progress-text").textContent =
+    `${count(job.progress.done)} of ${count(job.progress.total)} noisy samples evaluated`;
+  $("job-cancel").hidden = !ACTIVE.includes(job.status);
+}
+
+async function cancel() {
+  const id = watching;
+  if (!id) return;
+  try {
+    const job = await api(`/jobs/${encodeURIComponent(id)}`, { method: "DELETE" });
+    if (watching === id) showProgress(job);
+  } catch (err) {
+    alertIn($("job-alert"), err.message);
+  }
+}
+
+async function showWhatItSees(job) {
+  const id = job.id;
+  const [c, s] = [job.input_shape[0], job.input_shape[1]];
+  try {
+    const [input, noisy] = await Promise.all([
+      apiObjectUrl(`/jobs/${encodeURIComponent(id)}/input.png`),
+      apiObjectUrl(`/jobs/${encodeURIComponent(id)}/noisy.png?k=${NOISY_COPIES}`),
+    ]);
+    objectUrls.push(input, noisy);
+    if (watching !== id) return;
+    const inputImg = $("input-img"), noisyImg = $("noisy-img");
+    inputImg.alt = `The input exactly as certified: ${s}x${s} pixels, ${c} channels`;
+    inputImg.src = input;
+    $("input-caption").textContent =
+      `The ${c}x${s}x${s} tensor the radius is about: [0,1] pixels after resizing and ` +
+      "cropping, shown enlarged pixel for pixel.";
+    noisyImg.alt = `${NOISY_COPIES} noisy copies of the input at sigma ${job.sigma}`;
+    noisyImg.src = noisy;
+    $("noisy-caption").textContent =
+      `${NOISY_COPIES} noisy copies at sigma ${job.sigma}, as the smoothed classifier sees ` +
+      "them (clipped to [0,1] for display). Drawn for display only: not the certificate's " +
+      "own samples.";
+    $("sees").hidden = false;
+  } catch (err) {
+    if (watching === id) alertIn($("job-alert"), err.message);
+  }
+}
+
+function fact(term, ...value) {
+  return [el("dt", { text: term }), el("dd", {}, ...value)];
+}
+
+function showCertificate(job) {
+  const c = job.certificate;
+  const section = $("certificate");
+  const nodes = [el("h3", { text: "Certificate" })];
+  const hasRadius = c.mode !== "predict";
+  if (c.abstained) {
+    nodes.push(el("p", { class: "verdict abstain", text: "Abstained" }));
+    nodes.push(el("p", { class: "meaning" }, `No label is certified: ${abstainReason(c.abstain_reason)}.`));
+  } else {
+    nodes.push(el("p", { class: "verdict" }, "Label: ", el("span", { "data-field": "label", text: c.label })));
+  }
+  if (typeof c.decision === "string") {
+    nodes.push(el("p", { class: "radius-line" }, "Decision: ",
+      el("strong", { "data-field": "decision", text: decisionWords(c.decision, c.target_radius) })));
+  }
+  if (hasRadius) {
+    const r = roundDown(c.radius, 3), max = roundDown(c.max_radius, 3);
+    const share = c.max_radius > 0 ? Math.min(1, Math.max(0, c.radius / c.max_radius)) : 0;
+    const fill = el("span");
+    fill.style.width = `${(share * 100).toFixed(1)}%`;
+    nodes.push(
+      el("p", { class: "radius-line" }, "Certified radius ",
+        el("strong", { "data-field": "radius", text: r }), " (L2)"),
+      el("div", { class: "bar", role: "img", "aria-label": `radius ${r} of at most ${max}` }, fill),
+      el("p", { class: "hint" }, `0 to ${max}: the largest radius n = ${count(c.n)} samples at ` +
+        `alpha = ${c.alpha} can certify (max_radius).`),
+    );
+    if (!c.abstained) {
+      nodes.push(el("p", { class: "meaning" },
+        `The smoothed classifier answers "${c.label}" for every input within L2 distance ${r} ` +
+        `of this one, measured on the ${c.input_shape.join("x")} tensor of [0,1] pixels after ` +
+        `resizing and cropping. This holds unless this run's noise was misleading, which ` +
+        `happens with probability at most alpha = ${c.alpha}.`));
+    }
+  } else if (!c.abstained) {
+    nodes.push(el("p", { class: "meaning" },
+      `PREDICT: "${c.label}" is the smoothed classifier's answer (binomial test p-value ` +
+      `${typeof c.pvalue === "number" ? c.pvalue.toExponential(2) : "-"} <= alpha = ${c.alpha}). ` +
+      "This mode certifies no radius."));
+  }
+  const facts = [];
+  if (c.pa_lower !== null && c.pa_lower !== undefined) {
+    facts.push(fact("pA lower bound", el("span", { "data-field": "pa_lower", text: roundDown(c.pa_lower, 4) }),
+      c.bound ? ` (${c.bound})` : ""));
+  }
+  if (typeof c.pb_upper === "number") facts.push(fact("pB upper bound", String(c.pb_upper)));
+  facts.push(fact("Top-class count", `${count(c.count_a)} of ${count(c.n_used ?? c.n)}`));
+  if (typeof c.n_used === "number") {
+    facts.push(fact("Samples used", el("span", { "data-field": "n_used", text: count(c.n_used) }),
+      ` of at most ${count(c.n)}`));
+  }
+  if (typeof c.target_radius === "number") facts.push(fact("Target radius", String(c.target_radius)));
+  if (typeof c.pvalue === "number") facts.push(fact("p-value", c.pvalue.toExponential(3)));
+  facts.push(
+    fact("Mode", c.mode),
+    fact("n0 / n", `${count(c.n0)} / ${count(c.n)}`),
+    fact("alpha", String(c.alpha)),
+    fact("sigma", String(c.sigma)),
+    fact("Seed", String(c.seed)),
+    fact("Model", c.model),
+    fact("Checkpoint sha256", el("code", { class: "mono", text: c.checkpoint_sha256 })),
+    fact("Weights sha256", el("code", { class: "mono", text: c.weights_sha256 || "-" })),
+    fact("Input sha256", el("code", { class: "mono", text: c.input_sha256 })),
+  );
+  if (c.tensor_sha256) facts.push(fact("Tensor sha256", el("code", { class: "mono", text: c.tensor_sha256 })));
+  facts.push(fact("Space", `${c.input_shape.join("x")}: ${c.space}`));
+  const steps = c.preprocessing ?? job.preprocessing;
+  if (Array.isArray(steps) && steps.length) {
+    facts.push(fact("Preprocessing", el("ol", {}, steps.map((s) => el("li", { text: s })))));
+  }
+  const warnings = c.warnings ?? job.warnings;
+  if (Array.isArray(warnings) && warnings.length) {
+    facts.push(fact("Warnings", el("ul", { class: "warning-list" }, warnings.map((w) => el("li", { text: w })))));
+  }
+  const t = c.timings || {};
+  facts.push(
+    fact("Device", c.device),
+    fact("Time", `${seconds(t.run_s)} (${count(Math.round(t.samples_per_s || 0))} samples/s), ` +
+      `finished ${when(job.finished_at)}`),
+  );
+  nodes.push(el("dl", { class: "facts" }, facts));
+  const json = URL.createObjectURL(new Blob([JSON.stringify(job, null, 2)], { type: "application/json" }));
+  objectUrls.push(json);
+  nodes.push(el("p", {},
+    el("a", { href: json, download: `job-${job.id}.json` }, "Certificate JSON"),
+    " (as GET ", el("code", { text: job.url }), " answers it)"));
+  section.replaceChildren(...nodes);
+  section.hidden = false;
+}

@@ -1,8 +1,9 @@
-"""Randomized smoothing: PREDICT and CERTIFY (Cohen, Rosenfeld, Kolter 2019), DESIGN.md section 2.
+"""Randomized smoothing: PREDICT and CERTIFY (Cohen, Rosenfeld, Kolter 2019), and DECIDE.
 
 The one certification core: the CLI, the in-process runner and the Celery worker all call
-:func:`certify` / :func:`predict`, differing only in the :class:`Sampler` that turns noisy
-copies into class counts.
+:func:`certify` / :func:`predict` / :func:`decide`, differing only in the :class:`Sampler` that
+turns noisy copies into class counts. :func:`decide` answers "is x certified at radius r?"
+sequentially with the anytime-valid confidence sequence of :mod:`models.sequential`.
 
 Noise is defined per job as a stream: fixed blocks of :data:`NOISE_BLOCK` float32 samples drawn
 in order from one ``torch.Generator`` seeded with the job's seed. A sampler may batch those
@@ -23,6 +24,16 @@ from typing import Any, Protocol
 import torch
 from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
+
+from models.sequential import (
+    GROWTH,
+    MIN_CHUNK,
+    ConfidenceSequence,
+    Decision,
+    chunk_sizes,
+    decision,
+)
+from models.sequential import NAME as SEQUENCE  # Certificate.bound of the anytime-valid bound
 
 NOISE_BLOCK = 128
 SPACE = "[0,1] RGB pixels after the service's resize/crop, before mean/std normalisation"
@@ -133,11 +144,22 @@ class Mode(enum.StrEnum):
     CERTIFY = "certify"
     CERTIFY_TOP2 = "certify_top2"
     PREDICT = "predict"
+    DECIDE = "decide"
+
+
+CLOPPER_PEARSON = "clopper-pearson"  # Certificate.bound of the fixed-n bound
 
 
 @dataclass
 class Certificate:
-    """Result of one PREDICT or CERTIFY run. ``radius`` is an L2 radius in ``space``."""
+    """Result of one PREDICT, CERTIFY or DECIDE run. ``radius`` is an L2 radius in ``space``.
+
+    ``n`` is the number of estimation samples asked for (the cap in decide mode), ``n_used``
+    the number drawn; ``bound`` names the bound behind ``pa_lower`` (and ``pa_upper``):
+    ``"clopper-pearson"`` (fixed n) or :data:`models.sequential.NAME` (anytime-valid).
+    Decide mode adds ``decision`` (certified / not_certified / undecided), ``target_radius``
+    and ``pa_upper``.
+    """
 
     mode: str
     prediction: int | None
@@ -159,6 +181,11 @@ class Certificate:
     pvalue: float | None = None
     space: str = SPACE
     timings: dict[str, float] = field(default_factory=dict)
+    bound: str | None = None
+    n_used: int | None = None
+    decision: str | None = None
+    target_radius: float | None = None
+    pa_upper: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -206,6 +233,15 @@ def _top_two(counts: Tensor) -> tuple[int, int]:
     return int(order[0]), second
 
 
+def validate_budget(time_budget_s: float | None) -> None:
+    """Raise ValueError unless ``time_budget_s`` is None or a positive finite number of seconds."""
+    if time_budget_s is None:
+        return
+    ok = isinstance(time_budget_s, numbers.Real) and not isinstance(time_budget_s, bool)
+    if not (ok and math.isfinite(time_budget_s) and time_budget_s > 0):
+        raise ValueError(f"time budget must be a positive number of seconds, got {time_budget_s!r}")
+
+
 def certify(
     sampler: Sampler,
     x: Tensor,
@@ -216,6 +252,7 @@ def certify(
     seed: int,
     *,
     top2: bool = False,
+    time_budget_s: float | None = None,
     progress: ProgressFn | None = None,
 ) -> Certificate:
     """CERTIFY(x, n0, n, alpha): select cA on n0 samples, estimate pA on n *fresh* samples.
@@ -223,21 +260,46 @@ def certify(
     With ``top2`` the radius is sigma/2 (Phi^-1(pA_lower) - Phi^-1(pB_upper)) with simultaneous
     bounds (Bonferroni): pA at alpha/2 and every other class's upper bound at
     alpha / (2 (K-1)), pB_upper being the largest of them (capped by 1 - pA_lower).
+
+    ``time_budget_s`` (seconds, from the call, selection included): the n0 selection samples
+    and at least one chunk are always drawn; estimation then proceeds in chunks and stops at n
+    or at the first chunk boundary past the budget. A run that reaches n uses Clopper-Pearson
+    as without a budget; one that stops early takes its bounds from the anytime-valid
+    confidence sequence of :mod:`models.sequential` at the ``n_used`` samples drawn (valid at
+    any stopping time), and ``bound`` says which was used. Raises ValueError on bad parameters.
     """
     validate(sigma, alpha, n, n0)
+    validate_budget(time_budget_s)
     started = time.perf_counter()
     noise = NoiseStream(seed, x.shape, sampler.device)
     selection = sampler.counts(x, sigma, n0, noise, progress)
     c_a = int(torch.argmax(selection))
     selected = time.perf_counter()
-    counts = sampler.counts(x, sigma, n, noise, progress)
+    if time_budget_s is None:
+        counts = sampler.counts(x, sigma, n, noise, progress)
+        used = n
+    else:
+        counts, used = _sample_until(sampler, x, sigma, n, noise, started + time_budget_s, progress)
     estimated = time.perf_counter()
     k_a = int(counts[c_a])
+    early = used < n  # stopped by the budget: only the anytime-valid bound holds
+
+    def lower(k: int, level: float) -> float:
+        if early:
+            return ConfidenceSequence(level).lower(k, used)
+        return clopper_pearson_lower(k, used, level)
+
+    def upper(k: int, level: float) -> float:
+        if early:
+            return ConfidenceSequence(level).upper(k, used)
+        return clopper_pearson_upper(k, used, level)
+
     timings = {
         "selection_s": selected - started,
         "estimation_s": estimated - selected,
-        "samples_per_s": (n0 + n) / max(estimated - started, 1e-9),
+        "samples_per_s": (n0 + used) / max(estimated - started, 1e-9),
     }
+    cap = max_radius(sigma, n, alpha)
     common: dict[str, Any] = dict(
         count_a=k_a,
         counts=[int(c) for c in counts],
@@ -245,25 +307,27 @@ def certify(
         n=n,
         alpha=alpha,
         sigma=sigma,
-        max_radius=max_radius(sigma, n, alpha),
+        max_radius=sigma * float(norm.ppf(lower(used, alpha))) if early else cap,
         seed=seed,
         input_shape=list(x.shape),
         timings=timings,
+        bound=SEQUENCE if early else CLOPPER_PEARSON,
+        n_used=used,
     )
     if not top2:
         mode, pb, count_b = Mode.CERTIFY, None, None
-        pa = clopper_pearson_lower(k_a, n, alpha)
+        pa = lower(k_a, alpha)
         reason = AbstainReason.PA_BELOW_HALF if pa < 0.5 else None
         radius = sigma * float(norm.ppf(pa)) if reason is None else 0.0
     else:
         mode = Mode.CERTIFY_TOP2
-        pa = clopper_pearson_lower(k_a, n, alpha / 2)
+        pa = lower(k_a, alpha / 2)
         others = [i for i in range(counts.numel()) if i != c_a]
         per_class = alpha / (2 * max(len(others), 1))
         c_b = max(others, key=lambda i: int(counts[i])) if others else c_a
         count_b = int(counts[c_b])
         pb = min(
-            max((clopper_pearson_upper(int(counts[i]), n, per_class) for i in others), default=0.0),
+            max((upper(int(counts[i]), per_class) for i in others), default=0.0),
             1.0 - pa,
         )
         radius = 0.5 * sigma * (float(norm.ppf(pa)) - float(norm.ppf(pb))) if pa > 0 else 0.0
@@ -279,6 +343,145 @@ def certify(
         pb,
         count_b=count_b,
         **common,
+    )
+
+
+def _sample_until(
+    sampler: Sampler,
+    x: Tensor,
+    sigma: float,
+    n: int,
+    noise: NoiseStream,
+    deadline: float,
+    progress: ProgressFn | None,
+) -> tuple[Tensor, int]:
+    """Counts of up to n samples drawn in chunks until n or the first chunk end past ``deadline``.
+
+    Chunks grow geometrically (:func:`models.sequential.chunk_sizes`' rule) but never beyond
+    what the rate measured so far fits in the time left, so the budget is overrun by about one
+    chunk of at least MIN_CHUNK samples at most. Reads the clock, never the counts.
+    """
+    began = time.perf_counter()
+    total = sampler.counts(x, sigma, min(n, MIN_CHUNK), noise, progress)
+    used = min(n, MIN_CHUNK)
+    while used < n:
+        now = time.perf_counter()
+        if now >= deadline:
+            break
+        fits = int((deadline - now) * used / max(now - began, 1e-9))
+        size = max(MIN_CHUNK, min(math.ceil(used * (GROWTH - 1)), fits))
+        if n - used - size < MIN_CHUNK:  # no tiny last chunk
+            size = n - used
+        total = total + sampler.counts(x, sigma, size, noise, progress)
+        used += size
+    return total, used
+
+
+def validate_target(target_radius: float, sigma: float) -> float:
+    """p* = Phi(target_radius / sigma); ValueError unless the target is positive and reachable."""
+    ok = isinstance(target_radius, numbers.Real) and not isinstance(target_radius, bool)
+    if not (ok and math.isfinite(target_radius) and target_radius > 0):
+        raise ValueError(f"target radius must be a positive finite number, got {target_radius!r}")
+    p_star = float(norm.cdf(target_radius / sigma))
+    if p_star >= 1.0:
+        raise ValueError(
+            f"target radius {target_radius:g} is {target_radius / sigma:.3g} sigma: "
+            "Phi(target/sigma) rounds to 1, no number of samples can certify it"
+        )
+    return p_star
+
+
+def decide(
+    sampler: Sampler,
+    x: Tensor,
+    sigma: float,
+    target_radius: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    seed: int,
+    *,
+    progress: ProgressFn | None = None,
+) -> Certificate:
+    """DECIDE: is x certified at L2 radius ``target_radius``? Sequential, anytime-valid.
+
+    Selects cA on n0 samples as :func:`certify` does, then draws fresh samples from the same
+    per-seed noise stream in growing chunks (:func:`models.sequential.chunk_sizes`: the first
+    look when a decision first becomes possible, then +25% per look) and stops at the first
+    look where the (1 - alpha) confidence sequence of :mod:`models.sequential` for pA lies
+    entirely above p* = Phi(target_radius / sigma) (``decision="certified"``), the sequence of
+    the most frequent class lies entirely below it (``"not_certified"``), or n estimation
+    samples are spent (``"undecided"``).
+
+    Guarantee, whatever the stopping time: P(certified and the smoothed classifier's radius
+    < target_radius) <= alpha, and P(not_certified and that radius >= target_radius) <= alpha.
+    ``radius`` = sigma * Phi^-1(pa_lower), the anytime-valid lower bound at the stopping time
+    (>= target_radius when certified; 0 with an abstention when pa_lower < 1/2). ``n`` is the
+    cap, ``n_used`` the estimation samples drawn, ``max_radius`` the largest radius n samples
+    can certify with this sequence. Raises ValueError on bad parameters.
+    """
+    validate(sigma, alpha, n, n0)
+    p_star = validate_target(target_radius, sigma)
+    cs = ConfidenceSequence(alpha)
+    started = time.perf_counter()
+    noise = NoiseStream(seed, x.shape, sampler.device)
+    selection = sampler.counts(x, sigma, n0, noise, progress)
+    c_a = int(torch.argmax(selection))
+    selected = time.perf_counter()
+
+    can_certify = cs.min_samples_above(p_star, n)
+    can_refute = cs.min_samples_below(p_star, n)
+    first = min(t for t in (can_certify, can_refute, n) if t is not None)
+    counts = torch.zeros(sampler.num_classes, dtype=torch.long)
+    used, verdict = 0, None
+    for size in chunk_sizes(n, max(first, MIN_CHUNK), look_at=can_certify):
+        counts = counts + sampler.counts(x, sigma, size, noise, progress)
+        used += size
+        verdict = decision(cs, int(counts[c_a]), int(counts.max()), used, p_star)
+        if verdict is not None:
+            break
+    estimated = time.perf_counter()
+    verdict = verdict or Decision.UNDECIDED
+
+    k_a = int(counts[c_a])
+    pa = cs.lower(k_a, used)
+    pa_upper = cs.upper(int(counts.max()), used)
+    if verdict is Decision.CERTIFIED:
+        pa = max(pa, p_star)  # every value <= p* is excluded
+    elif verdict is Decision.NOT_CERTIFIED:
+        pa_upper = min(pa_upper, p_star)  # every value >= p* is excluded
+    abstain = pa < 0.5
+    radius = 0.0 if abstain else sigma * float(norm.ppf(pa))
+    if verdict is Decision.CERTIFIED:
+        radius = max(radius, float(target_radius))  # pa >= p*: only float rounding is undone
+    return Certificate(
+        Mode.DECIDE.value,
+        None if abstain else c_a,
+        abstain,
+        AbstainReason.PA_BELOW_HALF.value if abstain else None,
+        radius,
+        pa,
+        None,
+        count_a=k_a,
+        count_b=None,
+        counts=[int(c) for c in counts],
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        sigma=sigma,
+        max_radius=sigma * float(norm.ppf(cs.lower(n, n))),
+        seed=seed,
+        input_shape=list(x.shape),
+        timings={
+            "selection_s": selected - started,
+            "estimation_s": estimated - selected,
+            "samples_per_s": (n0 + used) / max(estimated - started, 1e-9),
+        },
+        bound=SEQUENCE,
+        n_used=used,
+        decision=verdict.value,
+        target_radius=float(target_radius),
+        pa_upper=pa_upper,
     )
 
 
@@ -322,4 +525,5 @@ def predict(
         input_shape=list(x.shape),
         pvalue=pvalue,
         timings={"estimation_s": elapsed, "samples_per_s": n / max(elapsed, 1e-9)},
+        n_used=n,
     )

@@ -29,7 +29,7 @@ bound L_t = inf {p : M+_t(p) < 1/alpha} therefore satisfies P(exists t: L_t > pA
 the upper bound U_t = sup {p : M-_t(p) < 1/alpha} satisfies P(exists t: U_t < pA) <= alpha. The
 prior is a scale family anchored at p (the law of (1 - Q)/(1 - p), resp. Q/p, does not depend
 on p), which makes M+ nonincreasing and M- nondecreasing in p: each side's set is an interval,
-L_t and U_t are single roots (found by bisection, rounded to the safe side), and "the sequence
+L_t and U_t are single roots (Brent's method, rounded to the safe side), and "the sequence
 lies entirely above p*" is one closed-form evaluation, M+_t(p*) >= 1/alpha.
 
 Why this boundary (sample complexity of the decision "pA > p*?"): expected samples to a
@@ -60,12 +60,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.optimize import brentq
 from scipy.special import betainc, betaincc, betaln, xlog1py, xlogy
 
 NAME = "beta-binomial-mixture-cs"
 ABOVE_PRIOR = 0.5  # b of the lower side: (1 - Q)/(1 - p) ~ Beta(b, 1)
 BELOW_PRIOR = 1.0  # a of the upper side: Q/p ~ Beta(a, 1)
-BISECTION_STEPS = 60  # halvings of [lo, hi]: 2^-60 is far below float precision near 1
 
 Array = Any  # float or numpy array
 
@@ -79,12 +79,12 @@ class Decision(enum.StrEnum):
 def log_evidence_above(k: Array, t: Array, p: Array, b: float = ABOVE_PRIOR) -> Array:
     """log M+_t(p): evidence that pA > p after k hits in t samples (module docstring).
 
-    ``p`` in [0, 1); 0 <= k <= t. Returns -inf where the evidence underflows (it is then far
-    below any threshold), +inf at p = 0 with k >= 1.
+    ``p`` in [0, 1); 0 <= k <= t. Exact (to float precision) for p < k/t, where values of pA
+    get excluded; capped at 0 (M+ <= 1) for p >= k/t. +inf at p = 0 with k >= 1.
     """
     k, t, p = np.asarray(k, float), np.asarray(t, float), np.asarray(p, float)
     with np.errstate(divide="ignore"):
-        return (
+        value = (
             math.log(b)
             + betaln(k + 1, t - k + b)
             + np.log(betaincc(k + 1, t - k + b, p))
@@ -92,17 +92,20 @@ def log_evidence_above(k: Array, t: Array, p: Array, b: float = ABOVE_PRIOR) -> 
             - xlogy(k, p)
             - xlog1py(t - k, -p)
         )
+    # For p >= k/t every l(q)/l(p) with q > p is <= 1, so M+ <= 1. There the tail I^c_p can be
+    # below the smallest normal float, where scipy returns inaccurate subnormals: cap at 1.
+    return np.where(p * t >= k, np.minimum(value, 0.0), value)
 
 
 def log_evidence_below(k: Array, t: Array, p: Array, a: float = BELOW_PRIOR) -> Array:
     """log M-_t(p): evidence that pA < p after k hits in t samples (module docstring).
 
-    ``p`` in (0, 1]; 0 <= k <= t. Returns -inf where the evidence underflows, +inf at p = 1
-    with k < t.
+    ``p`` in (0, 1]; 0 <= k <= t. Exact for p > k/t; capped at 0 (M- <= 1) for p <= k/t.
+    +inf at p = 1 with k < t.
     """
     k, t, p = np.asarray(k, float), np.asarray(t, float), np.asarray(p, float)
     with np.errstate(divide="ignore"):
-        return (
+        value = (
             math.log(a)
             + betaln(k + a, t - k + 1)
             + np.log(betainc(k + a, t - k + 1, p))
@@ -110,6 +113,7 @@ def log_evidence_below(k: Array, t: Array, p: Array, a: float = BELOW_PRIOR) -> 
             - xlogy(k, p)
             - xlog1py(t - k, -p)
         )
+    return np.where(p * t <= k, np.minimum(value, 0.0), value)  # M- <= 1 for p <= k/t
 
 
 @dataclass(frozen=True)
@@ -150,30 +154,33 @@ class ConfidenceSequence:
         return log_evidence_below(k, t, p, self.below_prior) >= self.threshold
 
     def lower(self, k: int, t: int) -> float:
-        """L_t (scalar): the largest p found with every value <= p excluded; 0 when k = 0."""
+        """L_t (scalar): a root of M+_t(p) = 1/alpha, rounded down (every p <= L_t excluded).
+
+        0 when k = 0 (nothing excluded).
+        """
         _check_counts(k, t)
         if k == 0:
             return 0.0
-        lo, hi = 0.0, k / t  # M+ at the MLE k/t is <= 1 < 1/alpha: never excluded
-        for _ in range(BISECTION_STEPS):
-            mid = 0.5 * (lo + hi)
-            if mid in (lo, hi):
-                break
-            lo, hi = (mid, hi) if self.above(k, t, mid) else (lo, mid)
-        return lo  # excluded (or 0): at most the exact root
+
+        def excess(p: float) -> float:
+            return float(log_evidence_above(k, t, p, self.above_prior)) - self.threshold
+
+        # +inf at p = 0; at the MLE k/t, M+ <= 1 < 1/alpha (the mixture of l(q)/l(k/t) <= 1).
+        return _safe_root(excess, 0.0, k / t, side=-1)
 
     def upper(self, k: int, t: int) -> float:
-        """U_t (scalar): the smallest p found with every value >= p excluded; 1 when k = t."""
+        """U_t (scalar): a root of M-_t(p) = 1/alpha, rounded up (every p >= U_t excluded).
+
+        1 when k = t (nothing excluded).
+        """
         _check_counts(k, t)
         if k == t:
             return 1.0
-        lo, hi = k / t, 1.0
-        for _ in range(BISECTION_STEPS):
-            mid = 0.5 * (lo + hi)
-            if mid in (lo, hi):
-                break
-            lo, hi = (lo, mid) if self.below(k, t, mid) else (mid, hi)
-        return hi
+
+        def excess(p: float) -> float:
+            return float(log_evidence_below(k, t, p, self.below_prior)) - self.threshold
+
+        return _safe_root(excess, k / t, 1.0, side=+1)
 
     def min_samples_above(self, p: float, limit: int) -> int | None:
         """Fewest samples that can put the sequence above ``p`` (all hits); None if > limit."""
@@ -187,6 +194,31 @@ class ConfidenceSequence:
 def _check_counts(k: int, t: int) -> None:
     if not (0 <= k <= t and t >= 1):
         raise ValueError(f"need 0 <= k <= t and t >= 1, got k={k}, t={t}")
+
+
+def _safe_root(excess: Any, lo: float, hi: float, side: int) -> float:
+    """The crossing of a monotone ``excess`` in [lo, hi], moved to the side where it is >= 0.
+
+    ``side=-1``: excess >= 0 left of the root, lo = 0 (lower bound); ``+1``: right of it,
+    hi = 1 (upper bound). Brent's method to full float precision, then nudged until the excess
+    really is >= 0, so float rounding can only make the bound more conservative.
+    """
+    edge = 0.0 if side < 0 else 1.0
+    near = float(np.nextafter(edge, 0.5))  # the evidence is infinite at the edge itself
+    if excess(near) < 0:  # nothing but the edge excluded
+        return edge
+    inner = min(hi, float(np.nextafter(1.0, 0.0))) if side < 0 else max(lo, 5e-324)
+    a, b = (near, inner) if side < 0 else (inner, near)
+
+    def finite(p: float) -> float:  # Brent's interpolation needs finite values
+        return min(max(excess(p), -1e6), 1e6)
+
+    root = float(brentq(finite, a, b, xtol=1e-15, rtol=4 * np.finfo(float).eps))
+    step = 1e-15
+    while excess(root) < 0:
+        root = max(root - step, near) if side < 0 else min(root + step, near)
+        step *= 4
+    return root
 
 
 def _first_true(pred: Any, limit: int) -> int | None:
@@ -255,3 +287,16 @@ def chunk_sizes(
         yield size
         drawn += size
         size = max(minimum, math.ceil(drawn * (growth - 1)))
+
+
+def decision_chunks(cs: ConfidenceSequence, n: int, p_star: float) -> Iterator[int]:
+    """The chunk sizes :func:`models.smoothing.decide` draws for the decision at ``p_star``.
+
+    No look before the first sample count at which any decision is possible (all hits
+    certify, or no hits refute); a look exactly when all hits would first certify (the cost
+    of an easy input); then geometric looks (:func:`chunk_sizes`).
+    """
+    can_certify = cs.min_samples_above(p_star, n)
+    can_refute = cs.min_samples_below(p_star, n)
+    first = min(t for t in (can_certify, can_refute, n) if t is not None)
+    return chunk_sizes(n, max(first, MIN_CHUNK), look_at=can_certify)

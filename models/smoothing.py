@@ -30,8 +30,8 @@ from models.sequential import (
     MIN_CHUNK,
     ConfidenceSequence,
     Decision,
-    chunk_sizes,
     decision,
+    decision_chunks,
 )
 from models.sequential import NAME as SEQUENCE  # Certificate.bound of the anytime-valid bound
 
@@ -429,12 +429,9 @@ def decide(
     c_a = int(torch.argmax(selection))
     selected = time.perf_counter()
 
-    can_certify = cs.min_samples_above(p_star, n)
-    can_refute = cs.min_samples_below(p_star, n)
-    first = min(t for t in (can_certify, can_refute, n) if t is not None)
     counts = torch.zeros(sampler.num_classes, dtype=torch.long)
     used, verdict = 0, None
-    for size in chunk_sizes(n, max(first, MIN_CHUNK), look_at=can_certify):
+    for size in decision_chunks(cs, n, p_star):
         counts = counts + sampler.counts(x, sigma, size, noise, progress)
         used += size
         verdict = decision(cs, int(counts[c_a]), int(counts.max()), used, p_star)

@@ -122,8 +122,7 @@ def run_decide_benchmark(
     cfg: DecideBenchConfig, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Run both parts (module docstring); returns the JSON-ready result."""
-    from bench.run import _loadavg
-    from models.checkpoints import load_classifier_with_meta
+    from bench.run import _loadavg, load_bench_model
     from models.data import open_inputs
     from models.runtime import pick_device
     from worker.engine import Engine
@@ -132,7 +131,8 @@ def run_decide_benchmark(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model_name = cfg.model or "digits-s0.25"
-    model, meta = load_classifier_with_meta(model_name)
+    bm = load_bench_model(model_name)  # a checkpoint, or a random-weight preset (throughput)
+    model, meta = bm.module, bm.meta
     inputs = open_inputs(cfg.input, meta.input_size)
     cfg = cfg.resolved(device, len(inputs), meta.sigma)
     assert cfg.n is not None and cfg.sigma is not None and cfg.max_inputs is not None

@@ -57,6 +57,7 @@ import enum
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,8 @@ def log_evidence_above(k: Array, t: Array, p: Array, b: float = ABOVE_PRIOR) -> 
     ``p`` in [0, 1); 0 <= k <= t. Exact (to float precision) for p < k/t, where values of pA
     get excluded; capped at 0 (M+ <= 1) for p >= k/t. +inf at p = 0 with k >= 1.
     """
+    if np.ndim(k) == np.ndim(t) == np.ndim(p) == 0:
+        return _log_above_scalar(float(k), float(t), float(p), b)
     k, t, p = np.asarray(k, float), np.asarray(t, float), np.asarray(p, float)
     with np.errstate(divide="ignore"):
         value = (
@@ -103,6 +106,8 @@ def log_evidence_below(k: Array, t: Array, p: Array, a: float = BELOW_PRIOR) -> 
     ``p`` in (0, 1]; 0 <= k <= t. Exact for p > k/t; capped at 0 (M- <= 1) for p <= k/t.
     +inf at p = 1 with k < t.
     """
+    if np.ndim(k) == np.ndim(t) == np.ndim(p) == 0:
+        return _log_below_scalar(float(k), float(t), float(p), a)
     k, t, p = np.asarray(k, float), np.asarray(t, float), np.asarray(p, float)
     with np.errstate(divide="ignore"):
         value = (
@@ -114,6 +119,42 @@ def log_evidence_below(k: Array, t: Array, p: Array, a: float = BELOW_PRIOR) -> 
             - xlog1py(t - k, -p)
         )
     return np.where(p * t <= k, np.minimum(value, 0.0), value)  # M- <= 1 for p <= k/t
+
+
+def _log_above_scalar(k: float, t: float, p: float, b: float) -> float:
+    """:func:`log_evidence_above` for one (k, t, p), without numpy's array overhead."""
+    if p <= 0.0:
+        return math.inf if k > 0 else math.log(b / (t + b))
+    tail = float(betaincc(k + 1, t - k + b, p))
+    if tail <= 0.0:
+        return -math.inf
+    value = (
+        math.log(b)
+        + float(betaln(k + 1, t - k + b))
+        + math.log(tail)
+        - b * math.log1p(-p)
+        - k * math.log(p)
+        - (t - k) * math.log1p(-p)
+    )
+    return min(value, 0.0) if p * t >= k else value
+
+
+def _log_below_scalar(k: float, t: float, p: float, a: float) -> float:
+    """:func:`log_evidence_below` for one (k, t, p), without numpy's array overhead."""
+    if p >= 1.0:
+        return math.inf if k < t else math.log(a / (t + a))
+    head = float(betainc(k + a, t - k + 1, p))
+    if head <= 0.0:
+        return -math.inf
+    value = (
+        math.log(a)
+        + float(betaln(k + a, t - k + 1))
+        + math.log(head)
+        - a * math.log(p)
+        - k * math.log(p)
+        - (t - k) * math.log1p(-p)
+    )
+    return min(value, 0.0) if p * t <= k else value
 
 
 @dataclass(frozen=True)
@@ -141,15 +182,13 @@ class ConfidenceSequence:
 
     def above(self, k: Array, t: Array, p: Array) -> Array:
         """Whether the sequence lies entirely above ``p`` (every value <= p excluded)."""
-        p = np.asarray(p, float)
-        if np.any((p < 0) | (p >= 1)):
+        if not np.all((np.asarray(p) >= 0) & (np.asarray(p) < 1)):
             raise ValueError("p must lie in [0, 1)")
         return log_evidence_above(k, t, p, self.above_prior) >= self.threshold
 
     def below(self, k: Array, t: Array, p: Array) -> Array:
         """Whether the sequence lies entirely below ``p`` (every value >= p excluded)."""
-        p = np.asarray(p, float)
-        if np.any((p <= 0) | (p > 1)):
+        if not np.all((np.asarray(p) > 0) & (np.asarray(p) <= 1)):
             raise ValueError("p must lie in (0, 1]")
         return log_evidence_below(k, t, p, self.below_prior) >= self.threshold
 
@@ -296,7 +335,20 @@ def decision_chunks(cs: ConfidenceSequence, n: int, p_star: float) -> Iterator[i
     certify, or no hits refute); a look exactly when all hits would first certify (the cost
     of an easy input); then geometric looks (:func:`chunk_sizes`).
     """
+    first, can_certify = _first_looks(cs, p_star, n)
+    return chunk_sizes(n, first, look_at=can_certify)
+
+
+@lru_cache(maxsize=1024)
+def _first_looks(cs: ConfidenceSequence, p_star: float, n: int) -> tuple[int, int | None]:
+    """(first chunk, first sample count at which all hits certify): fixed per request kind."""
     can_certify = cs.min_samples_above(p_star, n)
     can_refute = cs.min_samples_below(p_star, n)
     first = min(t for t in (can_certify, can_refute, n) if t is not None)
-    return chunk_sizes(n, max(first, MIN_CHUNK), look_at=can_certify)
+    return max(first, MIN_CHUNK), can_certify
+
+
+@lru_cache(maxsize=1024)
+def all_hits_lower(cs: ConfidenceSequence, n: int) -> float:
+    """L_n after n hits of n: the largest pA (and radius) n samples can certify (cached)."""
+    return cs.lower(n, n)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
+from scipy.special import ndtr, ndtri
 from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
 
@@ -30,6 +31,7 @@ from models.sequential import (
     MIN_CHUNK,
     ConfidenceSequence,
     Decision,
+    all_hits_lower,
     decision,
     decision_chunks,
 )
@@ -382,7 +384,7 @@ def validate_target(target_radius: float, sigma: float) -> float:
     ok = isinstance(target_radius, numbers.Real) and not isinstance(target_radius, bool)
     if not (ok and math.isfinite(target_radius) and target_radius > 0):
         raise ValueError(f"target radius must be a positive finite number, got {target_radius!r}")
-    p_star = float(norm.cdf(target_radius / sigma))
+    p_star = float(ndtr(target_radius / sigma))  # Phi
     if p_star >= 1.0:
         raise ValueError(
             f"target radius {target_radius:g} is {target_radius / sigma:.3g} sigma: "
@@ -448,7 +450,7 @@ def decide(
     elif verdict is Decision.NOT_CERTIFIED:
         pa_upper = min(pa_upper, p_star)  # every value >= p* is excluded
     abstain = pa < 0.5
-    radius = 0.0 if abstain else sigma * float(norm.ppf(pa))
+    radius = 0.0 if abstain else sigma * float(ndtri(pa))  # Phi^-1
     if verdict is Decision.CERTIFIED:
         radius = max(radius, float(target_radius))  # pa >= p*: only float rounding is undone
     return Certificate(
@@ -466,7 +468,7 @@ def decide(
         n=n,
         alpha=alpha,
         sigma=sigma,
-        max_radius=sigma * float(norm.ppf(cs.lower(n, n))),
+        max_radius=sigma * float(ndtri(all_hits_lower(cs, n))),
         seed=seed,
         input_shape=list(x.shape),
         timings={

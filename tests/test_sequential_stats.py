@@ -228,6 +228,26 @@ def test_bounds_equal_a_brute_force_scan_over_p() -> None:
             assert lower <= k / t <= upper
 
 
+def test_scalar_and_vector_evaluations_agree() -> None:
+    """The scalar fast path (per look) and the numpy path (tests, thresholds) are one formula."""
+    rng = np.random.default_rng(5)
+    t = rng.integers(0, 5000, size=400)
+    k = (rng.random(400) * (t + 1)).astype(int)
+    p = np.concatenate(
+        [rng.random(390), [0.0, 0.0, 0.5, 0.999999, 1e-300, 0.3, 0.7, 0.2, 0.9, 1e-9]]
+    )
+    for i in range(400):
+        if p[i] < 1:
+            want = float(log_evidence_above(k[i : i + 1], t[i : i + 1], p[i : i + 1])[0])
+            got = log_evidence_above(int(k[i]), int(t[i]), float(p[i]))
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-12) or got == want
+        q = 1 - p[i]
+        if q > 0:
+            want = float(log_evidence_below(k[i : i + 1], t[i : i + 1], q[None])[0])
+            got = log_evidence_below(int(k[i]), int(t[i]), float(q))
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-12) or got == want
+
+
 def test_closed_forms_at_large_t_equal_the_mixture_integrals() -> None:
     """Where the bounds and decisions of n = 10^3..10^6 samples are taken (near the roots) the
     closed forms agree with the integrals to 1e-7 in log."""

@@ -166,10 +166,7 @@ class EngineSampler:
             raise Cancelled("job cancelled before sampling started")
         if num == 0:
             return torch.zeros(self.num_classes, dtype=torch.long)
-        # To the device here, in the job's thread: a blocking copy in the engine thread would
-        # wait for every batch in flight (a sequential job submits many small requests).
-        x = x.detach().to(self.device, torch.float32)
-        sub = _Submission(self._model, x, float(sigma), int(num), noise, self._cancel)
+        sub = _Submission(self._model, x.detach(), float(sigma), int(num), noise, self._cancel)
         self.engine._submit(sub)
         try:
             while True:
@@ -423,7 +420,11 @@ class Engine:
             buf = self._buffer(model, shape, rows)
             start = 0
             for sub, k in batch.parts:
-                if sub.total is None:  # (sub.x is already on the device: EngineSampler.counts)
+                if sub.total is None:
+                    # non_blocking: a blocking copy waits for every batch in flight, once per
+                    # request (a sequential job makes one per chunk); from pageable memory the
+                    # data is staged before the call returns, so the caller may reuse x.
+                    sub.x = sub.x.to(self.device, torch.float32, non_blocking=True)
                     sub.total = torch.zeros(model.num_classes, dtype=torch.long, device=self.device)
                 noise = sub.noise.take(k)  # the job's own stream: rows land where they belong
                 torch.add(sub.x.unsqueeze(0), noise, alpha=sub.sigma, out=buf[start : start + k])
@@ -442,8 +443,7 @@ class Engine:
                 assert sub.total is not None
                 sub.total += hist[j]
             if self.device.type == "cuda":
-                self._stage_results(batch)
-            if self.device.type == "cuda":
+                self._stage_results(batch)  # before the event: ready when the event is
                 batch.event = torch.cuda.Event()
                 batch.event.record()
             self.stats["batches"] += 1

@@ -34,19 +34,23 @@ lies entirely above p*" is one closed-form evaluation, M+_t(p*) >= 1/alpha.
 
 Why this boundary (sample complexity of the decision "pA > p*?"): expected samples to a
 decision at alpha = 0.001, n = 10,000, computed exactly by dynamic programming over the
-binomial counts with a look after every sample (docs/PERFORMANCE.md has the table and the
-schedule's cost). Against the two-sided beta-binomial mixture with the Jeffreys prior (the
-Krichevsky-Trofimov plug-in bettor, i.e. the betting CS with KT bets that Voracek, NeurIPS 2024,
-arXiv 2406.17830, uses for this decision) the one-sided mixtures spend their whole prior on the
-side a decision needs, which shortens easy certifications by 15-25% (pA >= 0.99: 47 vs 56
-samples at p* = Phi(1), 358 vs 461 at p* = Phi(2)). Against Clopper-Pearson with a Bonferroni
-split of alpha over rounds (Horvath et al., ICLR 2022) looked at after every sample it needs
-about half the samples; with a few geometric looks the two are close, but the Bonferroni
-bounds hold only at the pre-set looks, whereas this CS holds at every t, which the time-budget
-stop of CERTIFY (any t) relies on. The prior b = 1/2 puts more mass near pA = 1 than the uniform
-one (b = 1), where a working classifier's pA concentrates: 11% fewer samples at pA = 1, 6% more
-at pA = 0.9 vs p* = Phi(1). Cullen, Montague, Rubinstein (2026, arXiv 2606.27694) report the same
-order of savings (~20x) with e-processes, of which these mixtures are an instance.
+binomial counts (``python -m bench.boundaries``; table in docs/PERFORMANCE.md), with looks
+every 2% of the samples drawn and with DECIDE's own looks. Against the two-sided beta-binomial
+mixture with the Jeffreys prior (the Krichevsky-Trofimov plug-in bettor, i.e. the betting CS
+with KT bets, the kind of sequence Voracek, NeurIPS 2024, arXiv 2406.17830, builds this
+decision on) the one-sided mixtures spend their whole prior on the side a decision needs:
+easy certifications are 15-25% shorter (pA = 1: 47 vs 56 samples at p* = Phi(1), 358 vs 461
+at p* = Phi(2)), harder certifications up to 25% shorter, and refutations within 4% either
+way. Against Clopper-Pearson with alpha split over the
+looks (Bonferroni, Horvath et al., ICLR 2022) it needs 35-55% fewer samples with dense looks;
+with DECIDE's 24 geometric looks the two are close where the answer is "not certified"
+(Bonferroni a few percent ahead) while easy certifications take 47 vs 75 samples, and the
+Bonferroni bounds hold only at the pre-set looks, whereas this sequence holds at every t,
+which the time-budget stop of CERTIFY (any t) needs. The prior b = 1/2 puts more mass near
+pA = 1 than the uniform one (b = 1), where a working classifier's pA concentrates: 13% fewer
+samples at pA = 1, 5% more at pA = 0.9 vs p* = Phi(1). Cullen, Montague, Rubinstein (2026,
+arXiv 2606.27694) report savings of the same order (~20x) with e-processes, of which these
+mixture martingales are an instance.
 
 Functions accept numpy arrays (vectorised over k, t, p) unless documented as scalar.
 """

@@ -266,7 +266,8 @@ def certify(
     ``time_budget_s`` (seconds, from the call, selection included): the n0 selection samples
     and at least one chunk are always drawn; estimation then proceeds in chunks and stops at n
     or at the first chunk boundary past the budget. A run that reaches n uses Clopper-Pearson
-    as without a budget; one that stops early takes its bounds from the anytime-valid
+    as without a budget (whether it gets there depends on the clock, never on the counts); one
+    that stops early takes its bounds from the anytime-valid
     confidence sequence of :mod:`models.sequential` at the ``n_used`` samples drawn (valid at
     any stopping time), and ``bound`` says which was used. Raises ValueError on bad parameters.
     """

@@ -8,14 +8,19 @@ One run, one model, one device, four cases:
 (d) the HTTP service: POST /certify, poll GET /jobs/{id} until it succeeds.
 
 Each case reports samples per second and the seconds one certificate takes at n=10,000 and
-n=100,000 (n0 + n samples at that rate). Cases (a)-(c) run ``rounds`` times interleaved, so a
-noisy neighbour slows all of them alike; the best round of each is reported (all are kept).
+n=100,000 (n0 + n samples at that rate). The cases run ``rounds`` times interleaved (default 3),
+so a noisy neighbour slows all of them alike; each case's best round is reported as its rate,
+and each ratio (b/a, c/b, d/b) is taken within every round and reported as the median and
+range over the rounds (all rounds are kept in the JSON).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import platform
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -68,7 +73,7 @@ class BenchConfig:
         out = BenchConfig(**asdict(self))
         out.n = self.n if self.n is not None else (100_000 if gpu else 10_000)
         out.reference_n = self.reference_n or (min(out.n, 10_000) if gpu else out.n)
-        out.rounds = self.rounds or (1 if gpu else 3)
+        out.rounds = self.rounds or 3
         out.service_n = self.service_n or out.n
         for name in ("n", "n0", "jobs", "job_n", "reference_n", "rounds", "service_n"):
             if getattr(out, name) < 1:
@@ -223,37 +228,78 @@ def case_concurrent(engine: Any, x: Tensor, cfg: BenchConfig) -> float:
     return cfg.jobs * (cfg.n0 + cfg.job_n) / elapsed
 
 
-def case_service(bm: BenchModel, x: Tensor, cfg: BenchConfig, device: torch.device) -> dict:
-    """(d) samples/s of one certificate submitted over HTTP (after one warm-up job)."""
-    from bench.service import ServiceUnavailable, certify_over_http, embedded_service, png_bytes
+class ServiceCase:
+    """(d) samples/s of one certificate over HTTP, measured once per round.
 
-    if cfg.service == "off" and not cfg.service_url:
-        return {"note": "skipped (--service off)"}
+    The service (embedded, or ``--service-url``) is started once for all rounds and warmed up
+    with one job; every measurement submits a new image (the service returns the stored
+    certificate for a repeated one). If the service cannot run, every measurement returns
+    ``{"note": why}`` and the other cases go on.
+    """
 
-    def measure(url: str, key: str, model: str | None) -> dict:
-        images = []
-        for i in range(2):  # distinct inputs: the service returns stored certificates for repeats
-            y = x.clone()
-            y[:, 0, 0] = (y[:, 0, 0] + (i + 1 + time.time_ns() % 97) / 255.0) % 1.0
-            images.append(png_bytes(y))
-        common: dict[str, Any] = dict(sigma=cfg.sigma, alpha=cfg.alpha, model=model)
-        n = cfg.service_n or 1
-        certify_over_http(url, key, images[0], n0=cfg.n0, n=min(n, 1000), **common)
-        out = certify_over_http(url, key, images[1], n0=cfg.n0, n=n, **common)
+    def __init__(self, bm: BenchModel, x: Tensor, cfg: BenchConfig, device: torch.device):
+        self.bm, self.x, self.cfg, self.device = bm, x, cfg, device
+        self.stack = contextlib.ExitStack()
+        self.note: str | None = None
+        self.url: str | None = None
+        self.key: str | None = None
+        self.model: str | None = None
+        self.count = itertools.count(1)
+
+    def __enter__(self) -> ServiceCase:
+        from bench.service import ServiceUnavailable, embedded_service
+
+        cfg = self.cfg
+        if cfg.service == "off" and not cfg.service_url:
+            self.note = "skipped (--service off)"
+            return self
+        try:
+            if cfg.service_url and cfg.api_key:
+                self.url, self.key, self.model = cfg.service_url, cfg.api_key, cfg.service_model
+            else:
+                self.url, self.key, self.model = self.stack.enter_context(
+                    embedded_service(self.device.type, self.bm.module, self.bm.meta, cfg.threads)
+                )
+            self._submit(min(cfg.service_n or 1, 1000))  # warm-up: model load, first batch
+        except ServiceUnavailable as exc:
+            self.note = f"skipped: {exc}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+    def _submit(self, n: int) -> dict[str, Any]:
+        from bench.service import certify_over_http, png_bytes
+
+        # A new input each time (the service returns the stored certificate for a repeated
+        # one): two pixels set from a generator seeded by the clock and a counter.
+        g = torch.Generator().manual_seed(time.time_ns() + next(self.count))
+        y = self.x.clone()
+        y[:, 0, :2] = torch.rand(y[:, 0, :2].shape, generator=g)
+        assert self.url is not None and self.key is not None
+        return certify_over_http(
+            self.url, self.key, png_bytes(y), n0=self.cfg.n0, n=n, sigma=self.cfg.sigma,
+            alpha=self.cfg.alpha, model=self.model,
+        )  # fmt: skip
+
+    def measure(self) -> dict[str, Any]:
+        from bench.service import ServiceUnavailable
+
+        if self.note is not None:
+            return {"note": self.note}
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # leave the service the memory the other cases cached
+        n = self.cfg.service_n or 1
+        try:
+            out = self._submit(n)
+        except ServiceUnavailable as exc:
+            return {"note": f"skipped: {exc}"}
         return {
-            "samples_per_s": (cfg.n0 + n) / out["seconds"],
+            "samples_per_s": (self.cfg.n0 + n) / out["seconds"],
             "seconds": out["seconds"],
             "enqueue_s": out["enqueue_s"],
             "job_timings": out["job"].get("certificate", {}).get("timings"),
         }
-
-    try:
-        if cfg.service_url and cfg.api_key:
-            return measure(cfg.service_url, cfg.api_key, cfg.service_model)
-        with embedded_service(device.type, bm.module, bm.meta, cfg.threads) as (url, key, name):
-            return measure(url, key, name)
-    except ServiceUnavailable as exc:
-        return {"note": f"skipped: {exc}"}
 
 
 def _engine(cfg: BenchConfig, device: torch.device) -> Any:
@@ -282,33 +328,38 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
     log(f"device {describe_device(device)}; model {bm.description}")
 
     rounds: list[dict[str, float]] = []
-    with _engine(cfg, device) as engine:
+    services: list[dict[str, Any]] = []
+    with _engine(cfg, device) as engine, ServiceCase(bm, x, cfg, device) as service_case:
         engine.register(ENGINE_KEY, bm.module, bm.num_classes)
         small = {"n": min(cfg.n, 400), "reference_n": min(cfg.reference_n or 1, 400)}
         warm = BenchConfig(**{**asdict(cfg), **small})
         log("warming up (first calls, batch-size choice" + (", compile)" if cfg.compile else ")"))
         case_reference(bm, x, warm, device)
         case_engine(engine, x, warm)
+        if service_case.note:
+            log(f"service case {service_case.note}")
         for r in range(cfg.rounds):
             row = {
                 "reference": case_reference(bm, x, cfg, device),
                 "engine": case_engine(engine, x, cfg, seed=r),
                 "engine_concurrent": case_concurrent(engine, x, cfg),
             }
+            services.append(service_case.measure())
+            if services[-1].get("samples_per_s"):
+                row["service"] = services[-1]["samples_per_s"]
             rounds.append(row)
+            note = services[-1].get("note")
             log(
-                f"round {r + 1}/{cfg.rounds}: " + ", ".join(f"{k} {v:,.0f}" for k, v in row.items())
+                f"round {r + 1}/{cfg.rounds}: "
+                + ", ".join(f"{k} {v:,.0f}" for k, v in row.items())
+                + (f"; service {note}" if note and not service_case.note else "")
             )
         engine_batch = engine.batch_size(ENGINE_KEY)
         engine_stats = dict(engine.stats)
-    if device.type == "cuda":
-        bm.module.cpu()  # free the device for the service's own copy
-        torch.cuda.empty_cache()
-    service = case_service(bm, x, cfg, device)
-    if "note" in service:
-        log(f"service case {service['note']}")
 
-    best = {k: max(r[k] for r in rounds) for k in rounds[0]}
+    best = {k: max(r[k] for r in rounds) for k in ("reference", "engine", "engine_concurrent")}
+    measured = [s for s in services if s.get("samples_per_s")]
+    service = max(measured, key=lambda s: s["samples_per_s"]) if measured else services[-1]
     rates: dict[str, float | None] = {**best, "service": service.get("samples_per_s")}
     dtype = {"auto": "bf16 autocast" if device.type == "cuda" else "fp32"}.get(cfg.dtype, cfg.dtype)
     return {
@@ -330,6 +381,10 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
             "engine_over_reference": _ratio(rates["engine"], rates["reference"]),
             "concurrent_over_engine": _ratio(rates["engine_concurrent"], rates["engine"]),
             "service_over_engine": _ratio(rates["service"], rates["engine"]),
+        },
+        "ratio_rounds": {
+            name: _spread([r[a] / r[b] for r in rounds if a in r and b in r])
+            for name, (a, b) in RATIOS.items()
         },
         "seconds_per_certificate": {
             case: {str(n): (cfg.n0 + n) / rate if rate else None for n in CERT_SIZES}
@@ -353,6 +408,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         },  # fmt: skip
         "engine_stats": engine_stats,
         "rounds": rounds,
+        "service_rounds": services,
     }
 
 
@@ -366,6 +422,25 @@ def _loadavg() -> float | None:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
+
+
+RATIOS = {  # ratio name -> (numerator case, denominator case), measured within each round
+    "engine_over_reference": ("engine", "reference"),
+    "concurrent_over_engine": ("engine_concurrent", "engine"),
+    "service_over_engine": ("service", "engine"),
+}
+
+
+def _spread(values: list[float]) -> dict[str, Any] | None:
+    """Median and range of a ratio over the rounds (None when no round measured it)."""
+    if not values:
+        return None
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "rounds": values,
+    }
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -395,13 +470,18 @@ def format_report(result: dict[str, Any]) -> str:
             continue
         per = result["seconds_per_certificate"][case]
         lines.append(f"{label:<62}{rate:>12,.0f}{per['10000']:>14.2f}{per['100000']:>15.2f}")
-    r = result["ratios"]
+    q = result["ratio_rounds"]
     lines.append("")
-    parts = [
-        f"b/a (engine vs reference) = {r['engine_over_reference']:.2f}x",
-        f"c/b ({s['jobs']} jobs vs one) = {r['concurrent_over_engine']:.2f}",
-    ]
-    if r["service_over_engine"] is not None:
-        parts.append(f"d/b (service vs engine) = {r['service_over_engine']:.2f}")
-    lines.append("ratios: " + "; ".join(parts))
+    lines.append(
+        f"ratios, median over {s['rounds']} interleaved round(s) (min-max), each within a round:"
+    )
+    labels = {
+        "engine_over_reference": "b/a (engine vs reference)",
+        "concurrent_over_engine": f"c/b ({s['jobs']} jobs vs one)",
+        "service_over_engine": "d/b (service vs engine)",
+    }
+    for name, label in labels.items():
+        if q.get(name) is not None:
+            v = q[name]
+            lines.append(f"  {label} = {v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})")
     return "\n".join(lines)

@@ -14,8 +14,24 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _ratio_texts(r: dict[str, Any]) -> list[str]:
+    """b/a, c/b, d/b: median (min-max) over the rounds when recorded, else the single value."""
+    out = []
+    for short, name in (("b/a", "engine_over_reference"), ("c/b", "concurrent_over_engine"),
+                        ("d/b", "service_over_engine")):  # fmt: skip
+        spread = r.get("ratio_rounds", {}).get(name)
+        if spread:
+            out.append(
+                f"{short} = {spread['median']:.2f} ({spread['min']:.2f}-{spread['max']:.2f})"
+            )
+        else:
+            out.append(f"{short} = {_num(r['ratios'][name], '.2f')}")
+    return out
+
+
 def summarise(results: list[dict[str, Any]]) -> str:
-    """One row per (file, case): samples/s and seconds per certificate, plus the ratios."""
+    """One row per (file, case): samples/s and seconds per certificate, plus the ratios
+    (median and range over the interleaved rounds)."""
     lines = [
         "| device | model | case | samples/s | s/cert n=10k | s/cert n=100k |",
         "|---|---|---|---:|---:|---:|",
@@ -30,12 +46,7 @@ def summarise(results: list[dict[str, Any]]) -> str:
                 f"| {r['device']} | {label} | {case} | {_num(rate, ',.0f')} "
                 f"| {_num(per['10000'], '.2f')} | {_num(per['100000'], '.2f')} |"
             )
-        q = r["ratios"]
-        ratios.append(
-            f"- {label}: b/a = {_num(q['engine_over_reference'], '.2f')}, "
-            f"c/b = {_num(q['concurrent_over_engine'], '.2f')}, "
-            f"d/b = {_num(q['service_over_engine'], '.2f')}"
-        )
+        ratios.append(f"- {label}: " + ", ".join(_ratio_texts(r)))
     return "\n".join([*lines, "", *ratios])
 
 

@@ -5,7 +5,9 @@
 1. the **signature** (``domain.signing``): the certificate is exactly what the service issued;
 2. the **statistics**: pA's bound, pB's bound (top-2), the p-value (predict), the prediction,
    the abstention and the radius recomputed from ``counts``, ``n``, ``alpha`` and ``sigma`` with
-   the core's own functions (``models.smoothing.certify_outcome`` / ``predict_outcome``), and
+   the core's own functions (``models.smoothing.certify_outcome`` / ``predict_outcome`` /
+   ``decide_outcome``, with the bound the certificate names: Clopper-Pearson, or the
+   anytime-valid confidence sequence for a sequential decision or a budgeted stop), and
    ``max_radius``; so even a body signed with a stolen or test key cannot claim a radius its
    counts do not give;
 3. with the image: the **input**: the image is converted exactly as the service converts
@@ -29,13 +31,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from scipy.stats import norm
 
 from domain import signing
 from domain.errors import ServiceError
 from models import smoothing
 
 SCHEMAS = (2,)
-MODES = ("certify", "certify_top2", "predict")
+MODES = ("certify", "certify_top2", "predict", "decide")
 REL_TOL, ABS_TOL = 1e-9, 1e-12  # recomputed floats agree to the last few bits across SciPy builds
 MAX_IMAGE_PIXELS = 40_000_000  # the service's default DMAE_MAX_IMAGE_PIXELS
 
@@ -155,9 +158,10 @@ def check_statistics(c: Mapping[str, Any]) -> str | None:
     mode = c.get("mode")
     if mode not in MODES:
         return f"cannot recompute mode {mode!r}: this verifier knows {', '.join(MODES)}"
-    bound = c.get("bound")
-    if bound not in (None, "clopper-pearson"):
-        return f"cannot recompute bound {bound!r}: this verifier knows clopper-pearson"
+    bound = c.get("bound") or smoothing.CLOPPER_PEARSON
+    known = (smoothing.CLOPPER_PEARSON, smoothing.SEQUENCE)
+    if bound not in known:
+        return f"cannot recompute bound {bound!r}: this verifier knows {', '.join(known)}"
     counts, n0 = c.get("counts"), c.get("n0")
     n: Any = c.get("n")
     sigma: Any = c.get("sigma")
@@ -166,18 +170,22 @@ def check_statistics(c: Mapping[str, Any]) -> str | None:
         return "counts must be a non-empty list of whole numbers"
     if any(k < 0 for k in counts):
         return "counts must not be negative"
-    if c.get("n_used") not in (None, n):
-        return f"cannot recompute a run stopped early (n_used={c.get('n_used')} < n={n})"
     try:
         smoothing.validate(sigma, alpha, n, n0 if mode != "predict" else None)
     except ValueError as exc:
         return f"invalid parameters: {exc}"
     assert isinstance(n, int) and isinstance(sigma, int | float) and isinstance(alpha, int | float)
-    if sum(counts) != n:
-        return f"the counts add up to {sum(counts)}, not n={n}"
+    used: Any = c.get("n_used", n)
+    if not _whole(used) or not 1 <= used <= n:
+        return f"n_used {used!r} must be a whole number in [1, n={n}]"
+    if sum(counts) != used:
+        return f"the counts add up to {sum(counts)}, not n_used={used}"
+    sequential = mode == "decide" or used < n
+    if (bound == smoothing.SEQUENCE) != sequential:
+        return f"bound {bound!r} does not fit a run of {used} of n={n} samples in mode {mode}"
     top2 = mode == "certify_top2"
     if mode == "predict":
-        out = smoothing.predict_outcome(counts, alpha)
+        out: Any = smoothing.predict_outcome(counts, alpha)
     else:
         c_a = c.get("prediction")
         if c_a is None:  # abstained: the selected class is one whose count is count_a
@@ -189,7 +197,31 @@ def check_statistics(c: Mapping[str, Any]) -> str | None:
             c_a = with_count_a[0]  # classes with equal counts give the same bounds
         if not _whole(c_a) or not 0 <= c_a < len(counts):
             return f"prediction {c_a!r} is not a class index of the counts"
-        out = smoothing.certify_outcome(counts, c_a, n, sigma, alpha, top2=top2)
+        if mode == "decide":
+            try:
+                out = smoothing.decide_outcome(
+                    counts,
+                    c_a,
+                    used,
+                    n,
+                    sigma,
+                    alpha,
+                    c.get("target_radius"),  # type: ignore[arg-type]
+                )
+            except ValueError as exc:
+                return f"the decision does not follow from the counts: {exc}"
+            if c.get("decision") != out.decision:
+                return (
+                    f"decision {c.get('decision')!r} does not follow from the counts "
+                    f"(they give {out.decision!r})"
+                )
+            if not _same(c.get("pa_upper"), out.pa_upper):
+                return f"pa_upper {c.get('pa_upper')!r} does not follow from the counts"
+        else:
+            lower, upper = smoothing.bounds(bound, used)
+            out = smoothing.certify_outcome(
+                counts, c_a, used, sigma, alpha, top2=top2, lower=lower, upper=upper
+            )
     claims: list[tuple[str, Any, Any]] = [
         ("count_a", c.get("count_a"), out.count_a),
         ("count_b", c.get("count_b"), out.count_b),
@@ -211,7 +243,13 @@ def check_statistics(c: Mapping[str, Any]) -> str | None:
                 f"{name} {c.get(name)!r} does not follow from the counts, n={n}, alpha={alpha} "
                 f"and sigma={sigma} (they give {recomputed!r})"
             )
-    cap = smoothing.max_radius(sigma, n, alpha / 2 if top2 else alpha)
+    level = alpha / 2 if top2 else alpha
+    if mode == "decide":
+        cap = smoothing.decide_max_radius(sigma, n, alpha)
+    elif used < n:  # a budgeted stop: the sequence's bound after used hits of used
+        cap = max(0.0, sigma * float(norm.ppf(smoothing.bounds(bound, used)[0](used, level))))
+    else:
+        cap = smoothing.max_radius(sigma, n, level)
     if not _same(c.get("max_radius"), cap):
         return f"max_radius {c.get('max_radius')!r} is not the cap for n={n} (it is {cap!r})"
     if float(c["radius"]) > cap * (1 + REL_TOL) + ABS_TOL:
@@ -293,7 +331,13 @@ def replay(
         run = smoothing.predict(sampler, x, sigma, n, alpha, seed)
     elif c.get("mode") in ("certify", "certify_top2"):
         top2 = c["mode"] == "certify_top2"
-        run = smoothing.certify(sampler, x, sigma, int(c["n0"]), n, alpha, seed, top2=top2)
+        stop = c.get("n_used") if c.get("n_used") not in (None, n) else None
+        run = smoothing.certify(
+            sampler, x, sigma, int(c["n0"]), n, alpha, seed, top2=top2, stop_after=stop
+        )
+    elif c.get("mode") == "decide":
+        target = float(c["target_radius"])
+        run = smoothing.decide(sampler, x, sigma, target, int(c["n0"]), n, alpha, seed)
     else:
         raise ValueError(f"cannot replay mode {c.get('mode')!r}")
     return compare(dict(c), run.to_dict(), str(where))

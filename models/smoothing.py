@@ -1,9 +1,10 @@
-"""Randomized smoothing: PREDICT and CERTIFY (Cohen, Rosenfeld, Kolter 2019); docs/DESIGN.md
-section 2.
+"""Randomized smoothing: PREDICT and CERTIFY (Cohen, Rosenfeld, Kolter 2019), and DECIDE;
+docs/DESIGN.md sections 2 and 5.
 
 The one certification core: the CLI, the in-process runner and the Celery worker all call
-:func:`certify` / :func:`predict`, differing only in the :class:`Sampler` that turns noisy
-copies into class counts.
+:func:`certify` / :func:`predict` / :func:`decide`, differing only in the :class:`Sampler` that
+turns noisy copies into class counts. :func:`decide` answers "is x certified at radius r?"
+sequentially with the anytime-valid confidence sequence of :mod:`models.sequential`.
 
 Noise is defined per job as a stream: fixed blocks of :data:`NOISE_BLOCK` float32 samples drawn
 in order from one ``torch.Generator`` seeded with the job's seed. A sampler may batch those
@@ -22,8 +23,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
+from scipy.special import ndtr, ndtri
 from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
+
+from models.sequential import (
+    GROWTH,
+    MIN_CHUNK,
+    ConfidenceSequence,
+    Decision,
+    all_hits_lower,
+    decision,
+    decision_chunks,
+)
+from models.sequential import NAME as SEQUENCE  # Certificate.bound of the anytime-valid bound
 
 NOISE_BLOCK = 128
 SPACE = "[0,1] RGB pixels after the service's resize/crop, before mean/std normalisation"
@@ -134,11 +147,22 @@ class Mode(enum.StrEnum):
     CERTIFY = "certify"
     CERTIFY_TOP2 = "certify_top2"
     PREDICT = "predict"
+    DECIDE = "decide"
+
+
+CLOPPER_PEARSON = "clopper-pearson"  # Certificate.bound of the fixed-n bound
 
 
 @dataclass
 class Certificate:
-    """Result of one PREDICT or CERTIFY run. ``radius`` is an L2 radius in ``space``."""
+    """Result of one PREDICT, CERTIFY or DECIDE run. ``radius`` is an L2 radius in ``space``.
+
+    ``n`` is the number of estimation samples asked for (the cap in decide mode), ``n_used``
+    the number drawn; ``bound`` names the bound behind ``pa_lower`` (and ``pa_upper``):
+    ``"clopper-pearson"`` (fixed n) or :data:`models.sequential.NAME` (anytime-valid).
+    Decide mode adds ``decision`` (certified / not_certified / undecided), ``target_radius``
+    and ``pa_upper``.
+    """
 
     mode: str
     prediction: int | None
@@ -160,6 +184,11 @@ class Certificate:
     pvalue: float | None = None
     space: str = SPACE
     timings: dict[str, float] = field(default_factory=dict)
+    bound: str | None = None
+    n_used: int | None = None
+    decision: str | None = None
+    target_radius: float | None = None
+    pa_upper: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -333,6 +362,32 @@ def predict_outcome(counts: Sequence[int], alpha: float) -> Outcome:
     return Outcome(None if abstain else c1, reason, 0.0, None, None, k1, k2, pvalue)
 
 
+def bounds(name: str, t: int) -> tuple[BoundFn, BoundFn]:
+    """(lower, upper) one-sided bounds at t samples, each ``f(k, level)``: ``"clopper-pearson"``
+    (valid at a fixed t, Clopper and Pearson 1934) or the anytime-valid confidence sequence of
+    :mod:`models.sequential` (valid at any stopping time). ValueError for another name."""
+    if name == CLOPPER_PEARSON:
+        return (
+            lambda k, level: clopper_pearson_lower(k, t, level),
+            lambda k, level: clopper_pearson_upper(k, t, level),
+        )
+    if name == SEQUENCE:
+        return (
+            lambda k, level: ConfidenceSequence(level).lower(k, t),
+            lambda k, level: ConfidenceSequence(level).upper(k, t),
+        )
+    raise ValueError(f"unknown bound {name!r}: known are {CLOPPER_PEARSON} and {SEQUENCE}")
+
+
+def validate_budget(time_budget_s: float | None) -> None:
+    """Raise ValueError unless ``time_budget_s`` is None or a positive finite number of seconds."""
+    if time_budget_s is None:
+        return
+    ok = isinstance(time_budget_s, numbers.Real) and not isinstance(time_budget_s, bool)
+    if not (ok and math.isfinite(time_budget_s) and time_budget_s > 0):
+        raise ValueError(f"time budget must be a positive number of seconds, got {time_budget_s!r}")
+
+
 def certify(
     sampler: Sampler,
     x: Tensor,
@@ -343,6 +398,8 @@ def certify(
     seed: int,
     *,
     top2: bool = False,
+    time_budget_s: float | None = None,
+    stop_after: int | None = None,
     progress: ProgressFn | None = None,
 ) -> Certificate:
     """CERTIFY(x, n0, n, alpha): select cA on n0 samples, estimate pA on n *fresh* samples.
@@ -351,23 +408,45 @@ def certify(
     bounds (Bonferroni): pA at alpha/2 and every other class's upper bound at
     alpha / (2 (K-1)), pB_upper being the largest of them (capped by 1 - pA_lower); the
     statistics are :func:`certify_outcome`'s.
+
+    ``time_budget_s`` (seconds, from the call, selection included): the n0 selection samples
+    and at least one chunk are always drawn; estimation then proceeds in chunks and stops at n
+    or at the first chunk boundary past the budget. A run that reaches n uses Clopper-Pearson
+    as without a budget (whether it gets there depends on the clock, never on the counts); one
+    that stops early takes its bounds from the anytime-valid confidence sequence of
+    :mod:`models.sequential` at the ``n_used`` samples drawn (valid at any stopping time), and
+    ``bound`` says which was used. ``stop_after`` re-runs such a stop exactly (a replay): the
+    estimation draws that many samples, and below n the bounds are the sequence's. Raises
+    ValueError on bad parameters.
     """
     validate(sigma, alpha, n, n0)
     check_n(Mode.CERTIFY_TOP2 if top2 else Mode.CERTIFY, n, alpha)
+    validate_budget(time_budget_s)
+    if stop_after is not None and (time_budget_s is not None or not 1 <= stop_after <= n):
+        raise ValueError(f"stop_after must lie in [1, n] without a time budget, got {stop_after!r}")
     started = time.perf_counter()
     noise = NoiseStream(seed, x.shape, sampler.device)
     selection = sampler.counts(x, sigma, n0, noise, progress)
     c_a = int(torch.argmax(selection))
     selected = time.perf_counter()
-    counts = [int(c) for c in sampler.counts(x, sigma, n, noise, progress)]
+    if time_budget_s is None:
+        used = n if stop_after is None else stop_after
+        drawn = sampler.counts(x, sigma, used, noise, progress)
+    else:
+        drawn, used = _sample_until(sampler, x, sigma, n, noise, started + time_budget_s, progress)
+    counts = [int(c) for c in drawn]
     estimated = time.perf_counter()
+    early = used < n  # stopped by the budget: only the anytime-valid bound holds
+    lower, upper = bounds(SEQUENCE if early else CLOPPER_PEARSON, used)
     timings = {
         "selection_s": selected - started,
         "estimation_s": estimated - selected,
-        "samples_per_s": (n0 + n) / max(estimated - started, 1e-9),
+        "samples_per_s": (n0 + used) / max(estimated - started, 1e-9),
     }
-    out = certify_outcome(counts, c_a, n, sigma, alpha, top2=top2)
+    out = certify_outcome(counts, c_a, used, sigma, alpha, top2=top2, lower=lower, upper=upper)
     mode = Mode.CERTIFY_TOP2 if top2 else Mode.CERTIFY
+    level = alpha / 2 if top2 else alpha  # top-2 spends half of alpha on pA
+    cap = max(0.0, sigma * float(norm.ppf(lower(used, level)))) if early else None
     return Certificate(
         mode.value,
         out.prediction,
@@ -383,10 +462,205 @@ def certify(
         n=n,
         alpha=alpha,
         sigma=sigma,
-        max_radius=max_radius(sigma, n, alpha / 2 if top2 else alpha),
+        max_radius=cap if cap is not None else max_radius(sigma, n, level),
         seed=seed,
         input_shape=list(x.shape),
         timings=timings,
+        bound=SEQUENCE if early else CLOPPER_PEARSON,
+        n_used=used,
+    )
+
+
+def _sample_until(
+    sampler: Sampler,
+    x: Tensor,
+    sigma: float,
+    n: int,
+    noise: NoiseStream,
+    deadline: float,
+    progress: ProgressFn | None,
+) -> tuple[Tensor, int]:
+    """Counts of up to n samples drawn in chunks until n or the first chunk end past ``deadline``.
+
+    Chunks grow geometrically (:func:`models.sequential.chunk_sizes`' rule) but never beyond
+    what the rate measured so far fits in the time left, so the budget is overrun by about one
+    chunk of at least MIN_CHUNK samples at most. Reads the clock, never the counts.
+    """
+    began = time.perf_counter()
+    total = sampler.counts(x, sigma, min(n, MIN_CHUNK), noise, progress)
+    used = min(n, MIN_CHUNK)
+    while used < n:
+        now = time.perf_counter()
+        if now >= deadline:
+            break
+        fits = int((deadline - now) * used / max(now - began, 1e-9))
+        size = max(MIN_CHUNK, min(math.ceil(used * (GROWTH - 1)), fits))
+        if n - used - size < MIN_CHUNK:  # no tiny last chunk
+            size = n - used
+        total = total + sampler.counts(x, sigma, size, noise, progress)
+        used += size
+    return total, used
+
+
+def validate_target(target_radius: float, sigma: float) -> float:
+    """p* = Phi(target_radius / sigma); ValueError unless the target is positive and reachable."""
+    ok = isinstance(target_radius, numbers.Real) and not isinstance(target_radius, bool)
+    if not (ok and math.isfinite(target_radius) and target_radius > 0):
+        raise ValueError(f"target radius must be a positive finite number, got {target_radius!r}")
+    p_star = float(ndtr(target_radius / sigma))  # Phi
+    if p_star >= 1.0:
+        raise ValueError(
+            f"target radius {target_radius:g} is {target_radius / sigma:.3g} sigma: "
+            "Phi(target/sigma) rounds to 1, no number of samples can certify it"
+        )
+    return p_star
+
+
+@dataclass(frozen=True)
+class DecideOutcome(Outcome):
+    """:class:`Outcome` of DECIDE plus its ``decision`` and the most frequent class's upper
+    bound ``pa_upper``."""
+
+    decision: str = Decision.UNDECIDED.value
+    pa_upper: float | None = None
+
+
+def decide_outcome(
+    counts: Sequence[int],
+    c_a: int,
+    used: int,
+    n: int,
+    sigma: float,
+    alpha: float,
+    target_radius: float,
+) -> DecideOutcome:
+    """DECIDE's answer from the ``used`` estimation ``counts`` at a stop (docs/DESIGN.md
+    section 5): the decision of :func:`models.sequential.decision` at ``used`` samples
+    (``undecided`` when none and ``used`` reached the cap n), pA_lower from the confidence
+    sequence of the selected class ``c_a`` (raised to p* when certified: every value <= p* is
+    excluded), pA_upper of the most frequent class (lowered to p* when not certified), and the
+    radius sigma * Phi^-1(pA_lower), at least the target when certified; an abstention when
+    pA_lower < 1/2. ValueError when the counts cannot be a stop (no decision before n)."""
+    cs = ConfidenceSequence(alpha)
+    p_star = validate_target(target_radius, sigma)
+    k_a, k_top = int(counts[c_a]), max(int(k) for k in counts)
+    verdict = decision(cs, k_a, k_top, used, p_star)
+    if verdict is None:
+        if used != n:
+            raise ValueError(f"no decision at {used} samples, yet sampling stopped before n={n}")
+        verdict = Decision.UNDECIDED
+    pa, pa_upper = cs.lower(k_a, used), cs.upper(k_top, used)
+    if verdict is Decision.CERTIFIED:
+        pa = max(pa, p_star)
+    elif verdict is Decision.NOT_CERTIFIED:
+        pa_upper = min(pa_upper, p_star)
+    abstain = pa < 0.5
+    radius = 0.0 if abstain else sigma * float(ndtri(pa))  # Phi^-1
+    if verdict is Decision.CERTIFIED:
+        radius = max(radius, float(target_radius))  # pa >= p*: only float rounding is undone
+    reason = AbstainReason.PA_BELOW_HALF.value if abstain else None
+    return DecideOutcome(
+        None if abstain else c_a, reason, radius, pa, None, k_a, None,
+        decision=verdict.value, pa_upper=pa_upper,
+    )  # fmt: skip
+
+
+def check_decide_n(n: int, alpha: float, sigma: float, target_radius: float) -> None:
+    """ValueError giving the minimum when n samples could not certify ``target_radius`` even if
+    every one of them hit (DECIDE would then only ever say not_certified or undecided)."""
+    p_star = validate_target(target_radius, sigma)
+    cs = ConfidenceSequence(alpha)
+    if cs.min_samples_above(p_star, n) is None:
+        need = cs.min_samples_above(p_star, 10**12)
+        raise ValueError(
+            f"n={n} is too small to certify radius {target_radius:g} at sigma={sigma:g} and "
+            f"alpha={alpha:g} even if every sample hits: that needs n >= {need}"
+        )
+
+
+def decide_max_radius(sigma: float, n: int, alpha: float) -> float:
+    """The largest radius DECIDE's confidence sequence can give with n samples (all hits)."""
+    return max(0.0, sigma * float(ndtri(all_hits_lower(ConfidenceSequence(alpha), n))))
+
+
+def decide(
+    sampler: Sampler,
+    x: Tensor,
+    sigma: float,
+    target_radius: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    seed: int,
+    *,
+    progress: ProgressFn | None = None,
+) -> Certificate:
+    """DECIDE: is x certified at L2 radius ``target_radius``? Sequential, anytime-valid.
+
+    Selects cA on n0 samples as :func:`certify` does, then draws fresh samples from the same
+    per-seed noise stream in growing chunks (:func:`models.sequential.chunk_sizes`: the first
+    look when a decision first becomes possible, then +25% per look) and stops at the first
+    look where the (1 - alpha) confidence sequence of :mod:`models.sequential` for pA lies
+    entirely above p* = Phi(target_radius / sigma) (``decision="certified"``), the sequence of
+    the most frequent class lies entirely below it (``"not_certified"``), or n estimation
+    samples are spent (``"undecided"``).
+
+    Guarantee, whatever the stopping time: P(certified and the smoothed classifier's radius
+    < target_radius) <= alpha, and P(not_certified and that radius >= target_radius) <= alpha.
+    ``radius`` = sigma * Phi^-1(pa_lower), the anytime-valid lower bound at the stopping time
+    (>= target_radius when certified; 0 with an abstention when pa_lower < 1/2). ``n`` is the
+    cap, ``n_used`` the estimation samples drawn, ``max_radius`` the largest radius n samples
+    can certify with this sequence. Raises ValueError on bad parameters.
+    """
+    validate(sigma, alpha, n, n0)
+    p_star = validate_target(target_radius, sigma)
+    check_decide_n(n, alpha, sigma, target_radius)
+    cs = ConfidenceSequence(alpha)
+    started = time.perf_counter()
+    noise = NoiseStream(seed, x.shape, sampler.device)
+    selection = sampler.counts(x, sigma, n0, noise, progress)
+    c_a = int(torch.argmax(selection))
+    selected = time.perf_counter()
+
+    counts = torch.zeros(sampler.num_classes, dtype=torch.long)
+    used, verdict = 0, None
+    for size in decision_chunks(cs, n, p_star):
+        counts = counts + sampler.counts(x, sigma, size, noise, progress)
+        used += size
+        verdict = decision(cs, int(counts[c_a]), int(counts.max()), used, p_star)
+        if verdict is not None:
+            break
+    estimated = time.perf_counter()
+
+    out = decide_outcome([int(c) for c in counts], c_a, used, n, sigma, alpha, target_radius)
+    return Certificate(
+        Mode.DECIDE.value,
+        out.prediction,
+        out.abstain_reason is not None,
+        out.abstain_reason,
+        out.radius,
+        out.pa_lower,
+        None,
+        count_a=out.count_a,
+        count_b=None,
+        counts=[int(c) for c in counts],
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        sigma=sigma,
+        max_radius=decide_max_radius(sigma, n, alpha),
+        seed=seed,
+        input_shape=list(x.shape),
+        timings={
+            "selection_s": selected - started,
+            "estimation_s": estimated - selected,
+            "samples_per_s": (n0 + used) / max(estimated - started, 1e-9),
+        },
+        bound=SEQUENCE,
+        n_used=used,
+        decision=out.decision,
+        target_radius=float(target_radius),
+        pa_upper=out.pa_upper,
     )
 
 
@@ -429,4 +703,5 @@ def predict(
         input_shape=list(x.shape),
         pvalue=out.pvalue,
         timings={"estimation_s": elapsed, "samples_per_s": n / max(elapsed, 1e-9)},
+        n_used=n,
     )

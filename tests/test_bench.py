@@ -104,3 +104,52 @@ def test_service_case_certifies_over_http(tmp_path: Path) -> None:
     assert result["service_samples_per_s"] > 0 and result["service_enqueue_s"] > 0
     assert result["service_job_timings"]["samples_per_s"] > 0  # the job really sampled
     assert result["seconds_per_certificate"]["service"]["10000"] > 0
+
+
+def test_ratios_are_reported_per_round_with_their_spread(tmp_path: Path) -> None:
+    out = tmp_path / "cpu.json"
+    rc = main(["bench", "--model", "tiny", *SMALL, "--rounds", "3", "--service", "off",
+               "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    result = json.loads(out.read_text())
+    spread = result["ratio_rounds"]["engine_over_reference"]
+    per_round = [r["engine"] / r["reference"] for r in result["rounds"]]
+    assert spread["rounds"] == pytest.approx(per_round) and len(per_round) == 3
+    assert spread["min"] <= spread["median"] <= spread["max"]
+    assert spread["median"] == pytest.approx(sorted(per_round)[1])
+    assert result["ratio_rounds"]["service_over_engine"] is None  # not measured: no ratio
+
+
+DECIDE_SMALL = ["bench", "--decide", "--device", "cpu", "--max-inputs", "4", "--n", "400",
+                "--big-n", "600", "--big-count", "2", "--jobs", "2", "--rounds", "2",
+                "--fixed-count", "1", "--n0", "20"]  # fmt: skip
+
+
+def test_ci_sized_decide_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "decide.json"
+    assert main([*DECIDE_SMALL, "--targets", "0.25,0.5", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "digits-s0.25" and result["input"] == "digits:test"
+    assert [d["target_radius"] for d in result["decisions"]] == [0.25, 0.5]
+    for d in result["decisions"] + result["big_n"]:
+        assert sum(d["decisions"].values()) == d["inputs"]
+        assert 0 < d["n_used_median"] <= d["n"] and 0 <= d["agreement"] <= 1
+        assert d["samples_saved"] == pytest.approx(d["n"] / d["n_used_mean"])
+        wrong = d["disagreements"]["decide_only"] + d["disagreements"]["fixed_only"]
+        assert d["agreement"] == pytest.approx(1 - wrong / d["inputs"])
+    assert [d["inputs"] for d in result["decisions"]] == [4, 4]
+    assert [d["inputs"] for d in result["big_n"]] == [2, 2] and result["big_n"][0]["n"] == 600
+    assert len(result["rounds"]) == 2
+    ratio = result["ratios"]["certificates_per_s_decide_over_fixed"]
+    assert ratio["min"] <= ratio["median"] <= ratio["max"]
+    printed = capsys.readouterr().out
+    assert "samples/s, decide / fixed" in printed and "the first 2 inputs only" in printed
+
+
+def test_bad_decide_benchmark_settings_get_a_message(capsys: pytest.CaptureFixture) -> None:
+    assert main([*DECIDE_SMALL, "--targets", "a,b"]) == 2
+    assert "--targets must be comma-separated radii" in capsys.readouterr().err
+    assert main([*DECIDE_SMALL, "--targets", "-1"]) == 2
+    assert "--targets must be positive radii" in capsys.readouterr().err
+    assert main([*DECIDE_SMALL, "--input", "/no/such/folder"]) == 2
+    assert "/no/such/folder" in capsys.readouterr().err

@@ -176,9 +176,10 @@ def test_consistent_tampering_fails_on_the_signature_and_signed_nonsense_on_the_
 
 
 def test_unknown_modes_and_bounds_are_named() -> None:
-    body = stamped({**reference([90, 5, 5], 0, 100, "certify"), "mode": "decide"})
+    body = stamped({**reference([90, 5, 5], 0, 100, "certify"), "mode": "certify_top3"})
     assert verify_certificate(body, public_keys=KEYS).reason == (
-        "cannot recompute mode 'decide': this verifier knows certify, certify_top2, predict"
+        "cannot recompute mode 'certify_top3': this verifier knows certify, certify_top2, "
+        "predict, decide"
     )
     other = stamped({**reference([90, 5, 5], 0, 100, "certify"), "bound": "betting-cs"})
     assert "cannot recompute bound 'betting-cs'" in (
@@ -189,7 +190,9 @@ def test_unknown_modes_and_bounds_are_named() -> None:
         verify_certificate(odd, public_keys=KEYS).reason or ""
     )
     short = stamped(reference([90, 5, 5], 0, 100, "certify"), n=101)
-    assert "add up to 100, not n=101" in (verify_certificate(short, public_keys=KEYS).reason or "")
+    assert "add up to 100, not n_used=101" in (
+        verify_certificate(short, public_keys=KEYS).reason or ""
+    )
 
 
 def _png(arr: np.ndarray, **options: Any) -> bytes:
@@ -229,3 +232,39 @@ def test_a_job_document_gives_its_certificate() -> None:
         certificate_of({"id": "j", "status": "queued", "certificate": None})
     with pytest.raises(ValueError, match="not a certificate"):
         certificate_of({"hello": 1})
+
+
+def test_sequential_certificates_verify_and_their_decision_is_checked(
+    known_classifier: KnownClassifierFactory,
+) -> None:
+    """DECIDE and a budget-stopped CERTIFY (bound: the confidence sequence at n_used) verify
+    from their counts; a decision or a bound that does not follow is refused, signed or not."""
+    from models.smoothing import decide
+
+    for probs, target in (([0.995, 0.005], 0.5), ([0.6, 0.4], 0.5), ([0.9, 0.1], 0.25)):
+        model, x = known_classifier(probs, SIGMA)
+        sampler = BatchSampler(model, 2, 256)
+        cert = decide(sampler, x, SIGMA, target, 50, 20_000, ALPHA, seed=11).to_dict()
+        assert verify_certificate(stamped(cert), public_keys=KEYS).valid, cert["decision"]
+        flipped = {"certified": "not_certified", "not_certified": "undecided"}
+        other = {**cert, "decision": flipped.get(cert["decision"], "certified")}
+        assert "decision" in (verify_certificate(stamped(other), public_keys=KEYS).reason or "")
+    # A budget stop: the same counts re-run with stop_after, as a replay would.
+    model, x = known_classifier([0.97, 0.03], SIGMA)
+    sampler = BatchSampler(model, 2, 256)
+    early = certify(sampler, x, SIGMA, 50, 10_000, ALPHA, seed=5, stop_after=700).to_dict()
+    assert early["bound"] == "beta-binomial-mixture-cs" and early["n_used"] == 700
+    assert verify_certificate(stamped(early), public_keys=KEYS).valid
+    as_if_fixed = {**early, "bound": "clopper-pearson"}  # the narrower bound, not earned
+    reason = verify_certificate(stamped(as_if_fixed), public_keys=KEYS).reason or ""
+    assert "does not fit a run of 700 of n=10000" in reason
+
+
+def test_decide_refuses_an_n_that_cannot_reach_the_target(
+    known_classifier: KnownClassifierFactory,
+) -> None:
+    from models.smoothing import decide
+
+    model, x = known_classifier([1.0, 0.0], 0.25)
+    with pytest.raises(ValueError, match="needs n >= 351"):
+        decide(BatchSampler(model, 2, 64), x, 0.25, 0.5, 20, 300, 0.001, seed=0)

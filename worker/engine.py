@@ -132,6 +132,7 @@ class _Batch:
     parts: list[tuple[_Submission, int]]
     used: int
     event: Any = None  # torch.cuda.Event marking the end of its work on CUDA
+    results: dict[_Submission, Tensor] = field(default_factory=dict)  # host counts, CUDA
 
 
 class EngineSampler:
@@ -421,7 +422,10 @@ class Engine:
             start = 0
             for sub, k in batch.parts:
                 if sub.total is None:
-                    sub.x = sub.x.to(self.device, torch.float32)
+                    # non_blocking: a blocking copy waits for every batch in flight, once per
+                    # request (a sequential job makes one per chunk); from pageable memory the
+                    # data is staged before the call returns, so the caller may reuse x.
+                    sub.x = sub.x.to(self.device, torch.float32, non_blocking=True)
                     sub.total = torch.zeros(model.num_classes, dtype=torch.long, device=self.device)
                 noise = sub.noise.take(k)  # the job's own stream: rows land where they belong
                 torch.add(sub.x.unsqueeze(0), noise, alpha=sub.sigma, out=buf[start : start + k])
@@ -440,6 +444,7 @@ class Engine:
                 assert sub.total is not None
                 sub.total += hist[j]
             if self.device.type == "cuda":
+                self._stage_results(batch)  # before the event: ready when the event is
                 batch.event = torch.cuda.Event()
                 batch.event.record()
             self.stats["batches"] += 1
@@ -452,6 +457,21 @@ class Engine:
         except Exception as exc:
             log.exception("batch for model %s failed", model.key)
             self._fail_batch(batch, exc)
+
+    def _stage_results(self, batch: _Batch) -> None:
+        """Queue the host copy of the counts of every job whose last rows are in this batch.
+
+        One non-blocking copy into pinned memory, ordered before the batch's event: the engine
+        never waits on a device-to-host copy (``.cpu()`` would wait for every batch in flight,
+        once per finished request, which many small sequential requests make frequent).
+        """
+        finishing = [sub for sub, _ in batch.parts if sub.assigned == sub.num]
+        if not finishing:
+            return
+        totals = torch.stack([sub.total for sub in finishing if sub.total is not None])
+        host = torch.empty(totals.shape, dtype=totals.dtype, pin_memory=True)
+        host.copy_(totals, non_blocking=True)
+        batch.results = dict(zip(finishing, host, strict=True))
 
     def _predict(self, model: _Model, rows: Tensor) -> Tensor:
         """Argmax class of every row, halving the model's batch size on out-of-memory."""
@@ -538,7 +558,8 @@ class Engine:
             sub.outbox.put(k)
             if sub.done == sub.num:
                 assert sub.total is not None
-                sub.outbox.put(sub.total.cpu())
+                staged = batch.results.get(sub)
+                sub.outbox.put(staged if staged is not None else sub.total.cpu())
                 self._retire(sub)
 
     def _retire(self, sub: _Submission) -> None:

@@ -16,8 +16,10 @@ def register(sub: Any) -> None:
             "Measure, in one run on one model and device: (a) a Cohen-style reference loop "
             "(fp32, batch 400), (b) the engine with one job, (c) the engine with --jobs "
             "concurrent jobs, (d) one certificate through the HTTP service. Prints samples/s, "
-            "seconds per certificate at n=10,000 and 100,000, and the ratios b/a and c/b. "
-            "Defaults are CI-sized on CPU and n=100,000 on a GPU."
+            "seconds per certificate at n=10,000 and 100,000, and the ratios b/a and c/b, each "
+            "as the median and spread over interleaved rounds. Defaults are CI-sized on CPU "
+            "and n=100,000 on a GPU. With --decide: sequential DECIDE against fixed-n CERTIFY "
+            "on an input set (n_used, agreement, samples/s and certificates/s)."
         ),
     )
     p.add_argument(
@@ -43,9 +45,14 @@ def register(sub: Any) -> None:
         default=None,
         help="estimation samples timed for the reference loop (default: --n on CPU, 10000 on GPU)",
     )
-    p.add_argument("--sigma", type=float, default=0.25, help="noise level (default 0.25)")
+    p.add_argument(
+        "--sigma",
+        type=float,
+        default=None,
+        help="noise level (default 0.25; --decide: the model's)",
+    )
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (CPU 3, GPU 1)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
     p.add_argument("--batch-size", type=int, default=None, help="engine batch (default: auto)")
     p.add_argument(
         "--dtype",
@@ -71,6 +78,33 @@ def register(sub: Any) -> None:
     p.add_argument("--service-n", type=int, default=None, help="n of the service's job (def. --n)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
+    d = p.add_argument_group("--decide: sequential decisions against fixed-n CERTIFY")
+    d.add_argument(
+        "--decide",
+        action="store_true",
+        help="benchmark DECIDE (default model digits-s0.25 on digits:test; --n is DECIDE's cap "
+        "and fixed CERTIFY's n, default 10000; --sigma defaults to the model's)",
+    )
+    d.add_argument("--input", default="digits:test", help="inputs (default %(default)s)")
+    d.add_argument(
+        "--targets",
+        default="0.25,0.5",
+        help="target radii, comma-separated (default %(default)s)",
+    )
+    d.add_argument("--big-n", type=int, default=100_000, help="the large n compared (default 1e5)")
+    d.add_argument(
+        "--big-count",
+        type=int,
+        default=None,
+        help="inputs compared at --big-n (default: 24 on CPU, all on a GPU; 0 skips)",
+    )
+    d.add_argument("--max-inputs", type=int, default=None, help="use the first N inputs only")
+    d.add_argument(
+        "--fixed-count",
+        type=int,
+        default=None,
+        help="fixed-n certificates per throughput round (default: --jobs)",
+    )
     p.set_defaults(func=run)
 
 
@@ -79,12 +113,40 @@ def run(args: argparse.Namespace) -> int:
 
     from bench.run import BenchConfig, format_report, run_benchmark
 
+    if args.decide:
+        return run_decide(args)
+    args.sigma = 0.25 if args.sigma is None else args.sigma
     cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig)})
     result = run_benchmark(cfg, log=lambda msg: print(msg, flush=True))
     print()
     print(format_report(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    _write_json(args.json, result)
     return 0
+
+
+def run_decide(args: argparse.Namespace) -> int:
+    from bench.decide import DecideBenchConfig, format_decide_report, run_decide_benchmark
+
+    try:
+        targets = tuple(float(t) for t in args.targets.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"--targets must be comma-separated radii, got {args.targets!r}") from None
+    cfg = DecideBenchConfig(
+        device=args.device, model=args.model, input=args.input, targets=targets, n=args.n,
+        big_n=args.big_n, big_count=args.big_count, n0=args.n0, alpha=args.alpha,
+        sigma=args.sigma, jobs=args.jobs, fixed_count=args.fixed_count,
+        rounds=args.rounds or 3, max_inputs=args.max_inputs, batch_size=args.batch_size,
+        threads=args.threads,
+    )  # fmt: skip
+    result = run_decide_benchmark(cfg, log=lambda msg: print(msg, flush=True))
+    print()
+    print(format_decide_report(result))
+    _write_json(args.json, result)
+    return 0
+
+
+def _write_json(path: Path | None, result: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {path}")

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 from domain.tables import Checkpoint, Job, TrainingRun
 
-Mode = Literal["certify", "predict", "certify_top2"]
+Mode = Literal["certify", "predict", "certify_top2", "decide"]
 
 
 def _iso(t: dt.datetime | None) -> str | None:
@@ -79,6 +79,25 @@ class CertificateOut(AsStored):
     max_radius: float = Field(description="Largest radius n samples at this alpha can certify.")
     seed: int
     pvalue: float | None = None
+    bound: str | None = Field(
+        None,
+        description="The bound behind pa_lower: 'clopper-pearson' (one-sided, at n) or "
+        "'beta-binomial-mixture-cs' (the anytime-valid confidence sequence: decide, or a "
+        "certify run stopped early by its time budget). Null for predict.",
+    )
+    n_used: int | None = Field(
+        None, description="Estimation samples actually drawn (n is the cap in decide mode)."
+    )
+    decision: str | None = Field(
+        None,
+        description="decide: 'certified' (radius >= target_radius with prob. >= 1 - alpha), "
+        "'not_certified' (the true radius is below target_radius, same confidence), or "
+        "'undecided' (n spent first).",
+    )
+    target_radius: float | None = Field(None, description="decide: the radius decided about.")
+    pa_upper: float | None = Field(
+        None, description="decide: upper confidence bound of the most frequent class's pA."
+    )
     input_shape: list[int]
     space: str
     model: str
@@ -248,6 +267,12 @@ class JobOut(BaseModel):
     )
     replay_of: str | None = Field(None, description="For a replay: the job it re-runs.")
     replay: ReplayOut | None = Field(None, description="For a finished replay: what it found.")
+    target_radius: float | None = Field(
+        None, description="decide jobs: the L2 radius decided about (null for other modes)."
+    )
+    time_budget_s: float | None = Field(
+        None, description="certify jobs: the time budget asked for, seconds (null: none)."
+    )
 
 
 class JobPage(BaseModel):
@@ -351,6 +376,8 @@ def job_out(job: Job, certificate: dict[str, Any] | None) -> JobOut:
         seed_source=job.seed_source,
         replay_of=job.replay_of,
         replay=ReplayOut(**job.replay_result) if job.replay_result else None,
+        target_radius=job.target_radius,
+        time_budget_s=job.time_budget_s,
     )
 
 

@@ -42,6 +42,9 @@ KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as in HTTP header
 def fingerprint(image_sha256: str, p: Params) -> str:
     """What makes two requests the same request: the image bytes and the fields as sent."""
     fields = {"image": image_sha256, **dataclasses.asdict(p)}
+    for later in ("target_radius", "time_budget_s"):  # unset: the fingerprint of old requests
+        if fields[later] is None:
+            del fields[later]
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 

@@ -72,6 +72,8 @@ def submit_replay(session: Session, admin: Caller, job_id: str, settings: Settin
         progress_total=original.n0 + original.n,
         attempts=0,
         replay_of=job_id,
+        target_radius=original.target_radius,
+        time_budget_s=original.time_budget_s,  # not used: a replay draws the original's n_used
     )
     session.add(replay)
     session.add(JobInput(job_id=replay_id, shape=list(stored.shape), data=stored.data))

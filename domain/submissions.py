@@ -33,10 +33,10 @@ from domain.keys import Caller
 from domain.state import rowcount
 from domain.tables import ACTIVE_STATUSES, ApiKey, Job, JobInput, Status, new_id
 from models.data import tensor_bytes
-from models.smoothing import check_n, validate
+from models.smoothing import check_decide_n, check_n, validate, validate_budget
 
 SEED_BITS = 53  # seeds stay exact in JSON numbers (JavaScript clients, RFC 8785 signatures)
-MODES = ("certify", "predict", "certify_top2")
+MODES = ("certify", "predict", "certify_top2", "decide")
 SEED_DERIVED, SEED_CLIENT = "derived", "client"
 ADMISSION_RETRY_S = 10
 
@@ -52,6 +52,14 @@ class Params:
     n: int = 10_000
     seed: int | None = None
     model: str | None = None
+    target_radius: float | None = None  # decide: "is x certified at this radius?"
+    time_budget_s: float | None = None  # certify modes: stop sampling after this long
+
+    def extra(self) -> dict[str, float]:
+        """The parameters beyond CERTIFY's that make a request distinct (none when unset, so
+        the seeds and keys of requests without them are unchanged)."""
+        out = {"target_radius": self.target_radius, "time_budget_s": self.time_budget_s}
+        return {k: float(v) for k, v in out.items() if v is not None}
 
 
 def check_params(p: Params, settings: Settings) -> None:
@@ -64,9 +72,19 @@ def check_params(p: Params, settings: Settings) -> None:
         raise bad_input(f"n0 must lie in [1, {settings.n0_max}], got {p.n0}")
     if p.seed is not None and not 0 <= p.seed < 2**SEED_BITS:
         raise bad_input(f"seed must lie in [0, 2^{SEED_BITS}), got {p.seed}")
+    if (p.mode == "decide") != (p.target_radius is not None):
+        raise bad_input(
+            "mode=decide needs target_radius (the radius to decide about)"
+            if p.mode == "decide"
+            else f"target_radius is for mode=decide only, not {p.mode}"
+        )
+    if p.time_budget_s is not None and p.mode not in ("certify", "certify_top2"):
+        raise bad_input(f"time_budget_s is for mode=certify or certify_top2, not {p.mode}")
     try:  # the core's checks of sigma (when given), alpha and n, with its messages
         validate(p.sigma if p.sigma is not None else 1.0, p.alpha, p.n)
-        check_n(p.mode, p.n, p.alpha)  # n too small for alpha: no possible certificate
+        validate_budget(p.time_budget_s)
+        if p.mode != "decide":  # decide's minimum depends on sigma: checked in submit()
+            check_n(p.mode, p.n, p.alpha)  # n too small for alpha: no possible certificate
     except ValueError as exc:
         raise bad_input(str(exc)) from exc
 
@@ -89,6 +107,7 @@ def derive_seed(
     n: int,
     *,
     secret: bytes,
+    extra: dict[str, float] | None = None,
 ) -> int:
     """The default seed: HMAC-SHA256 under the server's ``secret`` of what is certified (the
     first 53 bits), so a submission always maps to the same pre-committed run, yet nobody
@@ -101,6 +120,7 @@ def derive_seed(
         alpha=alpha,
         n0=n0,
         n=n,
+        **(extra or {}),
     )
     mac = hmac.new(secret, _canonical(fields), hashlib.sha256).digest()
     return int.from_bytes(mac[:8], "big") >> (64 - SEED_BITS)
@@ -118,6 +138,10 @@ def request_key(job: Job, checkpoint_sha256: str) -> str:
         n=job.n,
         seed=job.seed,
     )
+    if job.target_radius is not None:
+        fields["target_radius"] = job.target_radius
+    if job.time_budget_s is not None:
+        fields["time_budget_s"] = job.time_budget_s
     return _digest(fields).hex()
 
 
@@ -148,12 +172,18 @@ def submit(
     sigma = p.sigma if p.sigma is not None else ckpt.sigma
     if sigma is None:
         raise bad_input(f"model {ckpt.name!r} records no training sigma: give sigma")
+    if p.target_radius is not None:
+        try:  # the target is reachable, and n could certify it
+            check_decide_n(p.n, p.alpha, sigma, p.target_radius)
+        except ValueError as exc:
+            raise bad_input(str(exc)) from exc
     decoded = decode_image(image, ckpt.input_size, settings.max_image_pixels)
     n0 = 0 if p.mode == "predict" else p.n0
     secret = signing.seed_secret(settings)
     derived = derive_seed(
-        decoded.tensor_sha256, ckpt.file_sha256, p.mode, sigma, p.alpha, n0, p.n, secret=secret
-    )
+        decoded.tensor_sha256, ckpt.file_sha256, p.mode, sigma, p.alpha, n0, p.n,
+        secret=secret, extra=p.extra(),
+    )  # fmt: skip
     seed, source = choose_seed(p.seed, derived, settings)
     job = Job(
         id=new_id(),
@@ -175,6 +205,8 @@ def submit(
         progress_done=0,
         progress_total=n0 + p.n,
         attempts=0,
+        target_radius=p.target_radius,
+        time_budget_s=p.time_budget_s,
     )
     job.request_key = request_key(job, ckpt.file_sha256)
 

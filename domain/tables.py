@@ -155,6 +155,9 @@ class Job(RunState, Base):
     seed_source: Mapped[str] = mapped_column(String(8), default="", server_default="")
     replay_of: Mapped[str | None] = mapped_column(String(36), default=None, index=True)
     replay_result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # decide jobs: the radius tested; certify jobs: an optional time budget (s). Else null.
+    target_radius: Mapped[float | None] = mapped_column(Float, default=None)
+    time_budget_s: Mapped[float | None] = mapped_column(Float, default=None)
 
 
 class JobInput(Base):

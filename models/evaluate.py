@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 TSV_COLUMNS = (
-    "idx", "label", "predict", "radius", "correct", "time",
-    "count_a", "n", "pa_lower", "n0", "sigma", "alpha", "max_radius", "name",
-    "tensor_sha256", "preprocessing", "warnings",
+    "idx", "label", "predict", "radius", "correct", "time", "decision", "n_used",
+    "count_a", "n", "pa_lower", "n0", "sigma", "alpha", "max_radius", "target_radius", "bound",
+    "name", "tensor_sha256", "preprocessing", "warnings",
 )  # fmt: skip
 LIST_SEPARATOR = " | "  # between preprocessing steps (or warnings) in one TSV cell
 
@@ -52,6 +52,10 @@ class Row:
     tensor_sha256: str = ""
     preprocessing: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    decision: str = ""  # decide: certified, not_certified or undecided
+    n_used: int | None = None  # estimation samples drawn (None: n)
+    target_radius: float | None = None  # decide: the radius decided about
+    bound: str = ""  # the bound behind pa_lower (clopper-pearson, or the confidence sequence)
 
     @property
     def correct(self) -> int:
@@ -60,12 +64,15 @@ class Row:
     def tsv(self) -> str:
         """One TSV line; radius, pa_lower, max_radius, sigma and alpha at full precision."""
         pa = "" if self.pa_lower is None else repr(float(self.pa_lower))
+        target = "" if self.target_radius is None else repr(float(self.target_radius))
+        used = self.n if self.n_used is None else self.n_used
         return "\t".join(
             [
                 str(self.idx), str(self.label), str(self.predict), repr(float(self.radius)),
-                str(self.correct), f"{self.time:.4f}", str(self.count_a), str(self.n), pa,
-                str(self.n0), repr(float(self.sigma)), repr(float(self.alpha)),
-                repr(float(self.max_radius)), _cell(self.name), self.tensor_sha256,
+                str(self.correct), f"{self.time:.4f}", self.decision, str(used),
+                str(self.count_a), str(self.n), pa, str(self.n0), repr(float(self.sigma)),
+                repr(float(self.alpha)), repr(float(self.max_radius)), target, self.bound,
+                _cell(self.name), self.tensor_sha256,
                 _cell(LIST_SEPARATOR.join(self.preprocessing)),
                 _cell(LIST_SEPARATOR.join(self.warnings)),
             ]
@@ -89,6 +96,9 @@ class Row:
             n0=int(v["n0"]), sigma=float(v["sigma"]), alpha=float(v["alpha"]),
             max_radius=float(v["max_radius"]), name=v["name"], tensor_sha256=v["tensor_sha256"],
             preprocessing=items(v["preprocessing"]), warnings=items(v["warnings"]),
+            decision=v["decision"], n_used=int(v["n_used"]),
+            target_radius=float(v["target_radius"]) if v["target_radius"] else None,
+            bound=v["bound"],
         )  # fmt: skip
 
 

@@ -240,6 +240,6 @@ def test_the_cli_says_where_class_names_come_from(
     path = save_official_finetuned(tmp_path / "inet.pth", state, sigma=0.25)
     assert main(["certify", "--input", "digits:test", "--max", "1", "--checkpoint", str(path),
                  "--n0", "10", "--n", "50", "--alpha", "0.01", "--no-progress"]) == 0  # fmt: skip
-    err = capsys.readouterr().err
-    assert "# class names: ImageNet-1k class names (timm ImageNetInfo), assumed" in err
-    assert "digits:0: goldfish, Carassius auratus radius=" in err
+    captured = capsys.readouterr()
+    assert "# class names: ImageNet-1k class names (timm ImageNetInfo), assumed" in captured.err
+    assert "\tgoldfish, Carassius auratus radius=" in captured.out  # the input's own line

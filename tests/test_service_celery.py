@@ -323,3 +323,30 @@ def test_worker_signs_and_replays(service: Service, stack: dict[str, Any]) -> No
             select(func.count()).select_from(Certificate).where(Certificate.job_id == job["id"])
         )
     assert n == 1
+
+
+def test_worker_runs_a_decide_job(service: Service, stack: dict[str, Any]) -> None:
+    """mode=decide through Postgres, Redis and the Celery worker: a decision with the samples it
+    used, equal to the core's for the job's seed."""
+    from models.checkpoints import load_classifier_with_meta
+    from models.images import preprocess_image
+    from models.smoothing import BatchSampler, decide
+
+    png = digit_png(9)
+    r = service.submit(service.alice, png, mode="decide", target_radius="0.1", n="2000")
+    assert r.status_code == 202, r.text
+    job = wait_for(service.client.get, r.json()["url"], service.alice, timeout=120)
+    assert job["status"] == "succeeded", (job, Path(stack["log"]).read_text()[-3000:])
+    cert = job["certificate"]
+    model, meta = load_classifier_with_meta(stack["checkpoint"])
+    import io
+
+    from PIL import Image
+
+    x = preprocess_image(Image.open(io.BytesIO(png)), meta.input_size).tensor
+    want = decide(BatchSampler(model, 10, 64), x, SIGMA, 0.1, 20, 2000, 0.001, job["seed"])
+    assert (cert["decision"], cert["n_used"], cert["counts"]) == (
+        want.decision,
+        want.n_used,
+        want.counts,
+    )

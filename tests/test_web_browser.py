@@ -251,6 +251,27 @@ def test_certify_a_digit_and_read_the_certificate(tab: Tab, web: Web, tmp_path: 
     tab.screenshot("certify")
 
 
+def test_decide_a_digit_at_a_target_radius(tab: Tab, web: Web, tmp_path: Path) -> None:
+    """The sequential mode from the page: the target field is enabled only for decide, and the
+    certificate shows the decision and the samples used, as the API stored them."""
+    image = tmp_path / "digit.png"
+    image.write_bytes(digit_png(1))
+    page = tab.open("certify", web.alice)
+    control(page, "Model").select_option("digits-s0.25")
+    expect(control(page, "Target radius (decide)")).to_be_disabled()
+    control(page, "Mode").select_option("decide")
+    expect(control(page, "Time budget, seconds (certify, optional)")).to_be_disabled()
+    control(page, "Target radius (decide)").fill("0.25")
+    control(page, "Image").set_input_files(image)
+    page.get_by_role("button", name="Certify", exact=True).click()
+    certificate = page.get_by_role("region", name="Certificate")
+    expect(certificate).to_be_visible()
+    cert = web.get(f"/jobs/{job_id_of(page)}", web.alice)["certificate"]
+    assert cert["mode"] == "decide" and cert["target_radius"] == 0.25 and cert["n_used"] < 10_000
+    expect(certificate.locator('[data-field="decision"]')).to_contain_text(cert["decision"])
+    expect(certificate).to_contain_text(f"{cert['n_used']:,}")
+
+
 def test_watch_progress_then_cancel_a_long_job(tab: Tab, web: Web, tmp_path: Path) -> None:
     image = tmp_path / "digit.png"
     image.write_bytes(digit_png(1))
@@ -466,7 +487,7 @@ def test_sequential_and_input_fields_are_shown_when_a_certificate_has_them(
         "decision": "certified",
         "target_radius": 0.25,
         "n_used": 384,
-        "bound": "beta-binomial mixture",
+        "bound": "beta-binomial-mixture-cs",
         "preprocessing": ["decoded PNG 8x8", "converted to RGB", "scaled to [0,1]"],
         "warnings": ["a test warning: far from the model's domain"],
     }
@@ -482,7 +503,7 @@ def test_sequential_and_input_fields_are_shown_when_a_certificate_has_them(
     expect(certificate.locator('[data-field="decision"]')).to_have_text("certified at radius 0.25")
     expect(certificate.locator('[data-field="n_used"]')).to_have_text("384")
     expect(certificate).to_contain_text("384 of at most 500")
-    expect(certificate).to_contain_text("(beta-binomial mixture)")
+    expect(certificate).to_contain_text("(beta-binomial-mixture-cs)")
     expect(certificate.get_by_role("listitem")).to_have_text(
         [*extra["preprocessing"], *extra["warnings"]]
     )

@@ -59,7 +59,7 @@ def test_config_has_the_apis_defaults_and_the_settings_limits(client: TestClient
     body = schema["components"]["schemas"]["Body_certify"]["properties"]
     for name in ("alpha", "n0", "n", "mode"):
         assert config["defaults"][name] == body[name]["default"], name
-    assert config["modes"] == ["certify", "predict", "certify_top2"]
+    assert config["modes"] == ["certify", "predict", "certify_top2", "decide"]
     limits = config["limits"]
     assert (limits["n_max"], limits["n0_max"]) == (5000, 300)  # the settings, not the defaults
     assert (limits["alpha_above"], limits["alpha_below"]) == (0.0, 0.5)

@@ -82,6 +82,8 @@ def run_job(
                 n0=job.n0,
                 n=job.n,
                 seed=job.seed,
+                target_radius=job.target_radius,
+                time_budget_s=job.time_budget_s,
                 input_sha256=job.input_sha256,
                 tensor_sha256=job.tensor_sha256,
                 input_record=dict(job.input_record or {}),
@@ -96,6 +98,10 @@ def run_job(
                 )
                 if original is None:
                     raise LookupError(f"the replayed job {job.replay_of}'s certificate is gone")
+                # A budget stop depends on the clock: the replay draws the same samples.
+                params["time_budget_s"] = None
+                if original.get("n_used") not in (None, job.n):
+                    params["stop_after"] = int(original["n_used"])
             replay_of = job.replay_of
     except Exception as exc:  # any failure here is the job's, reported on it
         return _fail(db, job_id, token, f"could not read the job: {exc}", who, started)
@@ -169,20 +175,22 @@ def _run_core(
     settings: Settings,
     progress: Callable[[int], None],
 ) -> Any:
-    from models.smoothing import certify, predict
+    from models.smoothing import certify, decide, predict
 
     sampler = sampler_for(loaded, settings)
+    common = dict(sampler=sampler, x=x, sigma=p["sigma"], alpha=p["alpha"], seed=p["seed"])
     if p["mode"] == "predict":
-        return predict(sampler, x, p["sigma"], p["n"], p["alpha"], p["seed"], progress=progress)
+        return predict(**common, n=p["n"], progress=progress)
+    if p["mode"] == "decide":
+        return decide(**common, target_radius=p["target_radius"], n0=p["n0"], n=p["n"],
+                      progress=progress)  # fmt: skip
     return certify(
-        sampler,
-        x,
-        p["sigma"],
-        p["n0"],
-        p["n"],
-        p["alpha"],
-        p["seed"],
+        **common,
+        n0=p["n0"],
+        n=p["n"],
         top2=p["mode"] == "certify_top2",
+        time_budget_s=p.get("time_budget_s"),
+        stop_after=p.get("stop_after"),
         progress=progress,
     )
 

@@ -1,4 +1,4 @@
-"""``dmae-certify certify`` and ``dmae-certify predict``: offline runs of the certification core."""
+"""``dmae-certify certify | predict | decide``: offline runs of the certification core."""
 
 from __future__ import annotations
 
@@ -86,10 +86,31 @@ def register(sub: Any) -> None:
         action="store_true",
         help="radius from both top classes with simultaneous (Bonferroni) bounds",
     )
-    c.set_defaults(func=run, mode="certify")
+    c.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop each input's sampling after this long; a run stopped before n takes its "
+        "radius from the anytime-valid confidence sequence (the TSV's bound column says so)",
+    )
+    c.set_defaults(func=run, mode="certify", target_radius=None)
     p = sub.add_parser("predict", help="PREDICT: smoothed prediction with a binomial test")
     _common(p)
-    p.set_defaults(func=run, mode="predict", n0=0, top2=False)
+    p.set_defaults(func=run, mode="predict", n0=0, top2=False, target_radius=None, time_budget=None)
+    d = sub.add_parser(
+        "decide",
+        help="DECIDE: is each input certified at --target-radius? Sequential, stops early",
+    )
+    _common(d)
+    d.add_argument("--n0", type=int, default=100, help="selection samples")
+    d.add_argument(
+        "--target-radius",
+        type=float,
+        required=True,
+        help="the L2 radius to decide about; --n is the cap on estimation samples",
+    )
+    d.set_defaults(func=run, mode="decide", top2=False, time_budget=None)
 
 
 @dataclass
@@ -111,7 +132,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     from models.data import open_inputs
     from models.networks import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
     from models.runtime import autocast_dtype, pick_device
-    from models.smoothing import BatchSampler, check_n, validate
+    from models.smoothing import BatchSampler, check_decide_n, check_n, validate, validate_budget
 
     mean, std = (CIFAR_MEAN, CIFAR_STD) if args.norm == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
     model, meta = load_classifier_with_meta(
@@ -121,8 +142,12 @@ def prepare(args: argparse.Namespace) -> Setup:
     if sigma is None:
         raise ValueError("this checkpoint records no training sigma: pass --sigma")
     mode = "certify_top2" if args.top2 else args.mode
-    validate(sigma, args.alpha, args.n, args.n0 if args.mode == "certify" else None)
-    check_n(mode, args.n, args.alpha)
+    validate(sigma, args.alpha, args.n, args.n0 if args.mode != "predict" else None)
+    validate_budget(args.time_budget)
+    if mode == "decide":
+        check_decide_n(args.n, args.alpha, sigma, args.target_radius)
+    else:
+        check_n(mode, args.n, args.alpha)
     if args.batch < 1 or args.skip < 1:
         raise ValueError("--batch and --skip must be at least 1")
     inputs = open_inputs(args.input, meta.input_size, meta.classes or None)
@@ -140,13 +165,18 @@ def certify_one(
 ) -> tuple[Any, Any]:
     """Run the core on input number ``i`` (seed ``--seed + i``); returns (Row, Certificate)."""
     from models.evaluate import Row
-    from models.smoothing import certify, predict
+    from models.smoothing import certify, decide, predict
 
     x, started = sample.input.tensor, time.perf_counter()
     if args.mode == "certify":
         cert = certify(
             setup.sampler, x, setup.sigma, args.n0, args.n, args.alpha, args.seed + i,
-            top2=args.top2, progress=progress,
+            top2=args.top2, time_budget_s=args.time_budget, progress=progress,
+        )  # fmt: skip
+    elif args.mode == "decide":
+        cert = decide(
+            setup.sampler, x, setup.sigma, args.target_radius, args.n0, args.n, args.alpha,
+            args.seed + i, progress=progress,
         )  # fmt: skip
     else:
         cert = predict(
@@ -169,6 +199,10 @@ def certify_one(
         tensor_sha256=sample.input.tensor_sha256,
         preprocessing=list(sample.input.steps),
         warnings=list(sample.input.warnings),
+        decision=cert.decision or "",
+        n_used=cert.n_used,
+        target_radius=cert.target_radius,
+        bound=cert.bound or "",
     )
     return row, cert
 
@@ -177,12 +211,50 @@ def outcome(cert: Any, meta: Any) -> str:
     """One input's result for people: the radius and pA bound rounded down, never up."""
     from models.evaluate import round_down
 
+    used = "" if cert.n_used in (None, cert.n) else f" n_used={cert.n_used}"
+    if cert.mode == "decide":
+        head = f"{cert.decision} at r={cert.target_radius:g}{used}"
+        if cert.abstained:
+            return f"{head} (abstain: {cert.abstain_reason})"
+        cls, r = meta.class_name(cert.prediction), round_down(cert.radius)
+        return f"{head} {cls} radius={r} pA_lower={round_down(cert.pa_lower)}"
     if cert.abstained:
-        return f"abstain ({cert.abstain_reason})"
+        return f"abstain ({cert.abstain_reason}){used}"
     text = str(meta.class_name(cert.prediction))
     if cert.mode == "predict":
         return text
-    return f"{text} radius={round_down(cert.radius)} pA_lower={round_down(cert.pa_lower)}"
+    r, pa = round_down(cert.radius), round_down(cert.pa_lower)
+    return f"{text} radius={r} pA_lower={pa}{used}"
+
+
+def decide_summary(rows: list[Any], n: int, n0: int) -> str:
+    """DECIDE over a set: decisions, certified accuracy at the target, samples drawn against a
+    fixed-n CERTIFY of every input (n0 + n each). Fractions rounded down."""
+    import statistics
+
+    from models.evaluate import round_down
+
+    if not rows:
+        return "decide over 0 inputs"
+    count = {d: sum(r.decision == d for r in rows) for d in ("certified", "not_certified")}
+    undecided = len(rows) - sum(count.values())
+    used = [r.n_used if r.n_used is not None else r.n for r in rows]
+    labelled = any(r.label >= 0 for r in rows)
+    right = sum(r.decision == "certified" and r.correct for r in rows)
+    drawn, fixed = sum(n0 + u for u in used), len(rows) * (n0 + n)
+    lines = [
+        f"decide at r={rows[0].target_radius:g} over {len(rows)} input(s), n cap {n}:",
+        "certified\tnot_certified\tundecided\t"
+        + ("certified_accuracy\t" if labelled else "")
+        + "n_used_median\tn_used_mean\tsamples_saved",
+        f"{round_down(count['certified'] / len(rows), 3)}\t"
+        f"{round_down(count['not_certified'] / len(rows), 3)}\t"
+        f"{round_down(undecided / len(rows), 3)}\t"
+        + (f"{round_down(right / len(rows), 3)}\t" if labelled else "")
+        + f"{statistics.median(used):g}\t{statistics.fmean(used):.1f}\t"
+        f"{fixed / drawn:.1f}x (n0 + n_used against n0 + n)",
+    ]
+    return "\n".join(lines)
 
 
 def _interrupted() -> None:  # pragma: no cover - replaced by tests
@@ -205,6 +277,7 @@ def _done_before(args: argparse.Namespace, setup: Setup) -> list[Any]:
     for row in rows:
         same = (row.sigma, row.alpha, row.n) == (setup.sigma, args.alpha, args.n) and (
             row.n0 == (0 if args.mode == "predict" else args.n0)
+            and row.target_radius == args.target_radius
         )
         if not same or names.get(row.idx) != row.name:
             raise ValueError(
@@ -231,10 +304,10 @@ def run(args: argparse.Namespace) -> int:
     from models.images import ImageError
     from models.smoothing import SPACE, max_radius
 
-    if args.plot and args.mode == "predict":
+    if args.plot and args.mode != "certify":
         raise ValueError(
-            "--plot draws certified accuracy against the radius, and PREDICT certifies no "
-            "radius; use certify (or decide) for a curve"
+            "--plot draws certified accuracy against the radius: PREDICT certifies no radius "
+            "and DECIDE answers at one radius; use certify for a curve"
         )
     setup = prepare(args)
     size, meta = setup.meta.input_size, setup.meta
@@ -312,6 +385,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if args.mode == "decide":
+        print(decide_summary(rows, args.n, args.n0), file=summary)
+        return 130 if interrupted else 0
     labelled = any(r.label >= 0 for r in rows)
     radii = default_radii(max_radius(setup.sigma, args.n, args.alpha))
     values = (certified_accuracy if labelled else certified_fraction)(rows, radii)

@@ -174,7 +174,28 @@ def certify(
             description="Estimation samples; at least the mode's minimum for alpha (422 gives it)."
         ),
     ] = 10_000,
-    mode: Annotated[Mode, Form(description="certify, predict, or certify_top2.")] = "certify",
+    mode: Annotated[
+        Mode,
+        Form(
+            description="certify (CERTIFY), predict (PREDICT), certify_top2, or decide (is the "
+            "input certified at target_radius? sampled sequentially, n is the cap)."
+        ),
+    ] = "certify",
+    target_radius: Annotated[
+        float | None,
+        Form(
+            description="decide only (required there): the L2 radius to decide about. The job "
+            "stops as soon as an anytime-valid confidence sequence settles it.",
+            examples=[0.25],
+        ),
+    ] = None,
+    time_budget_s: Annotated[
+        float | None,
+        Form(
+            description="certify modes only: stop sampling after this many seconds; a run "
+            "stopped before n takes its radius from the anytime-valid bound (see `bound`).",
+        ),
+    ] = None,
     model: Annotated[str | None, Form(description="A registered model name.")] = None,
     seed: Annotated[
         int | None,
@@ -204,7 +225,10 @@ def certify(
     and parameters again returns the stored job (200) instead of drawing new noise.
     """
     data = read_upload(image, settings.max_upload_bytes, "image upload")
-    params = Params(mode=mode, sigma=sigma, alpha=alpha, n0=n0, n=n, seed=seed, model=model)
+    params = Params(
+        mode=mode, sigma=sigma, alpha=alpha, n0=n0, n=n, seed=seed, model=model,
+        target_radius=target_radius, time_budget_s=time_budget_s,
+    )  # fmt: skip
     if idempotency_key is None:
         job = _submit_and_send(session, client, data, params, settings, dispatcher, response)
     else:

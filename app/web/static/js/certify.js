@@ -34,7 +34,13 @@ export function initCertify(cfg) {
   const mode = $("mode");
   mode.replaceChildren(...cfg.modes.map((m) => el("option", { value: m, text: m })));
   mode.value = d.mode;
-  mode.addEventListener("change", () => { $("n0").disabled = mode.value === "predict"; });
+  const modeFields = () => {
+    $("n0").disabled = mode.value === "predict";
+    $("target_radius").disabled = mode.value !== "decide";
+    $("time_budget_s").disabled = !mode.value.startsWith("certify");
+  };
+  mode.addEventListener("change", modeFields);
+  modeFields();
   $("model").addEventListener("change", () => showModel(true));
   $("sigma").addEventListener("input", () => showModel(false));
   initImage();
@@ -121,7 +127,8 @@ async function submit(event) {
   const form = new FormData();
   const file = $("image").files[0];
   if (file) form.append("image", file, file.name);
-  for (const name of ["model", "sigma", "alpha", "n0", "n", "mode"]) {
+  for (const name of ["model", "sigma", "alpha", "n0", "n", "mode", "target_radius",
+    "time_budget_s"]) {
     const field = $(name);
     if (!field.disabled && field.value !== "") form.append(name, field.value);
   }

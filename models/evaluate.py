@@ -55,6 +55,37 @@ def write_tsv(path: str | Path, rows: Iterable[Row]) -> None:
             f.write(row.tsv() + "\n")
 
 
+def read_tsv(path: str | Path) -> list[Row]:
+    """Rows of a file written by :func:`write_tsv` (radius and pa_lower as printed there)."""
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+        if tuple(header) != TSV_COLUMNS:
+            raise ValueError(f"{path}: not a certification TSV (columns {TSV_COLUMNS})")
+        rows = []
+        for number, line in enumerate(f, start=2):
+            v = line.rstrip("\n").split("\t")
+            if len(v) != len(TSV_COLUMNS):
+                raise ValueError(f"{path}:{number}: expected {len(TSV_COLUMNS)} columns")
+            rows.append(
+                Row(
+                    idx=int(v[0]),
+                    label=int(v[1]),
+                    predict=int(v[2]),
+                    radius=float(v[3]),
+                    time=float(v[5]),
+                    count_a=int(v[6]),
+                    n=int(v[7]),
+                    pa_lower=float(v[8]) if v[8] else None,
+                    n0=int(v[9]),
+                    sigma=float(v[10]),
+                    alpha=float(v[11]),
+                    max_radius=float(v[12]),
+                    name=v[13],
+                )  # fmt: skip
+            )
+    return rows
+
+
 def default_radii(max_radius: float, step: float = 0.25) -> list[float]:
     """0, step, 2 step, ... up to the largest radius these n and alpha can certify."""
     count = int(np.floor(max_radius / step + 1e-9)) + 1

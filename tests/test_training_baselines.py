@@ -283,6 +283,7 @@ def test_training_params_accept_what_the_pipeline_runs() -> None:
         ("pretrain", {"foo": 1}, {}, "unknown pretrain parameter(s) foo; accepted: "),
         ("finetune", {"data": "/etc"}, {"sigma": 0.25, "init": "m"}, "unknown finetune"),
         ("finetune", {"val_data": "/etc"}, {"sigma": 0.25, "init": "m"}, "val_data"),
+        ("pretrain", {"threads": 64}, {}, "unknown pretrain parameter(s) threads"),
         ("pretrain", {"epochs": "10"}, {}, "epochs must be a whole number, got '10'"),
         ("pretrain", {"epochs": 2.5}, {}, "epochs must be a whole number"),
         ("pretrain", {"batch_size": True}, {}, "batch_size must be a whole number"),

@@ -17,16 +17,17 @@ from pathlib import Path
 from typing import Any
 
 KINDS = ("pretrain", "finetune")
-# Decided by the service, never by a client: where and how a run executes, its data (a
-# client path would reach outside the dataset folder), its starting point and its noise level
-# (the last three are separate fields of a request).
+# Decided by the service, never by a client: where and how a run executes (device, CPU
+# threads, loader processes), its data (a client path would reach outside the dataset
+# folder), its starting point and its noise level (the last three are separate fields of a
+# request).
 SERVICE_DECIDED = frozenset(
-    {"num_workers", "data", "val_data", "out", "pretrained", "sigma", "init", "resume",
-     "export", "command", "progress", "name", "device"}
+    {"num_workers", "threads", "data", "val_data", "out", "pretrained", "sigma", "init",
+     "resume", "export", "command", "progress", "name", "device"}
 )  # fmt: skip
 AT_LEAST_ONE = frozenset(
     {"epochs", "batch_size", "accum_iter", "copies", "eval_batch", "eval_n", "input_size",
-     "num_heads", "threads"}
+     "num_heads"}
 )  # fmt: skip
 
 

@@ -48,9 +48,8 @@ def test_smoke_ablation_trains_certifies_and_tabulates_all_four_recipes(
     for v in VARIANTS.values():
         assert f"| 0.5 | ({v.key}) `{v.recipe}` |" in table
     assert "Ranking by mean ACR: sigma 0.5:" in table and "n = 100," in table
-    # each fine-tuned model records its recipe and its start
-    meta = json.loads((tmp_path / "times.json").read_text())
-    assert len(meta) == 2 + 4 + 4  # two pre-trainings, four fine-tunings, four certifications
+    times = json.loads((tmp_path / "times.json").read_text())
+    assert len(times) == 2 + 4 + 4  # two pre-trainings, four fine-tunings, four certifications
     capsys.readouterr()
 
     # a restart finds every step done and rebuilds the same table

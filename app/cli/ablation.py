@@ -82,7 +82,10 @@ class Sizes:
     alpha: float = 0.001
 
 
-SMOKE = Sizes(1, 0, 1, 0, 1, 5, 20, 6, 10, 100, 0.001)
+SMOKE = Sizes(
+    pretrain_epochs=1, pretrain_warmup=0, finetune_epochs=1, finetune_warmup=0, eval_every=1,
+    eval_images=5, eval_n=20, images=6, n0=10, n=100,
+)  # fmt: skip
 
 
 @dataclass

@@ -48,6 +48,8 @@ def test_smoke_ablation_trains_certifies_and_tabulates_all_four_recipes(
     for v in VARIANTS.values():
         assert f"| 0.5 | ({v.key}) `{v.recipe}` |" in table
     assert "Ranking by mean ACR: sigma 0.5:" in table and "n = 100," in table
+    assert "can reach at these n and alpha (sigma x Phi^-1(alpha^(1/n)), " in table
+    assert "sigma 0.5: 0.75." in table  # 0.7502 rounded down
     times = json.loads((tmp_path / "times.json").read_text())
     assert len(times) == 2 + 4 + 4  # two pre-trainings, four fine-tunings, four certifications
     capsys.readouterr()

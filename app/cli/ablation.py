@@ -369,14 +369,18 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
 
 def _cell(values: Sequence[float], scale: float, digits: int, floor: bool = False) -> str:
     mean, sd = mean_sd([v * scale for v in values])
-    if floor:  # a radius shown rounded is rounded down
-        mean = math.floor(mean * 10**digits) / 10**digits
-    text = f"{mean:.{digits}f}"
+    text = _floor(mean, digits) if floor else f"{mean:.{digits}f}"  # radii: rounded down
     return text if sd is None else f"{text} ± {sd:.{digits}f}"
+
+
+def _floor(value: float, digits: int) -> str:
+    return f"{math.floor(value * 10**digits) / 10**digits:.{digits}f}"
 
 
 def markdown(plan: Plan, results: dict[str, Any]) -> str:
     """The table: one row per (sigma, variant), mean ± sd over the seeds, in %."""
+    from models.smoothing import max_radius
+
     head = ["sigma", "recipe", *[f"r = {r:g}" for r in RADII], "ACR", "clean acc.", "fine-tune s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ranking = []
@@ -408,6 +412,14 @@ def markdown(plan: Plan, results: dict[str, Any]) -> str:
         "fine-tuning.",
         "",
         "Ranking by mean ACR: " + "; ".join(ranking) + ".",
+        "",
+        "Largest radius any certificate can reach at these n and alpha (sigma x "
+        "Phi^-1(alpha^(1/n)), Cohen et al. 2019): "
+        + "; ".join(
+            f"sigma {sigma:g}: {_floor(max_radius(sigma, results['n'], results['alpha']), 2)}"
+            for sigma in plan.sigmas
+        )
+        + ".",
         "",
         f"Wall time (summed over runs): pre-training {wall['pretrain']:.0f} s, fine-tuning "
         f"{wall['finetune']:.0f} s, certification {wall['certify']:.0f} s.",

@@ -125,6 +125,9 @@ class CertificateOut(AsStored):
         default_factory=list,
         description="What a reader should know, e.g. the input is far from the model's domain.",
     )
+    recipe: str | None = Field(
+        None, description="How the model was trained (see GET /models); null when unknown."
+    )
     label_source: str | None = Field(
         None, description="Where the class names come from when the model file stores none."
     )
@@ -291,6 +294,12 @@ class ModelOut(BaseModel):
     input_size: int = Field(description="Side S of the S x S [0,1] RGB tensor it certifies.")
     licence: str
     source: str
+    recipe: str | None = Field(
+        None,
+        description="How it was trained: dmae+consistency (DMAE pre-training, consistency "
+        "fine-tuning), mae+consistency, scratch+consistency, scratch+gaussian (Cohen et al.), "
+        "or a pre-training recipe; null when the file does not say (e.g. official files).",
+    )
     format: str
     active: bool
     checkpoint_sha256: str
@@ -309,9 +318,17 @@ class TrainingIn(BaseModel):
         "(ImageFolder layout: one sub-folder per class)."
     )
     name: str = Field(description="Registry name of the resulting checkpoint.")
-    sigma: float = Field(0.25, gt=0, allow_inf_nan=False, description="Training noise level.")
+    sigma: float = Field(
+        0.25,
+        ge=0,
+        allow_inf_nan=False,
+        description="Training noise level: > 0 for fine-tuning; pre-training also accepts 0 "
+        "(MAE without noise, the ablation's baseline).",
+    )
     init: str | None = Field(
-        None, description="Registered model to start from (a pretrain checkpoint to fine-tune)."
+        None,
+        description="Fine-tuning: the registered pre-trained model to start from, or 'none' "
+        "for a randomly initialised encoder of params.arch (the from-scratch baselines).",
     )
     params: dict[str, float | int | str | bool] = Field(
         default_factory=dict,
@@ -391,6 +408,7 @@ def model_out(row: Checkpoint) -> ModelOut:
         input_size=row.input_size,
         licence=row.licence,
         source=row.source,
+        recipe=row.recipe,
         format=row.format,
         active=row.active,
         checkpoint_sha256=row.file_sha256,

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from domain.errors import ServiceError, bad_input
 from domain.tables import Checkpoint
+from models.training.recipes import recipe_name_of
 
 log = logging.getLogger("dmae.registry")
 
@@ -126,6 +127,7 @@ def register(
         or (OFFICIAL_LICENCE if fmt == "official" else "")
         or PROJECT_LICENCE,
         source=meta.source,
+        recipe=recipe_name_of(meta.training),
         import_options=options if fmt == "official" else {},
         active=active,
         created_by=created_by,

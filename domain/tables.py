@@ -95,6 +95,8 @@ class Checkpoint(Base):
     arch: Mapped[dict[str, Any]] = mapped_column(default=dict)
     licence: Mapped[str] = mapped_column(Text, default="")
     source: Mapped[str] = mapped_column(Text, default="")
+    # How the model was trained (e.g. dmae+consistency, scratch+gaussian); null when unknown.
+    recipe: Mapped[str | None] = mapped_column(String(64), default=None)
     import_options: Mapped[dict[str, Any]] = mapped_column(default=dict)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

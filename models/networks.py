@@ -196,6 +196,9 @@ def unpatchify(x: Tensor, p: int, channels: int = 3) -> Tensor:
     return x.reshape(b, channels, g * p, g * p)
 
 
+LOSS_ON = ("all", "masked")  # reconstruction loss over all patches (DMAE) or masked (MAE)
+
+
 class DenoisingMaskedAutoencoderViT(nn.Module):
     """DMAE pre-training model: noisy + 75%-masked input, clean ``norm_pix`` target, all patches."""
 
@@ -301,28 +304,42 @@ class DenoisingMaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
 
-    def loss(self, clean: Tensor, pred: Tensor) -> Tensor:
-        """MSE against the per-patch normalised clean target, averaged over *all* patches."""
+    def loss(self, clean: Tensor, pred: Tensor, mask: Tensor | None = None) -> Tensor:
+        """MSE against the per-patch normalised clean target (``norm_pix_loss``).
+
+        Averaged over *all* patches (DMAE, Wu et al. 2023, sec. 3.2) when ``mask`` is None, or
+        over the masked patches only (MAE, He et al. 2022, sec. 3) given the (B, L) ``mask``
+        (1 = masked) that :meth:`forward` returns.
+        """
         target = patchify(clean, self.arch.patch_size)
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1.0e-6) ** 0.5
-        return ((pred - target) ** 2).mean()
+        if mask is None:
+            return ((pred - target) ** 2).mean()
+        per_patch = ((pred - target) ** 2).mean(dim=-1)
+        return (per_patch * mask).sum() / mask.sum()
 
     def forward(
         self,
         imgs: Tensor,
         mask_ratio: float | None = None,
         generator: torch.Generator | None = None,
+        loss_on: str = "all",
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """imgs in [0,1] at native size. Returns (loss, prediction, mask)."""
+        """imgs in [0,1] at native size. Returns (loss, prediction, mask).
+
+        ``loss_on``: ``"all"`` patches (DMAE) or only the ``"masked"`` ones (MAE).
+        """
+        if loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         noise = torch.randn(imgs.shape, device=imgs.device, dtype=imgs.dtype, generator=generator)
         noisy = self.transform(imgs + self.sigma * noise)  # no clipping, then resize + normalise
         clean = self.transform(imgs)
         latent, mask, ids_restore = self.forward_encoder(noisy, ratio, generator)
         pred = self.forward_decoder(latent, ids_restore)
-        return self.loss(clean, pred), pred, mask
+        return self.loss(clean, pred, mask if loss_on == "masked" else None), pred, mask
 
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.")

@@ -92,6 +92,8 @@ def test_pretrain_finetune_register_certify(tmp_path: Path) -> None:
         )
         job = wait_for(client.get, r.json()["url"], admin["X-API-Key"])
         assert job["status"] == "succeeded" and job["certificate"]["model"] == "digits-ft-s0.5"
+        assert job["certificate"]["recipe"] == "dmae+consistency"
+        assert models["digits-ft-s0.5"]["recipe"] == "dmae+consistency"
         again = client.post(
             "/admin/training",
             headers=admin,
@@ -126,3 +128,38 @@ def test_a_running_run_shows_its_log_tail(tmp_path: Path) -> None:
         assert run["status"] == "running", run
         assert any("pre-training tiny" in line for line in run["metrics"]["log"]), run
         assert client.delete(r.json()["url"], headers=admin).json()["status"] == "cancelled"
+
+
+def test_baselines_through_the_admin_api(tmp_path: Path) -> None:
+    """init 'none' fine-tunes a random encoder (the from-scratch baselines), sigma 0 pre-trains
+    plain MAE, and the registry and certificates name the recipe; misuse is a 422."""
+    app = create_app(service_settings(tmp_path / "data"))
+    with TestClient(app) as client:
+        with app.state.db.session() as s:
+            admin = {"X-API-Key": create_key(s, admin=True)[1]}
+
+        def launch(body: dict) -> dict:
+            r = client.post("/admin/training", headers=admin, json=body)
+            assert r.status_code == 202, r.text
+            run = wait_for(client.get, r.json()["url"], admin["X-API-Key"], timeout=300)
+            assert run["status"] == "succeeded", run
+            return run
+
+        launch({"kind": "pretrain", "dataset": "digits:train", "name": "mae", "sigma": 0,
+                "params": {"arch": "tiny", "loss_on": "masked", **FAST}})  # fmt: skip
+        launch({"kind": "finetune", "dataset": "digits:train", "name": "cohen", "sigma": 0.25,
+                "init": "none", "params": {"arch": "tiny", "copies": 1, "lbd": 0.0, "eta": 0.0,
+                                           **FAST}})  # fmt: skip
+        everything = client.get("/admin/models", headers=admin).json()
+        recipes = {m["name"]: m["recipe"] for m in everything}
+        assert recipes == {"mae": "mae", "cohen": "scratch+gaussian"}
+        refused = [
+            ({"kind": "finetune", "dataset": "digits:train", "name": "y", "sigma": 0,
+              "init": "none", "params": {"arch": "tiny"}}, "sigma"),
+            ({"kind": "finetune", "dataset": "digits:train", "name": "y", "init": "none",
+              "params": {"arch": "nope"}}, "arch"),
+            ({"kind": "pretrain", "dataset": "digits:train", "name": "y", "sigma": -1}, "sigma"),
+        ]  # fmt: skip
+        for body, word in refused:
+            r = client.post("/admin/training", headers=admin, json=body)
+            assert r.status_code == 422 and word in r.json()["detail"], (body, r.text)

@@ -26,6 +26,7 @@ from domain.config import Settings, get_settings
 from domain.db import get_database
 from domain.tables import Certificate, Checkpoint, Job, JobInput, Status
 from models.data import tensor_from_bytes
+from models.training.recipes import recipe_name_of
 from worker.model_cache import CACHE, LoadedModel, ModelRef
 from worker.monitor import Aborted, Monitor
 
@@ -206,6 +207,7 @@ def certificate_body(
         model=loaded.ref.name,
         checkpoint_sha256=loaded.ref.file_sha256,
         weights_sha256=loaded.meta.weights_sha256,
+        recipe=recipe_name_of(loaded.meta.training),
         input_sha256=p["input_sha256"],
         tensor_sha256=p["tensor_sha256"],
         device=str(loaded.device),

@@ -26,16 +26,16 @@ LOG_TAIL = 30
 
 def build_config(run: TrainingRun, init_path: str | None, out: Path, device: str) -> Any:
     """The pipeline's config for ``run``, resuming from ``out`` when a lost attempt left state."""
-    from models.training.params import config_class
+    from models.training.params import config_class, config_values
     from models.training.state import STATE_FILE
 
-    cls = config_class(run.kind)
     params = dict(run.params)
     sigma = float(params.pop("sigma", 0.25))
-    params.pop("init", None)
-    for key in ("mean", "std"):
-        if isinstance(params.get(key), str):
-            params[key] = tuple(float(v) for v in str(params[key]).split(","))
+    init = params.pop("init", None)
+    val_data = params.pop("val_data", None)  # resolved inside the dataset folder on submission
+    values = config_values(run.kind, params)
+    if val_data is not None:
+        values["val_data"] = val_data
     common: dict[str, Any] = dict(
         data=run.dataset,
         out=out,
@@ -45,13 +45,16 @@ def build_config(run: TrainingRun, init_path: str | None, out: Path, device: str
         name=run.result_name,
         device=device,
         command=f"service training run {run.id}",
+        num_workers=0,
     )
-    params["num_workers"] = 0
     if run.kind == "finetune":
-        if init_path is None:
-            raise ValueError("fine-tuning needs a pre-trained model (init)")
-        common["pretrained"] = init_path
-    return cls(**common, **params)
+        if init == "none":
+            common["pretrained"] = "none"  # a randomly initialised encoder (a baseline)
+        elif init_path is None:
+            raise ValueError("fine-tuning needs a pre-trained model (init) or init 'none'")
+        else:
+            common["pretrained"] = init_path
+    return config_class(run.kind)(**common, **values)
 
 
 def run_training(
@@ -76,7 +79,7 @@ def run_training(
             assert run is not None
             init = run.params.get("init")
             init_path = None
-            if init:
+            if init and init != "none":
                 row = registry.get_model(s, str(init))
                 init_path = str(registry.location_path(row.location))
             cfg = build_config(run, init_path, out, settings.torch_device())

@@ -250,25 +250,26 @@ def launch_training(
 ) -> TrainingOut:
     """The run reports progress (optimiser steps) on GET /admin/training/{id} and registers the
     resulting checkpoint under ``name`` when it finishes."""
-    from models.training.params import check_params
+    from models.training.params import check_training_params
 
     registry.check_name(body.name)
     if session.scalar(select(Checkpoint.id).where(Checkpoint.name == body.name)) is not None:
         raise ServiceError(409, f"a model named {body.name!r} is already registered")
     dataset = _dataset(settings, body.dataset)
     params: dict[str, Any] = dict(body.params)
-    if isinstance(params.get("val_data"), str):
-        params["val_data"] = _dataset(settings, str(params["val_data"]))
-    if body.kind == "finetune" and not body.init:
-        raise bad_input("fine-tuning needs init: the registered pre-trained model to start from")
-    if body.init is not None:
+    val_data = params.pop("val_data", None)  # a dataset like `dataset`, resolved the same way
+    if body.init is not None and body.init != "none":
         init = session.scalar(select(Checkpoint).where(Checkpoint.name == body.init))
         if init is None:
             raise bad_input(f"unknown model {body.init!r} for init")
     try:
-        check_params(body.kind, body.params)
+        check_training_params(body.kind, params, sigma=body.sigma, init=body.init)
     except ValueError as exc:
         raise bad_input(str(exc)) from exc
+    if isinstance(val_data, str):
+        params["val_data"] = _dataset(settings, val_data)
+    elif val_data is not None:
+        raise bad_input(f"val_data must be a dataset name like dataset, got {val_data!r}")
     params["sigma"] = body.sigma
     if body.init:
         params["init"] = body.init

@@ -1,8 +1,9 @@
-"""Sequential decisions and time budgets: what a job asks besides CERTIFY's parameters.
+"""Sequential decisions, time budgets and training recipes.
 
 ``jobs.target_radius`` is the radius a ``decide`` job tests ("is x certified at r?");
 ``jobs.time_budget_s`` the optional time budget of a ``certify`` job. Both are null for every
-other job, including all jobs made before this revision.
+other job, including all jobs made before this revision. ``checkpoints.recipe`` names how a
+model was trained (``dmae+consistency``, ``scratch+gaussian``, ...), null when unknown.
 
 Revision ID: 0005
 Revises: 0004
@@ -26,8 +27,10 @@ def upgrade() -> None:
     # Plain ADD COLUMN, never batch mode (on SQLite it would recreate ``jobs`` and cascade).
     op.add_column("jobs", sa.Column("target_radius", sa.Float(), nullable=True))
     op.add_column("jobs", sa.Column("time_budget_s", sa.Float(), nullable=True))
+    op.add_column("checkpoints", sa.Column("recipe", sa.String(length=64), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("checkpoints", "recipe")
     op.drop_column("jobs", "time_budget_s")  # ALTER TABLE ... DROP COLUMN (SQLite >= 3.35)
     op.drop_column("jobs", "target_radius")

@@ -1,7 +1,10 @@
 """Stage 2: fine-tune a smoothing classifier on Gaussian-noised inputs with consistency loss.
 
 The classifier (:class:`models.networks.DMAEClassifier`) starts from a pre-trained encoder: a
-project-format checkpoint, or an official DMAE file read by :mod:`models.checkpoints`. Each
+project-format checkpoint, or an official DMAE file read by :mod:`models.checkpoints`; or, with
+``pretrained='none'``, from a random encoder of the preset ``arch`` (the baselines: with
+``copies=1, lbd=0, eta=0`` the loss is plain cross-entropy on Gaussian-noised inputs, Cohen et
+al. 2019's training). Each
 epoch ends with an evaluation on the held-out split: clean and noisy accuracy (one seeded
 noise draw per image) and the smoothed classifier's radius-0 accuracy (PREDICT of
 :mod:`models.smoothing` on a subset). The result is a project-format classifier checkpoint.
@@ -9,6 +12,7 @@ noise draw per image) and the smoothed classifier's radius-0 accuracy (PREDICT o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,25 +29,44 @@ from models.checkpoints import (
     load_model,
     resolve,
 )
-from models.networks import DMAEClassifier, encoder_state
-from models.runtime import pick_device
+from models.networks import DenoisingMaskedAutoencoderViT, DMAEClassifier, encoder_state, preset
 from models.smoothing import BatchSampler, predict
 from models.training.consistency import DEFAULT_LAMBDA, consistency_loss, default_eta
-from models.training.datasets import TrainData, open_training_data, split_off, train_transform
+from models.training.datasets import (
+    TrainData,
+    open_training_data,
+    seeded,
+    split_off,
+    train_transform,
+)
+from models.training.distributed import World, barrier, training_world
 from models.training.loop import (
+    CHECKPOINT_FILE,
     LogFn,
     LoopSettings,
     RunOptions,
     TrainingRun,
+    check_optimisation,
+    describe_batch,
     resolve_amp,
     seed_everything,
     set_threads,
     training_record,
     write_checkpoint,
 )
+from models.training.recipes import (
+    OFFICIAL,
+    RECIPE_FIELD,
+    SCRATCH,
+    UNKNOWN,
+    finetune_method,
+    recipe_name_of,
+)
 from models.training.schedule import adamw, param_groups, scaled_lr
 
 HEAD_KEYS = frozenset({"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"})
+NO_PRETRAINING = "none"  # --pretrained none: a randomly initialised encoder of --arch
+SCRATCH_ARCH = "base"
 
 
 @dataclass
@@ -54,6 +77,7 @@ class FinetuneConfig(RunOptions):
     out: Path
     pretrained: str
     sigma: float
+    arch: str | None = None  # with pretrained="none" only (default "base")
     val_data: str | None = None
     val_fraction: float = 0.1
     input_size: int | None = None
@@ -89,20 +113,56 @@ class FinetuneConfig(RunOptions):
     def eta_value(self) -> float:
         return default_eta(self.sigma) if self.eta is None else self.eta
 
+    @property
+    def scratch(self) -> bool:
+        return self.pretrained.strip().lower() == NO_PRETRAINING
+
+    @property
+    def method(self) -> str:
+        """``consistency`` or ``gaussian`` (plain cross-entropy on noisy copies)."""
+        return finetune_method(self.copies, self.lbd, self.eta_value)
+
     def recipe(self) -> dict[str, Any]:
         return {**super().recipe(), "eta": self.eta_value}
 
     def check(self) -> None:
-        if not self.sigma > 0:
+        """ValueError for settings no run can use (before any file is read)."""
+        super().check()
+        check_optimisation(self)
+        if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f"--sigma must be positive, got {self.sigma}")
+        if self.arch is not None and not self.scratch:
+            raise ValueError(
+                "--arch applies to --pretrained none only: a pre-trained encoder brings its own"
+            )
+        if self.scratch:
+            preset(self.arch or SCRATCH_ARCH)  # ValueError naming the presets
+            if self.num_heads is not None:
+                raise ValueError("--num-heads applies to official pre-trained files only")
         if self.copies < 1:
             raise ValueError(f"--copies must be at least 1, got {self.copies}")
+        for name in ("lbd", "eta", "drop_path", "mixup", "cutmix"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be non-negative, got {value}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"--layer-decay must lie in (0, 1], got {self.layer_decay}")
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"--drop-path must lie in [0, 1), got {self.drop_path}")
+        for name in ("mixup_prob", "mixup_switch_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must lie in [0, 1], got {getattr(self, name)}")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ValueError("mixup/cutmix need an even --batch-size")
+        if self.val_data is None and not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must lie in (0, 1), got {self.val_fraction}")
+        if self.eval_n < 1 or self.eval_batch < 1 or self.eval_images < 0:
+            raise ValueError("--eval-n and --eval-batch must be at least 1, --eval-images >= 0")
+        if not 0 < self.eval_alpha < 0.5:
+            raise ValueError(f"--eval-alpha must lie in (0, 0.5), got {self.eval_alpha}")
         if self.eval_images:  # PREDICT below its minimum n would only ever abstain
             from models.smoothing import check_n
 
@@ -117,6 +177,16 @@ class Pretrained:
     meta: CheckpointMeta
     official: bool
     record: dict[str, Any]
+    scratch: bool = False
+
+    @property
+    def recipe_name(self) -> str:
+        """The INIT part of the fine-tuned model's recipe name (see :mod:`.recipes`)."""
+        if self.scratch:
+            return SCRATCH
+        if self.official:
+            return OFFICIAL
+        return recipe_name_of(self.meta.training) or UNKNOWN
 
 
 def load_pretrained(cfg: FinetuneConfig) -> Pretrained:
@@ -135,9 +205,32 @@ def load_pretrained(cfg: FinetuneConfig) -> Pretrained:
         "sha256": file_sha256(path),
         "kind": meta.kind,
         "source": meta.source,
+        "official": official,
         "training": meta.training if not official else {},
     }
-    return Pretrained(state, meta, official, record)
+    pre = Pretrained(state, meta, official, record)
+    record[RECIPE_FIELD] = pre.recipe_name
+    return pre
+
+
+def random_encoder(arch_name: str, input_size: int, seed: int) -> Pretrained:
+    """A random encoder for ``--pretrained none``: exactly the one pre-training with ``seed``
+    would start from (the DMAE model's initialisation: xavier-uniform linear layers,
+    cls token N(0, 0.02), fixed sin-cos positions), so the from-scratch baseline differs
+    from the pre-trained recipe only by the pre-training."""
+    arch = preset(arch_name)
+    with seeded(seed):
+        model = DenoisingMaskedAutoencoderViT(arch, input_size)
+    meta = CheckpointMeta(
+        kind="pretrain", arch=arch, input_size=input_size, source="random initialisation"
+    )
+    record = {
+        "kind": NO_PRETRAINING,
+        "arch": arch_name,
+        "init": f"random (the DMAE pre-training model's initialisation, seed {seed})",
+        RECIPE_FIELD: SCRATCH,
+    }
+    return Pretrained(encoder_state(model.state_dict()), meta, False, record, scratch=True)
 
 
 def build_classifier(
@@ -229,35 +322,57 @@ def run_finetune(
     log: LogFn = print,
     after_step: Callable[[int], None] | None = None,
 ) -> Path:
-    """Fine-tune (or resume) in ``cfg.out``; returns the written classifier checkpoint's path."""
+    """Fine-tune (or resume) in ``cfg.out``; returns the written classifier checkpoint's path.
+
+    Under torchrun every process runs this; rank 0 logs, evaluates and writes the files.
+    """
     cfg.check()
+    if cfg.randaug and not cfg.augment:
+        raise ValueError("--randaug needs augmentation on (drop --no-augment)")
     set_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    with training_world(cfg.device) as (world, device):
+        return _finetune(cfg, world, device, log, after_step)
+
+
+def _finetune(
+    cfg: FinetuneConfig,
+    world: World,
+    device: torch.device,
+    log: LogFn,
+    after_step: Callable[[int], None] | None,
+) -> Path:
     amp = resolve_amp(cfg.amp, device)
-    pre = load_pretrained(cfg)
-    input_size = cfg.input_size or pre.meta.input_size
+    if cfg.scratch:
+        model_size = preset(cfg.arch or SCRATCH_ARCH).img_size
+        digits = cfg.data.startswith("digits:")
+        input_size = cfg.input_size or (None if digits else model_size)
+    else:
+        pre = load_pretrained(cfg)
+        input_size = cfg.input_size or pre.meta.input_size
     augment = None
     if cfg.augment:
 
         def augment(size: int, mean: tuple[float, ...]) -> Any:
             return train_transform(size, (0.08, 1.0), mean, cfg.randaug)
-    elif cfg.randaug:
-        raise ValueError("--randaug needs augmentation on (drop --no-augment)")
+
     data = open_training_data(cfg.data, input_size, augment=augment, num_workers=cfg.num_workers)
+    input_size = data.input_size
+    if cfg.scratch:
+        pre = random_encoder(cfg.arch or SCRATCH_ARCH, input_size, cfg.seed)
     if cfg.val_data:
         val = open_training_data(cfg.val_data, input_size, num_workers=cfg.num_workers)
         if val.classes != data.classes:
             raise ValueError(f"{cfg.val_data}: classes differ from the training data's")
     else:
         data, val = split_off(data, cfg.val_fraction, cfg.seed)
-    if pre.official:
+    if pre.official or pre.scratch:
         mean, std = tuple(cfg.mean or data.mean), tuple(cfg.std or data.std)
     else:
         mean, std = tuple(cfg.mean or pre.meta.mean), tuple(cfg.std or pre.meta.std)
     num_classes = len(data.classes)
     seed_everything(cfg.seed)
     model = build_classifier(pre, num_classes, input_size, mean, std, cfg.drop_path).to(device)
-    effective = cfg.batch_size * cfg.accum_iter
+    effective = world.size * cfg.batch_size * cfg.accum_iter
     lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, effective)
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, pre.meta.arch.depth)
     optimizer = adamw(groups, lr)
@@ -268,14 +383,20 @@ def run_finetune(
     run = TrainingRun(
         Path(cfg.out), model, optimizer, settings, data, make_step(cfg, num_classes),
         cfg.recipe(), evaluate=make_evaluate(cfg, val, num_classes, device, amp), log=log,
+        world=world,
     )  # fmt: skip
-    log(
-        f"fine-tuning at sigma {cfg.sigma} from {pre.record['file']} on {data.spec} "
+    recipe_name = f"{pre.recipe_name}+{cfg.method}"
+    start = f"a random {cfg.arch or SCRATCH_ARCH} encoder" if pre.scratch else pre.record["file"]
+    run.log(
+        f"fine-tuning ({recipe_name}) at sigma {cfg.sigma} from {start} on {data.spec} "
         f"({len(data)} images, {num_classes} classes, {input_size}px; held out: {val.spec}, "
         f"{len(val)}) for {cfg.epochs} epochs x {run.steps_per_epoch} steps; lr {lr:.3e} "
-        f"(effective batch {effective}); device {device}, amp {amp or 'off'}"
+        f"({describe_batch(effective, world)}); device {device}, amp {amp or 'off'}"
     )
     run.run(resume=cfg.resume, after_step=after_step)
+    if not world.main:
+        barrier(world)  # wait for rank 0's checkpoint
+        return Path(cfg.export) if cfg.export else Path(cfg.out) / CHECKPOINT_FILE
     metrics = run.last_record()
     meta = CheckpointMeta(
         kind="classifier",
@@ -293,13 +414,15 @@ def run_finetune(
             "finetune",
             cfg,
             lr,
-            effective,
             run,
             data,
             device,
             held_out=val.describe(),
             final_epoch={k: v for k, v in metrics.items() if isinstance(v, int | float)},
             pretrained=pre.record,
+            **{RECIPE_FIELD: recipe_name},
         ),
     )
-    return write_checkpoint(cfg.out, cfg.export, model, meta, log)
+    path = write_checkpoint(cfg.out, cfg.export, model, meta, log)
+    barrier(world)
+    return path

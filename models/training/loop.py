@@ -1,18 +1,21 @@
 """The training loop both stages share: accumulation, mixed precision, schedule, resume, logs.
 
-One optimiser step = ``accum_iter`` micro-batches of ``batch_size`` images; the lr schedule is
-stepped per optimiser step. Mixed precision (bf16 autocast, or fp16 with a GradScaler) is used
-on CUDA only. The run directory holds ``state.pt`` (resume state, see :mod:`.state`) and
-``log.jsonl`` (one JSON object per epoch).
+One optimiser step = ``accum_iter`` micro-batches of ``batch_size`` images in each of the
+``world.size`` processes (see :mod:`.distributed`); the lr schedule is stepped per optimiser
+step. Mixed precision (bf16 autocast, or fp16 with a GradScaler) is used on CUDA only. The run
+directory holds ``state.pt`` (resume state, see :mod:`.state`) and ``log.jsonl`` (one JSON
+object per epoch), written by rank 0 only.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,13 @@ from torch import Tensor, nn
 
 from models.checkpoints import CheckpointMeta, save_checkpoint
 from models.training.datasets import TrainData, epoch_order
+from models.training.distributed import (
+    World,
+    all_gather,
+    all_sum,
+    rank_seed,
+    shard_micro_batches,
+)
 from models.training.schedule import WarmupCosine
 from models.training.state import (
     STATE_FILE,
@@ -37,6 +47,7 @@ StepFn = Callable[[nn.Module, Tensor, Tensor, torch.Generator], tuple[Tensor, di
 EvalFn = Callable[[nn.Module], dict[str, float]]
 LogFn = Callable[[str], None]
 LOG_FILE = "log.jsonl"
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
 class TrainingError(RuntimeError):
@@ -47,6 +58,9 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 # Settings that do not change what a run computes (may differ when resuming).
 RUN_ONLY = ("out", "resume", "num_workers", "progress", "export", "save_every_steps", "device",
             "command", "name", "eval_every", "threads")  # fmt: skip
+# How the global batch is split over processes and micro-batches: a run may be resumed with
+# another split of the same global batch (``effective_batch``), e.g. on another process count.
+BATCH_SPLIT = ("batch_size", "accum_iter")
 
 
 @dataclass(kw_only=True)
@@ -73,6 +87,47 @@ class RunOptions:
         out["mean"] = list(self.mean) if self.mean else None
         out["std"] = list(self.std) if self.std else None
         return out
+
+    def check(self) -> None:
+        """ValueError naming a run option no run can use."""
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or not all(math.isfinite(v) for v in value)):
+                raise ValueError(f"--{name} must be 3 finite numbers (R,G,B), got {value!r}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"--std must be positive, got {self.std!r}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if self.seed < 0 or self.save_every_steps < 0 or self.num_workers < 0:
+            raise ValueError("--seed, --save-every-steps and --num-workers must be non-negative")
+
+
+def check_optimisation(cfg: Any) -> None:
+    """ValueError for optimisation settings no run can use (both stages have these fields)."""
+    for name in ("epochs", "batch_size", "accum_iter"):
+        if getattr(cfg, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be at least 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.warmup_epochs <= cfg.epochs:
+        raise ValueError(
+            f"--warmup-epochs ({cfg.warmup_epochs:g}) must be within 0..--epochs ({cfg.epochs})"
+        )
+    positive = {"blr": cfg.blr, "lr": cfg.lr, "clip_grad": cfg.clip_grad}
+    for name, value in positive.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    for name in ("min_lr", "weight_decay"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be non-negative, got {value}")
+
+
+def describe_batch(effective: int, world: World) -> str:
+    """``effective batch 256`` (one process) or ``... 256 = 4 processes x batch x accum``."""
+    split = f" = {world.size} processes x batch x accum" if world.distributed else ""
+    return f"effective batch {effective}{split}"
 
 
 def seed_everything(seed: int) -> None:
@@ -122,7 +177,11 @@ class LoopSettings:
 
 
 class TrainingRun:
-    """Runs (or resumes) the epochs of one stage in ``out_dir``."""
+    """Runs (or resumes) the epochs of one stage in ``out_dir``.
+
+    ``model`` is the plain module (saved and evaluated); under torchrun (``world.size`` > 1)
+    the training forward/backward goes through a DistributedDataParallel wrapper of it.
+    """
 
     def __init__(
         self,
@@ -135,6 +194,7 @@ class TrainingRun:
         config: dict[str, Any],
         evaluate: EvalFn | None = None,
         log: LogFn = print,
+        world: World = World(),
     ):
         s = settings
         if s.epochs < 1 or s.batch_size < 1 or s.accum_iter < 1:
@@ -143,22 +203,30 @@ class TrainingRun:
             raise ValueError(
                 f"--warmup-epochs ({s.warmup_epochs:g}) must be within 0..--epochs ({s.epochs})"
             )
-        self.micro_per_epoch = len(data) // s.batch_size
-        self.steps_per_epoch = self.micro_per_epoch // s.accum_iter
+        self.world = world
+        self.global_batch = world.size * s.batch_size * s.accum_iter
+        self.steps_per_epoch = len(data) // self.global_batch
         if self.steps_per_epoch < 1:
             raise ValueError(
                 f"{data.spec}: {len(data)} images do not fill one step of "
-                f"{s.batch_size} x {s.accum_iter} images; lower --batch-size or --accum-iter"
+                f"{world.size} process(es) x {s.batch_size} x {s.accum_iter} images; "
+                "lower --batch-size or --accum-iter"
             )
         self.out_dir = Path(out_dir)
         self.model = model
+        self.train_model: nn.Module = model
+        if world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [s.device.index] if s.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(model, device_ids=ids)
         self.optimizer = optimizer
         self.s = settings
         self.data = data
         self.step_fn = step_fn
-        self.config = config
-        self.evaluate = evaluate
-        self.log = log
+        self.config = {**config, "effective_batch": self.global_batch}
+        self.evaluate = evaluate if world.main else None
+        self.log = log if world.main else _quiet
         self.total_steps = s.epochs * self.steps_per_epoch
         self.schedule = WarmupCosine(
             optimizer, s.lr, round(s.warmup_epochs * self.steps_per_epoch), self.total_steps,
@@ -166,7 +234,9 @@ class TrainingRun:
         )  # fmt: skip
         self.scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp == torch.float16)
         self.noise = torch.Generator(device=s.device)
-        self.noise.manual_seed(s.seed + 1)
+        self.noise.manual_seed(rank_seed(s.seed, world.rank) + 1)
+        if world.rank > 0:  # drop-path and mixup draws differ between ranks (rank 0: seed)
+            seed_everything(rank_seed(s.seed, world.rank))
         self.epoch = 0
         self.step = 0
         self.lrs: list[float] = []  # lr of every optimiser step taken by this process
@@ -185,42 +255,62 @@ class TrainingRun:
 
     # ------------------------------------------------------------ state
 
-    def state(self) -> dict[str, Any]:
+    def state(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "config": self.config,
             "epoch": self.epoch,
             "step": self.step,
+            "world_size": self.world.size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": capture_rng(self.noise),
+            "rng": rngs[0],
+            "rng_ranks": rngs if self.world.distributed else [],
         }
 
     def save(self) -> None:
-        save_state(self.state_path, self.state())
+        """Rank 0 writes the state, with every rank's random states (a collective call)."""
+        rngs = all_gather(capture_rng(self.noise, self.s.device), self.world)
+        if self.world.main:
+            save_state(self.state_path, self.state(rngs))
 
     def restore(self) -> None:
         state = load_state(self.state_path)
-        diffs = config_differences(state["config"], self.config)
+        diffs = config_differences(_comparable(state["config"]), _comparable(self.config))
         if diffs:
             raise ValueError(
                 f"{self.state_path} was saved by a run with other settings; resuming would not "
-                "continue it: " + "; ".join(diffs)
+                "continue it: " + "; ".join(diffs) + _batch_hint(diffs)
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        restore_rng(state["rng"], self.noise)
+        saved_world = int(state.get("world_size", 1))
+        if saved_world == self.world.size:
+            rngs = state["rng_ranks"] if self.world.distributed else [state["rng"]]
+            restore_rng(rngs[self.world.rank], self.noise, self.s.device)
+        else:
+            # Data order, weights, optimiser and schedule continue exactly; the per-process
+            # noise streams cannot, as there are now more or fewer of them: seed them afresh.
+            seed = rank_seed(self.s.seed, self.world.rank, self.step)
+            seed_everything(seed)
+            self.noise.manual_seed(seed + 1)
+            self.log(
+                f"the run was saved by {saved_world} process(es) and resumes on "
+                f"{self.world.size}: same global batch, data order and schedule; the noise "
+                "streams are re-seeded (by seed, step and rank), so the result will not be "
+                "bit-identical to an uninterrupted run"
+            )
 
     # ------------------------------------------------------------ loop
 
     def run(
         self, resume: bool = False, after_step: Callable[[int], None] | None = None
     ) -> list[dict[str, Any]]:
-        """Train to the last epoch; returns the per-epoch records written by this process."""
+        """Train to the last epoch; returns the per-epoch records (global figures)."""
         if resume:
             if not self.state_path.is_file():
                 raise FileNotFoundError(f"nothing to resume: {self.state_path} does not exist")
@@ -231,7 +321,8 @@ class TrainingRun:
                 f"{self.out_dir} already holds a run ({STATE_FILE}); pass --resume to continue "
                 "it or choose another --out"
             )
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.world.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         records = []
         while self.epoch < self.s.epochs:
             records.append(self._epoch(after_step))
@@ -242,10 +333,8 @@ class TrainingRun:
 
         s, epoch = self.s, self.epoch
         keys = epoch_order(s.seed, epoch, len(self.data))
-        micro = [
-            keys[i * s.batch_size : (i + 1) * s.batch_size]
-            for i in range(self.steps_per_epoch * s.accum_iter)
-        ]
+        count = self.steps_per_epoch * s.accum_iter
+        micro = shard_micro_batches(keys, s.batch_size, count, self.world)
         done_in_epoch = self.step - epoch * self.steps_per_epoch
         batches = self.data.batches(micro[done_in_epoch * s.accum_iter :])
         self.model.train()
@@ -253,26 +342,29 @@ class TrainingRun:
         images, steps, lr = 0, 0, 0.0
         started = time.perf_counter()
         bar = tqdm(
-            total=self.steps_per_epoch, initial=done_in_epoch, disable=not s.progress,
+            total=self.steps_per_epoch, initial=done_in_epoch,
+            disable=not (s.progress and self.world.main),
             desc=f"epoch {epoch + 1}/{s.epochs}", unit="step", leave=False, dynamic_ncols=True,
         )  # fmt: skip
         for _ in range(done_in_epoch, self.steps_per_epoch):
             lr = self.schedule.apply()
-            for _ in range(s.accum_iter):
+            for i in range(s.accum_iter):
                 x, y = next(batches)
                 x = x.to(s.device, non_blocking=True)
                 y = y.to(s.device, non_blocking=True)
-                with torch.autocast(
-                    s.device.type, dtype=s.amp or torch.bfloat16, enabled=s.amp is not None
-                ):
-                    loss, parts = self.step_fn(self.model, x, y, self.noise)
-                value = float(loss.detach())
-                if not np.isfinite(value):
-                    raise TrainingError(
-                        f"loss is {value} at step {self.step} (epoch {epoch + 1}); stopping. "
-                        "Lower the learning rate or use --amp bf16/off."
-                    )
-                self.scaler.scale(loss / s.accum_iter).backward()
+                sync = i == s.accum_iter - 1 or not self.world.distributed
+                with nullcontext() if sync else self.train_model.no_sync():  # type: ignore[operator]
+                    with torch.autocast(
+                        s.device.type, dtype=s.amp or torch.bfloat16, enabled=s.amp is not None
+                    ):
+                        loss, parts = self.step_fn(self.train_model, x, y, self.noise)
+                    value = float(loss.detach())
+                    if not np.isfinite(value):
+                        raise TrainingError(
+                            f"loss is {value} at step {self.step} (epoch {epoch + 1}); stopping. "
+                            "Lower the learning rate or use --amp bf16/off."
+                        )
+                    self.scaler.scale(loss / s.accum_iter).backward()
                 for k, v in {"loss": value, **parts}.items():
                     sums[k] = sums.get(k, 0.0) + v
                 images += x.shape[0]
@@ -294,13 +386,17 @@ class TrainingRun:
                 after_step(self.step)
         bar.close()
         elapsed = time.perf_counter() - started
-        micro_done = max(steps * s.accum_iter, 1)
+        # Means over every micro-batch of every process; images/s of the whole run.
+        counts = {"_images": float(images), "_micro": float(steps * s.accum_iter)}
+        totals = all_sum({**sums, **counts}, self.world, s.device)
+        micro_done = max(totals.pop("_micro"), 1.0)
+        images_all = totals.pop("_images")
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": self.step,
             "lr": lr,
-            **{k: v / micro_done for k, v in sums.items()},
-            "samples_per_s": images / max(elapsed, 1e-9),
+            **{k: v / micro_done for k, v in totals.items()},
+            "samples_per_s": images_all / max(elapsed, 1e-9),
             "epoch_s": elapsed,
         }
         last = epoch + 1 == s.epochs
@@ -309,30 +405,63 @@ class TrainingRun:
             self.model.train()
         self.epoch += 1
         self.save()
-        with open(self.out_dir / LOG_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.world.main:
+            with open(self.out_dir / LOG_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
         self.log(format_record(record, s.epochs))
         return record
+
+
+def _quiet(_: str) -> None:
+    """The log of ranks other than 0."""
+
+
+# Settings added after runs were saved without them, with the value those runs used.
+ADDED_SETTINGS: dict[str, Any] = {"loss_on": "all", "arch": None}
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings as compared on resume: the global batch, not how it is split."""
+    out = {k: v for k, v in config.items() if k not in BATCH_SPLIT}
+    for key, value in ADDED_SETTINGS.items():
+        if out.get(key, value) == value:
+            out.pop(key, None)
+    if "effective_batch" not in out:  # saved before multi-process training: one process
+        out["effective_batch"] = int(config["batch_size"]) * int(config["accum_iter"])
+    return out
+
+
+def _batch_hint(diffs: list[str]) -> str:
+    if not any(d.startswith("effective_batch") for d in diffs):
+        return ""
+    return (
+        ". The global batch is processes x --batch-size x --accum-iter: choose them so that "
+        "it matches the saved run's"
+    )
 
 
 def training_record(
     stage: str,
     cfg: Any,
     lr: float,
-    effective: int,
     run: TrainingRun,
     data: TrainData,
     device: torch.device,
     **extra: Any,
 ) -> dict[str, Any]:
-    """What a checkpoint records about the run that made it (recipe, data, environment)."""
+    """What a checkpoint records about the run that made it (recipe, data, environment).
+
+    ``effective_batch`` is the global batch of one optimiser step: ``world_size`` processes x
+    ``batch_size`` x ``accum_iter`` (the last two are per process, in ``recipe``).
+    """
     from models.training.schedule import ADAMW_BETAS
 
     return {
         "stage": stage,
         "recipe": cfg.recipe(),
         "optimizer": {"name": "AdamW", "betas": list(ADAMW_BETAS), "lr": lr},
-        "effective_batch": effective,
+        "effective_batch": run.global_batch,
+        "world_size": run.world.size,
         "steps": run.step,
         "dataset": data.describe(),
         **extra,

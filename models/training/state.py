@@ -1,8 +1,9 @@
 """Resumable run state: one ``torch.save`` file of tensors and plain containers.
 
-It holds the model, optimiser, schedule and grad-scaler states, the epoch and step, and every
-random state the run draws from (torch CPU and CUDA, NumPy, Python, and the run's own noise
-generator); the data order is a function of (seed, epoch) and the position in the epoch. The
+It holds the model, optimiser, schedule and grad-scaler states, the epoch and step, the number
+of processes, and every random state the run draws from (torch CPU and CUDA, NumPy, Python, and
+the run's own noise generator; per process under torchrun); the data order is a function of
+(seed, epoch) and the position in the epoch. The
 file is written atomically (temporary file + rename), so a run killed while saving keeps its
 previous state, and it is read back with ``weights_only=True``: nothing is unpickled beyond
 tensors, numbers, strings and containers.
@@ -22,13 +23,20 @@ STATE_FORMAT = "dmae-certify-train-state/1"
 STATE_FILE = "state.pt"
 
 
-def capture_rng(noise: torch.Generator) -> dict[str, Any]:
-    """Every random state the training loop draws from, as tensors and plain values."""
+def capture_rng(noise: torch.Generator, device: torch.device | None = None) -> dict[str, Any]:
+    """Every random state the training loop draws from, as tensors and plain values.
+
+    On CUDA only the run's own device's generator is read (``cuda`` is a one-element list),
+    so a process never touches another process's GPU.
+    """
     _, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
     version, internal, gauss = random.getstate()
+    cuda = []
+    if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
+        cuda = [torch.cuda.get_rng_state(device)]
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "cuda": cuda,
         "numpy": {
             "key": torch.from_numpy(np.asarray(key).astype(np.int64)),
             "pos": int(pos),
@@ -40,10 +48,15 @@ def capture_rng(noise: torch.Generator) -> dict[str, Any]:
     }
 
 
-def restore_rng(state: dict[str, Any], noise: torch.Generator) -> None:
+def restore_rng(
+    state: dict[str, Any], noise: torch.Generator, device: torch.device | None = None
+) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if cuda and device is not None and device.type == "cuda":
+        # one state (this format) or, from older files, one per visible GPU
+        index = 0 if len(cuda) == 1 else (device.index or 0)
+        torch.cuda.set_rng_state(cuda[index], device)
     npd = state["numpy"]
     key = npd["key"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", key, npd["pos"], npd["has_gauss"], npd["gauss"]))

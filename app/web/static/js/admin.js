@@ -133,9 +133,10 @@ async function loadInitChoices() {
   const pre = rows.filter((m) => m.kind === "pretrain");
   select.replaceChildren(
     el("option", { value: "", text: "(none: pre-training starts from scratch)" }),
+    el("option", { value: "none", text: "none: fine-tune a random encoder (a baseline)" }),
     ...pre.map((m) => el("option", { value: m.name, text: m.name })),
   );
-  if (pre.some((m) => m.name === chosen)) select.value = chosen;
+  if (chosen === "none" || pre.some((m) => m.name === chosen)) select.value = chosen;
   else if (pre.length) select.value = pre[pre.length - 1].name;
   return rows;
 }

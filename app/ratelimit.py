@@ -2,7 +2,8 @@
 ``rate_limit_window_s`` seconds.
 
 With a Redis URL (``DMAE_RATE_LIMIT_URL``, or a ``redis://`` broker URL) the counters live in
-Redis (one ``INCR`` + ``EXPIRE`` per request), so the limit holds across every API process and
+Redis (one script call per request: ``INCR``, and ``EXPIRE`` when the window's counter is new),
+so the limit holds across every API process and
 host sharing that Redis. Without one (the embedded default) they live in this process's memory.
 If Redis cannot be reached, the process falls back to its in-memory counters (logged): requests
 are still limited, per process, until Redis answers again.
@@ -66,6 +67,12 @@ class RedisLimiter:
         self.client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.fallback = MemoryLimiter(limit, window_s)
         self._warned = False
+        # One round trip and no pipeline object per request (a pipeline copies the client's
+        # response callbacks each time): the counter and its expiry in one server-side step.
+        self._count = self.client.register_script(
+            "local c = redis.call('INCR', KEYS[1]) "
+            "if c == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end return c"
+        )
 
     def hit(self, client_id: int) -> float | None:
         import redis
@@ -74,10 +81,7 @@ class RedisLimiter:
         window = int(now // self.window_s)
         key = f"{self.prefix}:{client_id}:{window}"
         try:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.incr(key)
-            pipe.expire(key, self.window_s + 1)
-            count = int(pipe.execute()[0])
+            count = int(self._count(keys=[key], args=[self.window_s + 1]))
         except (redis.exceptions.RedisError, OSError) as exc:
             if not self._warned:
                 log.warning("rate limiter: Redis unavailable (%s); counting in memory", exc)

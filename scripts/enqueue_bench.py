@@ -21,6 +21,7 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -124,6 +125,123 @@ async def load(
     }
 
 
+BOUNDARY = "dmaebenchboundary"
+
+
+def multipart(png: bytes, form: dict[str, str]) -> bytes:
+    """The body of a multipart upload of ``png`` (field ``image``) with the ``form`` fields."""
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="d.png"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode()
+        + png
+        + b"\r\n"
+    ]
+    for name, value in form.items():
+        parts.append(
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+            f"{value}\r\n".encode()
+        )
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def wrk_run(
+    base: str,
+    method: str,
+    items: list[tuple[bytes, str, str]],
+    seconds: float,
+    clients: int,
+    folder: Path,
+) -> dict[str, Any]:
+    """``clients`` connections of wrk (2 threads) sending ``items`` (body, path, key) in turn for
+    ``seconds``; its requests/s and latency percentiles (s)."""
+    data, index = folder / f"{method}.data", folder / f"{method}.index"
+    offset = 0
+    with data.open("wb") as d, index.open("w") as ix:
+        for body, path, key in items:
+            d.write(body)
+            ix.write(f"{offset} {len(body)} {path} {key}\n")
+            offset += len(body)
+    script = ROOT / "scripts" / "wrk" / "requests.lua"
+    duration = f"-d{max(1, round(seconds))}s"
+    cmd = ["wrk", "-t2", f"-c{clients}", duration, "--timeout", "30s", "-s", str(script),
+           base, "--", method, str(data), str(index), "2"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("{"))
+    r = json.loads(line)
+    return {
+        "rps": r["requests"] / (r["duration_us"] / 1e6),
+        "p50": r["p50_us"] / 1e6,
+        "p95": r["p95_us"] / 1e6,
+        "p99": r["p99_us"] / 1e6,
+        "errors": {"socket": r["socket_errors"], "status": r["bad_status"]},
+    }
+
+
+def wrk_round(
+    case: str,
+    base: str,
+    path: str,
+    pngs: list[bytes],
+    form: dict[str, str],
+    keys: list[str],
+    owners: dict[int, str],
+    db_url: str,
+    seen: set[str],
+    args: argparse.Namespace,
+    folder: Path,
+) -> dict[str, Any]:
+    """POST distinct uploads for ``args.seconds``, then GET what they made for as long."""
+    from sqlalchemy import create_engine, text
+
+    items = [(multipart(png, form), path, keys[i % len(keys)]) for i, png in enumerate(pngs)]
+    post = wrk_run(base, "POST", items, args.seconds, args.clients, folder)
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        if case == "service":
+            rows = conn.execute(text("SELECT id, owner_id FROM jobs")).all()
+            made = [(f"/jobs/{i}", owners[o]) for i, o in rows if i not in seen]
+        else:
+            rows = conn.execute(text("SELECT id FROM floor_uploads")).all()
+            made = [(f"/floor/{i}", keys[0]) for (i,) in rows if i not in seen]
+    engine.dispose()
+    seen.update(p.rsplit("/", 1)[1] for p, _ in made)
+    get = wrk_run(base, "GET", [(b"", p, k) for p, k in made], args.seconds, args.clients, folder)
+    errors = {f"POST {k}": v for k, v in post["errors"].items() if v}
+    errors.update({f"GET {k}": v for k, v in get["errors"].items() if v})
+    return {
+        "post_rps": post["rps"], "post_p50": post["p50"], "post_p95": post["p95"],
+        "post_p99": post["p99"], "get_rps": get["rps"], "get_p50": get["p50"],
+        "get_p99": get["p99"], "errors": errors,
+    }  # fmt: skip
+
+
+def make_keys(db_url: str, count: int) -> dict[int, str]:
+    """``count`` client API keys, {key id: token}, written with plain SQL (the api_keys table
+    of every release: a token's sha256 is what is stored), so an older checkout's
+    ``dmae-certify serve`` can be measured by the same script."""
+    import hashlib
+    import secrets
+
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(db_url)
+    made = {}
+    with engine.begin() as conn:
+        for i in range(count):
+            token = "dmae_" + secrets.token_urlsafe(32)
+            row = conn.execute(
+                text(
+                    "INSERT INTO api_keys (name, key_prefix, key_hash, is_admin, created_at) "
+                    "VALUES (:name, :prefix, :hash, false, now()) RETURNING id"
+                ),
+                {"name": f"client-{i}", "prefix": token[:11],
+                 "hash": hashlib.sha256(token.encode()).hexdigest()},
+            ).scalar_one()  # fmt: skip
+            made[int(row)] = token
+    engine.dispose()
+    return made
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     for _ in range(600):
         if proc.poll() is not None:
@@ -161,6 +279,14 @@ def main() -> int:
     p.add_argument(
         "--keys", type=int, default=0, help="API keys shared by the clients (0: one each)"
     )
+    p.add_argument(
+        "--client",
+        choices=("wrk", "httpx"),
+        default="wrk" if shutil.which("wrk") else "httpx",
+        help="load generator: wrk (C, light on the CPU the servers share; Debian package) or "
+        "httpx (Python asyncio); default wrk when installed",
+    )
+    p.add_argument("--seconds", type=float, default=10.0, help="wrk: seconds per measurement")
     args = p.parse_args()
 
     import psycopg
@@ -183,21 +309,15 @@ def main() -> int:
         "DMAE_DEVICE": "cpu",
         "DMAE_FLOOR_DATABASE_URL": url,
         # Admission control still runs on every submission; no worker drains the queue here.
-        "DMAE_MAX_ACTIVE_JOBS": str(10 * args.clients * args.per_client * args.rounds),
+        "DMAE_MAX_ACTIVE_JOBS": str(10**9),
         "DMAE_RATE_LIMIT_REQUESTS": "10000000",  # still counted per request, never reached
     }
     procs: list[subprocess.Popen[bytes]] = []
     try:
         subprocess.run([CLI, "db", "upgrade"], env=env, check=True, capture_output=True)
-        os.environ.update(DMAE_DATABASE_URL=url)
-        from domain.db import get_database
-        from domain.keys import create_key
-
-        db = get_database(url)
-        with db.session() as s:
-            distinct = [create_key(s, f"client-{i}")[1] for i in range(args.keys or args.clients)]
+        owners = make_keys(url, args.keys or args.clients)
+        distinct = list(owners.values())
         keys = [distinct[i % len(distinct)] for i in range(args.clients)]
-        db.dispose()
         service_port, floor_port = free_port(), free_port()
         commands = {
             "service": [CLI, "serve", "--port", str(service_port), "--log-level", "warning"]
@@ -236,23 +356,33 @@ def main() -> int:
             )
 
         total = args.clients * args.per_client
-        pngs = distinct_pngs(total * args.rounds * 2)
+        per_case = int(args.seconds * 800) if args.client == "wrk" else total  # > any rate
+        pngs = distinct_pngs(per_case * args.rounds * 2)
+        seen: set[str] = set()
         results: dict[str, list[dict[str, Any]]] = {"service": [], "floor": []}
-        print(
-            f"{args.clients} clients x {args.per_client} uploads, {args.polls} polls each; "
-            f"serve --workers {args.workers}; Postgres + Redis, no worker consuming"
+        what = (
+            f"wrk, {args.clients} connections, {args.seconds:g} s of distinct uploads then "
+            "as long polling the jobs they made"
+            if args.client == "wrk"
+            else f"httpx, {args.clients} clients x {args.per_client} uploads, "
+            f"{args.polls} polls each"
         )
+        print(f"{what}; serve --workers {args.workers}; Postgres + Redis, no worker consuming")
         batch = 0
         for r in range(args.rounds):
             order = ["floor", "service"] if r % 2 == 0 else ["service", "floor"]
             for case in order:
-                mine = pngs[batch * total : (batch + 1) * total]
+                mine = pngs[batch * per_case : (batch + 1) * per_case]
                 batch += 1
-                per = [mine[c :: args.clients] for c in range(args.clients)]
                 base = f"http://127.0.0.1:{service_port if case == 'service' else floor_port}"
                 path = "/certify" if case == "service" else "/floor"
                 form = {"sigma": "0.25", "n": "1000"} if case == "service" else {}
-                out = asyncio.run(load(base, path, keys, per, form, args.polls))
+                if args.client == "wrk":
+                    out = wrk_round(case, base, path, mine, form, distinct, owners, url, seen,
+                                    args, data)  # fmt: skip
+                else:
+                    per = [mine[c :: args.clients] for c in range(args.clients)]
+                    out = asyncio.run(load(base, path, keys, per, form, args.polls))
                 results[case].append(out)
                 print(
                     f"round {r + 1} {case:7s}: POST {out['post_rps']:6.1f} req/s p50 "

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import httpx
 from fault_support import free_port, terminate
-from service_support import (  # noqa: F401 - tiny_checkpoint is a fixture
+from service_support import (  # noqa: F401 - tiny_checkpoint and pg_url are fixtures
     SIGMA,
     assert_same_certificate,
     digit_png,
+    pg_url,
     reference,
     tiny_checkpoint,
     wait_for,
@@ -100,3 +101,70 @@ def test_keys_serve_upload_poll(tmp_path: Path, tiny_checkpoint: Path) -> None: 
         log.close()
     assert "No API key existed" not in (tmp_path / "serve.log").read_text()
     assert (tmp_path / "data" / "dmae.sqlite3").is_file()
+
+
+def test_serve_workers_needs_a_broker(tmp_path: Path) -> None:
+    """The embedded runner lives in the one API process: --workers 2 without a broker is
+    refused with the reason, before anything starts."""
+    env = {**os.environ, "DMAE_DATA_DIR": str(tmp_path / "data"), "DMAE_BROKER_URL": ""}
+    env.pop("DMAE_DATABASE_URL", None)
+    out = subprocess.run([CLI, "serve", "--workers", "2"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "--workers needs DMAE_BROKER_URL" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_serve_workers_share_one_metrics_view(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+    """serve --workers 2 on Postgres + Redis: two API processes on one port, and GET /metrics
+    from either adds up both (prometheus_client's multiprocess mode)."""
+    import uuid
+
+    from service_support import REDIS_URL, reset_postgres
+    from test_metrics import samples, total
+
+    from domain import migrate
+    from domain.keys import create_key
+
+    reset_postgres(pg_url)
+    migrate.upgrade(pg_url)
+    from domain.db import get_database
+
+    with get_database(pg_url).session() as s:
+        key = create_key(s, "w")[1]
+    port = free_port()
+    env = {
+        **os.environ,
+        "DMAE_DATA_DIR": str(tmp_path / "data"),
+        "DMAE_DATABASE_URL": pg_url,
+        "DMAE_BROKER_URL": REDIS_URL,
+        "DMAE_QUEUE": f"dmae-test-{uuid.uuid4().hex[:10]}",
+        "DMAE_DEVICE": "cpu",
+    }
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [CLI, "serve", "--workers", "2", "--port", str(port), "--log-level", "warning"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        h = {"X-API-Key": key}
+        for i in range(6):
+            r = httpx.post(f"{base}/certify", headers=h, files={"image": ("d.png", digit_png(i))},
+                           data={"sigma": "0.25", "n": "100"}, timeout=30)  # fmt: skip
+            assert r.status_code == 202, r.text
+        seen = [
+            total(samples(httpx.get(f"{base}/metrics", timeout=10).text), "dmae_jobs_total",
+                  status="queued")
+            for _ in range(6)
+        ]  # fmt: skip
+        assert seen == [6.0] * 6, seen  # whichever process answered, it counted both
+    finally:
+        terminate(proc)
+        log.close()

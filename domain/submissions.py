@@ -10,8 +10,8 @@ re-roll. Only a job that produced nothing (failed or cancelled) is queued again,
 same seed.
 
 Admission control: a client may have at most ``max_active_jobs`` jobs queued or running; a
-submission that would add one more gets 429 with ``Retry-After``. On Postgres the count and the
-insert run under a row lock on the client's key, so concurrent submissions cannot overshoot.
+submission that would add one more gets 429 with ``Retry-After``. The count runs after the insert,
+under a lock on the client's key row (:func:`admit`), so concurrent submissions cannot overshoot.
 """
 
 from __future__ import annotations

@@ -7,14 +7,18 @@ the core, and real Postgres databases / Redis queues with unique names that are 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import torch
@@ -205,6 +209,17 @@ def reset_postgres(url: str) -> None:
         conn.execute("CREATE SCHEMA public")
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database URL, once SQLite and once a fresh Postgres database (migrations and
+    concurrency tests run on both)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'm.sqlite3'}"
+    url: str = request.getfixturevalue("pg_url")
+    reset_postgres(url)
+    return url
+
+
 @pytest.fixture
 def redis_queue() -> Iterator[str]:
     """A unique Celery queue name on the test Redis; its keys are deleted afterwards."""
@@ -220,3 +235,35 @@ def redis_queue() -> Iterator[str]:
     for key in client.scan_iter(f"*{queue}*"):
         client.delete(key)
     client.close()
+
+
+@contextlib.contextmanager
+def serve_process(root: Path, env: dict[str, str], *args: str) -> Iterator[tuple[str, Path]]:
+    """``dmae-certify serve`` (plus ``args``) in ``root`` on a free port with ``env``, until it
+    answers /readyz; yields (base URL, log file) and stops it afterwards."""
+    from fault_support import free_port, terminate
+
+    cli = str(Path(sys.executable).parent / "dmae-certify")
+    port = free_port()
+    log_path = root / "serve.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [cli, "serve", "--port", str(port), *args],
+        env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        yield base, log_path
+    finally:
+        terminate(proc)
+        log.close()

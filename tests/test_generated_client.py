@@ -21,9 +21,15 @@ from typing import Any
 
 import httpx
 import pytest
-from fault_support import free_port, terminate
 from PIL import Image
-from service_support import SIGMA, assert_same_certificate, digit_png, make_checkpoint, reference
+from service_support import (
+    SIGMA,
+    assert_same_certificate,
+    digit_png,
+    make_checkpoint,
+    reference,
+    serve_process,
+)
 
 BIN = Path(sys.executable).parent
 PACKAGE = "dmae_certify_client"
@@ -49,37 +55,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         DMAE_DEVICE="cpu",
         DMAE_BATCH_SIZE="64",
     )
-    port = free_port()
-    log_path = root / "serve.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [str(BIN / "dmae-certify"), "serve", "--port", str(port)],
-        env=env,
-        cwd=root,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+    with serve_process(root, env) as (base, log_path):
         text = log_path.read_text()
         found = KEY_LINE.search(text)
         assert found, text
         checkpoint = make_checkpoint(root / "tiny.safetensors")
         yield Server(base, found.group(1), text, checkpoint)
-    finally:
-        terminate(proc)
-        log.close()
 
 
 @pytest.fixture(scope="module")

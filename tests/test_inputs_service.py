@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from service_support import pg_url, reset_postgres, service_settings, wait_for  # noqa: F401
+from service_support import database, pg_url, service_settings, wait_for  # noqa: F401
 
 from app.main import create_app
 from domain.keys import create_key
@@ -174,15 +174,6 @@ def test_far_from_domain_inputs_carry_size_scale_and_warnings(api: Client) -> No
 
 
 # ---------------------------------------------------------------- migration 0003
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'm.sqlite3'}"
-    url: str = request.getfixturevalue("pg_url")
-    reset_postgres(url)
-    return url
 
 
 def test_migration_0003_backfills_the_tensor_sha256_of_existing_jobs(database: str) -> None:

@@ -7,11 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from service_support import pg_url, reset_postgres  # noqa: F401 - pg_url is a fixture
+from service_support import database, pg_url  # noqa: F401 - fixtures
 from sqlalchemy import inspect
 
 from domain import migrate
@@ -27,15 +26,6 @@ TABLES = {
     "training_runs",
     "idempotency_keys",
 }
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'm.sqlite3'}"
-    url: str = request.getfixturevalue("pg_url")
-    reset_postgres(url)
-    return url
 
 
 def _tables(url: str) -> set[str]:

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from service_support import (  # noqa: F401 - tiny_checkpoint and pg_url are fixtures
     REDIS_URL,
+    database,
     digit_png,
     pg_url,
     service_settings,
@@ -217,21 +218,6 @@ def test_resubmission_returns_the_stored_certificate(
         assert svc.certificates() == 1 and _jobs(svc) == 1
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def race_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    from service_support import reset_postgres
-
-    from domain import migrate
-
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'race.sqlite3'}"
-    else:
-        url = request.getfixturevalue("pg_url")
-        reset_postgres(url)
-    migrate.upgrade(url)
-    yield url
-
-
 def _race(url: str, tmp_path: Path, checkpoint: Path, admit: Any, cap: int, racers: int) -> int:
     """``racers`` threads submit distinct images for one key at once; returns the jobs stored.
 
@@ -288,14 +274,15 @@ def _race(url: str, tmp_path: Path, checkpoint: Path, admit: Any, cap: int, race
 
 
 def test_admission_cap_holds_under_concurrent_submissions(
-    race_db: str,
+    database: str,
     tmp_path: Path,
     tiny_checkpoint: Path,  # noqa: F811
 ) -> None:
     """12 submissions of one key race; the cap of 3 admits exactly 3, on SQLite and Postgres."""
-    from domain import submissions
+    from domain import migrate, submissions
 
-    assert _race(race_db, tmp_path, tiny_checkpoint, submissions.admit, cap=3, racers=12) == 3
+    migrate.upgrade(database)
+    assert _race(database, tmp_path, tiny_checkpoint, submissions.admit, cap=3, racers=12) == 3
 
 
 def test_the_race_test_catches_an_unlocked_count(

@@ -6,17 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
-from fault_support import free_port, terminate
 from service_support import (  # noqa: F401 - tiny_checkpoint and pg_url are fixtures
     SIGMA,
     assert_same_certificate,
     digit_png,
     pg_url,
     reference,
+    serve_process,
     tiny_checkpoint,
     wait_for,
 )
@@ -46,59 +45,37 @@ def test_keys_serve_upload_poll(tmp_path: Path, tiny_checkpoint: Path) -> None: 
     listing = cli("keys", "list")
     assert "ops" in listing and "alice" in listing and admin not in listing
 
-    port = free_port()
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [CLI, "serve", "--port", str(port)],
-        env=env,
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base, timeout=30) as http:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.2)
-            r = http.post(
-                "/admin/models", headers={"X-API-Key": admin}, data={"path": "tiny.safetensors"}
-            )
-            assert r.status_code == 201, r.text
-            png = digit_png(7)
-            r = http.post(
-                "/certify",
-                headers={"X-API-Key": user},
-                files={"image": ("7.png", png)},
-                data={"sigma": str(SIGMA), "n0": "20", "n": "300", "seed": "42"},
-            )
-            assert r.status_code == 202, r.text
-            job = wait_for(http.get, r.json()["url"], user)
-            assert job["status"] == "succeeded", job
-            want = reference(
-                tiny_checkpoint, png, sigma=SIGMA, alpha=0.001, n0=20, n=300, seed=42, batch_size=64
-            )
-            assert_same_certificate(job["certificate"], want)
-            schema = http.get("/openapi.json").json()
-            assert {
-                "/certify",
-                "/jobs/{job_id}",
-                "/jobs",
-                "/models",
-                "/admin/models",
-                "/admin/training",
-            } <= set(schema["paths"])
-    finally:
-        terminate(proc)
-        log.close()
+    with (
+        serve_process(tmp_path, env) as (base, _),
+        httpx.Client(base_url=base, timeout=30) as http,
+    ):
+        r = http.post(
+            "/admin/models", headers={"X-API-Key": admin}, data={"path": "tiny.safetensors"}
+        )
+        assert r.status_code == 201, r.text
+        png = digit_png(7)
+        r = http.post(
+            "/certify",
+            headers={"X-API-Key": user},
+            files={"image": ("7.png", png)},
+            data={"sigma": str(SIGMA), "n0": "20", "n": "300", "seed": "42"},
+        )
+        assert r.status_code == 202, r.text
+        job = wait_for(http.get, r.json()["url"], user)
+        assert job["status"] == "succeeded", job
+        want = reference(
+            tiny_checkpoint, png, sigma=SIGMA, alpha=0.001, n0=20, n=300, seed=42, batch_size=64
+        )
+        assert_same_certificate(job["certificate"], want)
+        schema = http.get("/openapi.json").json()
+        assert {
+            "/certify",
+            "/jobs/{job_id}",
+            "/jobs",
+            "/models",
+            "/admin/models",
+            "/admin/training",
+        } <= set(schema["paths"])
     assert "No API key existed" not in (tmp_path / "serve.log").read_text()
     assert (tmp_path / "data" / "dmae.sqlite3").is_file()
 
@@ -130,7 +107,6 @@ def test_serve_workers_share_one_metrics_view(tmp_path: Path, pg_url: str) -> No
 
     with get_database(pg_url).session() as s:
         key = create_key(s, "w")[1]
-    port = free_port()
     env = {
         **os.environ,
         "DMAE_DATA_DIR": str(tmp_path / "data"),
@@ -140,20 +116,7 @@ def test_serve_workers_share_one_metrics_view(tmp_path: Path, pg_url: str) -> No
         "DMAE_DEVICE": "cpu",
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [CLI, "serve", "--workers", "2", "--port", str(port), "--log-level", "warning"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with serve_process(tmp_path, env, "--workers", "2", "--log-level", "warning") as (base, _):
         h = {"X-API-Key": key}
         for i in range(6):
             r = httpx.post(f"{base}/certify", headers=h, files={"image": ("d.png", digit_png(i))},
@@ -165,6 +128,3 @@ def test_serve_workers_share_one_metrics_view(tmp_path: Path, pg_url: str) -> No
             for _ in range(6)
         ]  # fmt: skip
         assert seen == [6.0] * 6, seen  # whichever process answered, it counted both
-    finally:
-        terminate(proc)
-        log.close()

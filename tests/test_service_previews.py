@@ -9,13 +9,10 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from PIL import Image
 from service_support import (  # noqa: F401 - tiny_checkpoint is a fixture
     SIGMA,
@@ -24,21 +21,11 @@ from service_support import (  # noqa: F401 - tiny_checkpoint is a fixture
     tiny_checkpoint,
     wait_for,
 )
-from test_service_embedded import Service
+from test_service_embedded import Service, service  # noqa: F401 - service is a fixture
 
-from app.main import create_app
 from domain import previews
 from models.data import preprocess
 from models.smoothing import NoiseStream
-
-
-@pytest.fixture
-def service(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[Service]:  # noqa: F811
-    app = create_app(service_settings(tmp_path / "data"))
-    with TestClient(app) as client:
-        svc = Service(client, app, tiny_checkpoint)
-        assert svc.register().status_code == 201
-        yield svc
 
 
 def pixels(png: bytes) -> np.ndarray:

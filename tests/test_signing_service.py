@@ -18,16 +18,15 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from service_support import (  # noqa: F401 - tiny_checkpoint, pg_url are fixtures
     SIGMA,
+    database,
     digit_png,
     make_checkpoint,
     pg_url,
@@ -36,22 +35,13 @@ from service_support import (  # noqa: F401 - tiny_checkpoint, pg_url are fixtur
     tiny_checkpoint,
 )
 from sqlalchemy import func, select
-from test_service_embedded import Service
+from test_service_embedded import Service, service  # noqa: F401 - service is a fixture
 
 from app.main import create_app
 from domain import signing
 from domain.config import Settings
 from domain.tables import Certificate
 from domain.verification import verify_certificate
-
-
-@pytest.fixture
-def service(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[Service]:  # noqa: F811
-    app = create_app(service_settings(tmp_path / "data"))
-    with TestClient(app) as client:
-        svc = Service(client, app, tiny_checkpoint)
-        assert svc.register().status_code == 201
-        yield svc
 
 
 def _run(svc: Service, key: str, png: bytes, **form: str) -> dict[str, Any]:
@@ -222,15 +212,6 @@ def test_serve_stops_with_a_clear_message_when_the_key_file_is_missing(tmp_path:
 
 
 # ---------------------------------------------------------------- migration 0004
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'm.sqlite3'}"
-    url: str = request.getfixturevalue("pg_url")
-    reset_postgres(url)
-    return url
 
 
 def test_migration_0004_keeps_jobs_inputs_and_certificates(database: str) -> None:

@@ -15,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fault_support import free_port, terminate
-from service_support import SIGMA, digit_png, make_checkpoint, wait_for
+from service_support import SIGMA, digit_png, make_checkpoint, serve_process, wait_for
 
 from app.cli import main
 from models.evaluate import round_down
@@ -67,53 +65,30 @@ def issued(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Issued]:
         DMAE_BATCH_SIZE="64",
     )
     checkpoint = make_checkpoint(root / "data" / "checkpoints" / "tiny.safetensors", bias=0.0)
-    port = free_port()
-    log_path = root / "serve.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [CLI, "serve", "--port", str(port)],
-        env=env,
-        cwd=root,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base, timeout=30) as http:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.2)
-            found = KEY_LINE.search(log_path.read_text())
-            assert found, log_path.read_text()
-            admin = found.group(1)
-            r = http.post(
-                "/admin/models", headers={"X-API-Key": admin}, data={"path": "tiny.safetensors"}
-            )
-            assert r.status_code == 201, r.text
-            png = digit_png(5)
-            r = http.post(
-                "/certify",
-                headers={"X-API-Key": admin},
-                files={"image": ("5.png", png)},
-                data={"sigma": str(SIGMA), "n0": "20", "n": "400"},
-            )
-            assert r.status_code == 202, r.text
-            job = wait_for(http.get, r.json()["url"], admin)
-            assert job["status"] == "succeeded", job
-            folder = root / "files"
-            folder.mkdir()
-            yield Issued(base, folder, job, png, checkpoint)
-    finally:
-        terminate(proc)
-        log.close()
+    with (
+        serve_process(root, env) as (base, log_path),
+        httpx.Client(base_url=base, timeout=30) as http,
+    ):
+        found = KEY_LINE.search(log_path.read_text())
+        assert found, log_path.read_text()
+        admin = found.group(1)
+        r = http.post(
+            "/admin/models", headers={"X-API-Key": admin}, data={"path": "tiny.safetensors"}
+        )
+        assert r.status_code == 201, r.text
+        png = digit_png(5)
+        r = http.post(
+            "/certify",
+            headers={"X-API-Key": admin},
+            files={"image": ("5.png", png)},
+            data={"sigma": str(SIGMA), "n0": "20", "n": "400"},
+        )
+        assert r.status_code == 202, r.text
+        job = wait_for(http.get, r.json()["url"], admin)
+        assert job["status"] == "succeeded", job
+        folder = root / "files"
+        folder.mkdir()
+        yield Issued(base, folder, job, png, checkpoint)
 
 
 def verify(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:

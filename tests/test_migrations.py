@@ -26,6 +26,8 @@ TABLES = {
     "certificates",
     "training_runs",
     "idempotency_keys",
+    "evaluations",
+    "evaluation_items",
 }
 
 

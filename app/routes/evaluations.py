@@ -287,7 +287,7 @@ def get_evaluation(evaluation_id: str, client: Client, session: SessionDep) -> E
             "count_a n pa_lower n0 sigma alpha max_radius target_radius bound name "
             "tensor_sha256 preprocessing warnings`, one row per image with a certificate, "
             "numbers at full precision; the CLI's --out file.",
-            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "content": {"text/tab-separated-values": {"schema": {"type": "string"}}},
         },
         **error_responses(404, why={404: NO_SUCH_EVALUATION}),
     },
@@ -299,7 +299,7 @@ def evaluation_results(evaluation_id: str, client: Client, session: SessionDep) 
 
     return Response(
         tsv_text(rows),
-        media_type="text/plain; charset=utf-8",
+        media_type="text/tab-separated-values; charset=utf-8",
         headers={
             "Content-Disposition": f'attachment; filename="evaluation-{evaluation.id}.tsv"',
             "X-Content-Type-Options": "nosniff",

@@ -44,8 +44,9 @@ class Settings(BaseSettings):
     )
     dataset_dir: Path | None = Field(
         default=None,
-        description="Server-side folder holding training datasets (ImageFolder layout); training "
-        "runs accept paths inside it or the built-in digits:train. Default: DATA_DIR/datasets.",
+        description="Server-side folder holding datasets (ImageFolder layout); training runs and "
+        "evaluations accept folders inside it or the built-in digits:train|test. Default: "
+        "DATA_DIR/datasets.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",

@@ -201,6 +201,22 @@ def active_evaluations(session: Session, owner_id: int) -> int:
     return int(count or 0)
 
 
+def admit(session: Session, owner_id: int, settings: Settings) -> None:
+    """Call after writing an evaluation and its items (not yet committed): rolls back and raises
+    429 when the client now has more than ``max_active_evaluations`` in progress. The count runs
+    under the lock single submissions take on the client's key row
+    (``domain.submissions.admit``), held to the caller's commit, so concurrent submissions are
+    counted one after another and cannot overshoot."""
+    cap = settings.max_active_evaluations
+    if cap <= 0:
+        return
+    session.execute(select(ApiKey.id).where(ApiKey.id == owner_id).with_for_update(key_share=True))
+    active = active_evaluations(session, owner_id)
+    if active > cap:
+        session.rollback()
+        raise _too_many(active - 1, cap)
+
+
 def _too_many(active: int, cap: int) -> ServiceError:
     return ServiceError(
         429,
@@ -311,8 +327,6 @@ def _store(
         total=len(chosen),
     )
     session.add(evaluation)
-    # The lock single submissions take (domain.submissions.admit), held to the commit.
-    session.execute(select(ApiKey.id).where(ApiKey.id == client.id).with_for_update(key_share=True))
     secret = signing.seed_secret(settings)
     queued: dict[str, events.JobFacts] = {}
     for position, item in enumerate(chosen):
@@ -336,10 +350,7 @@ def _store(
             )
         )  # fmt: skip
     session.flush()
-    cap = settings.max_active_evaluations
-    if cap > 0 and (active := active_evaluations(session, client.id)) > cap:
-        session.rollback()
-        raise _too_many(active - 1, cap)
+    admit(session, client.id, settings)
     session.commit()
     for job_id, facts in queued.items():
         events.job_changed(job_id, Status.QUEUED.value, facts, reason=f"evaluation {evaluation_id}")

@@ -415,3 +415,95 @@ def test_migration_0006_keeps_jobs_inputs_and_certificates(database: str) -> Non
     assert not {"evaluations", "evaluation_items"} & tables
     assert counts() == (1, 1, 1)
     engine.dispose()
+
+
+# ---------------------------------------------------------------- admission under a race
+
+
+def _race(url: str, tmp_path: Path, checkpoint: Path, admit: Any, cap: int, racers: int) -> int:
+    """``racers`` threads submit distinct evaluations for one key at once; returns how many
+    were stored. On Postgres each racer waits at a barrier after writing its evaluation and
+    before the admission count, so the counts overlap (SQLite's write lock already serialises
+    the writers: a barrier there would deadlock)."""
+    import shutil
+    import threading
+
+    from domain import evaluations, migrate, registry
+    from domain.db import get_database
+    from domain.errors import ServiceError
+    from domain.keys import Caller, create_key
+    from domain.submissions import Params
+
+    migrate.upgrade(url)
+    settings = service_settings(tmp_path / "data", database_url=url, max_active_evaluations=cap)
+    db = get_database(url)
+    shutil.copy(checkpoint, tmp_path / "tiny.safetensors")
+    with db.session() as s:
+        registry.register(s, location=str(tmp_path / "tiny.safetensors"), name="tiny-s0.25")
+        key, _ = create_key(s, "racer")
+        s.commit()
+        caller = Caller(key.id, False)
+    barrier = threading.Barrier(racers, timeout=30)
+    codes: list[int] = []
+
+    def held_admit(session: Any, owner_id: int, settings: Any) -> None:
+        if not settings.is_sqlite:
+            barrier.wait()
+        admit(session, owner_id, settings)
+
+    def racer(i: int) -> None:
+        params = Params(sigma=0.25, n0=20, n=200, alpha=0.001 + i * 1e-5)  # distinct jobs
+        request = evaluations.Request(params, dataset="digits:test", max_images=2)
+        with db.session() as s:
+            try:
+                evaluations.submit(s, caller, request, settings)
+                codes.append(202)
+            except ServiceError as exc:
+                codes.append(exc.status_code)
+
+    original = evaluations.admit
+    evaluations.admit = held_admit
+    try:
+        threads = [threading.Thread(target=racer, args=(i,)) for i in range(racers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        evaluations.admit = original
+    with db.session() as s:
+        stored = int(s.scalar(select(func.count()).select_from(Evaluation)) or 0)
+    db.dispose()
+    assert len(codes) == racers and set(codes) <= {202, 429}, codes
+    assert codes.count(202) == stored
+    return stored
+
+
+def test_the_evaluation_cap_holds_under_concurrent_submissions(
+    database: str,
+    tmp_path: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+) -> None:
+    """8 evaluations of one key race; the cap of 2 admits exactly 2, on SQLite and Postgres."""
+    from domain import evaluations
+
+    assert _race(database, tmp_path, tiny_checkpoint, evaluations.admit, cap=2, racers=8) == 2
+
+
+def test_the_race_test_catches_an_unlocked_evaluation_count(
+    pg_url: str,  # noqa: F811
+    tmp_path: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+) -> None:
+    """Teeth: the same count without the key-row lock lets more racers in than the cap."""
+    from domain import evaluations
+    from domain.errors import ServiceError
+
+    reset_postgres(pg_url)
+
+    def unlocked_admit(session: Any, owner_id: int, settings: Any) -> None:
+        if evaluations.active_evaluations(session, owner_id) > settings.max_active_evaluations:
+            session.rollback()
+            raise ServiceError(429, "over the cap")
+
+    assert _race(pg_url, tmp_path, tiny_checkpoint, unlocked_admit, cap=2, racers=8) > 2

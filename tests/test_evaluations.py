@@ -226,6 +226,29 @@ def test_refusals_say_what_is_wrong(service: Service) -> None:
     assert count(service, Evaluation) == 0 and count(service, Job) == 0
 
 
+def test_archive_images_are_checked_exactly_as_uploads(service: Service) -> None:
+    """Every hostile upload of tests/hostile_corpus.py, inside an archive next to a good image:
+    the evaluation gets the status and sentence POST /certify gets for the same bytes (named
+    after the member), and nothing is stored."""
+    from hostile_corpus import VALID_FORM, corpus
+
+    uploads = [
+        c for c in corpus(digit_png(0), "")
+        if c.path == "/certify" and "files" in c.kw and c.kw["data"] == VALID_FORM
+    ]  # fmt: skip
+    assert len(uploads) >= 15
+    for case in uploads:
+        data = case.kw["files"]["image"][1]
+        single = service.client.post("/certify", headers=service.h(service.alice),
+                                     files={"image": ("x.png", data)}, data=SMALL)  # fmt: skip
+        assert single.status_code == case.expect, (case.name, single.text)
+        archive = zipped({"digit-3/a.png": digit_png(0), "digit-3/bad.png": data})
+        r = evaluate(service, service.alice, files={"archive": ("x.zip", archive)}, **SMALL)
+        assert r.status_code == case.expect, (case.name, r.text)
+        assert r.json()["detail"] == f"digit-3/bad.png: {single.json()['detail']}", case.name
+    assert count(service, Evaluation) == 0 and count(service, Job) == 0
+
+
 def test_a_server_side_image_folder(service: Service) -> None:
     root = Path(service.app.state.settings.datasets) / "mine"
     for folder, i in (("digit-1", 0), ("digit-1", 1), ("digit-5", 2)):

@@ -44,7 +44,15 @@ from domain.db import utcnow
 from domain.errors import ServiceError, bad_input
 from domain.images import decode_image
 from domain.keys import Caller
-from domain.submissions import ADMISSION_RETRY_S, Params, find, new_job, requeue, resolve
+from domain.submissions import (
+    ADMISSION_RETRY_S,
+    Params,
+    Target,
+    find,
+    new_job,
+    requeue,
+    resolve,
+)
 from domain.tables import (
     ACTIVE_STATUSES,
     ApiKey,
@@ -301,7 +309,7 @@ def _store(
     source: str,
     archive_sha256: str | None,
     request: Request,
-    target: Any,
+    target: Target,
     chosen: list[Item],
     classes: list[str],
     settings: Settings,

@@ -78,7 +78,6 @@ from models.evaluate import (
 from models.images import Preprocessed
 from models.smoothing import max_radius
 
-BUILT_IN = ("digits:train", "digits:test")
 ATTEMPTS = 3  # an identical single submission racing in: the evaluation is stored again
 
 
@@ -111,9 +110,8 @@ class Item:
 def _dataset_items(
     spec: str, settings: Settings, input_size: int, classes: list[str]
 ) -> list[Item]:
-    if spec.startswith("digits:"):
-        if spec not in BUILT_IN:
-            raise bad_input(f"the built-in datasets are {' and '.join(BUILT_IN)}, not {spec!r}")
+    resolved = registry.dataset(settings.datasets, spec)
+    if resolved in registry.BUILT_IN_DATASETS:
         if len(classes) != 10:
             raise bad_input(
                 f"{spec} is labelled with the digits 0-9; the model has {len(classes)} classes"
@@ -128,9 +126,7 @@ def _dataset_items(
             Item(i, inputs.name(i), int(label), partial(digit, i))
             for i, (_, label, _) in enumerate(inputs.items)
         ]
-    root = registry.inside(settings.datasets, spec)
-    if not root.is_dir():
-        raise bad_input(f"no dataset folder {spec!r} in the server's dataset folder")
+    root = Path(resolved)
     try:
         folder = ImageFolderDataset(root, input_size, classes)
     except ValueError as exc:  # no class folders, or a folder that is no class of the model

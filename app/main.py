@@ -16,7 +16,18 @@ from fastapi import FastAPI
 
 from app import api_docs, errors
 from app.ratelimit import make_limiter
-from app.routes import admin, health, jobs, metrics, models, previews, replays, signing, web
+from app.routes import (
+    admin,
+    evaluations,
+    health,
+    jobs,
+    metrics,
+    models,
+    previews,
+    replays,
+    signing,
+    web,
+)
 from app.upload_files import MULTIPART_SLACK, BodyLimit
 from domain.config import Settings, get_settings
 from domain.db import get_database
@@ -44,6 +55,8 @@ def body_limits(settings: Settings) -> Any:
             return settings.max_upload_bytes + MULTIPART_SLACK
         if method == "POST" and path.rstrip("/") == "/admin/models":
             return settings.max_checkpoint_bytes + MULTIPART_SLACK
+        if method == "POST" and path.rstrip("/") == "/evaluations":
+            return settings.max_archive_bytes + MULTIPART_SLACK
         return JSON_BODY_LIMIT
 
     return limit_for
@@ -109,7 +122,7 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
     api_docs.install(app)
     app.add_middleware(BodyLimit, limit_for=body_limits(settings))
     metrics.instrument(app)
-    for module in (jobs, previews, replays, models, admin, signing, health, metrics):
+    for module in (jobs, previews, replays, evaluations, models, admin, signing, health, metrics):
         app.include_router(module.router)
     web.install(app)  # the page for people at / (not part of the OpenAPI schema)
     return app

@@ -435,3 +435,100 @@ def training_out(run: TrainingRun, model_name: str | None) -> TrainingOut:
         finished_at=_iso(run.finished_at),
         error=run.error,
     )
+
+
+# ---------------------------------------------------------------------------------- evaluations
+
+
+class EvaluationProgress(BaseModel):
+    images_done: int = Field(description="Images with a certificate.")
+    images_failed: int = Field(description="Images whose job failed or was cancelled.")
+    images_total: int
+    samples_done: int = Field(description="Noisy samples evaluated so far, all images.")
+    samples_total: int = Field(
+        description="Samples the images draw in all: (n0 + n) each (decide: n is the cap)."
+    )
+
+
+class RadiusAccuracy(BaseModel):
+    radius: float = Field(description="L2 radius r.")
+    accuracy: float = Field(
+        description="Fraction of the certified images with prediction == label and radius >= r "
+        "(abstentions count as wrong)."
+    )
+
+
+class DecisionsOut(BaseModel):
+    """decide evaluations: the share of each decision and the samples drawn."""
+
+    certified: float
+    not_certified: float
+    undecided: float
+    certified_accuracy: float = Field(
+        description="Fraction decided 'certified' at target_radius with prediction == label."
+    )
+    n_used_median: float = Field(description="Median estimation samples drawn per image.")
+    n_used_mean: float
+    samples_saved: float = Field(
+        description="(n0 + n) per image over (n0 + n_used) per image: the saving against a "
+        "fixed-n CERTIFY."
+    )
+
+
+class EvaluationTime(BaseModel):
+    compute_s: float = Field(description="Sum over the finished images of their jobs' run time.")
+    wall_s: float = Field(description="From submission to the last image's end (or now).")
+
+
+class EvaluationOut(BaseModel):
+    """A test set certified through the service. Results cover the images with a certificate
+    (``progress.images_done``); all numbers are at full precision."""
+
+    id: str
+    url: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
+        description="queued (no image started), running, succeeded (every image has a "
+        "certificate), failed (some job failed or was cancelled: see error), cancelled."
+    )
+    source: str = Field(description="digits:test, a server dataset folder, or archive:<name>.")
+    archive_sha256: str | None = Field(description="sha256 of the uploaded archive.")
+    mode: str
+    model: str
+    sigma: float
+    alpha: float
+    n0: int
+    n: int
+    target_radius: float | None = None
+    time_budget_s: float | None = None
+    skip: int
+    max: int | None = Field(description="At most this many images (after skip); null: all.")
+    progress: EvaluationProgress
+    certified_accuracy: list[RadiusAccuracy] | None = Field(
+        description="certify modes: at r = 0, 0.25, 0.5, ... up to max_radius."
+    )
+    max_radius: float | None = Field(
+        description="certify modes: the largest radius n and alpha can certify."
+    )
+    clean_accuracy: float | None = Field(
+        description="Fraction with prediction == label (abstentions count as wrong)."
+    )
+    abstention_rate: float | None
+    average_certified_radius: float | None = Field(
+        description="certify modes: mean of the radius of correct predictions, 0 for the "
+        "others (ACR, Zhai et al. 2020)."
+    )
+    decisions: DecisionsOut | None = Field(description="decide mode: the decisions summary.")
+    time: EvaluationTime
+    results_url: str = Field(description="The per-image TSV (Cohen et al.'s columns first).")
+    plot_url: str = Field(description="PNG of certified accuracy against radius.")
+    created_at: str
+    finished_at: str | None
+    cancelled_at: str | None
+    error: str | None
+
+
+class EvaluationPage(BaseModel):
+    items: list[EvaluationOut]
+    total: int
+    limit: int
+    offset: int

@@ -44,8 +44,9 @@ class Settings(BaseSettings):
     )
     dataset_dir: Path | None = Field(
         default=None,
-        description="Server-side folder holding training datasets (ImageFolder layout); training "
-        "runs accept paths inside it or the built-in digits:train. Default: DATA_DIR/datasets.",
+        description="Server-side folder holding datasets (ImageFolder layout); training runs and "
+        "evaluations accept folders inside it or the built-in digits:train|test. Default: "
+        "DATA_DIR/datasets.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",
@@ -128,6 +129,39 @@ class Settings(BaseSettings):
         ge=0,
         description="Admission control: a client (API key) may have at most this many jobs "
         "queued or running; a submission beyond it gets 429 with Retry-After (0: no cap).",
+    )
+    max_evaluation_images: int = Field(
+        default=10_000,
+        gt=0,
+        description="Largest evaluation (POST /evaluations): images after skip and max; more: "
+        "422. An evaluation's jobs count against MAX_ACTIVE_EVALUATIONS, not MAX_ACTIVE_JOBS.",
+    )
+    max_active_evaluations: int = Field(
+        default=2,
+        ge=0,
+        description="Admission control for evaluations: a client may have at most this many "
+        "evaluations with images still queued or running; one more gets 429 with Retry-After "
+        "(0: no cap). A key's queued or running jobs are thus at most MAX_ACTIVE_JOBS + "
+        "MAX_ACTIVE_EVALUATIONS x MAX_EVALUATION_IMAGES.",
+    )
+    max_archive_bytes: int = Field(
+        default=256 * 1024**2,
+        gt=0,
+        description="Largest uploaded evaluation archive (zip, tar, tar.gz; bytes as sent); "
+        "larger: 413.",
+    )
+    max_archive_members: int = Field(
+        default=20_000,
+        gt=0,
+        description="Most entries (files and folders) an evaluation archive may hold; more: 413 "
+        "(checked before the archive's index is read).",
+    )
+    max_archive_expanded_bytes: int = Field(
+        default=1024**3,
+        gt=0,
+        description="Most bytes an evaluation archive may expand to (its members, and for a "
+        "compressed tar the whole decompressed stream); more: 413, counted while reading, so a "
+        "compression bomb stops there. Each image is also capped by MAX_UPLOAD_BYTES.",
     )
     rate_limit_requests: int = Field(
         default=3000,

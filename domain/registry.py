@@ -65,6 +65,22 @@ def inside(base: Path, requested: str) -> Path:
     return path
 
 
+BUILT_IN_DATASETS = ("digits:train", "digits:test")
+
+
+def dataset(base: Path, spec: str) -> str:
+    """A server-side dataset (training runs, evaluations): a built-in one, returned as is, or
+    the resolved path of a folder inside ``base`` (the server's dataset folder); 422 else."""
+    if spec.startswith("digits:"):
+        if spec not in BUILT_IN_DATASETS:
+            raise bad_input(f"the built-in datasets are {' and '.join(BUILT_IN_DATASETS)}")
+        return spec
+    folder = inside(base, spec)
+    if not folder.is_dir():
+        raise bad_input(f"no dataset folder {spec!r} in the server's dataset folder")
+    return str(folder)
+
+
 def describe(path: Path, options: dict[str, Any]) -> tuple[str, Any]:
     """(format, CheckpointMeta) of a checkpoint file, validating it without running code.
 

@@ -182,6 +182,33 @@ def cancel(session: Session, table: RunTable, run_id: str) -> bool:
     return bool(ok)
 
 
+def cancel_many(session: Session, ids: list[str], chunk: int = 500) -> list[str]:
+    """Cancel the queued or running jobs among ``ids`` (compare-and-set, as :func:`cancel`);
+    returns those it cancelled. Commits."""
+    done: list[str] = []
+    for start in range(0, len(ids), chunk):
+        result = session.execute(
+            update(Job)
+            .where(Job.id.in_(ids[start : start + chunk]), Job.status.in_((QUEUED, RUNNING)))
+            .values(status=Status.CANCELLED.value, run_token=None, finished_at=utcnow())
+            .returning(Job.id)
+        )
+        done.extend(str(i) for i in result.scalars())
+    session.commit()
+    return done
+
+
+def mark_enqueued_many(session: Session, ids: list[str], chunk: int = 500) -> None:
+    """:func:`mark_enqueued` for many jobs at once (an evaluation's). Commits."""
+    for start in range(0, len(ids), chunk):
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids[start : start + chunk]), Job.status == QUEUED)
+            .values(enqueued_at=utcnow())
+        )
+    session.commit()
+
+
 def mark_enqueued(session: Session, table: RunTable, run_id: str) -> None:
     """Record that ``run_id`` was handed to the broker. Commits; when the session has no
     transaction open this is one statement in autocommit mode (no BEGIN/COMMIT round trips)."""

@@ -9,9 +9,10 @@ thing again returns the stored job and, once it has succeeded, its certificate: 
 re-roll. Only a job that produced nothing (failed or cancelled) is queued again, under the
 same seed.
 
-Admission control: a client may have at most ``max_active_jobs`` jobs queued or running; a
-submission that would add one more gets 429 with ``Retry-After``. The count runs after the insert,
-under a lock on the client's key row (:func:`admit`), so concurrent submissions cannot overshoot.
+Admission control: a client may have at most ``max_active_jobs`` jobs queued or running (jobs
+of an evaluation excepted: those are admitted per evaluation); a submission that would add one
+more gets 429 with ``Retry-After``. The count runs after the insert, under a lock on the
+client's key row (:func:`admit`), so concurrent submissions cannot overshoot.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import hmac
 import json
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,8 +32,9 @@ from domain.errors import ServiceError, bad_input
 from domain.images import decode_image
 from domain.keys import Caller
 from domain.state import rowcount
-from domain.tables import ACTIVE_STATUSES, ApiKey, Job, JobInput, Status, new_id
+from domain.tables import ACTIVE_STATUSES, ApiKey, EvaluationItem, Job, JobInput, Status, new_id
 from models.data import tensor_bytes
+from models.images import Preprocessed
 from models.smoothing import check_decide_n, check_n, validate, validate_budget
 
 SEED_BITS = 53  # seeds stay exact in JSON numbers (JavaScript clients, RFC 8785 signatures)
@@ -162,11 +164,16 @@ def choose_seed(given: int | None, derived: int, settings: Settings) -> tuple[in
     return given, SEED_CLIENT
 
 
-def submit(
-    session: Session, client: Caller, image: bytes, p: Params, settings: Settings
-) -> tuple[Job, bool]:
-    """Store the job (or find the identical one); returns (job, whether it must be sent to the
-    workers now)."""
+@dataclass(frozen=True)
+class Target:
+    """What a submission runs on: the chosen model and the sigma (given, or the model's)."""
+
+    ckpt: registry.Choice
+    sigma: float
+
+
+def resolve(session: Session, p: Params, settings: Settings) -> Target:
+    """Check the parameters and choose the model: 422 with the reason for anything unusable."""
     check_params(p, settings)
     ckpt = registry.choose(session, p.sigma, p.model, settings.registry_cache_s)
     sigma = p.sigma if p.sigma is not None else ckpt.sigma
@@ -177,30 +184,47 @@ def submit(
             check_decide_n(p.n, p.alpha, sigma, p.target_radius)
         except ValueError as exc:
             raise bad_input(str(exc)) from exc
-    decoded = decode_image(image, ckpt.input_size, settings.max_image_pixels)
+    return Target(ckpt, float(sigma))
+
+
+def new_job(
+    owner_id: int,
+    inp: Preprocessed,
+    input_sha256: str,
+    p: Params,
+    target: Target,
+    settings: Settings,
+    secret: bytes,
+) -> tuple[Job, JobInput]:
+    """The queued job (not yet stored) that certifies ``inp`` (a preprocessed input; its bytes'
+    sha256 is ``input_sha256``) with ``p`` on ``target``: its pre-committed seed (derived from
+    the tensor, checkpoint and parameters under ``secret``, or the client's where allowed) and
+    its no-re-roll ``request_key``. The one definition of a job's identity, for single
+    submissions and evaluations alike."""
+    ckpt, sigma = target.ckpt, target.sigma
     n0 = 0 if p.mode == "predict" else p.n0
-    secret = signing.seed_secret(settings)
+    tensor_hash = inp.tensor_sha256
     derived = derive_seed(
-        decoded.tensor_sha256, ckpt.file_sha256, p.mode, sigma, p.alpha, n0, p.n,
+        tensor_hash, ckpt.file_sha256, p.mode, sigma, p.alpha, n0, p.n,
         secret=secret, extra=p.extra(),
     )  # fmt: skip
     seed, source = choose_seed(p.seed, derived, settings)
     job = Job(
         id=new_id(),
-        owner_id=client.id,
+        owner_id=owner_id,
         mode=p.mode,
         checkpoint_id=ckpt.id,
         model_name=ckpt.name,
-        sigma=float(sigma),
+        sigma=sigma,
         alpha=float(p.alpha),
         n0=n0,
         n=p.n,
         seed=seed,
         seed_source=source,
-        input_sha256=decoded.sha256,
-        tensor_sha256=decoded.tensor_sha256,
-        input_record=decoded.input.record(),
-        input_shape=list(decoded.tensor.shape),
+        input_sha256=input_sha256,
+        tensor_sha256=tensor_hash,
+        input_record=inp.record(),
+        input_shape=list(inp.tensor.shape),
         status=Status.QUEUED.value,
         progress_done=0,
         progress_total=n0 + p.n,
@@ -209,18 +233,29 @@ def submit(
         time_budget_s=p.time_budget_s,
     )
     job.request_key = request_key(job, ckpt.file_sha256)
+    stored = JobInput(job_id=job.id, shape=list(inp.tensor.shape), data=tensor_bytes(inp.tensor))
+    return job, stored
+
+
+def submit(
+    session: Session, client: Caller, image: bytes, p: Params, settings: Settings
+) -> tuple[Job, bool]:
+    """Store the job (or find the identical one); returns (job, whether it must be sent to the
+    workers now)."""
+    target = resolve(session, p, settings)
+    decoded = decode_image(image, target.ckpt.input_size, settings.max_image_pixels)
+    secret = signing.seed_secret(settings)
+    job, stored = new_job(client.id, decoded.input, decoded.sha256, p, target, settings, secret)
 
     # The unique (owner, request key) decides whether this is new: no look-up first, since a
     # new submission is the common case and an identical one costs one rolled-back insert.
     session.add(job)
-    session.add(
-        JobInput(job_id=job.id, shape=list(decoded.tensor.shape), data=tensor_bytes(decoded.tensor))
-    )
+    session.add(stored)
     try:
         session.flush()
     except IntegrityError:  # the identical request exists (earlier, or racing in right now)
         session.rollback()
-        existing = _find(session, client.id, job.request_key)
+        existing = find(session, client.id, job.request_key)
         if existing is None:
             raise
         return _reuse(session, existing, settings)
@@ -232,7 +267,9 @@ def submit(
 
 def admit(session: Session, owner_id: int, settings: Settings) -> None:
     """Call after writing the job that makes one more active (not yet committed): rolls back and
-    raises 429 when the client now has more than ``max_active_jobs`` queued or running.
+    raises 429 when the client now has more than ``max_active_jobs`` queued or running. Jobs
+    that belong to an evaluation are not counted: evaluations have their own admission
+    (``domain.evaluations``).
 
     The count runs under a lock on the client's key row (Postgres: ``FOR NO KEY UPDATE``, which
     the job rows' foreign-key locks do not conflict with; SQLite: the write lock the insert
@@ -245,7 +282,11 @@ def admit(session: Session, owner_id: int, settings: Settings) -> None:
     active = session.scalar(
         select(func.count())
         .select_from(Job)
-        .where(Job.owner_id == owner_id, Job.status.in_(ACTIVE_STATUSES))
+        .where(
+            Job.owner_id == owner_id,
+            Job.status.in_(ACTIVE_STATUSES),
+            ~exists().where(EvaluationItem.job_id == Job.id),
+        )
     )
     if (active or 0) > cap:
         session.rollback()
@@ -257,14 +298,16 @@ def admit(session: Session, owner_id: int, settings: Settings) -> None:
         )
 
 
-def _find(session: Session, owner_id: int, key: str) -> Job | None:
+def find(session: Session, owner_id: int, key: str) -> Job | None:
+    """The client's job with this request key (the identical earlier request), if any."""
     return session.scalar(select(Job).where(Job.owner_id == owner_id, Job.request_key == key))
 
 
-def _reuse(session: Session, job: Job, settings: Settings) -> tuple[Job, bool]:
-    """An identical earlier job: as it is, or queued again if it produced nothing."""
+def requeue(session: Session, job: Job) -> bool:
+    """Queue an identical earlier job again if it produced nothing (failed or cancelled), under
+    its seed; does not commit. True when it was re-queued (it is active again)."""
     if job.status not in (Status.FAILED.value, Status.CANCELLED.value):
-        return job, False
+        return False
     requeued = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status.in_((Status.FAILED.value, Status.CANCELLED.value)))
@@ -280,7 +323,14 @@ def _reuse(session: Session, job: Job, settings: Settings) -> tuple[Job, bool]:
             finished_at=None,
         )
     )
-    if rowcount(requeued):
+    return bool(rowcount(requeued))
+
+
+def _reuse(session: Session, job: Job, settings: Settings) -> tuple[Job, bool]:
+    """An identical earlier job: as it is, or queued again if it produced nothing."""
+    if job.status not in (Status.FAILED.value, Status.CANCELLED.value):
+        return job, False
+    if requeue(session, job):
         admit(session, job.owner_id, settings)
     session.commit()
     session.refresh(job)

@@ -221,3 +221,50 @@ class IdempotencyKey(Base):
         ForeignKey("jobs.id", ondelete="CASCADE"), default=None
     )
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Evaluation(Base):
+    """A test set certified through the service: one job per image (``EvaluationItem``), each
+    submitted exactly like ``POST /certify`` (same identity, seed and re-use). Its status,
+    progress and certified accuracy are computed from those jobs when read."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (Index("ix_evaluations_owner_created", "owner_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    # "digits:test", a folder of the server's dataset folder, or "archive:<uploaded file name>"
+    source: Mapped[str] = mapped_column(Text)
+    archive_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    mode: Mapped[str] = mapped_column(String(20))
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"))
+    model_name: Mapped[str] = mapped_column(String(200))
+    classes: Mapped[list[Any]] = mapped_column(default=list)  # the model's, at submission
+    sigma: Mapped[float] = mapped_column(Float)
+    alpha: Mapped[float] = mapped_column(Float)
+    n0: Mapped[int] = mapped_column(Integer)
+    n: Mapped[int] = mapped_column(Integer)
+    target_radius: Mapped[float | None] = mapped_column(Float, default=None)
+    time_budget_s: Mapped[float | None] = mapped_column(Float, default=None)
+    skip: Mapped[int] = mapped_column(Integer, default=1)
+    max_images: Mapped[int | None] = mapped_column(Integer, default=None)
+    total: Mapped[int] = mapped_column(Integer)  # images (items)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    cancelled_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class EvaluationItem(Base):
+    """One image of an evaluation and the job that certifies it. A job may serve several
+    evaluations (re-submitting an evaluation re-uses its finished jobs), so the link lives
+    here rather than in a column of ``jobs``; the label is the evaluation's, not the job's."""
+
+    __tablename__ = "evaluation_items"
+
+    evaluation_id: Mapped[str] = mapped_column(
+        ForeignKey("evaluations.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0 .. total - 1
+    idx: Mapped[int] = mapped_column(Integer)  # the image's index in its dataset (Cohen's idx)
+    name: Mapped[str] = mapped_column(Text)
+    label: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)

@@ -150,6 +150,31 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def folder_labels(folders: Sequence[str], classes: Sequence[str], where: str) -> dict[str, int]:
+    """ImageFolder labels: each folder name -> the model's index of that class (``classes``:
+    the model's class names; ImageNet names also match their WordNet id). ValueError, starting
+    with ``where``, naming the folders that are no class of the model and listing its classes
+    (or naming a folder that matches several classes)."""
+    lookup = ClassLookup(list(classes))
+    labels: dict[str, int] = {}
+    unknown: list[str] = []
+    for name in folders:
+        try:
+            index = lookup.index(name)
+        except ValueError as exc:
+            raise ValueError(f"{where}: folder {exc}") from exc
+        if index is None:
+            unknown.append(name)
+        else:
+            labels[name] = index
+    if unknown:
+        raise ValueError(
+            f"{where}: folder name(s) {', '.join(map(repr, unknown))} are not classes of "
+            f"the model; name each folder by a class ({lookup.describe()})"
+        )
+    return labels
+
+
 class ImageFolderDataset(InputSet):
     """ImageFolder layout: one sub-folder per class.
 
@@ -167,22 +192,7 @@ class ImageFolderDataset(InputSet):
             labels = {name: i for i, name in enumerate(folders)}
             classes = folders
         else:
-            lookup = ClassLookup(list(classes))
-            labels, unknown = {}, []
-            for name in folders:
-                try:
-                    index = lookup.index(name)
-                except ValueError as exc:
-                    raise ValueError(f"{root}: folder {exc}") from exc
-                if index is None:
-                    unknown.append(name)
-                else:
-                    labels[name] = index
-            if unknown:
-                raise ValueError(
-                    f"{root}: folder name(s) {', '.join(map(repr, unknown))} are not classes of "
-                    f"the model; name each folder by a class ({lookup.describe()})"
-                )
+            labels = folder_labels(folders, classes, str(root))
         items: list[tuple[Path | Tensor, int, str]] = [
             (p, labels[name], f"{name}/{p.name}")
             for name in folders

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import numpy as np
 
@@ -108,6 +109,11 @@ def write_tsv(path: str | Path, rows: Iterable[Row]) -> None:
             out.write(row)
 
 
+def tsv_text(rows: Iterable[Row]) -> str:
+    """The whole TSV (header and rows) as text: what :class:`TsvWriter` writes to a file."""
+    return "".join(["\t".join(TSV_COLUMNS) + "\n", *(row.tsv() + "\n" for row in rows)])
+
+
 def read_tsv(path: str | Path) -> list[Row]:
     """The complete rows of a TSV written by :class:`TsvWriter`; a last line cut off by a kill
     (no newline) is left out. ValueError when the file is not such a TSV."""
@@ -163,13 +169,87 @@ def default_radii(max_radius: float, step: float = 0.25) -> list[float]:
     return [round(i * step, 10) for i in range(count)]
 
 
-def certified_accuracy(rows: Sequence[Row], radii: Sequence[float]) -> list[float]:
-    """Fraction of rows with predict == label and radius >= r (abstentions count as wrong)."""
+class Scored(Protocol):
+    """What the curves need of a result: whether it is correct (0/1) and its radius."""
+
+    @property
+    def correct(self) -> int: ...
+
+    @property
+    def radius(self) -> float: ...
+
+
+class Decided(Scored, Protocol):
+    """What a DECIDE summary needs of a result (a :class:`Row` has it)."""
+
+    @property
+    def label(self) -> int: ...
+
+    @property
+    def decision(self) -> str: ...
+
+    @property
+    def n_used(self) -> int | None: ...
+
+    @property
+    def n(self) -> int: ...
+
+
+def certified_accuracy(rows: Sequence[Scored], radii: Sequence[float]) -> list[float]:
+    """Fraction of rows with predict == label and radius >= r (abstentions count as wrong;
+    Cohen et al. 2019, section 4)."""
     if not rows:
         return [0.0 for _ in radii]
     correct = np.array([r.correct for r in rows], dtype=bool)
     radius = np.array([r.radius for r in rows])
     return [float(np.mean(correct & (radius >= r))) for r in radii]
+
+
+def average_certified_radius(rows: Sequence[Scored]) -> float:
+    """ACR (Zhai et al., MACER, ICLR 2020): the mean over rows of the radius of a correct
+    prediction, 0 for a wrong one or an abstention (the area under the certified-accuracy
+    curve)."""
+    if not rows:
+        return 0.0
+    return float(np.mean([r.radius if r.correct else 0.0 for r in rows]))
+
+
+@dataclass(frozen=True)
+class DecisionStats:
+    """DECIDE over a set: the share of each decision, certified accuracy at the target (None
+    without labels), estimation samples drawn, and the saving against a fixed-n CERTIFY."""
+
+    count: int
+    certified: float
+    not_certified: float
+    undecided: float
+    certified_accuracy: float | None
+    n_used_median: float
+    n_used_mean: float
+    samples_saved: float  # (n0 + n) per input over n0 + n_used per input
+
+
+def decision_stats(rows: Sequence[Decided], n: int, n0: int) -> DecisionStats:
+    """:class:`DecisionStats` of DECIDE ``rows`` made with cap ``n`` and ``n0`` selection
+    samples (ValueError when there are none)."""
+    if not rows:
+        raise ValueError("no decisions to summarise")
+    count = len(rows)
+    share = {d: sum(r.decision == d for r in rows) / count for d in ("certified", "not_certified")}
+    undecided = sum(r.decision not in share for r in rows) / count
+    used = [r.n_used if r.n_used is not None else r.n for r in rows]
+    labelled = any(r.label >= 0 for r in rows)
+    right = sum(r.decision == "certified" and r.correct for r in rows)
+    return DecisionStats(
+        count=count,
+        certified=share["certified"],
+        not_certified=share["not_certified"],
+        undecided=undecided,
+        certified_accuracy=right / count if labelled else None,
+        n_used_median=float(np.median(used)),
+        n_used_mean=float(np.mean(used)),
+        samples_saved=count * (n0 + n) / sum(n0 + u for u in used),
+    )
 
 
 def certified_fraction(rows: Sequence[Row], radii: Sequence[float]) -> list[float]:
@@ -181,24 +261,30 @@ def certified_fraction(rows: Sequence[Row], radii: Sequence[float]) -> list[floa
     return [float(np.mean(ok & (radius >= r))) for r in radii]
 
 
-def plot_curve(path: str | Path, rows: Sequence[Row], title: str) -> None:
-    """PNG of certified accuracy (or certified fraction, unlabelled) against radius."""
-    import matplotlib
+def curve_title(model: str, sigma: float, n: int, alpha: float, note: str = "") -> str:
+    """The title of a certified-accuracy plot: what was certified, with which n and alpha."""
+    return f"{model} sigma={sigma:g} n={n} alpha={alpha:g}" + (f" ({note})" if note else "")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot_curve(path: str | Path | BinaryIO, rows: Sequence[Row], title: str) -> None:
+    """PNG of certified accuracy (or certified fraction, unlabelled) against radius, written to
+    ``path`` (a file name or a binary file object). Uses matplotlib's object interface, not
+    pyplot's global state, so threads of a server may draw at the same time."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     top = max([r.max_radius for r in rows] + [0.0])
     grid = list(np.linspace(0.0, max(top, 1e-3), 400))
     labelled = any(r.label >= 0 for r in rows)
     values = certified_accuracy(rows, grid) if labelled else certified_fraction(rows, grid)
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    fig = Figure(figsize=(5, 3.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.plot(grid, values, drawstyle="steps-post")
     ax.set_xlabel("L2 radius")
     ax.set_ylabel("certified accuracy" if labelled else "fraction certified")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.02)  # a curve at 1.0 stays visible above the frame
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    fig.savefig(path, format="png")

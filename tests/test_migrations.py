@@ -25,6 +25,8 @@ TABLES = {
     "certificates",
     "training_runs",
     "idempotency_keys",
+    "evaluations",
+    "evaluation_items",
 }
 
 

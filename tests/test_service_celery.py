@@ -350,3 +350,33 @@ def test_worker_runs_a_decide_job(service: Service, stack: dict[str, Any]) -> No
         want.n_used,
         want.counts,
     )
+
+
+def test_worker_runs_an_evaluation(service: Service, stack: dict[str, Any]) -> None:
+    """The digits:test evaluation (skip 12: 30 images, n = 1,000, bundled digits-s0.25) through
+    Postgres, Redis and the Celery worker: every image certified, accuracy at r = 0 >= 0.9,
+    the 30-row TSV and the PNG."""
+    import io
+
+    from PIL import Image
+
+    from domain import registry
+    from models.evaluate import Row
+
+    with service.app.state.db.session() as s:
+        registry.register_bundled(s)  # the worker loads bundled models from its own install
+    r = service.client.post(
+        "/evaluations",
+        headers=service.h(service.alice),
+        data={"dataset": "digits:test", "model": "digits-s0.25", "n": "1000", "skip": "12"},
+    )
+    assert r.status_code == 202, r.text
+    _worker_alive(stack)
+    ev = wait_for(service.client.get, r.json()["url"], service.alice, timeout=240)
+    assert ev["status"] == "succeeded", (ev, Path(stack["log"]).read_text()[-3000:])
+    assert ev["progress"]["images_done"] == 30 and ev["certified_accuracy"][0]["accuracy"] >= 0.9
+    tsv = service.client.get(ev["results_url"], headers=service.h(service.alice)).text
+    rows = [Row.parse(line) for line in tsv.splitlines()[1:]]
+    assert [row.idx for row in rows] == list(range(0, 360, 12))
+    png = service.client.get(ev["plot_url"], headers=service.h(service.alice))
+    assert Image.open(io.BytesIO(png.content)).format == "PNG"

@@ -24,7 +24,18 @@ from service_support import digit_png, make_checkpoint, service_settings
 
 from app.auth import current_client, get_session, require_admin
 from app.main import create_app
-from app.routes import admin, health, jobs, metrics, models, previews, replays, signing, web
+from app.routes import (
+    admin,
+    evaluations,
+    health,
+    jobs,
+    metrics,
+    models,
+    previews,
+    replays,
+    signing,
+    web,
+)
 from app.routes.deps import get_dispatcher
 from app.schemas import ValidationErrorOut
 
@@ -40,6 +51,12 @@ CAN_RETURN: dict[tuple[str, str], set[int]] = {
     ("POST", "/jobs/{job_id}/replay"): {202, 401, 403, 404, 409, 429, 503},
     ("GET", "/jobs/{job_id}/input.png"): {200, 401, 404, 429, 503},
     ("GET", "/jobs/{job_id}/noisy.png"): {200, 401, 404, 422, 429, 503},
+    ("POST", "/evaluations"): {202, 400, 401, 413, 415, 422, 429, 503},
+    ("GET", "/evaluations"): {200, 401, 422, 429, 503},
+    ("GET", "/evaluations/{evaluation_id}"): {200, 401, 404, 429, 503},
+    ("GET", "/evaluations/{evaluation_id}/results.tsv"): {200, 401, 404, 429, 503},
+    ("GET", "/evaluations/{evaluation_id}/plot.png"): {200, 401, 404, 409, 429, 503},
+    ("DELETE", "/evaluations/{evaluation_id}"): {200, 401, 404, 409, 429, 503},
     ("GET", "/models"): {200, 401, 429, 503},
     ("GET", "/admin/models"): {200, 401, 403, 429, 503},
     ("POST", "/admin/models"): {201, 400, 401, 403, 409, 413, 422, 429, 503},
@@ -56,7 +73,9 @@ CAN_RETURN: dict[tuple[str, str], set[int]] = {
 }
 ERROR_MODEL = {422: "ValidationErrorOut", 503: "UnavailableOut"}  # every other: ErrorOut
 NOT_JSON = {"/metrics": "text/plain", "/jobs/{job_id}/input.png": "image/png",
-            "/jobs/{job_id}/noisy.png": "image/png"}  # fmt: skip
+            "/jobs/{job_id}/noisy.png": "image/png",
+            "/evaluations/{evaluation_id}/results.tsv": "text/tab-separated-values",
+            "/evaluations/{evaluation_id}/plot.png": "image/png"}  # fmt: skip
 RAISES = re.compile(r"ServiceError\((\d{3})|(not_found)\(|(bad_input)\(")
 
 
@@ -107,7 +126,18 @@ def test_the_table_covers_every_operation(schema: dict[str, Any]) -> None:
 def test_the_table_has_what_each_routes_code_implies() -> None:
     routes = [
         r
-        for module in (admin, health, jobs, metrics, models, previews, replays, signing, web)
+        for module in (
+            admin,
+            evaluations,
+            health,
+            jobs,
+            metrics,
+            models,
+            previews,
+            replays,
+            signing,
+            web,
+        )  # fmt: skip
         for r in module.router.routes
         if isinstance(r, APIRoute) and r.include_in_schema
     ]
@@ -178,7 +208,9 @@ def _file_fields(schema: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, A
 
 def test_upload_fields_are_binary(schema: dict[str, Any]) -> None:
     fields = list(_file_fields(schema))
-    assert {(p, n) for p, n, _ in fields} == {("/certify", "image"), ("/admin/models", "file")}
+    assert {(p, n) for p, n, _ in fields} == {
+        ("/certify", "image"), ("/admin/models", "file"), ("/evaluations", "archive"),
+    }  # fmt: skip
     for path, name, node in fields:
         assert node["type"] == "string" and node["format"] == "binary", (path, name, node)
 

@@ -346,7 +346,7 @@ def test_history_pages_and_opens_a_certificate(tab: Tab, web: Web) -> None:
     assert any(j["certificate"]["abstained"] for j in listed)  # both kinds of row are shown
     newest = listed[0]
     assert newest["id"] == jobs[-1]["id"] and not newest["certificate"]["abstained"]
-    expect(page.get_by_role("region", name="Evaluations")).to_contain_text("Not available yet")
+    expect(page.get_by_role("region", name="Evaluations")).to_contain_text("No evaluations yet.")
     tab.screenshot("history")
     page.get_by_role("button", name="Next").click()
     expect(page.get_by_text("Jobs 21 to 21 of 21")).to_be_visible()
@@ -356,6 +356,39 @@ def test_history_pages_and_opens_a_certificate(tab: Tab, web: Web) -> None:
     expect(certificate.locator('[data-field="radius"]')).to_have_text(
         round_down(newest["certificate"]["radius"], 3)
     )
+
+
+def test_history_lists_evaluations_with_their_curve_and_tsv(tab: Tab, web: Web) -> None:
+    r = web.http.post(
+        web.url + "/evaluations",
+        headers={"X-API-Key": web.alice},
+        data={"dataset": "digits:test", "model": "digits-s0.25", "n0": "20", "n": "200",
+              "max": "6"},
+    )  # fmt: skip
+    assert r.status_code == 202, r.text
+
+    def done() -> Any:
+        ev = web.get(r.json()["url"], web.alice)
+        return ev if ev["status"] not in ("queued", "running") else None
+
+    ev = eventually(done, what="the evaluation finished")
+    assert ev["status"] == "succeeded", ev
+    page = tab.open("history", web.alice)
+    row = page.get_by_role("region", name="Evaluations").locator(
+        f'tr[data-evaluation="{ev["id"]}"]'
+    )
+    cells = row.locator("td")
+    expect(cells.nth(1)).to_have_text("succeeded")
+    expect(cells.nth(4)).to_have_text("6 of 6")
+    expect(cells.nth(5)).to_have_text(round_down(ev["certified_accuracy"][0]["accuracy"], 3))
+    assert natural_width(page, f"Certified accuracy against radius, evaluation {ev['id']}") > 100
+    page.get_by_role("region", name="Evaluations").scroll_into_view_if_needed()
+    tab.screenshot("evaluations", full_page=False)
+    with page.expect_download() as download:
+        row.get_by_role("button", name=f"Download the TSV of evaluation {ev['id']}").click()
+    assert download.value.suggested_filename == f"evaluation-{ev['id']}.tsv"
+    tsv = web.http.get(web.url + ev["results_url"], headers={"X-API-Key": web.alice}).text
+    assert Path(download.value.path()).read_text() == tsv and len(tsv.splitlines()) == 7
 
 
 def test_an_admin_registers_a_model(tab: Tab, web: Web) -> None:

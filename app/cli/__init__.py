@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "app.cli.service",  # serve, worker, keys, db
     "app.cli.bench",  # bench
     "app.cli.verify",  # verify
+    "app.cli.submit",  # submit (a client of a running service)
 )
 
 

@@ -230,29 +230,22 @@ def outcome(cert: Any, meta: Any) -> str:
 def decide_summary(rows: list[Any], n: int, n0: int) -> str:
     """DECIDE over a set: decisions, certified accuracy at the target, samples drawn against a
     fixed-n CERTIFY of every input (n0 + n each). Fractions rounded down."""
-    import statistics
-
-    from models.evaluate import round_down
+    from models.evaluate import decision_stats, round_down
 
     if not rows:
         return "decide over 0 inputs"
-    count = {d: sum(r.decision == d for r in rows) for d in ("certified", "not_certified")}
-    undecided = len(rows) - sum(count.values())
-    used = [r.n_used if r.n_used is not None else r.n for r in rows]
-    labelled = any(r.label >= 0 for r in rows)
-    right = sum(r.decision == "certified" and r.correct for r in rows)
-    drawn, fixed = sum(n0 + u for u in used), len(rows) * (n0 + n)
+    stats = decision_stats(rows, n, n0)
+    labelled = stats.certified_accuracy is not None
     lines = [
         f"decide at r={rows[0].target_radius:g} over {len(rows)} input(s), n cap {n}:",
         "certified\tnot_certified\tundecided\t"
         + ("certified_accuracy\t" if labelled else "")
         + "n_used_median\tn_used_mean\tsamples_saved",
-        f"{round_down(count['certified'] / len(rows), 3)}\t"
-        f"{round_down(count['not_certified'] / len(rows), 3)}\t"
-        f"{round_down(undecided / len(rows), 3)}\t"
-        + (f"{round_down(right / len(rows), 3)}\t" if labelled else "")
-        + f"{statistics.median(used):g}\t{statistics.fmean(used):.1f}\t"
-        f"{fixed / drawn:.1f}x (n0 + n_used against n0 + n)",
+        f"{round_down(stats.certified, 3)}\t{round_down(stats.not_certified, 3)}\t"
+        f"{round_down(stats.undecided, 3)}\t"
+        + (f"{round_down(stats.certified_accuracy or 0.0, 3)}\t" if labelled else "")
+        + f"{stats.n_used_median:g}\t{stats.n_used_mean:.1f}\t"
+        f"{stats.samples_saved:.1f}x (n0 + n_used against n0 + n)",
     ]
     return "\n".join(lines)
 
@@ -297,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
         TsvWriter,
         certified_accuracy,
         certified_fraction,
+        curve_title,
         default_radii,
         plot_curve,
         round_down,
@@ -406,5 +400,5 @@ def run(args: argparse.Namespace) -> int:
     print("radius\t" + "\t".join(f"{r:g}" for r in radii), file=summary)
     print("value\t" + "\t".join(round_down(v, 3) for v in values), file=summary)
     if args.plot and rows:
-        plot_curve(args.plot, rows, f"{args.checkpoint} sigma={setup.sigma:g} n={args.n}")
+        plot_curve(args.plot, rows, curve_title(args.checkpoint, setup.sigma, args.n, args.alpha))
     return 130 if interrupted else 0

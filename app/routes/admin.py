@@ -198,14 +198,7 @@ def _training(session: SessionDep, run: TrainingRun) -> TrainingOut:
 
 def _dataset(settings: Any, spec: str) -> str:
     """A training dataset: a built-in one, or a folder inside the server's dataset folder."""
-    if spec.startswith("digits:"):
-        if spec not in ("digits:train", "digits:test"):
-            raise bad_input("the built-in datasets are digits:train and digits:test")
-        return spec
-    folder = registry.inside(settings.datasets, spec)
-    if not folder.is_dir():
-        raise bad_input(f"no dataset folder {spec!r} in the server's dataset folder")
-    return str(folder)
+    return registry.dataset(settings.datasets, spec)
 
 
 @router.post(

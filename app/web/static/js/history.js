@@ -1,6 +1,7 @@
 // The history view: the caller's jobs, newest first, a page at a time; each opens its certificate.
 
 import { alertIn, api } from "./api.js";
+import { loadEvaluations } from "./evaluations.js";
 import { count, el, roundDown, when } from "./format.js";
 
 const $ = (id) => document.getElementById(id);
@@ -21,6 +22,7 @@ function labelOf(job) {
 }
 
 export async function loadHistory() {
+  loadEvaluations();
   const status = $("history-status").value;
   const query = new URLSearchParams({ limit: PAGE, offset });
   if (status) query.set("status", status);

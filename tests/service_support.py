@@ -131,7 +131,14 @@ def assert_same_certificate(got: dict[str, Any], want: dict[str, Any]) -> None:
 
 def service_settings(data_dir: Path, **overrides: Any) -> Settings:
     """Settings for a test service: its own data folder, CPU, no bundled models, no .env;
-    client seeds accepted even with a broker (the tests compare with the core at fixed seeds)."""
+    client seeds accepted even with a broker (the tests compare with the core at fixed seeds),
+    and one fixed seed secret, so derived seeds (and the outcomes tests check) are the same on
+    every run (pass ``seed_secret_file`` to choose another)."""
+    if "seed_secret_file" not in overrides:
+        secret = data_dir / "test-seed-secret"
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_text("a fixed secret of the test suite, so derived seeds repeat\n")
+        overrides["seed_secret_file"] = str(secret)
     values: dict[str, Any] = dict(
         data_dir=data_dir,
         allow_client_seed=True,

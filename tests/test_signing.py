@@ -96,7 +96,7 @@ def test_a_signature_covers_every_field_and_names_its_key() -> None:
 
 
 def test_keys_are_made_once_with_private_modes(tmp_path: Path) -> None:
-    settings = service_settings(tmp_path / "data")
+    settings = service_settings(tmp_path / "data", seed_secret_file="")  # the default file
     made: list[str] = []
 
     def first_start() -> None:

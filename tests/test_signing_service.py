@@ -120,7 +120,9 @@ def test_the_derived_seed_depends_on_the_services_secret(
     seeds = []
     for data in ("data", "other"):
         make_checkpoint(tmp_path / data / "checkpoints" / "tiny.safetensors")
-        app = create_app(service_settings(tmp_path / data))
+        secret = tmp_path / f"{data}-secret"
+        secret.write_text(f"the secret of service {data}\n")
+        app = create_app(service_settings(tmp_path / data, seed_secret_file=str(secret)))
         with TestClient(app) as client:
             svc = Service(client, app, tiny_checkpoint)
             assert svc.register().status_code == 201

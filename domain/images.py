@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from domain.errors import ServiceError
-from models.images import ImageError, Preprocessed, preprocess_image
+from models.images import ImageError, Preprocessed, opened, preprocess_image
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -66,7 +66,10 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
                 413, f"image of {w} x {h} = {w * h} pixels exceeds the limit of {max_pixels}"
             )
         try:
+            opened(img)
             img.load()
+        except ImageError as exc:
+            raise ServiceError(422, f"could not convert the image: {exc}") from exc
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ServiceError(413, f"image too large to decode safely: {exc}") from exc
         except (OSError, ValueError, SyntaxError, EOFError) as exc:

@@ -4,9 +4,11 @@
 It returns the (3, S, S) float32 tensor in [0, 1] and a record of every step taken, so that a
 certificate can say exactly which image was certified. The policy, in order:
 
-1. First frame only (an animation gets a warning).
+1. First frame only (an animation gets a warning). An animated PNG whose still (default) image
+   is not an animation frame is refused: viewers disagree on which picture it is.
 2. EXIF orientation applied (``ImageOps.exif_transpose``), for every orientation 2-8, as every
-   viewer shows the image. ``original_size`` is the size *after* this step.
+   viewer shows the image; an XMP ``tiff:Orientation`` alone is ignored, as browsers ignore
+   it. ``original_size`` is the size *after* this step.
 3. Samples mapped to [0, 1] as a viewer shows them: 1-bit 0/1; 8-bit modes (L, P, RGB, CMYK,
    YCbCr, LAB, HSV) via Pillow's conversion to RGB, then / 255; 16-bit grey (``I;16`` and its
    byte orders) / 65535; 32-bit integer grey (``I``) read as 16-bit samples (values outside
@@ -105,9 +107,48 @@ def _percent(part: int, whole: int) -> str:
     return f"{share:.3g}%" if share >= 0.01 else "<0.01%"
 
 
+def opened(img: Image.Image) -> Image.Image:
+    """Facts only an unloaded image still shows; call right after ``Image.open``, before ``load``.
+
+    Pillow decodes a 2- or 4-bit grey PNG to 0..255 but reports its transparent grey (tRNS) in
+    the file's 0..3 or 0..15: the key is rescaled here so that it matches the pixels it names.
+    A 16-bit RGB PNG's transparent colour names 16-bit samples that Pillow has already cut to 8
+    bits, so it can no longer be matched exactly: :class:`ImageError`. Returns ``img``.
+    """
+    key = img.info.get("transparency")
+    tiles = getattr(img, "tile", None)  # an ImageFile's decoder list, until it is loaded
+    if img.format != "PNG" or key is None or not tiles:
+        return img
+    rawmode = tiles[0][3]
+    rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
+    depth = {"L;2": 2, "L;4": 4}.get(str(rawmode))
+    if depth and isinstance(key, int):
+        img.info["transparency"] = key * (255 // (2**depth - 1))
+    elif str(rawmode).startswith("RGB;16") and isinstance(key, tuple):
+        raise ImageError(
+            "a 16-bit RGB PNG with a transparent colour (tRNS) cannot be decoded exactly: "
+            "save it with an alpha channel or as 8-bit"
+        )
+    return img
+
+
 def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1-8); 1 without one.
+
+    EXIF only (a JPEG's APP1, a PNG's eXIf, WebP's EXIF chunk, a TIFF's own tag), as browsers
+    apply it: Pillow's ``getexif`` also takes an XMP ``tiff:Orientation``, which viewers ignore.
+    """
     try:
-        value = img.getexif().get(ORIENTATION_TAG, 1)
+        if img.format == "PNG" and "exif" not in img.info:
+            img.load()  # an eXIf chunk after the image data is read with it
+        raw = img.info.get("exif")
+        if isinstance(raw, bytes) and raw:
+            exif = Image.Exif()
+            exif.load(raw)
+            value = exif.get(ORIENTATION_TAG, 1)
+        else:
+            tags = getattr(img, "tag_v2", None)
+            value = tags.get(ORIENTATION_TAG, 1) if tags is not None else 1
     except Exception:  # malformed EXIF blocks: treated as no orientation
         return 1
     return value if isinstance(value, int) else 1
@@ -115,6 +156,11 @@ def _orientation(img: Image.Image) -> int:
 
 def _first_frame(img: Image.Image, steps: list[str], warnings: list[str]) -> None:
     frames = int(getattr(img, "n_frames", 1) or 1)
+    if frames > 1 and img.info.get("default_image"):
+        raise ImageError(
+            "an animated PNG whose still image is not part of its animation: browsers show "
+            "the animation, other viewers the still image; upload the one picture to certify"
+        )
     if frames > 1:
         img.seek(0)
         steps.append(f"frame 1 of {frames}")
@@ -317,7 +363,7 @@ def open_file(path: str | Path, convert: Any) -> Any:
     name = Path(path).name
     try:
         with Image.open(path) as img:
-            return convert(img)
+            return convert(opened(img))
     except ImageError as exc:
         raise ImageError(f"{name}: {exc}") from exc
     except UnidentifiedImageError as exc:

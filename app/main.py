@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from app import api_docs, errors
 from app.ratelimit import make_limiter
@@ -28,6 +28,7 @@ from app.routes import (
     signing,
     web,
 )
+from app.routes.deps import single_valued_form
 from app.upload_files import MULTIPART_SLACK, BodyLimit
 from domain.config import Settings, get_settings
 from domain.db import get_database
@@ -114,6 +115,7 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
         description=DESCRIPTION,
         lifespan=lifespan,
         generate_unique_id_function=api_docs.operation_id,
+        dependencies=[Depends(single_valued_form)],
     )
     app.state.settings = settings
     app.state.limiter = make_limiter(settings)

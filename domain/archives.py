@@ -233,13 +233,35 @@ def _decompressed(fileobj: IO[bytes], kind: str) -> Any:
     return fileobj
 
 
+# A pax header or GNU long name is read whole into memory by tarfile before its member is seen;
+# real ones hold a path and a few attributes.
+MAX_TAR_METADATA_BYTES = 1 << 20
+METADATA_TYPES = (
+    tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK,
+)  # fmt: skip
+
+
+class _CappedTarInfo(tarfile.TarInfo):
+    """Refuses (413) a metadata record over :data:`MAX_TAR_METADATA_BYTES` before it is read."""
+
+    def _proc_member(self, tarfile: tarfile.TarFile) -> Any:
+        if self.type in METADATA_TYPES and self.size > MAX_TAR_METADATA_BYTES:
+            raise refuse(
+                f"a metadata record (pax header or long name) of {self.size} bytes exceeds the "
+                f"limit of {MAX_TAR_METADATA_BYTES} bytes",
+                413,
+            )
+        return super()._proc_member(tarfile)  # type: ignore[misc]
+
+
 def _untar(fileobj: IO[bytes], kind: str, dest: Path, limits: Limits, budget: _Budget) -> list[Any]:
     stream = _CappedReader(_decompressed(fileobj, kind), budget)
     found: list[Any] = []
     count = 0
     try:
         # Stream mode: one pass, never seeking, every byte through the capped reader.
-        with tarfile.open(fileobj=stream, mode="r|") as archive:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_CappedTarInfo) as archive:  # type: ignore[call-overload]
             for member in archive:
                 count += 1
                 if count > limits.members:

@@ -81,6 +81,9 @@ from models.smoothing import max_radius
 ATTEMPTS = 3  # an identical single submission racing in: the evaluation is stored again
 
 
+MAX_SELECTION = 2**31 - 1  # skip and max are stored as 32-bit integers
+
+
 @dataclass
 class Request:
     """What to certify: the parameters of POST /certify, and which images of the source."""
@@ -239,10 +242,13 @@ def submit(
     p = request.params
     if p.seed is not None:
         raise bad_input("an evaluation uses the derived seeds: leave seed out")
-    if request.skip < 1:
-        raise bad_input(f"skip must be at least 1, got {request.skip}")
-    if request.max_images is not None and request.max_images < 1:
-        raise bad_input(f"max must be at least 1 (or left out for all), got {request.max_images}")
+    if not 1 <= request.skip <= MAX_SELECTION:
+        raise bad_input(f"skip must lie in [1, {MAX_SELECTION}], got {request.skip}")
+    if request.max_images is not None and not 1 <= request.max_images <= MAX_SELECTION:
+        raise bad_input(
+            f"max must lie in [1, {MAX_SELECTION}] (or be left out for all), "
+            f"got {request.max_images}"
+        )
     if (request.dataset is None) == (request.archive is None):
         raise bad_input("give exactly one of: dataset (on the server) or archive (an upload)")
     target = resolve(session, p, settings)

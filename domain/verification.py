@@ -149,12 +149,25 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _integral(value: Any) -> Any:
+    """``value`` with every whole float (``500.0``) made an int, recursively: RFC 8785 writes
+    both as ``500``, so a tool that re-serialises a certificate keeps its signature valid."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    return value
+
+
 def check_statistics(c: Mapping[str, Any]) -> str | None:
     """None when every statistic in ``c`` follows from its counts; else the first mismatch.
 
     Uses the core's formulas (``models.smoothing``): CERTIFY's one-sided Clopper-Pearson bound
     and radius sigma * Phi^-1(pA_lower) (Cohen et al. 2019), the top-2 variant with Bonferroni
     bounds, PREDICT's binomial test, and the cap sigma * Phi^-1(alpha^(1/n))."""
+    c = _integral(dict(c))
     mode = c.get("mode")
     if mode not in MODES:
         return f"cannot recompute mode {mode!r}: this verifier knows {', '.join(MODES)}"

@@ -236,7 +236,7 @@ def min_n(mode: str, alpha: float) -> int:
     (alpha/2)^(1/n) > 1/2, n > log2(2/alpha) (11). PREDICT: the two-sided binomial test of n
     hits out of n, p = 2^(1-n), must reach alpha: n >= 1 + log2(1/alpha) (11).
     """
-    n = max(1, math.floor(math.log2(1 / alpha)) - 1)
+    n = max(1, math.floor(-math.log2(alpha)) - 1)
     while not _possible(mode, n, alpha):
         n += 1
     return n
@@ -262,12 +262,17 @@ def _is_count(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1
 
 
+# Smaller alphas reach floating-point underflow (1/alpha overflows below ~5.6e-309) and ask
+# for no certificate anyone uses; 1e-100 already needs n > 332 to certify at all.
+MIN_ALPHA = 1e-100
+
+
 def validate(sigma: float, alpha: float, n: int, n0: int | None = None) -> None:
     """Raise ValueError with a clear message on parameters no certificate can use."""
     if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
-    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and 0 < alpha < 0.5):
-        raise ValueError(f"alpha must lie in (0, 0.5), got {alpha!r}")
+    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and MIN_ALPHA <= alpha < 0.5):
+        raise ValueError(f"alpha must lie in [{MIN_ALPHA:g}, 0.5), got {alpha!r}")
     if not _is_count(n):
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if n0 is not None and not _is_count(n0):
@@ -493,7 +498,7 @@ def _sample_until(
         now = time.perf_counter()
         if now >= deadline:
             break
-        fits = int((deadline - now) * used / max(now - began, 1e-9))
+        fits = int(min((deadline - now) * used / max(now - began, 1e-9), n))  # huge budgets
         size = max(MIN_CHUNK, min(math.ceil(used * (GROWTH - 1)), fits))
         if n - used - size < MIN_CHUNK:  # no tiny last chunk
             size = n - used

@@ -215,7 +215,7 @@ def test_model_choice_and_parameter_errors(service: Service) -> None:
         ({"model": "nope"}, "unknown model 'nope'"),
         ({"sigma": "-1"}, "sigma must be a positive finite number"),
         ({"sigma": "inf"}, "sigma must be a positive finite number"),
-        ({"alpha": "0.7"}, "alpha must lie in (0, 0.5)"),
+        ({"alpha": "0.7"}, "alpha must lie in [1e-100, 0.5)"),
         ({"n": "0"}, "n must lie in [1, 100000]"),
         ({"n0": "100000"}, "n0 must lie in [1, 10000]"),
         ({"mode": "guess"}, "mode"),

@@ -268,3 +268,16 @@ def test_decide_refuses_an_n_that_cannot_reach_the_target(
     model, x = known_classifier([1.0, 0.0], 0.25)
     with pytest.raises(ValueError, match="needs n >= 351"):
         decide(BatchSampler(model, 2, 64), x, 0.25, 0.5, 20, 300, 0.001, seed=0)
+
+
+def test_a_certificate_re_serialised_with_whole_floats_still_verifies() -> None:
+    """RFC 8785 writes 500.0 as 500: a tool that re-serialises a certificate with floats keeps
+    both the signature and the statistics valid."""
+    honest = stamped(reference([9000, 600, 400], 0, 10_000, "certify"))
+    assert verify_certificate(honest, public_keys=KEYS).valid
+    floats = json.loads(json.dumps(honest), parse_int=float)
+    assert isinstance(floats["n"], float) and isinstance(floats["counts"][0], float)
+    verdict = verify_certificate(floats, public_keys=KEYS)
+    assert verdict.valid, verdict.reason
+    fractional = {**floats, "n": 10_000.5}
+    assert not verify_certificate(fractional, public_keys=KEYS).valid

@@ -217,7 +217,7 @@ def create_evaluation(
     mode: Annotated[
         Mode, Form(description="certify, certify_top2, predict, or decide (with target_radius).")
     ] = "certify",
-    alpha: Annotated[float, Form(description="Failure probability, in (0, 0.5).")] = 0.001,
+    alpha: Annotated[float, Form(description="Failure probability, in [1e-100, 0.5).")] = 0.001,
     n0: Annotated[int, Form(description="Selection samples per image (certify modes).")] = 100,
     n: Annotated[int, Form(description="Estimation samples per image.")] = 10_000,
     target_radius: Annotated[

@@ -166,7 +166,7 @@ def certify(
             examples=[0.25],
         ),
     ] = None,
-    alpha: Annotated[float, Form(description="Failure probability, in (0, 0.5).")] = 0.001,
+    alpha: Annotated[float, Form(description="Failure probability, in [1e-100, 0.5).")] = 0.001,
     n0: Annotated[int, Form(description="Selection samples (certify modes).")] = 100,
     n: Annotated[
         int,

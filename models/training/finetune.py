@@ -161,11 +161,13 @@ class FinetuneConfig(RunOptions):
             raise ValueError(f"--val-fraction must lie in (0, 1), got {self.val_fraction}")
         if self.eval_n < 1 or self.eval_batch < 1 or self.eval_images < 0:
             raise ValueError("--eval-n and --eval-batch must be at least 1, --eval-images >= 0")
-        if not 0 < self.eval_alpha < 0.5:
-            raise ValueError(f"--eval-alpha must lie in (0, 0.5), got {self.eval_alpha}")
-        if self.eval_images:  # PREDICT below its minimum n would only ever abstain
-            from models.smoothing import check_n
+        from models.smoothing import MIN_ALPHA, check_n
 
+        if not MIN_ALPHA <= self.eval_alpha < 0.5:
+            raise ValueError(
+                f"--eval-alpha must lie in [{MIN_ALPHA:g}, 0.5), got {self.eval_alpha}"
+            )
+        if self.eval_images:  # PREDICT below its minimum n would only ever abstain
             check_n("predict", self.eval_n, self.eval_alpha)
 
 

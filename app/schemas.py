@@ -442,7 +442,8 @@ def training_out(run: TrainingRun, model_name: str | None) -> TrainingOut:
 
 class EvaluationProgress(BaseModel):
     images_done: int = Field(description="Images with a certificate.")
-    images_failed: int = Field(description="Images whose job failed or was cancelled.")
+    images_failed: int = Field(description="Images whose job failed.")
+    images_cancelled: int = Field(description="Images whose job was cancelled (or the evaluation).")
     images_total: int
     samples_done: int = Field(description="Noisy samples evaluated so far, all images.")
     samples_total: int = Field(

@@ -394,7 +394,8 @@ class Summary:
     status: str
     images_total: int
     images_done: int  # with a certificate
-    images_failed: int  # failed or cancelled: no certificate
+    images_failed: int  # the job failed: no certificate
+    images_cancelled: int  # the job (or the evaluation) was cancelled: no certificate
     samples_done: int
     samples_total: int
     radii: list[float] | None
@@ -464,14 +465,18 @@ def summarize(session: Session, evaluation: Evaluation) -> Summary:
             error = err or status
         if finished is not None and status in (Status.SUCCEEDED.value, Status.FAILED.value):
             last = finished if last is None else max(last, finished)
-            if started is not None:
+            # Work done for this evaluation: a certificate re-used from before it is not.
+            if started is not None and finished >= evaluation.created_at:
                 compute_s += (finished - started).total_seconds()
         if status == Status.SUCCEEDED.value and radius is not None:
             predict = -1 if pred is None else int(pred)
             outcomes.append(Outcome(int(label), predict, bool(abstained), float(radius),
                                     dec or "", used, evaluation.n))  # fmt: skip
     active = sum(statuses.get(s, 0) for s in ACTIVE_STATUSES)
-    failed = statuses.get(Status.FAILED.value, 0) + statuses.get(Status.CANCELLED.value, 0)
+    cancelled = statuses.get(Status.CANCELLED.value, 0)
+    failed = statuses.get(Status.FAILED.value, 0) + cancelled
+    if last is not None:  # all re-used: it finished when it was created, not before
+        last = max(last, evaluation.created_at)
     if evaluation.cancelled_at is not None:
         status = Status.CANCELLED.value
     elif active:
@@ -483,7 +488,8 @@ def summarize(session: Session, evaluation: Evaluation) -> Summary:
         status = Status.SUCCEEDED.value
     end = last if not active and last is not None else utcnow()
     summary = Summary(
-        status=status, images_total=len(rows), images_done=len(outcomes), images_failed=failed,
+        status=status, images_total=len(rows), images_done=len(outcomes),
+        images_failed=failed - cancelled, images_cancelled=cancelled,
         samples_done=samples_done, samples_total=samples_total, radii=None, accuracy=None,
         clean_accuracy=None, abstention_rate=None, average_certified_radius=None,
         decisions=None, compute_s=compute_s,

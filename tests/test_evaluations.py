@@ -90,7 +90,8 @@ def test_digits_test_set_with_the_bundled_model(bundled: Service, tmp_path: Path
     assert r.json()["url"] == f"/evaluations/{r.json()['id']}"
     ev = finished(svc, key, r.json()["url"])
     assert ev["status"] == "succeeded", ev
-    assert ev["progress"] == {"images_done": 30, "images_failed": 0, "images_total": 30,
+    assert ev["progress"] == {"images_done": 30, "images_failed": 0, "images_cancelled": 0,
+                              "images_total": 30,
                               "samples_done": 30 * 1100, "samples_total": 30 * 1100}  # fmt: skip
     curve = ev["certified_accuracy"]
     assert curve[0]["radius"] == 0.0 and curve[0]["accuracy"] >= 0.9
@@ -123,6 +124,9 @@ def test_digits_test_set_with_the_bundled_model(bundled: Service, tmp_path: Path
     again = evaluate(svc, key, **form)
     assert again.status_code == 202 and again.json()["id"] != ev["id"]
     assert again.json()["status"] == "succeeded" and count(svc, Certificate) == certificates
+    reused = again.json()  # all re-used: no work of its own, finished when created
+    assert reused["time"] == {"compute_s": 0.0, "wall_s": 0.0}
+    assert reused["finished_at"] == reused["created_at"] > ev["finished_at"]
     same = svc.client.get(again.json()["results_url"], headers=svc.h(key)).text
     assert same == tsv.text
 
@@ -214,8 +218,8 @@ def test_refusals_say_what_is_wrong(service: Service) -> None:
         ({"dataset": "digits:valid"}, "the built-in datasets are digits:train and digits:test"),
         ({"dataset": "../secret"}, "is outside the allowed folder"),
         ({"dataset": "nope"}, "no dataset folder 'nope'"),
-        ({"dataset": "digits:test", "skip": "0"}, "skip must be at least 1"),
-        ({"dataset": "digits:test", "max": "0"}, "max must be at least 1"),
+        ({"dataset": "digits:test", "skip": "0"}, "skip must lie in [1, 2147483647], got 0"),
+        ({"dataset": "digits:test", "max": "0"}, "max must lie in [1, 2147483647]"),
         ({"dataset": "digits:test", "n": "5"}, "n=5 is too small"),
         ({"dataset": "digits:test", "mode": "decide"}, "mode=decide needs target_radius"),
         ({}, "give exactly one of: dataset (on the server) or archive (an upload)"),
@@ -325,7 +329,8 @@ def test_owner_only_listing_and_cancel(service: Service) -> None:
     r = service.client.delete(url, headers=service.h(service.alice))
     assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
     ev = r.json()
-    assert ev["cancelled_at"] and ev["progress"]["images_failed"] == 3
+    assert ev["cancelled_at"] and ev["progress"]["images_cancelled"] == 3
+    assert ev["progress"]["images_failed"] == 0
     again = service.client.delete(url, headers=service.h(service.alice))
     assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
     plot = service.client.get(f"{url}/plot.png", headers=service.h(service.alice))

@@ -317,3 +317,22 @@ def test_a_form_field_given_twice_is_a_422_naming_it(
     r = http.post("/certify", files=files, data={**FORM, **data})
     assert r.status_code == 422, r.text
     assert f"form field {named} given more than once" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("path", "form", "files"),
+    [
+        ("/evaluations", {"dataset": "digits:test", "seed": "3"}, None),
+        ("/evaluations", {"dataset": "digits:test"}, {"image": ("x.png", b"x")}),
+        ("/certify", {"sigmaa": "0.25"}, {"image": ("x.png", b"x")}),
+    ],
+    ids=["evaluation seed", "evaluation image", "misspelt sigma"],
+)
+def test_a_form_field_the_route_does_not_take_is_a_422_naming_it(
+    http: Any, path: str, form: dict[str, str], files: Any
+) -> None:
+    r = http.post(path, data={**FORM, **form}, files=files)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("unknown form field") and f"{path} takes" in detail, detail
+    assert http.get("/evaluations").json()["items"] == []  # nothing stored

@@ -299,7 +299,7 @@ def _follow_evaluation(api: Api, args: argparse.Namespace, evaluation_id: str) -
     try:
         while True:
             p = ev["progress"]
-            bar.update(p["images_done"] + p["images_failed"] - bar.n)
+            bar.update(p["images_done"] + p["images_failed"] + p.get("images_cancelled", 0) - bar.n)
             bar.set_postfix_str(f"{p['samples_done']:,} samples", refresh=False)
             if ev["status"] not in ("queued", "running"):
                 break

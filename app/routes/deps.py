@@ -6,6 +6,7 @@ from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 
 from domain.config import Settings
 from domain.errors import bad_input
@@ -28,9 +29,18 @@ DispatcherDep = Annotated[Any, Depends(get_dispatcher)]
 MAX_OFFSET = 2**31 - 1  # page offsets beyond any table, and within every database's integers
 
 
+def _form_names(dependant: Any) -> set[str]:
+    """The body fields a route (and its dependencies) declares."""
+    names = {f.alias for f in dependant.body_params}
+    for sub in dependant.dependencies:
+        names |= _form_names(sub)
+    return names
+
+
 async def single_valued_form(request: Request) -> None:
-    """422 when a form field is given more than once: which of the values would count is not
-    the client's to guess (the form is the one FastAPI parsed already; Starlette caches it)."""
+    """422 when a form field is given more than once (which value would count is not the
+    client's to guess) or is not one the route takes (it would be ignored without a word). The
+    form is the one FastAPI parsed already; Starlette caches it."""
     if not request.headers.get("content-type", "").startswith(FORMS):
         return
     form = await request.form()
@@ -38,3 +48,13 @@ async def single_valued_form(request: Request) -> None:
     if repeated:
         names = ", ".join(repr(k) for k in repeated)
         raise bad_input(f"form field {names} given more than once: give each field once")
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known = _form_names(route.dependant)
+    unknown = sorted(set(form.keys()) - known)
+    if unknown and known:
+        raise bad_input(
+            f"unknown form field {', '.join(repr(k) for k in unknown)}: "
+            f"{route.path} takes {', '.join(sorted(known))}"
+        )

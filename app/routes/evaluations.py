@@ -50,6 +50,7 @@ EXAMPLE_EVALUATION: dict[str, Any] = {
     "progress": {
         "images_done": 30,
         "images_failed": 0,
+        "images_cancelled": 0,
         "images_total": 30,
         "samples_done": 33000,
         "samples_total": 33000,
@@ -112,6 +113,7 @@ def evaluation_out(evaluation: Evaluation, s: evaluations.Summary) -> Evaluation
         progress=EvaluationProgress(
             images_done=s.images_done,
             images_failed=s.images_failed,
+            images_cancelled=s.images_cancelled,
             images_total=s.images_total,
             samples_done=s.samples_done,
             samples_total=s.samples_total,

@@ -50,6 +50,9 @@ def error_responses(*codes: int, why: dict[int, str] | None = None) -> dict[int 
     }
 
 
+NOT_AN_OBJECT = ("dict_type", "model_attributes_type", "model_type")
+
+
 def _where(loc: Sequence[Any]) -> str:
     parts = [str(p) for p in loc]
     if parts and parts[0] in ("body", "query", "path", "header", "form"):
@@ -64,6 +67,8 @@ def describe_validation(errors: Sequence[Any]) -> str:
         msg = str(err.get("msg", "invalid value"))
         if err.get("type") == "missing":
             msg = "this field is required"
+        elif tuple(err.get("loc", ())) == ("body",) and err.get("type") in NOT_AN_OBJECT:
+            msg = "the body must be a JSON object, sent with Content-Type: application/json"
         lines.append(f"{_where(err.get('loc', ()))}: {msg}")
     return "; ".join(lines) or "invalid request"
 

@@ -81,7 +81,7 @@ def dataset(base: Path, spec: str) -> str:
     return str(folder)
 
 
-def describe(path: Path, options: dict[str, Any]) -> tuple[str, Any]:
+def describe(path: Path, options: dict[str, Any], shown: str | None = None) -> tuple[str, Any]:
     """(format, CheckpointMeta) of a checkpoint file, validating it without running code.
 
     Project files only have their metadata read (the weights are verified when a worker loads
@@ -99,10 +99,10 @@ def describe(path: Path, options: dict[str, Any]) -> tuple[str, Any]:
             return "project", read_meta(path)
         _, meta = import_official(path, **options)
         return "official", meta
-    except CheckpointError as exc:
-        raise bad_input(f"checkpoint refused: {exc}") from exc
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise bad_input(f"checkpoint refused: {exc}") from exc
+    except (CheckpointError, ValueError, TypeError, RuntimeError) as exc:
+        # An upload is named as the client named it, never by the server's file path.
+        said = str(exc).replace(str(path), shown) if shown is not None else str(exc)
+        raise bad_input(f"checkpoint refused: {said}") from exc
 
 
 def register(
@@ -114,15 +114,17 @@ def register(
     active: bool = True,
     created_by: int | None = None,
     licence: str | None = None,
+    shown: str | None = None,
 ) -> Checkpoint:
     """Validate the checkpoint at ``location`` and add it to the registry (409 if the name is
-    taken). The row is flushed, not committed: the caller commits, together with whatever else
-    must become visible at the same time."""
+    taken); errors name the file ``shown`` (an upload's own name) when given. The row is
+    flushed, not committed: the caller commits, together with whatever else must become
+    visible at the same time."""
     from models.checkpoints import OFFICIAL_LICENCE, file_sha256
 
     options = {k: v for k, v in (options or {}).items() if k in OFFICIAL_OPTIONS and v is not None}
     path = location_path(location)
-    fmt, meta = describe(path, options)
+    fmt, meta = describe(path, options, shown)
     name = check_name(name or meta.name or path.stem)
     if session.scalar(select(Checkpoint).where(Checkpoint.name == name)) is not None:
         raise ServiceError(409, f"a model named {name!r} is already registered")

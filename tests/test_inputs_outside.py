@@ -254,6 +254,7 @@ def http(tmp_path_factory: pytest.TempPathFactory) -> Any:
     with TestClient(app) as client:
         with app.state.db.session() as s:
             key = create_key(s, "mallory")[1]
+            client.app_state_admin = create_key(s, "root", admin=True)[1]  # type: ignore[attr-defined]
         client.headers["X-API-Key"] = key
         yield client
 
@@ -336,3 +337,26 @@ def test_a_form_field_the_route_does_not_take_is_a_422_naming_it(
     detail = r.json()["detail"]
     assert detail.startswith("unknown form field") and f"{path} takes" in detail, detail
     assert http.get("/evaluations").json()["items"] == []  # nothing stored
+
+
+def test_a_refused_checkpoint_upload_is_named_as_uploaded_not_by_server_path(http: Any) -> None:
+    r = http.post(
+        "/admin/models",
+        headers={"X-API-Key": http.app_state_admin},
+        files={"file": ("text.png", b"not a checkpoint at all")},
+        data={"name": "junk"},
+    )
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("checkpoint refused: the upload 'text.png'"), detail
+    assert "uploaded" not in detail.replace("the upload", "") and "/" not in detail, detail
+
+
+def test_a_json_route_sent_a_form_says_it_wants_json(http: Any) -> None:
+    r = http.post(
+        "/admin/training",
+        headers={"X-API-Key": http.app_state_admin},
+        data={"kind": "finetune", "dataset": "digits:train"},
+    )
+    assert r.status_code == 422, r.text
+    assert "the body must be a JSON object, sent with Content-Type: application/json" in r.text

@@ -352,6 +352,12 @@ def summary(ev: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _program() -> str:
+    """The command as the user ran it (``.venv/bin/dmae-certify``), so the hint pastes as is."""
+    ran = sys.argv[0] if sys.argv and sys.argv[0].endswith("dmae-certify") else ""
+    return ran or "dmae-certify"
+
+
 def _interrupted(api: Api, args: argparse.Namespace, kind: str, ident: str) -> int:
     if not ident:
         print("interrupted before anything was submitted", file=sys.stderr)
@@ -364,7 +370,7 @@ def _interrupted(api: Api, args: argparse.Namespace, kind: str, ident: str) -> i
         except SubmitError as exc:
             print(f"interrupted: could not cancel {kind} {ident}: {exc}", file=sys.stderr)
         return INTERRUPTED
-    again = f"dmae-certify submit --server {api.server} --{kind} {ident}"
+    again = f"{_program()} submit --server {api.server} --{kind} {ident}"
     for flag in ("out", "plot"):
         if getattr(args, flag):
             again += f" --{flag} {getattr(args, flag)}"

@@ -122,6 +122,7 @@ def register_model(
                 active=active,
                 created_by=admin.id,
                 licence=licence,
+                shown=f"the upload {file.filename or 'file'!r}",
             )
         except Exception:
             if (

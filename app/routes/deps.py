@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, params
 from fastapi.routing import APIRoute
 
 from domain.config import Settings
@@ -30,8 +30,8 @@ MAX_OFFSET = 2**31 - 1  # page offsets beyond any table, and within every databa
 
 
 def _form_names(dependant: Any) -> set[str]:
-    """The body fields a route (and its dependencies) declares."""
-    names = {f.alias for f in dependant.body_params}
+    """The form fields (``Form``, ``File``) a route and its dependencies declare."""
+    names = {f.alias for f in dependant.body_params if isinstance(f.field_info, params.Form)}
     for sub in dependant.dependencies:
         names |= _form_names(sub)
     return names

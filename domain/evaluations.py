@@ -473,8 +473,9 @@ def summarize(session: Session, evaluation: Evaluation) -> Summary:
             outcomes.append(Outcome(int(label), predict, bool(abstained), float(radius),
                                     dec or "", used, evaluation.n))  # fmt: skip
     active = sum(statuses.get(s, 0) for s in ACTIVE_STATUSES)
+    failed = statuses.get(Status.FAILED.value, 0)
     cancelled = statuses.get(Status.CANCELLED.value, 0)
-    failed = statuses.get(Status.FAILED.value, 0) + cancelled
+    missing = failed + cancelled  # images with no certificate
     if last is not None:  # all re-used: it finished when it was created, not before
         last = max(last, evaluation.created_at)
     if evaluation.cancelled_at is not None:
@@ -482,20 +483,20 @@ def summarize(session: Session, evaluation: Evaluation) -> Summary:
     elif active:
         started_any = active < len(rows) or statuses.get(Status.RUNNING.value, 0) > 0
         status = Status.RUNNING.value if started_any else Status.QUEUED.value
-    elif failed:
+    elif missing:
         status = Status.FAILED.value
     else:
         status = Status.SUCCEEDED.value
     end = last if not active and last is not None else utcnow()
     summary = Summary(
         status=status, images_total=len(rows), images_done=len(outcomes),
-        images_failed=failed - cancelled, images_cancelled=cancelled,
+        images_failed=failed, images_cancelled=cancelled,
         samples_done=samples_done, samples_total=samples_total, radii=None, accuracy=None,
         clean_accuracy=None, abstention_rate=None, average_certified_radius=None,
         decisions=None, compute_s=compute_s,
         wall_s=max((end - evaluation.created_at).total_seconds(), 0.0),
         finished_at=None if active else last,
-        error=None if not failed else f"{failed} image(s) have no certificate; first: {error}",
+        error=None if not missing else f"{missing} image(s) have no certificate; first: {error}",
     )  # fmt: skip
     if not outcomes:
         return summary

@@ -267,12 +267,17 @@ def _is_count(value: object) -> bool:
 MIN_ALPHA = 1e-100
 
 
+def validate_alpha(alpha: float, name: str = "alpha") -> None:
+    """ValueError unless alpha is a finite number in [MIN_ALPHA, 0.5)."""
+    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and MIN_ALPHA <= alpha < 0.5):
+        raise ValueError(f"{name} must lie in [{MIN_ALPHA:g}, 0.5), got {alpha!r}")
+
+
 def validate(sigma: float, alpha: float, n: int, n0: int | None = None) -> None:
     """Raise ValueError with a clear message on parameters no certificate can use."""
     if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
-    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and MIN_ALPHA <= alpha < 0.5):
-        raise ValueError(f"alpha must lie in [{MIN_ALPHA:g}, 0.5), got {alpha!r}")
+    validate_alpha(alpha)
     if not _is_count(n):
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if n0 is not None and not _is_count(n0):

@@ -161,12 +161,9 @@ class FinetuneConfig(RunOptions):
             raise ValueError(f"--val-fraction must lie in (0, 1), got {self.val_fraction}")
         if self.eval_n < 1 or self.eval_batch < 1 or self.eval_images < 0:
             raise ValueError("--eval-n and --eval-batch must be at least 1, --eval-images >= 0")
-        from models.smoothing import MIN_ALPHA, check_n
+        from models.smoothing import check_n, validate_alpha
 
-        if not MIN_ALPHA <= self.eval_alpha < 0.5:
-            raise ValueError(
-                f"--eval-alpha must lie in [{MIN_ALPHA:g}, 0.5), got {self.eval_alpha}"
-            )
+        validate_alpha(self.eval_alpha, "--eval-alpha")
         if self.eval_images:  # PREDICT below its minimum n would only ever abstain
             check_n("predict", self.eval_n, self.eval_alpha)
 

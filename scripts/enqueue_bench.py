@@ -144,6 +144,42 @@ def multipart(png: bytes, form: dict[str, str]) -> bytes:
     return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by ``pids`` (gone ones count 0)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (``serve --workers N`` forks)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for child in Path("/proc").glob(f"{p}/task/*/children"):
+            todo.extend(int(c) for c in child.read_text().split())
+    return out
+
+
+def postgres_pids() -> list[int]:
+    """Every local PostgreSQL process (the server's CPU per request is part of the cost)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if stat.read_text().strip() == "postgres":
+                pids.append(int(stat.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
 def wrk_run(
     base: str,
     method: str,
@@ -151,9 +187,11 @@ def wrk_run(
     seconds: float,
     clients: int,
     folder: Path,
+    server_pid: int,
 ) -> dict[str, Any]:
     """``clients`` connections of wrk (2 threads) sending ``items`` (body, path, key) in turn for
-    ``seconds``; its requests/s and latency percentiles (s)."""
+    ``seconds``; its requests/s, latency percentiles (s), and the CPU seconds per request that
+    the server (``server_pid`` and its children) and PostgreSQL used meanwhile."""
     data, index = folder / f"{method}.data", folder / f"{method}.index"
     offset = 0
     with data.open("wb") as d, index.open("w") as ix:
@@ -165,10 +203,16 @@ def wrk_run(
     duration = f"-d{max(1, round(seconds))}s"
     cmd = ["wrk", "-t2", f"-c{clients}", duration, "--timeout", "30s", "-s", str(script),
            base, "--", method, str(data), str(index), "2"]  # fmt: skip
+    server, pg = tree(server_pid), postgres_pids()
+    cpu0 = cpu_seconds(server), cpu_seconds(pg)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    cpu1 = cpu_seconds(server), cpu_seconds(pg)
     line = next(x for x in out.splitlines() if x.startswith("{"))
     r = json.loads(line)
+    done = max(1, r["requests"])
     return {
+        "cpu_server": (cpu1[0] - cpu0[0]) / done,
+        "cpu_postgres": (cpu1[1] - cpu0[1]) / done,
         "rps": r["requests"] / (r["duration_us"] / 1e6),
         "p50": r["p50_us"] / 1e6,
         "p95": r["p95_us"] / 1e6,
@@ -189,12 +233,13 @@ def wrk_round(
     seen: set[str],
     args: argparse.Namespace,
     folder: Path,
+    server_pid: int,
 ) -> dict[str, Any]:
     """POST distinct uploads for ``args.seconds``, then GET what they made for as long."""
     from sqlalchemy import create_engine, text
 
     items = [(multipart(png, form), path, keys[i % len(keys)]) for i, png in enumerate(pngs)]
-    post = wrk_run(base, "POST", items, args.seconds, args.clients, folder)
+    post = wrk_run(base, "POST", items, args.seconds, args.clients, folder, server_pid)
     engine = create_engine(db_url)
     with engine.connect() as conn:
         if case == "service":
@@ -205,13 +250,17 @@ def wrk_round(
             made = [(f"/floor/{i}", keys[0]) for (i,) in rows if i not in seen]
     engine.dispose()
     seen.update(p.rsplit("/", 1)[1] for p, _ in made)
-    get = wrk_run(base, "GET", [(b"", p, k) for p, k in made], args.seconds, args.clients, folder)
+    get = wrk_run(
+        base, "GET", [(b"", p, k) for p, k in made], args.seconds, args.clients, folder, server_pid
+    )
     errors = {f"POST {k}": v for k, v in post["errors"].items() if v}
     errors.update({f"GET {k}": v for k, v in get["errors"].items() if v})
     return {
         "post_rps": post["rps"], "post_p50": post["p50"], "post_p95": post["p95"],
         "post_p99": post["p99"], "get_rps": get["rps"], "get_p50": get["p50"],
         "get_p99": get["p99"], "errors": errors,
+        "post_cpu_server": post["cpu_server"], "post_cpu_postgres": post["cpu_postgres"],
+        "get_cpu_server": get["cpu_server"], "get_cpu_postgres": get["cpu_postgres"],
     }  # fmt: skip
 
 
@@ -262,6 +311,12 @@ def main() -> int:
     p.add_argument("--polls", type=int, default=4, help="GETs of each job per client (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of both cases (default 3)")
     p.add_argument("--workers", type=int, default=1, help="serve --workers (default 1)")
+    p.add_argument(
+        "--floor-workers",
+        type=int,
+        default=None,
+        help="uvicorn --workers of the floor (default: the same as --workers)",
+    )
     p.add_argument(
         "--database",
         default=os.environ.get(
@@ -319,13 +374,14 @@ def main() -> int:
         distinct = list(owners.values())
         keys = [distinct[i % len(distinct)] for i in range(args.clients)]
         service_port, floor_port = free_port(), free_port()
+        floor_workers = args.workers if args.floor_workers is None else args.floor_workers
         commands = {
             "service": [CLI, "serve", "--port", str(service_port), "--log-level", "warning"]
             + (["--workers", str(args.workers)] if args.workers > 1 else []),
             "floor": [
                 sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "scripts"),
                 "enqueue_floor:app", "--port", str(floor_port), "--log-level", "warning",
-            ] + (["--workers", str(args.workers)] if args.workers > 1 else []),
+            ] + (["--workers", str(floor_workers)] if floor_workers > 1 else []),
         }  # fmt: skip
         if args.profile:
             spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw"]
@@ -367,7 +423,10 @@ def main() -> int:
             else f"httpx, {args.clients} clients x {args.per_client} uploads, "
             f"{args.polls} polls each"
         )
-        print(f"{what}; serve --workers {args.workers}; Postgres + Redis, no worker consuming")
+        print(
+            f"{what}; serve --workers {args.workers}, floor --workers {floor_workers}; "
+            "Postgres + Redis, no worker consuming"
+        )
         batch = 0
         for r in range(args.rounds):
             order = ["floor", "service"] if r % 2 == 0 else ["service", "floor"]
@@ -378,8 +437,9 @@ def main() -> int:
                 path = "/certify" if case == "service" else "/floor"
                 form = {"sigma": "0.25", "n": "1000"} if case == "service" else {}
                 if args.client == "wrk":
+                    pid = procs[0 if case == "service" else 1].pid
                     out = wrk_round(case, base, path, mine, form, distinct, owners, url, seen,
-                                    args, data)  # fmt: skip
+                                    args, data, pid)  # fmt: skip
                 else:
                     per = [mine[c :: args.clients] for c in range(args.clients)]
                     out = asyncio.run(load(base, path, keys, per, form, args.polls))
@@ -390,6 +450,14 @@ def main() -> int:
                     f"{out['post_p99'] * 1e3:6.1f} ms | GET {out['get_rps']:6.1f} req/s p99 "
                     f"{out['get_p99'] * 1e3:6.1f} ms | errors {out['errors'] or 'none'}"
                 )
+                if "post_cpu_server" in out:
+                    print(
+                        "  CPU ms per request: POST server {:.2f} + postgres {:.2f}, GET server "
+                        "{:.2f} + postgres {:.2f}".format(
+                            *(1e3 * out[f"{m}_cpu_{w}"] for m in ("post", "get")
+                              for w in ("server", "postgres"))
+                        )
+                    )  # fmt: skip
         summary: dict[str, Any] = {"clients": args.clients, "per_client": args.per_client}
         for what in ("post_rps", "get_rps"):
             ratios = [

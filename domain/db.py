@@ -1,14 +1,18 @@
 """Database engine and sessions (SQLAlchemy 2), one engine per URL per process.
 
 SQLite (the embedded default) gets WAL journalling and a busy timeout so the API threads and the
-in-process runner can write concurrently; Postgres gets pre-ping so a restarted server is
-reconnected transparently. Timestamps are naive UTC throughout (:func:`utcnow`).
+in-process runner can write concurrently. On Postgres a pooled connection that sat idle for
+``IDLE_PING_S`` or longer is pinged before it is handed out (and replaced if the ping fails), so
+a restarted server is reconnected transparently; one in steady use is not, which saves a round
+trip per request under load (a server restart then fails the requests in flight, as 503, and the
+first failure renews the whole pool). Timestamps are naive UTC throughout (:func:`utcnow`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,10 +20,12 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 POOL_SIZE = 20
 MAX_OVERFLOW = 20
+IDLE_PING_S = 1.0
 
 
 def utcnow() -> dt.datetime:
@@ -46,7 +52,30 @@ def make_engine(url: str) -> Engine:
         return engine
     # Up to 40 connections: one per thread of the thread pool running the API's sync endpoints
     # (AnyIO's default 40), so no request waits for a connection another holds.
-    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
+    engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
+    _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a connection on checkout when it was idle ``IDLE_PING_S`` or longer (SQLAlchemy's
+    ``pool_pre_ping`` pings every checkout); a failed ping makes the pool connect afresh."""
+
+    @event.listens_for(engine, "connect")
+    @event.listens_for(engine, "checkin")
+    def _idle_from_now(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _check(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("idle_since", 0.0) < IDLE_PING_S:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # the driver's error for a dead connection
+            raise DisconnectionError(f"pooled connection is dead: {exc}") from exc
+        if not alive:
+            raise DisconnectionError("pooled connection is dead")
 
 
 class Database:

@@ -1,14 +1,21 @@
 """Who is calling: the ``X-API-Key`` header checked against the stored keys
-(``domain.keys``), as FastAPI dependencies (``Client``, ``Admin``, ``SessionDep``)."""
+(``domain.keys``), as FastAPI dependencies (``Client``, ``Admin``, ``SessionDep``).
+
+Each is an ``async`` dependency that does no blocking I/O on the event loop: a request costs one
+worker-thread hand-off, for its route, where the database work happens (a cached key, the
+rate-limit check in Redis and a session's creation need none; a key not yet cached is looked up
+in a worker thread).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from domain.errors import ServiceError
 from domain.keys import Caller
@@ -20,30 +27,39 @@ api_key_header = APIKeyHeader(
 )
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """A database session for one request."""
-    with request.app.state.db.session() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A database session for one request. It connects at its first statement (in the route's
+    worker thread); afterwards it is closed, which rolls back whatever the route left
+    uncommitted, in a worker thread only when there is a transaction to end."""
+    session = request.app.state.db.sessions()
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()  # nothing to send to the database
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def current_client(
-    request: Request,
-    session: SessionDep,
-    token: Annotated[str | None, Depends(api_key_header)],
+async def current_client(
+    request: Request, token: Annotated[str | None, Depends(api_key_header)]
 ) -> Caller:
     """The caller's key; 401 without a valid one, 429 when it is over its rate limit."""
     from app import ratelimit
 
     if not token:
         raise ServiceError(401, f"missing API key: send it in the {HEADER} header")
-    key = request.app.state.keys.resolve(session, token)
+    keys = request.app.state.keys
+    key = keys.cached(token)
+    if key is None:
+        key = await run_in_threadpool(keys.look_up, request.app.state.db, token)
     if key is None:
         raise ServiceError(401, "invalid or revoked API key")
     settings = request.app.state.settings
-    ratelimit.check(
+    await ratelimit.check(
         getattr(request.app.state, "limiter", None),
         key.id,
         settings.rate_limit_requests,
@@ -55,7 +71,7 @@ def current_client(
 Client = Annotated[Caller, Depends(current_client)]
 
 
-def require_admin(client: Client) -> Caller:
+async def require_admin(client: Client) -> Caller:
     """The caller's key if it is an admin key; 403 otherwise."""
     if not client.is_admin:
         raise ServiceError(403, "this route needs an admin key")

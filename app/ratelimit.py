@@ -7,16 +7,20 @@ so the limit holds across every API process and
 host sharing that Redis. Without one (the embedded default) they live in this process's memory.
 If Redis cannot be reached, the process falls back to its in-memory counters (logged): requests
 are still limited, per process, until Redis answers again.
+
+``hit`` is a coroutine: the Redis call is awaited on the event loop (``redis.asyncio``), so a
+request's rate-limit check costs no worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from domain.config import Settings
 from domain.errors import ServiceError
@@ -27,7 +31,7 @@ KEY_PREFIX = "dmae:ratelimit"
 
 
 class Limiter(Protocol):
-    def hit(self, client_id: int) -> float | None:
+    async def hit(self, client_id: int) -> float | None:
         """Count one request of ``client_id``; None if allowed, else seconds to wait."""
         ...
 
@@ -40,7 +44,11 @@ class MemoryLimiter:
         self._counts: dict[int, tuple[int, int]] = {}  # client -> (window index, count)
         self._lock = threading.Lock()
 
-    def hit(self, client_id: int) -> float | None:
+    async def hit(self, client_id: int) -> float | None:
+        return self.count(client_id)
+
+    def count(self, client_id: int) -> float | None:
+        """Count one request of ``client_id``; None if allowed, else seconds to wait."""
         now = self.clock()
         window = int(now // self.window_s)
         with self._lock:
@@ -60,33 +68,52 @@ class RedisLimiter:
     """Fixed-window counters in Redis, shared by every process using the same URL."""
 
     def __init__(self, url: str, limit: int, window_s: int, namespace: str = "") -> None:
-        import redis
-
-        self.limit, self.window_s = limit, window_s
+        self.url, self.limit, self.window_s = url, limit, window_s
         self.prefix = f"{KEY_PREFIX}:{namespace}" if namespace else KEY_PREFIX
-        self.client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.fallback = MemoryLimiter(limit, window_s)
         self._warned = False
-        # One round trip and no pipeline object per request (a pipeline copies the client's
-        # response callbacks each time): the counter and its expiry in one server-side step.
-        self._count = self.client.register_script(
-            "local c = redis.call('INCR', KEYS[1]) "
-            "if c == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end return c"
-        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: Any = None
+        self._count: Any = None
 
-    def hit(self, client_id: int) -> float | None:
+    def _script(self) -> Any:
+        """The counting script on a client of the running event loop (an asyncio client's
+        connections belong to the loop that opened them; a server has one loop per process)."""
+        import redis.asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self._client = redis.asyncio.Redis.from_url(
+                self.url, socket_timeout=0.5, socket_connect_timeout=0.5
+            )
+            # One round trip and no pipeline object per request: the counter and its expiry
+            # in one server-side step.
+            self._count = self._client.register_script(
+                "local c = redis.call('INCR', KEYS[1]) "
+                "if c == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end return c"
+            )
+        return self._count
+
+    async def aclose(self) -> None:
+        """Close the Redis connections (at the server's shutdown, on its loop)."""
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            await self._client.aclose()
+        self._loop = self._client = self._count = None
+
+    async def hit(self, client_id: int) -> float | None:
         import redis
 
         now = time.time()
         window = int(now // self.window_s)
         key = f"{self.prefix}:{client_id}:{window}"
         try:
-            count = int(self._count(keys=[key], args=[self.window_s + 1]))
+            count = int(await self._script()(keys=[key], args=[self.window_s + 1]))
         except (redis.exceptions.RedisError, OSError) as exc:
             if not self._warned:
                 log.warning("rate limiter: Redis unavailable (%s); counting in memory", exc)
                 self._warned = True
-            return self.fallback.hit(client_id)
+            return self.fallback.count(client_id)
         self._warned = False
         if count <= self.limit:
             return None
@@ -107,11 +134,11 @@ def make_limiter(settings: Settings) -> Limiter | None:
     return MemoryLimiter(settings.rate_limit_requests, settings.rate_limit_window_s)
 
 
-def check(limiter: Limiter | None, client_id: int, limit: int, window_s: int) -> None:
+async def check(limiter: Limiter | None, client_id: int, limit: int, window_s: int) -> None:
     """429 with Retry-After when ``client_id`` is over its limit."""
     if limiter is None:
         return
-    wait = limiter.hit(client_id)
+    wait = await limiter.hit(client_id)
     if wait is not None:
         retry = max(1, math.ceil(wait))
         raise ServiceError(

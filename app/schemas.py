@@ -5,11 +5,26 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
+from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from domain.tables import Checkpoint, Job, TrainingRun
 
 Mode = Literal["certify", "predict", "certify_top2", "decide"]
+
+
+def json_response(
+    body: BaseModel, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """``body`` as the route's JSON response, serialised in the route's worker thread (a
+    returned model would be validated and serialised again by FastAPI, in one more thread
+    hand-off). The route keeps ``response_model`` for its OpenAPI schema."""
+    return Response(
+        body.model_dump_json(by_alias=True),
+        status_code=status_code,
+        headers=headers,
+        media_type="application/json",
+    )
 
 
 def _iso(t: dt.datetime | None) -> str | None:

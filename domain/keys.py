@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from domain.db import Database
 from domain.tables import ApiKey
 
 TOKEN_PREFIX = "dmae_"
@@ -76,23 +77,34 @@ class KeyCache:
         self._known: dict[str, tuple[Caller, float]] = {}
         self._lock = threading.Lock()
 
-    def resolve(self, session: Session, token: str) -> Caller | None:
-        """The caller with this token, or None for a missing, unknown or revoked one."""
+    def cached(self, token: str) -> Caller | None:
+        """The caller with this token if it was looked up less than ``ttl_s`` ago (no I/O)."""
         if not token or len(token) > 200:
             return None
-        digest = hash_token(token)
-        now = time.monotonic()
         with self._lock:
-            hit = self._known.get(digest)
-        if hit is not None and hit[1] > now:
+            hit = self._known.get(hash_token(token))
+        if hit is not None and hit[1] > time.monotonic():
             return hit[0]
+        return None
+
+    def resolve(self, session: Session, token: str) -> Caller | None:
+        """The caller with this token, or None for a missing, unknown or revoked one."""
+        hit = self.cached(token)
+        if hit is not None:
+            return hit
         key = lookup(session, token)
         if key is None:
             return None
         caller = Caller(key.id, key.is_admin)
         if self.ttl_s > 0:
+            now = time.monotonic()
             with self._lock:
                 if len(self._known) > 10_000:  # bound the memory: forget the expired ones
                     self._known = {k: v for k, v in self._known.items() if v[1] > now}
-                self._known[digest] = (caller, now + self.ttl_s)
+                self._known[hash_token(token)] = (caller, now + self.ttl_s)
         return caller
+
+    def look_up(self, db: Database, token: str) -> Caller | None:
+        """:meth:`resolve` in a session of its own (blocking: call it from a worker thread)."""
+        with db.session() as session:
+            return self.resolve(session, token)

@@ -9,22 +9,29 @@ from fastapi import Depends, Request, params
 from fastapi.routing import APIRoute
 
 from domain.config import Settings
+from domain.dispatch import SentMarks
 from domain.errors import bad_input
 
 FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_dispatcher(request: Request) -> Any:
+async def get_dispatcher(request: Request) -> Any:
     return request.app.state.dispatcher
+
+
+async def get_sent_marks(request: Request) -> SentMarks:
+    marks: SentMarks = request.app.state.sent_marks
+    return marks
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DispatcherDep = Annotated[Any, Depends(get_dispatcher)]
+SentMarksDep = Annotated[SentMarks, Depends(get_sent_marks)]
 
 MAX_OFFSET = 2**31 - 1  # page offsets beyond any table, and within every database's integers
 

@@ -115,6 +115,14 @@ class Settings(BaseSettings):
         description="Threads of the embedded in-process runner (no broker); their jobs share "
         "the batching engine's batches, and a training run takes one thread.",
     )
+    api_threads: int = Field(
+        default=40,
+        ge=1,
+        le=200,
+        description="Worker threads per API process that run the routes' database work (AnyIO's "
+        "thread limiter); requests beyond them wait on the event loop. Fewer threads contend "
+        "less for the interpreter lock: see docs/PERFORMANCE.md.",
+    )
     model_cache_size: int = Field(
         default=4,
         gt=0,

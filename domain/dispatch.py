@@ -1,10 +1,23 @@
 """Handing job ids to whatever runs them. The HTTP layer and the sweep only see the
 :class:`Dispatcher` protocol; the execution layer implements it (``worker.celery_app``'s
-``CeleryDispatcher`` when a broker is configured, ``worker.runner.InProcessRunner`` otherwise)."""
+``CeleryDispatcher`` when a broker is configured, ``worker.runner.InProcessRunner`` otherwise).
+
+:class:`SentMarks` records, in batches, that submitted jobs were handed over
+(``jobs.enqueued_at``), so a submission does not spend a database round trip of its own on it.
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Protocol
+
+from sqlalchemy import update
+
+from domain.db import Database, utcnow
+from domain.tables import Job, Status
+
+log = logging.getLogger("dmae.api")
 
 
 class Dispatcher(Protocol):
@@ -15,3 +28,62 @@ class Dispatcher(Protocol):
     def backlog(self) -> int | None:
         """Messages waiting to be picked up (None: unknown)."""
         ...
+
+
+class SentMarks:
+    """Sets ``enqueued_at`` of jobs handed to the broker, for all jobs marked in the last
+    ``interval_s`` seconds in one UPDATE (a thread of its own; :meth:`close` flushes the rest).
+
+    Only the sweep reads ``enqueued_at``: it re-sends a queued job whose mark is missing once the
+    job is ``DMAE_UNSENT_GRACE_S`` old. A mark that is late or lost (the process died before its
+    flush, or the database was down for longer than ``max_pending`` marks) can therefore only
+    cause one more message for that job, which is harmless: only one claim of a job can win
+    (``domain.state.claim``)."""
+
+    def __init__(self, db: Database, interval_s: float = 0.05, max_pending: int = 100_000):
+        self.db, self.interval_s, self.max_pending = db, interval_s, max_pending
+        self._pending: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dmae-sent-marks", daemon=True)
+        self._thread.start()
+
+    def add(self, job_id: str) -> None:
+        """Mark ``job_id`` as handed to the broker (written within ``interval_s``)."""
+        with self._lock:
+            if len(self._pending) < self.max_pending:
+                self._pending.append(job_id)
+
+    def flush(self) -> int:
+        """Write the pending marks now; returns how many were written (0 on a database error:
+        they are kept and written by a later flush)."""
+        with self._lock:
+            ids, self._pending = self._pending, []
+        if not ids:
+            return 0
+        try:
+            with self.db.session() as s:
+                for start in range(0, len(ids), 500):
+                    s.execute(
+                        update(Job)
+                        .where(Job.id.in_(ids[start : start + 500]))
+                        .where(Job.status == Status.QUEUED.value)
+                        .values(enqueued_at=utcnow())
+                    )
+                s.commit()
+        except Exception as exc:  # database away: try again at the next flush
+            log.warning("could not record %d jobs as sent (%s); retrying", len(ids), exc)
+            with self._lock:
+                self._pending[:0] = ids[: self.max_pending - len(self._pending)]
+            return 0
+        return len(ids)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.flush()
+
+    def close(self) -> None:
+        """Stop the thread and write what is pending."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.flush()

@@ -6,12 +6,12 @@ import hashlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 
 from app.auth import Client, SessionDep
 from app.errors import error_responses
-from app.routes.deps import MAX_OFFSET, DispatcherDep, SettingsDep
-from app.schemas import JobOut, JobPage, Mode, job_out
+from app.routes.deps import MAX_OFFSET, DispatcherDep, SentMarksDep, SettingsDep
+from app.schemas import JobOut, JobPage, Mode, job_out, json_response
 from app.upload_files import read_upload
 from domain import events, idempotency, state
 from domain.errors import BrokerUnavailable, ServiceError, not_found
@@ -99,12 +99,16 @@ EXAMPLE_QUEUED = {
 NO_SUCH_JOB = "No such job among yours."
 
 
+# One query, built once: the job and its certificate, if any. Another client's job: not found.
+_JOB_AND_CERTIFICATE = (
+    select(Job, Certificate.body)
+    .outerjoin(Certificate, Certificate.job_id == Job.id)
+    .where(Job.id == bindparam("job_id"), Job.owner_id == bindparam("owner"))
+)
+
+
 def _load(session: SessionDep, client: Client, job_id: str) -> tuple[Job, dict[str, Any] | None]:
-    row = session.execute(  # one query: the job and its certificate, if any
-        select(Job, Certificate.body)
-        .outerjoin(Certificate, Certificate.job_id == Job.id)
-        .where(Job.id == job_id, Job.owner_id == client.id)  # another client's job: not found
-    ).first()
+    row = session.execute(_JOB_AND_CERTIFICATE, {"job_id": job_id, "owner": client.id}).first()
     if row is None:
         raise not_found(f"job {job_id!r}")
     return row[0], row[1]
@@ -151,11 +155,11 @@ def _load(session: SessionDep, client: Client, job_id: str) -> tuple[Job, dict[s
     },
 )
 def certify(
-    response: Response,
     client: Client,
     session: SessionDep,
     settings: SettingsDep,
     dispatcher: DispatcherDep,
+    sent: SentMarksDep,
     image: Annotated[UploadFile, File(description="PNG, JPEG or WebP image.")],
     sigma: Annotated[
         float | None,
@@ -214,7 +218,7 @@ def certify(
             "while the first request is in flight, 409.",
         ),
     ] = None,
-) -> JobOut:
+) -> Response:
     """Queue a PREDICT/CERTIFY job on the uploaded image and answer 202 with its id and URL.
 
     The image is converted to the model's input as a viewer shows it (EXIF orientation,
@@ -229,17 +233,29 @@ def certify(
         mode=mode, sigma=sigma, alpha=alpha, n0=n0, n=n, seed=seed, model=model,
         target_radius=target_radius, time_budget_s=time_budget_s,
     )  # fmt: skip
+
+    def submit_and_send() -> tuple[Job, bool]:
+        """The stored job, and whether it was queued now (False: the identical earlier job)."""
+        job, new = submit(session, client, data, params, settings)
+        if new:
+            try:
+                dispatcher.certify(job.id)  # BrokerUnavailable -> 503; the sweep sends it later
+            except BrokerUnavailable as exc:
+                exc.job_id = job.id
+                raise
+            sent.add(job.id)  # its enqueued_at, written in a batch within 50 ms
+        return job, new
+
     if idempotency_key is None:
-        job = _submit_and_send(session, client, data, params, settings, dispatcher, response)
+        job, queued = submit_and_send()
     else:
         fp = idempotency.fingerprint(hashlib.sha256(data).hexdigest(), params)
         earlier = idempotency.reserve(session, client.id, idempotency_key, fp, settings)
         if earlier is not None:
-            response.status_code = 200
-            response.headers["Idempotent-Replayed"] = "true"
-            return job_out(*_load(session, client, earlier))
+            replayed = {"Idempotent-Replayed": "true"}
+            return json_response(job_out(*_load(session, client, earlier)), 200, replayed)
         try:
-            job = _submit_and_send(session, client, data, params, settings, dispatcher, response)
+            job, queued = submit_and_send()
         except BrokerUnavailable as exc:  # the job is stored: the key now names it
             if exc.job_id:
                 idempotency.complete(session, client.id, idempotency_key, exc.job_id)
@@ -248,33 +264,11 @@ def certify(
             idempotency.release(session, client.id, idempotency_key)
             raise
         idempotency.complete(session, client.id, idempotency_key, job.id)
-    if response.status_code != 200:  # just queued: nothing more to read back
-        return job_out(job, None)
+    if queued:  # just queued: nothing more to read back
+        return json_response(job_out(job, None), 202)
     session.refresh(job)
     body = session.scalar(select(Certificate.body).where(Certificate.job_id == job.id))
-    return job_out(job, body)
-
-
-def _submit_and_send(
-    session: SessionDep,
-    client: Client,
-    data: bytes,
-    params: Params,
-    settings: SettingsDep,
-    dispatcher: DispatcherDep,
-    response: Response,
-) -> Job:
-    job, send = submit(session, client, data, params, settings)
-    if send:
-        try:
-            dispatcher.certify(job.id)  # BrokerUnavailable -> 503; the sweep queues it later
-        except BrokerUnavailable as exc:
-            exc.job_id = job.id
-            raise
-        state.mark_enqueued(session, Job, job.id)
-    else:
-        response.status_code = 200
-    return job
+    return json_response(job_out(job, body), 200)
 
 
 @router.get(
@@ -286,11 +280,14 @@ def _submit_and_send(
         **error_responses(404, why={404: NO_SUCH_JOB}),
     },
 )
-def get_job(job_id: str, client: Client, session: SessionDep) -> JobOut:
+def get_job(job_id: str, client: Client, session: SessionDep) -> Response:
     """The job's ``status`` (queued, running, succeeded, failed, cancelled), ``progress``, and
     its ``certificate`` once it succeeded (``error`` if it failed)."""
-    job, body = _load(session, client, job_id)
-    return job_out(job, body)
+    # One statement needs no transaction: autocommit spares the BEGIN and ROLLBACK round trips.
+    session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    out = job_out(*_load(session, client, job_id))
+    session.close()  # returns the connection here, in the route's thread
+    return json_response(out)
 
 
 @router.get(

@@ -383,17 +383,6 @@ def main() -> int:
                 "enqueue_floor:app", "--port", str(floor_port), "--log-level", "warning",
             ] + (["--workers", str(floor_workers)] if floor_workers > 1 else []),
         }  # fmt: skip
-        if args.profile:
-            spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw"]
-            commands["service"] = [
-                *spy,
-                "-r",
-                "200",
-                "-o",
-                args.profile,
-                "--",
-                *commands["service"],
-            ]
         for case, cmd in commands.items():
             log = data / f"{case}.log"
             procs.append(

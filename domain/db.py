@@ -52,7 +52,9 @@ def make_engine(url: str) -> Engine:
         return engine
     # Up to 40 connections: one per thread of the thread pool running the API's sync endpoints
     # (AnyIO's default 40), so no request waits for a connection another holds.
-    engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
+    # LIFO: the connection returned last is handed out next, so under a steady load the same few
+    # stay busy (and unpinged) and the rest sit idle.
+    engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, pool_use_lifo=True)
     _ping_when_idle(engine)
     return engine
 

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.schemas import ErrorOut, UnavailableOut, ValidationErrorOut
@@ -97,6 +97,13 @@ async def _validation_error(_: Request, exc: Exception) -> Any:
 
 
 async def _database_error(request: Request, exc: Exception) -> Any:
+    if isinstance(exc, DataError):  # e.g. a NUL character, which PostgreSQL text cannot hold
+        log.warning("value refused by the database: %s", str(exc).splitlines()[0][:300])
+        return _json(
+            422,
+            "the request holds a value the database cannot store or look up (for example a "
+            "NUL character in an id, a name or a path): remove it",
+        )
     if not isinstance(exc, OperationalError) and not getattr(exc, "connection_invalidated", 0):
         return await _unexpected(request, exc)  # e.g. an integrity error: a bug, not an outage
     log.warning("database unavailable: %s", str(exc).splitlines()[0][:300])

@@ -190,3 +190,22 @@ def test_sent_marks_survive_a_database_outage(tmp_path: Path, tiny_checkpoint: P
             marks.db = working
         assert _enqueued_at(svc, job_id) is None
         assert marks.flush() == 1 and _enqueued_at(svc, job_id) is not None
+
+
+def test_a_nul_character_is_a_4xx_with_a_sentence_on_postgres(pg_service: Service) -> None:
+    """PostgreSQL text cannot hold NUL: such ids and names were a 500 (psycopg's DataError)."""
+    svc = pg_service
+    user, admin = svc.h(svc.alice), svc.h(svc.admin)
+    for method, path, headers in (
+        ("GET", "/jobs/%00", user),
+        ("DELETE", "/jobs/a%00b", user),
+        ("GET", "/jobs/%00/input.png", user),
+        ("GET", "/evaluations/%00", user),
+        ("POST", "/admin/models/%00/activate", admin),
+        ("GET", "/admin/training/%00", admin),
+    ):
+        r = svc.client.request(method, path, headers=headers)
+        assert 400 <= r.status_code < 500, (method, path, r.status_code, r.text)
+        assert isinstance(r.json()["detail"], str) and r.json()["detail"], r.text
+    r = svc.register(name="tiny\x00evil")
+    assert r.status_code == 422 and "model name" in r.json()["detail"], r.text

@@ -458,8 +458,10 @@ def main() -> int:
                 "max": max(ratios),
             }
         for case in ("service", "floor"):
-            for what in ("post_rps", "post_p99", "get_rps", "get_p99"):
-                summary[f"{case}_{what}"] = statistics.median(x[what] for x in results[case])
+            for what in ("post_rps", "post_p99", "get_rps", "get_p99", "post_cpu_server",
+                         "get_cpu_server"):  # fmt: skip
+                if all(what in x for x in results[case]):  # CPU: measured with wrk only
+                    summary[f"{case}_{what}"] = statistics.median(x[what] for x in results[case])
         print(
             "service/floor requests/s: POST median {m:.2f} (range {lo:.2f}-{hi:.2f}); ".format(
                 m=summary["post_rps_ratio"]["median"],
@@ -476,6 +478,14 @@ def main() -> int:
             f"service POST p99 {summary['service_post_p99'] * 1e3:.0f} ms (median of rounds), "
             f"GET p99 {summary['service_get_p99'] * 1e3:.0f} ms"
         )
+        if "service_post_cpu_server" in summary:
+            print(
+                "server CPU ms per request (median of rounds): service POST {:.2f} GET {:.2f}; "
+                "floor POST {:.2f} GET {:.2f}".format(
+                    *(1e3 * summary[f"{c}_{m}_cpu_server"] for c in ("service", "floor")
+                      for m in ("post", "get"))
+                )
+            )  # fmt: skip
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)

@@ -144,17 +144,23 @@ def multipart(png: bytes, form: dict[str, str]) -> bytes:
     return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds used so far by ``pids`` (gone ones count 0)."""
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds each of ``pids`` has used so far (gone ones are left out)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    used = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+        used[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
+def cpu_since(before: dict[int, float], now: dict[int, float]) -> float:
+    """CPU seconds used between two :func:`cpu_seconds` readings; a process that started in
+    between (a PostgreSQL backend for a new pooled connection) counts from 0."""
+    return sum(t - before.get(pid, 0.0) for pid, t in now.items())
 
 
 def tree(pid: int) -> list[int]:
@@ -203,16 +209,15 @@ def wrk_run(
     duration = f"-d{max(1, round(seconds))}s"
     cmd = ["wrk", "-t2", f"-c{clients}", duration, "--timeout", "30s", "-s", str(script),
            base, "--", method, str(data), str(index), "2"]  # fmt: skip
-    server, pg = tree(server_pid), postgres_pids()
-    cpu0 = cpu_seconds(server), cpu_seconds(pg)
+    cpu0 = cpu_seconds(tree(server_pid)), cpu_seconds(postgres_pids())
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    cpu1 = cpu_seconds(server), cpu_seconds(pg)
+    cpu1 = cpu_seconds(tree(server_pid)), cpu_seconds(postgres_pids())
     line = next(x for x in out.splitlines() if x.startswith("{"))
     r = json.loads(line)
     done = max(1, r["requests"])
     return {
-        "cpu_server": (cpu1[0] - cpu0[0]) / done,
-        "cpu_postgres": (cpu1[1] - cpu0[1]) / done,
+        "cpu_server": cpu_since(cpu0[0], cpu1[0]) / done,
+        "cpu_postgres": cpu_since(cpu0[1], cpu1[1]) / done,
         "rps": r["requests"] / (r["duration_us"] / 1e6),
         "p50": r["p50_us"] / 1e6,
         "p95": r["p95_us"] / 1e6,
@@ -305,17 +310,20 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--clients", type=int, default=50, help="concurrent clients (default 50)")
-    p.add_argument("--per-client", type=int, default=8, help="uploads per client (default 8)")
-    p.add_argument("--polls", type=int, default=4, help="GETs of each job per client (default 4)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of both cases (default 3)")
-    p.add_argument("--workers", type=int, default=1, help="serve --workers (default 1)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--clients", type=int, default=50, help="concurrent clients")
+    p.add_argument("--per-client", type=int, default=8, help="uploads per client")
+    p.add_argument("--polls", type=int, default=4, help="GETs of each job per client")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of both cases")
+    p.add_argument("--workers", type=int, default=1, help="serve --workers")
     p.add_argument(
         "--floor-workers",
         type=int,
         default=None,
-        help="uvicorn --workers of the floor (default: the same as --workers)",
+        help="uvicorn --workers of the floor (None: the same as --workers)",
     )
     p.add_argument(
         "--database",
@@ -332,16 +340,16 @@ def main() -> int:
         help="run the service under `py-spy record --format raw` writing collapsed stacks here",
     )
     p.add_argument(
-        "--keys", type=int, default=0, help="API keys shared by the clients (0: one each)"
+        "--keys", type=int, default=0, help="API keys shared by the clients (0: one per client)"
     )
     p.add_argument(
         "--client",
         choices=("wrk", "httpx"),
         default="wrk" if shutil.which("wrk") else "httpx",
         help="load generator: wrk (C, light on the CPU the servers share; Debian package) or "
-        "httpx (Python asyncio); default wrk when installed",
+        "httpx (Python asyncio); wrk when installed",
     )
-    p.add_argument("--seconds", type=float, default=10.0, help="wrk: seconds per measurement")
+    p.add_argument("--seconds", type=float, default=8.0, help="wrk: seconds per measurement")
     args = p.parse_args()
 
     import psycopg
@@ -508,6 +516,7 @@ def main() -> int:
             client.delete(k)
         with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        shutil.rmtree(data, ignore_errors=True)
     return 0
 
 

@@ -12,10 +12,8 @@ import logging
 import threading
 from typing import Protocol
 
-from sqlalchemy import update
-
-from domain.db import Database, utcnow
-from domain.tables import Job, Status
+from domain import state
+from domain.db import Database
 
 log = logging.getLogger("dmae.api")
 
@@ -63,14 +61,7 @@ class SentMarks:
             return 0
         try:
             with self.db.session() as s:
-                for start in range(0, len(ids), 500):
-                    s.execute(
-                        update(Job)
-                        .where(Job.id.in_(ids[start : start + 500]))
-                        .where(Job.status == Status.QUEUED.value)
-                        .values(enqueued_at=utcnow())
-                    )
-                s.commit()
+                state.mark_enqueued_many(s, ids)
         except Exception as exc:  # database away: try again at the next flush
             log.warning("could not record %d jobs as sent (%s); retrying", len(ids), exc)
             with self._lock:

@@ -81,15 +81,21 @@ class KeyCache:
         """The caller with this token if it was looked up less than ``ttl_s`` ago (no I/O)."""
         if not token or len(token) > 200:
             return None
+        return self._fresh(hash_token(token))
+
+    def _fresh(self, digest: str) -> Caller | None:
         with self._lock:
-            hit = self._known.get(hash_token(token))
+            hit = self._known.get(digest)
         if hit is not None and hit[1] > time.monotonic():
             return hit[0]
         return None
 
     def resolve(self, session: Session, token: str) -> Caller | None:
         """The caller with this token, or None for a missing, unknown or revoked one."""
-        hit = self.cached(token)
+        if not token or len(token) > 200:
+            return None
+        digest = hash_token(token)
+        hit = self._fresh(digest)
         if hit is not None:
             return hit
         key = lookup(session, token)
@@ -101,7 +107,7 @@ class KeyCache:
             with self._lock:
                 if len(self._known) > 10_000:  # bound the memory: forget the expired ones
                     self._known = {k: v for k, v in self._known.items() if v[1] > now}
-                self._known[hash_token(token)] = (caller, now + self.ttl_s)
+                self._known[digest] = (caller, now + self.ttl_s)
         return caller
 
     def look_up(self, db: Database, token: str) -> Caller | None:

@@ -199,7 +199,8 @@ def cancel_many(session: Session, ids: list[str], chunk: int = 500) -> list[str]
 
 
 def mark_enqueued_many(session: Session, ids: list[str], chunk: int = 500) -> None:
-    """:func:`mark_enqueued` for many jobs at once (an evaluation's). Commits."""
+    """:func:`mark_enqueued` for many jobs at once (an evaluation's, a batch of
+    ``domain.dispatch.SentMarks``). Commits."""
     for start in range(0, len(ids), chunk):
         session.execute(
             update(Job)

@@ -10,6 +10,10 @@ service/floor ratio of every round, then the median and spread of the ratios.
 
     python scripts/enqueue_bench.py [--clients 50] [--per-client 8] [--rounds 3] [--workers 1]
 
+With ``--against DIR`` the second case is not the floor but the service of another checkout
+(``git worktree add DIR main``), run the same way: a change is measured side by side with the
+code it changes, which a noisy machine allows where two separate runs do not.
+
 Needs PostgreSQL (``--database``: an admin URL; a throw-away database is created and dropped)
 and Redis (``--broker``).
 """
@@ -247,7 +251,7 @@ def wrk_round(
     post = wrk_run(base, "POST", items, args.seconds, args.clients, folder, server_pid)
     engine = create_engine(db_url)
     with engine.connect() as conn:
-        if case == "service":
+        if path == "/certify":  # the service (either checkout, with --against)
             rows = conn.execute(text("SELECT id, owner_id FROM jobs")).all()
             made = [(f"/jobs/{i}", owners[o]) for i, o in rows if i not in seen]
         else:
@@ -337,7 +341,16 @@ def main() -> int:
     p.add_argument(
         "--profile",
         default=None,
-        help="run the service under `py-spy record --format raw` writing collapsed stacks here",
+        help="run the service under `py-spy record --gil --format raw` writing collapsed stacks "
+        "here (--gil: only the thread holding the GIL, which is what limits the throughput of "
+        "one process)",
+    )
+    p.add_argument(
+        "--against",
+        default=None,
+        metavar="DIR",
+        help="compare with the service of the checkout in DIR (same migrations) instead of the "
+        "floor",
     )
     p.add_argument(
         "--keys", type=int, default=0, help="API keys shared by the clients (0: one per client)"
@@ -351,6 +364,8 @@ def main() -> int:
     )
     p.add_argument("--seconds", type=float, default=8.0, help="wrk: seconds per measurement")
     args = p.parse_args()
+    if args.against and not (Path(args.against) / "app" / "main.py").is_file():
+        p.error(f"--against {args.against}: not a dmae-certify checkout (no app/main.py there)")
 
     import psycopg
     from sqlalchemy.engine import make_url
@@ -383,27 +398,39 @@ def main() -> int:
         keys = [distinct[i % len(distinct)] for i in range(args.clients)]
         service_port, floor_port = free_port(), free_port()
         floor_workers = args.workers if args.floor_workers is None else args.floor_workers
+        # The second case ("floor" in the JSON): the floor app, or the other checkout's service
+        # (its code first on the import path; the CLI entry point is this one's).
+        other = "baseline" if args.against else "floor"
+        serve = [CLI, "serve", "--log-level", "warning"]
         commands = {
-            "service": [CLI, "serve", "--port", str(service_port), "--log-level", "warning"]
+            "service": serve + ["--port", str(service_port)]
             + (["--workers", str(args.workers)] if args.workers > 1 else []),
-            "floor": [
+            "floor": (serve + ["--port", str(floor_port)] if args.against else [
                 sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "scripts"),
                 "enqueue_floor:app", "--port", str(floor_port), "--log-level", "warning",
-            ] + (["--workers", str(floor_workers)] if floor_workers > 1 else []),
+            ]) + (["--workers", str(floor_workers)] if floor_workers > 1 else []),
         }  # fmt: skip
+        envs = {"service": env, "floor": env}
+        if args.against:
+            path_to = str(Path(args.against).resolve())
+            envs["floor"] = {**env, "PYTHONPATH": os.pathsep.join(
+                [path_to] + [x for x in [env.get("PYTHONPATH")] if x])}  # fmt: skip
         for case, cmd in commands.items():
             log = data / f"{case}.log"
             procs.append(
-                subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                subprocess.Popen(
+                    cmd, env=envs[case], stdout=log.open("wb"), stderr=subprocess.STDOUT
+                )
             )
             port = service_port if case == "service" else floor_port
-            ready = "/readyz" if case == "service" else "/floor/none"
+            ready = "/readyz" if case == "service" or args.against else "/floor/none"
             wait_ready(f"http://127.0.0.1:{port}{ready}", procs[-1], log)
         spy = None
         if args.profile:  # sampled while the service serves; py-spy writes its file on SIGINT
             spy = subprocess.Popen(
                 [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw"]
-                + ["--subprocesses", "-r", "200", "-o", args.profile, "--pid", str(procs[0].pid)],
+                + ["--subprocesses", "--gil", "-r", "200", "-o", args.profile]
+                + ["--pid", str(procs[0].pid)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -421,8 +448,9 @@ def main() -> int:
             f"{args.polls} polls each"
         )
         print(
-            f"{what}; serve --workers {args.workers}, floor --workers {floor_workers}; "
-            "Postgres + Redis, no worker consuming"
+            f"{what}; serve --workers {args.workers}, {other} --workers {floor_workers}"
+            + (f" (checkout {args.against})" if args.against else "")
+            + "; Postgres + Redis, no worker consuming"
         )
         batch = 0
         for r in range(args.rounds):
@@ -431,8 +459,9 @@ def main() -> int:
                 mine = pngs[batch * per_case : (batch + 1) * per_case]
                 batch += 1
                 base = f"http://127.0.0.1:{service_port if case == 'service' else floor_port}"
-                path = "/certify" if case == "service" else "/floor"
-                form = {"sigma": "0.25", "n": "1000"} if case == "service" else {}
+                service = case == "service" or bool(args.against)
+                path = "/certify" if service else "/floor"
+                form = {"sigma": "0.25", "n": "1000"} if service else {}
                 if args.client == "wrk":
                     pid = procs[0 if case == "service" else 1].pid
                     out = wrk_round(case, base, path, mine, form, distinct, owners, url, seen,
@@ -441,8 +470,9 @@ def main() -> int:
                     per = [mine[c :: args.clients] for c in range(args.clients)]
                     out = asyncio.run(load(base, path, keys, per, form, args.polls))
                 results[case].append(out)
+                label = case if case == "service" else other
                 print(
-                    f"round {r + 1} {case:7s}: POST {out['post_rps']:6.1f} req/s p50 "
+                    f"round {r + 1} {label:8s}: POST {out['post_rps']:6.1f} req/s p50 "
                     f"{out['post_p50'] * 1e3:6.1f} p95 {out['post_p95'] * 1e3:6.1f} p99 "
                     f"{out['post_p99'] * 1e3:6.1f} ms | GET {out['get_rps']:6.1f} req/s p99 "
                     f"{out['get_p99'] * 1e3:6.1f} ms | errors {out['errors'] or 'none'}"
@@ -455,7 +485,11 @@ def main() -> int:
                               for w in ("server", "postgres"))
                         )
                     )  # fmt: skip
-        summary: dict[str, Any] = {"clients": args.clients, "per_client": args.per_client}
+        summary: dict[str, Any] = {
+            "clients": args.clients,
+            "per_client": args.per_client,
+            "against": args.against or "floor",
+        }
         for what in ("post_rps", "get_rps"):
             ratios = [
                 s[what] / f[what] for s, f in zip(results["service"], results["floor"], strict=True)
@@ -470,17 +504,11 @@ def main() -> int:
                          "get_cpu_server"):  # fmt: skip
                 if all(what in x for x in results[case]):  # CPU: measured with wrk only
                     summary[f"{case}_{what}"] = statistics.median(x[what] for x in results[case])
+        post, get = summary["post_rps_ratio"], summary["get_rps_ratio"]
         print(
-            "service/floor requests/s: POST median {m:.2f} (range {lo:.2f}-{hi:.2f}); ".format(
-                m=summary["post_rps_ratio"]["median"],
-                lo=summary["post_rps_ratio"]["min"],
-                hi=summary["post_rps_ratio"]["max"],
-            )
-            + "GET median {m:.2f} (range {lo:.2f}-{hi:.2f})".format(
-                m=summary["get_rps_ratio"]["median"],
-                lo=summary["get_rps_ratio"]["min"],
-                hi=summary["get_rps_ratio"]["max"],
-            )
+            f"service/{other} requests/s: "
+            f"POST median {post['median']:.2f} (range {post['min']:.2f}-{post['max']:.2f}); "
+            f"GET median {get['median']:.2f} (range {get['min']:.2f}-{get['max']:.2f})"
         )
         print(
             f"service POST p99 {summary['service_post_p99'] * 1e3:.0f} ms (median of rounds), "
@@ -489,7 +517,8 @@ def main() -> int:
         if "service_post_cpu_server" in summary:
             print(
                 "server CPU ms per request (median of rounds): service POST {:.2f} GET {:.2f}; "
-                "floor POST {:.2f} GET {:.2f}".format(
+                f"{other} "
+                "POST {:.2f} GET {:.2f}".format(
                     *(1e3 * summary[f"{c}_{m}_cpu_server"] for c in ("service", "floor")
                       for m in ("post", "get"))
                 )

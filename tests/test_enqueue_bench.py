@@ -1,6 +1,7 @@
-"""``scripts/enqueue_bench.py`` in CI size: the service and its floor both answer every request,
-and the JSON carries the figures docs/PERFORMANCE.md reports. No timing assertions: the ratios
-are read from the benchmark's output, run on a quiet machine."""
+"""``scripts/enqueue_bench.py`` in CI size: the service and its floor (or, with ``--against``,
+another checkout's service) both answer every request, and the JSON carries the figures
+docs/PERFORMANCE.md reports. No timing assertions: the ratios are read from the benchmark's
+output, run on a quiet machine."""
 
 from __future__ import annotations
 
@@ -9,23 +10,38 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from service_support import PG_ADMIN_URL, REDIS_URL
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_enqueue_benchmark_runs_both_cases(tmp_path: Path) -> None:
+BENCH = [sys.executable, str(ROOT / "scripts" / "enqueue_bench.py")]
+SMALL = ["--client", "httpx", "--rounds", "1", "--clients", "4", "--per-client", "3",
+         "--polls", "2", "--database", PG_ADMIN_URL, "--broker", REDIS_URL]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("against", "other"), [([], "floor"), (["--against", str(ROOT)], "baseline")]
+)
+def test_enqueue_benchmark_runs_both_cases(tmp_path: Path, against: list[str], other: str) -> None:
     out = tmp_path / "enqueue.json"
-    cmd = [sys.executable, str(ROOT / "scripts" / "enqueue_bench.py"), "--client", "httpx",
-           "--rounds", "1", "--clients", "4", "--per-client", "3", "--polls", "2",
-           "--database", PG_ADMIN_URL, "--broker", REDIS_URL, "--json", str(out)]  # fmt: skip
+    cmd = BENCH + SMALL + against + ["--json", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "service/floor requests/s: POST median" in run.stdout, run.stdout
+    assert f"service/{other} requests/s: POST median" in run.stdout, run.stdout
     body = json.loads(out.read_text())
+    assert body["summary"]["against"] == (against[-1] if against else "floor")
     for case in ("service", "floor"):
         (only,) = body["rounds"][case]
         assert only["errors"] == {}, only  # every upload 202, every poll 200
         assert only["post_rps"] > 0 and only["get_rps"] > 0
         assert 0 < only["post_p50"] <= only["post_p99"]
     assert body["summary"]["post_rps_ratio"]["median"] > 0
+
+
+def test_against_a_folder_that_is_no_checkout_is_refused(tmp_path: Path) -> None:
+    """Otherwise the service would be compared with itself without a word (the CLI would find
+    this checkout's code)."""
+    run = subprocess.run(BENCH + ["--against", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 2 and "not a dmae-certify checkout" in run.stderr, run.stderr

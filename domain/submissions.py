@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import Table, bindparam, exists, func, insert, select, update
+from sqlalchemy import Integer, Table, bindparam, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -271,14 +271,17 @@ _INSERT_JOB = insert(_JOBS_TABLE)
 _INSERT_INPUT = insert(cast(Table, JobInput.__table__))
 _JOBS, _KEYS, _ITEMS = _JOBS_TABLE.c, ApiKey.__table__.c, EvaluationItem.__table__.c
 _LOCK_KEY = select(_KEYS.id).where(_KEYS.id == bindparam("owner")).with_for_update(key_share=True)
-_ACTIVE = (
-    select(func.count())
-    .select_from(_JOBS_TABLE)
+# The key's queued and running jobs outside evaluations, counted up to a limit (the cap + 1 is
+# enough to refuse), through the partial index ix_jobs_owner_active.
+_ACTIVE = select(func.count()).select_from(
+    select(_JOBS.id)
     .where(
         _JOBS.owner_id == bindparam("owner"),
         _JOBS.status.in_(ACTIVE_STATUSES),
         ~exists().where(_ITEMS.job_id == _JOBS.id),
     )
+    .limit(bindparam("limit", type_=Integer))
+    .subquery()
 )
 
 
@@ -309,7 +312,9 @@ def admit(session: Session, owner_id: int, settings: Settings) -> None:
         return
     conn = session.connection()
     conn.execute(_LOCK_KEY, {"owner": owner_id})
-    active = conn.execute(_ACTIVE, {"owner": owner_id}).scalar()
+    # Counting stops at cap + 1, which is all a refusal needs: a long backlog costs no more.
+    limit = min(cap, 2**62) + 1  # a LIMIT is a bigint
+    active = conn.execute(_ACTIVE, {"owner": owner_id, "limit": limit}).scalar()
     if (active or 0) > cap:
         session.rollback()
         raise ServiceError(

@@ -56,6 +56,9 @@ class Status(enum.StrEnum):
 
 ACTIVE_STATUSES = (Status.QUEUED.value, Status.RUNNING.value)
 TERMINAL_STATUSES = (Status.SUCCEEDED.value, Status.FAILED.value, Status.CANCELLED.value)
+# SQL for "the job is queued or running": the predicate of the partial index on jobs the
+# admission count reads (the migration that builds it, 0007, spells it out the same way).
+ACTIVE_SQL = "status IN ('queued', 'running')"
 
 
 def new_id() -> str:
@@ -133,6 +136,14 @@ class Job(RunState, Base):
         UniqueConstraint("owner_id", "request_key", name="uq_jobs_owner_request"),
         Index("ix_jobs_owner_created", "owner_id", "created_at"),
         Index("ix_jobs_owner_tensor", "owner_id", "tensor_sha256"),  # a certificate's prior_runs
+        # The admission count of every submission: a key's queued and running jobs only, however
+        # long its history and however many jobs other keys have waiting.
+        Index(
+            "ix_jobs_owner_active",
+            "owner_id",
+            postgresql_where=text(ACTIVE_SQL),
+            sqlite_where=text(ACTIVE_SQL),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

@@ -31,7 +31,7 @@ from app.main import create_app
 from domain import db as dbmod
 from domain.dispatch import SentMarks
 from domain.migrate import upgrade
-from domain.tables import Job
+from domain.tables import ApiKey, Job
 
 
 @pytest.fixture
@@ -209,3 +209,52 @@ def test_a_nul_character_is_a_4xx_with_a_sentence_on_postgres(pg_service: Servic
         assert isinstance(r.json()["detail"], str) and r.json()["detail"], r.text
     r = svc.register(name="tiny\x00evil")
     assert r.status_code == 422 and "model name" in r.json()["detail"], r.text
+
+
+def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+def test_the_admission_count_reads_only_the_keys_own_active_jobs(pg_service: Service) -> None:
+    """Every submission counts its key's queued and running jobs. Through the partial index
+    ``ix_jobs_owner_active`` (migration 0007) that reads those jobs and no others, however
+    many jobs other keys have waiting and however long the key's history; before, PostgreSQL
+    read every active job of every key through ``ix_jobs_status`` (3,000 rows here). The
+    count also stops at the cap + 1 a refusal needs."""
+    from sqlalchemy import insert
+
+    from domain import submissions
+
+    svc = pg_service
+    r = svc.submit(svc.alice, digit_png(1))
+    assert r.status_code == 202, r.text
+    engine = svc.app.state.db.engine
+    with engine.begin() as c:
+        row = dict(c.execute(select(Job.__table__).where(Job.id == r.json()["id"])).one()._mapping)
+        alice = row["owner_id"]
+        other = c.execute(select(ApiKey.id).where(ApiKey.id != alice).limit(1)).scalar_one()
+        copies = []
+        for owner, count, status in ((other, 3000, "queued"), (alice, 2000, "succeeded"),
+                                     (alice, 4, "queued")):  # fmt: skip
+            for i in range(count):
+                tag = f"{owner}-{status}-{i}"
+                copies.append(row | {"id": tag, "owner_id": owner, "status": status,
+                                     "request_key": tag})  # fmt: skip
+        c.execute(insert(Job.__table__), copies)
+        c.exec_driver_sql("ANALYZE jobs")
+    count = submissions._ACTIVE.params(owner=alice, limit=101)
+    sql = str(count.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
+    with engine.connect() as c:
+        plan = c.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}").scalar()[0]["Plan"]
+        assert c.execute(count).scalar() == 5  # the first job and the 4 queued copies
+        assert c.execute(count.params(limit=3)).scalar() == 3
+    nodes = list(_plan_nodes(plan))
+    assert any(n.get("Index Name") == "ix_jobs_owner_active" for n in nodes), plan
+    rows_read = max(
+        n.get("Actual Rows", 0) + n.get("Rows Removed by Filter", 0)
+        + n.get("Rows Removed by Index Recheck", 0)
+        for n in nodes
+    )  # fmt: skip
+    assert rows_read <= 5, plan

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import Integer, Table, bindparam, exists, func, insert, select, update
+from sqlalchemy import BigInteger, Table, bindparam, exists, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -34,7 +34,15 @@ from domain.errors import ServiceError, bad_input
 from domain.images import decode_image
 from domain.keys import Caller
 from domain.state import rowcount
-from domain.tables import ACTIVE_STATUSES, ApiKey, EvaluationItem, Job, JobInput, Status, new_id
+from domain.tables import (
+    ACTIVE_SQL,
+    ApiKey,
+    EvaluationItem,
+    Job,
+    JobInput,
+    Status,
+    new_id,
+)
 from models.data import tensor_bytes
 from models.images import Preprocessed
 from models.smoothing import check_decide_n, check_n, validate, validate_budget
@@ -272,15 +280,16 @@ _INSERT_INPUT = insert(cast(Table, JobInput.__table__))
 _JOBS, _KEYS, _ITEMS = _JOBS_TABLE.c, ApiKey.__table__.c, EvaluationItem.__table__.c
 _LOCK_KEY = select(_KEYS.id).where(_KEYS.id == bindparam("owner")).with_for_update(key_share=True)
 # The key's queued and running jobs outside evaluations, counted up to a limit (the cap + 1 is
-# enough to refuse), through the partial index ix_jobs_owner_active.
+# enough to refuse), through the partial index ix_jobs_owner_active. Its predicate is written
+# out, not bound: a plan PostgreSQL caches for any parameter values could not use the index.
 _ACTIVE = select(func.count()).select_from(
     select(_JOBS.id)
     .where(
         _JOBS.owner_id == bindparam("owner"),
-        _JOBS.status.in_(ACTIVE_STATUSES),
+        text(ACTIVE_SQL),
         ~exists().where(_ITEMS.job_id == _JOBS.id),
     )
-    .limit(bindparam("limit", type_=Integer))
+    .limit(bindparam("limit", type_=BigInteger))
     .subquery()
 )
 
@@ -312,14 +321,15 @@ def admit(session: Session, owner_id: int, settings: Settings) -> None:
         return
     conn = session.connection()
     conn.execute(_LOCK_KEY, {"owner": owner_id})
-    # Counting stops at cap + 1, which is all a refusal needs: a long backlog costs no more.
-    limit = min(cap, 2**62) + 1  # a LIMIT is a bigint
+    # Counting stops at cap + 1, which is all a refusal needs: a long backlog costs no more
+    # (so a refusal knows "cap or more", not how many).
+    limit = min(cap, 2**62) + 1  # within a bigint, the type of the bound LIMIT
     active = conn.execute(_ACTIVE, {"owner": owner_id, "limit": limit}).scalar()
     if (active or 0) > cap:
         session.rollback()
         raise ServiceError(
             429,
-            f"too many jobs in progress: this API key has {int(active or 0) - 1} queued or "
+            f"too many jobs in progress: this API key already has {cap} or more queued or "
             f"running (at most {cap}); wait for some to finish",
             {"Retry-After": str(ADMISSION_RETRY_S)},
         )

@@ -11,8 +11,9 @@ service/floor ratio of every round, then the median and spread of the ratios.
     python scripts/enqueue_bench.py [--clients 50] [--per-client 8] [--rounds 3] [--workers 1]
 
 With ``--against DIR`` the second case is not the floor but the service of another checkout
-(``git worktree add DIR main``), run the same way: a change is measured side by side with the
-code it changes, which a noisy machine allows where two separate runs do not.
+(``git worktree add --detach DIR HEAD~1``; same migrations), run the same way: a change is
+measured side by side with the code it changes, which a noisy machine allows where two separate
+runs do not. The ratio is this checkout over that one.
 
 Needs PostgreSQL (``--database``: an admin URL; a throw-away database is created and dropped)
 and Redis (``--broker``).
@@ -300,6 +301,13 @@ def make_keys(db_url: str, count: int) -> dict[int, str]:
     return made
 
 
+def migration_head(checkout: Path) -> str | None:
+    """The last Alembic revision of a checkout's ``migrations`` folder."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(checkout / "migrations")).get_current_head()
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     for _ in range(600):
         if proc.poll() is not None:
@@ -364,8 +372,16 @@ def main() -> int:
     )
     p.add_argument("--seconds", type=float, default=8.0, help="wrk: seconds per measurement")
     args = p.parse_args()
-    if args.against and not (Path(args.against) / "app" / "main.py").is_file():
-        p.error(f"--against {args.against}: not a dmae-certify checkout (no app/main.py there)")
+    if args.against:
+        if not (Path(args.against) / "app" / "main.py").is_file():
+            p.error(f"--against {args.against}: not a dmae-certify checkout (no app/main.py there)")
+        ours, theirs = migration_head(ROOT), migration_head(Path(args.against))
+        if ours != theirs:
+            p.error(
+                f"--against {args.against}: its migrations end at {theirs}, this checkout's at "
+                f"{ours}; both services share one database, so compare commits with the same "
+                "migrations"
+            )
 
     import psycopg
     from sqlalchemy.engine import make_url

@@ -6,6 +6,7 @@ output, run on a quiet machine."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,16 @@ def test_against_a_folder_that_is_no_checkout_is_refused(tmp_path: Path) -> None
     this checkout's code)."""
     run = subprocess.run(BENCH + ["--against", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 2 and "not a dmae-certify checkout" in run.stderr, run.stderr
+
+
+def test_against_a_checkout_with_other_migrations_is_refused(tmp_path: Path) -> None:
+    """Both services share one database: an older checkout would refuse its schema at start."""
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "main.py").write_text("")
+    shutil.copytree(ROOT / "migrations", tmp_path / "migrations")
+    newest = sorted((tmp_path / "migrations" / "versions").glob("0*.py"))[-1]
+    newest.unlink()
+    run = subprocess.run(BENCH + ["--against", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 2 and "compare commits with the same migrations" in run.stderr, (
+        run.stderr
+    )

@@ -294,7 +294,8 @@ def test_the_race_test_catches_an_unlocked_count(
     from service_support import reset_postgres
 
     from domain import migrate
-    from domain.submissions import ACTIVE_STATUSES, ServiceError
+    from domain.submissions import ServiceError
+    from domain.tables import ACTIVE_STATUSES
 
     reset_postgres(pg_url)
     migrate.upgrade(pg_url)

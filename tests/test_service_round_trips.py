@@ -220,9 +220,10 @@ def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def test_the_admission_count_reads_only_the_keys_own_active_jobs(pg_service: Service) -> None:
     """Every submission counts its key's queued and running jobs. Through the partial index
     ``ix_jobs_owner_active`` (migration 0007) that reads those jobs and no others, however
-    many jobs other keys have waiting and however long the key's history; before, PostgreSQL
-    read every active job of every key through ``ix_jobs_status`` (3,000 rows here). The
-    count also stops at the cap + 1 a refusal needs."""
+    many jobs other keys have waiting and however long the key's history, also in a plan
+    PostgreSQL caches for any parameters (a prepared statement's generic plan); before, it read
+    every active job of every key through ``ix_jobs_status`` (3,005 rows here). The count stops
+    at the cap + 1 a refusal needs, and any cap fits the bound LIMIT."""
     from sqlalchemy import insert
 
     from domain import submissions
@@ -244,17 +245,29 @@ def test_the_admission_count_reads_only_the_keys_own_active_jobs(pg_service: Ser
                                      "request_key": tag})  # fmt: skip
         c.execute(insert(Job.__table__), copies)
         c.exec_driver_sql("ANALYZE jobs")
-    count = submissions._ACTIVE.params(owner=alice, limit=101)
-    sql = str(count.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
+    count = submissions._ACTIVE
+    sql = str(count.compile(dialect=engine.dialect))  # ... %(owner)s::INTEGER ... %(limit)s...
+    prepared = sql.replace("%(owner)s", "$1").replace("%(limit)s", "$2")
     with engine.connect() as c:
-        plan = c.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}").scalar()[0]["Plan"]
-        assert c.execute(count).scalar() == 5  # the first job and the 4 queued copies
-        assert c.execute(count.params(limit=3)).scalar() == 3
-    nodes = list(_plan_nodes(plan))
-    assert any(n.get("Index Name") == "ix_jobs_owner_active" for n in nodes), plan
-    rows_read = max(
-        n.get("Actual Rows", 0) + n.get("Rows Removed by Filter", 0)
-        + n.get("Rows Removed by Index Recheck", 0)
-        for n in nodes
-    )  # fmt: skip
-    assert rows_read <= 5, plan
+        assert c.execute(count, {"owner": alice, "limit": 101}).scalar() == 5  # 1 + 4 queued
+        assert c.execute(count, {"owner": alice, "limit": 3}).scalar() == 3
+        c.exec_driver_sql(f"PREPARE active_count AS {prepared}")
+        plans = []
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            c.exec_driver_sql(f"SET plan_cache_mode = {mode}")
+            explain = f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE active_count({alice}, 101)"
+            plans.append(c.exec_driver_sql(explain).scalar()[0]["Plan"])
+        c.rollback()
+    for plan in plans:
+        nodes = list(_plan_nodes(plan))
+        assert any(n.get("Index Name") == "ix_jobs_owner_active" for n in nodes), plan
+        rows_read = max(
+            n.get("Actual Rows", 0) + n.get("Rows Removed by Filter", 0)
+            + n.get("Rows Removed by Index Recheck", 0)
+            for n in nodes
+        )  # fmt: skip
+        assert rows_read <= 5, plan
+    # A cap beyond 32 bits (a LIMIT bound as INTEGER refused every submission with 422).
+    huge = svc.app.state.settings.model_copy(update={"max_active_jobs": 10**20})
+    with svc.app.state.db.session() as s:
+        submissions.admit(s, alice, huge)

@@ -223,7 +223,9 @@ def test_the_admission_count_reads_only_the_keys_own_active_jobs(pg_service: Ser
     many jobs other keys have waiting and however long the key's history, also in a plan
     PostgreSQL caches for any parameters (a prepared statement's generic plan); before, it read
     every active job of every key through ``ix_jobs_status`` (3,005 rows here). The count stops
-    at the cap + 1 a refusal needs, and any cap fits the bound LIMIT."""
+    at the cap + 1 a refusal needs, and any cap fits the bound LIMIT. (The planner chooses by
+    cost: on a small table where the counting key holds most rows it may scan instead, which
+    costs about 1 ms there; here, as in a real table, the key holds a small share.)"""
     from sqlalchemy import insert
 
     from domain import submissions
@@ -237,7 +239,7 @@ def test_the_admission_count_reads_only_the_keys_own_active_jobs(pg_service: Ser
         alice = row["owner_id"]
         other = c.execute(select(ApiKey.id).where(ApiKey.id != alice).limit(1)).scalar_one()
         copies = []
-        for owner, count, status in ((other, 3000, "queued"), (alice, 2000, "succeeded"),
+        for owner, count, status in ((other, 3000, "queued"), (alice, 500, "succeeded"),
                                      (alice, 4, "queued")):  # fmt: skip
             for i in range(count):
                 tag = f"{owner}-{status}-{i}"

@@ -56,9 +56,9 @@ class Status(enum.StrEnum):
 
 ACTIVE_STATUSES = (Status.QUEUED.value, Status.RUNNING.value)
 TERMINAL_STATUSES = (Status.SUCCEEDED.value, Status.FAILED.value, Status.CANCELLED.value)
-# SQL for "the job is queued or running": the predicate of the partial index on jobs the
-# admission count reads (the migration that builds it, 0007, spells it out the same way).
-ACTIVE_SQL = "status IN ('queued', 'running')"
+# SQL for "the job is queued or running" (from ACTIVE_STATUSES): the predicate of the partial index
+# on jobs the admission count reads (migration 0007, which builds it, spells it out the same way).
+ACTIVE_SQL = f"status IN ({', '.join(repr(s) for s in ACTIVE_STATUSES)})"
 
 
 def new_id() -> str:

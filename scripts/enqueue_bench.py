@@ -417,6 +417,7 @@ def main() -> int:
         # The second case ("floor" in the JSON): the floor app, or the other checkout's service
         # (its code first on the import path; the CLI entry point is this one's).
         other = "baseline" if args.against else "floor"
+        serves = {"service": True, "floor": bool(args.against)}  # POST /certify, GET /jobs/{id}
         serve = [CLI, "serve", "--log-level", "warning"]
         commands = {
             "service": serve + ["--port", str(service_port)]
@@ -439,7 +440,7 @@ def main() -> int:
                 )
             )
             port = service_port if case == "service" else floor_port
-            ready = "/readyz" if case == "service" or args.against else "/floor/none"
+            ready = "/readyz" if serves[case] else "/floor/none"
             wait_ready(f"http://127.0.0.1:{port}{ready}", procs[-1], log)
         spy = None
         if args.profile:  # sampled while the service serves; py-spy writes its file on SIGINT
@@ -475,9 +476,8 @@ def main() -> int:
                 mine = pngs[batch * per_case : (batch + 1) * per_case]
                 batch += 1
                 base = f"http://127.0.0.1:{service_port if case == 'service' else floor_port}"
-                service = case == "service" or bool(args.against)
-                path = "/certify" if service else "/floor"
-                form = {"sigma": "0.25", "n": "1000"} if service else {}
+                path = "/certify" if serves[case] else "/floor"
+                form = {"sigma": "0.25", "n": "1000"} if serves[case] else {}
                 if args.client == "wrk":
                     pid = procs[0 if case == "service" else 1].pid
                     out = wrk_round(case, base, path, mine, form, distinct, owners, url, seen,

@@ -310,13 +310,23 @@ def rotate_signing_key(settings: Settings) -> tuple[str, str]:
     return old.key_id, signer(settings).key_id
 
 
+_seed_secrets: dict[Path, bytes] = {}  # path -> secret, as first read by this process
+
+
 def seed_secret(settings: Settings) -> bytes:
     """The HMAC key of derived seeds, created at the default location on first use.
+
+    Read once per process and path (every submission needs it; a stat and a read of the file
+    cost about 0.35 ms of CPU per submission under load): a replaced file takes effect when
+    the process restarts, and one whose secret changes would make identical requests new runs.
 
     Raises :class:`SigningError` when a file given by ``DMAE_SEED_SECRET_FILE`` is missing,
     unreadable or empty."""
     given = settings.seed_secret_file
     path = Path(given) if given else settings.signing_dir / SEED_FILE
+    known = _seed_secrets.get(path)
+    if known is not None:
+        return known
     if not path.exists():
         if given:
             raise SigningError(f"DMAE_SEED_SECRET_FILE names {path}, which does not exist")
@@ -327,4 +337,5 @@ def seed_secret(settings: Settings) -> bytes:
         raise SigningError(f"cannot read the seed secret {path}: {exc}") from exc
     if len(secret) < 16:
         raise SigningError(f"the seed secret {path} is shorter than 16 bytes")
+    _seed_secrets[path] = secret
     return secret

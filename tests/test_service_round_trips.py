@@ -192,6 +192,22 @@ def test_sent_marks_survive_a_database_outage(tmp_path: Path, tiny_checkpoint: P
         assert marks.flush() == 1 and _enqueued_at(svc, job_id) is not None
 
 
+def test_a_batch_of_sent_marks_is_one_statement_in_autocommit(
+    pg_service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SentMarks writes 20 batches a second under load: one UPDATE each, no BEGIN or COMMIT
+    (it was an ORM update in a transaction: 1.86 ms of CPU for 5 ids, now 0.51 ms)."""
+    svc = pg_service
+    marks: SentMarks = svc.app.state.sent_marks
+    marks.close()  # flush by hand from here on
+    ids = [svc.submit(svc.alice, digit_png(i)).json()["id"] for i in (5, 6, 7)]
+    assert all(_enqueued_at(svc, i) is None for i in ids)
+    calls = Calls(svc.app.state.db.engine, monkeypatch)
+    written, sent = calls.during(marks.flush)
+    assert written == 3 and sent == {"statement": 1}, sent
+    assert all(_enqueued_at(svc, i) is not None for i in ids)
+
+
 def test_a_nul_character_is_a_4xx_with_a_sentence_on_postgres(pg_service: Service) -> None:
     """PostgreSQL text cannot hold NUL: such ids and names were a 500 (psycopg's DataError)."""
     svc = pg_service

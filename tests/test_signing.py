@@ -115,6 +115,10 @@ def test_keys_are_made_once_with_private_modes(tmp_path: Path) -> None:
     secret = signing.seed_secret(settings)
     assert len(secret) == 64 and _mode(key.parent / "seed_secret") == 0o600
     assert signing.seed_secret(settings) == secret
+    # Read once per process: a secret that changed under a running service would make
+    # identical requests new runs, so a replaced file counts from the next start.
+    (key.parent / "seed_secret").write_bytes(b"another secret of enough length\n")
+    assert signing.seed_secret(settings) == secret
     listed = signing.published_keys(settings)
     assert [(k.key_id, k.current) for k in listed] == [(made[0], True)]
     assert signing.load_public_keys(json.dumps({"keys": [k.to_dict() for k in listed]})) == {

@@ -380,3 +380,34 @@ def test_worker_runs_an_evaluation(service: Service, stack: dict[str, Any]) -> N
     assert [row.idx for row in rows] == list(range(0, 360, 12))
     png = service.client.get(ev["plot_url"], headers=service.h(service.alice))
     assert Image.open(io.BytesIO(png.content)).format == "PNG"
+
+
+def test_the_published_message_is_celerys_own(tmp_path: Path) -> None:
+    """The dispatcher builds Celery's task message itself (without ``send_task``'s per-call
+    routing, and with the arguments' display form given): what lands on the queue has exactly
+    the headers and body of Celery's own message for the task."""
+    import base64
+    import uuid
+
+    import redis
+
+    from worker.celery_app import CERTIFY_TASK, CeleryDispatcher
+
+    queue = f"dmae-message-{uuid.uuid4().hex[:8]}"
+    settings = service_settings(tmp_path / "data", broker_url=REDIS_URL, queue=queue)
+    dispatcher = CeleryDispatcher(settings)
+    job_id = str(uuid.uuid4())
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        dispatcher.certify(job_id)
+        raw = client.rpop(queue)
+        assert client.llen(queue) == 0
+    finally:
+        client.delete(queue)
+    assert isinstance(raw, bytes)
+    sent = json.loads(raw)
+    own = dispatcher.app.amqp.create_task_message(job_id, CERTIFY_TASK, [job_id], {})
+    assert sent["headers"] == json.loads(json.dumps(own.headers))
+    assert sent["headers"]["argsrepr"] == f"['{job_id}']" and sent["headers"]["kwargsrepr"] == "{}"
+    body = json.loads(base64.b64decode(sent["body"]))
+    assert body == json.loads(json.dumps(own.body))

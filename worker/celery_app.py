@@ -79,7 +79,11 @@ class CeleryDispatcher:
 
         # What ``send_task`` sends, less its per-call routing and option merging (half of its
         # CPU): Celery's task message, published on the default exchange straight to the queue.
-        message = self.app.amqp.create_task_message(run_id, task, [run_id], {})
+        # The arguments' display form is given: Celery's safe repr of them was an eighth of the
+        # publish's CPU (0.10 of 0.80 ms), for a list holding one id.
+        message = self.app.amqp.create_task_message(
+            run_id, task, [run_id], {}, argsrepr=repr([run_id]), kwargsrepr="{}"
+        )
         try:
             with self.app.producer_or_acquire() as producer:
                 producer.publish(

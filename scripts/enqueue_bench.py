@@ -44,6 +44,17 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.executable).parent / "dmae-certify")
 
 
+DEFAULT_DATABASE = os.environ.get(
+    "DMAE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1/test"
+)
+DEFAULT_BROKER = "redis://127.0.0.1:6379/13"
+
+
+def default_client() -> str:
+    """wrk when installed (C, light on the CPU the servers share), else httpx."""
+    return "wrk" if shutil.which("wrk") else "httpx"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -221,6 +232,7 @@ def wrk_run(
     r = json.loads(line)
     done = max(1, r["requests"])
     return {
+        "requests": r["requests"],
         "cpu_server": cpu_since(cpu0[0], cpu1[0]) / done,
         "cpu_postgres": cpu_since(cpu0[1], cpu1[1]) / done,
         "rps": r["requests"] / (r["duration_us"] / 1e6),
@@ -339,12 +351,10 @@ def main() -> int:
     )
     p.add_argument(
         "--database",
-        default=os.environ.get(
-            "DMAE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1/test"
-        ),
+        default=DEFAULT_DATABASE,
         help="admin URL of a PostgreSQL server (a throw-away database is made on it)",
     )
-    p.add_argument("--broker", default="redis://127.0.0.1:6379/13", help="Redis URL")
+    p.add_argument("--broker", default=DEFAULT_BROKER, help="Redis URL")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument(
         "--profile",
@@ -366,7 +376,7 @@ def main() -> int:
     p.add_argument(
         "--client",
         choices=("wrk", "httpx"),
-        default="wrk" if shutil.which("wrk") else "httpx",
+        default=default_client(),
         help="load generator: wrk (C, light on the CPU the servers share; Debian package) or "
         "httpx (Python asyncio); wrk when installed",
     )

@@ -59,3 +59,27 @@ def test_against_a_checkout_with_other_migrations_is_refused(tmp_path: Path) -> 
     assert run.returncode == 2 and "compare commits with the same migrations" in run.stderr, (
         run.stderr
     )
+
+
+def test_the_steps_of_a_submission_are_each_timed_once_per_request(tmp_path: Path) -> None:
+    """``scripts/enqueue_steps.py`` in CI size: every step it lists ran once per submission
+    (a step renamed or moved would show 0 calls), the parts of ``submit`` add up to no more
+    than ``submit``, and the listed steps to no more than the process's CPU."""
+    out = tmp_path / "steps.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "enqueue_steps.py"), "--client", "httpx",
+           "--clients", "3", "--per-client", "4", "--database", PG_ADMIN_URL,
+           "--broker", REDIS_URL, "--json", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "CPU per submission" in run.stdout, run.stdout
+    body = json.loads(out.read_text())
+    assert body["requests"] == 12 and body["errors"] == {}
+    steps = {s["step"]: s for s in body["steps"]}
+    for name, step in steps.items():
+        if not name.startswith("enqueued_at marks"):  # a thread of its own, every 50 ms
+            assert step["calls"] == 1.0, (name, step)
+        assert step["cpu_ms"] >= 0
+    parts = sum(s["cpu_ms"] for s in body["steps"] if s["part_of_submit"])
+    assert 0 < parts <= steps["submit (all of it)"]["cpu_ms"] + 1e-9
+    top = sum(s["cpu_ms"] for s in body["steps"] if not s["part_of_submit"])
+    assert top + body["rest_ms"] == pytest.approx(body["cpu_ms"])

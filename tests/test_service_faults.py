@@ -7,6 +7,7 @@ database: the shared services are never touched.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from fault_support import BlockableDatabase, PrivateRedis, WorkerProcess
+from fault_support import BlockableDatabase, PrivateRedis, WorkerProcess, children
 from service_support import (
     SIGMA,
     assert_same_certificate,
@@ -149,6 +150,28 @@ def test_model_that_fails_to_load_fails_the_job_and_the_worker_survives(
     ok = _wait(api, api.submit(api.alice, digit_png(0), seed="3").json()["url"], celery_stack)
     assert ok["status"] == "succeeded" and celery_stack["worker"].pid == pid
     assert celery_stack["worker"].alive()
+
+
+def _has_torch(pid: int) -> bool:
+    """Whether process ``pid`` has torch's library mapped (it imported torch)."""
+    return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_a_new_pool_process_inherits_the_job_code(celery_stack: dict[str, Any]) -> None:
+    """The main worker process imports the job code (torch, the models, the engine) before its
+    pool forks, so a replacement pool process is up at once. Before, each new one imported it
+    after the fork (5 s on this machine), past Celery's 4 s deadline to report itself up: Celery
+    killed it and forked another, 15 times in a row in one run, while the job waited."""
+    worker: WorkerProcess = celery_stack["worker"]
+    first = worker.pool_children()
+    assert first and _has_torch(worker.pid)
+    worker.kill_child()
+    deadline = time.monotonic() + 30
+    while not (fresh := [c for c in children(worker.pid) if c not in first]):
+        assert time.monotonic() < deadline, "no new pool process"
+        time.sleep(0.1)
+    assert _has_torch(fresh[0])  # inherited at the fork, not imported since
+    assert "Timed out waiting for UP" not in worker.log_path.read_text()
 
 
 def test_worker_killed_mid_job_completes_exactly_once(

@@ -5,7 +5,8 @@
   redelivered; the attempts cap lives in the job row (``domain.state.claim``).
 - ``worker_prefetch_multiplier = 1``: a worker reserves no more jobs than it runs.
 - Redis ``visibility_timeout`` above the longest job, so a running task is never handed out twice.
-- Nothing here touches CUDA: models load lazily in the process that runs the task
+- Nothing here touches CUDA: the main process imports the job code before the pool forks (so a
+  new pool process is up at once), models load lazily in the process that runs the task
   (``worker.model_cache``), and a forked child drops inherited database connections.
 - The main worker process runs the periodic sweep (``worker.sweep``) in a thread.
 
@@ -26,6 +27,7 @@ log = logging.getLogger("dmae.worker")
 
 CERTIFY_TASK = "dmae.certify"
 TRAIN_TASK = "dmae.train"
+PROC_ALIVE_TIMEOUT_S = 30.0
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -50,6 +52,9 @@ def make_celery(settings: Settings) -> Celery:
         },
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # A new pool process has this long to report that it is up before Celery kills it and
+        # forks another (Celery's default is 4 s; a busy host can miss that and loop forever).
+        worker_proc_alive_timeout=PROC_ALIVE_TIMEOUT_S,
     )
 
     @celery.task(name=CERTIFY_TASK, ignore_result=True)
@@ -118,6 +123,18 @@ class CeleryDispatcher:
 
 
 app = make_celery(get_settings())
+
+
+@signals.worker_init.connect
+def _load_job_code(**_: Any) -> None:
+    """In the main worker process, before the pool forks: import what a job runs (torch, the
+    models, the engine), so every pool process inherits it. Otherwise each new one imported it
+    after the fork, several seconds on a busy host, past the deadline to report itself up: Celery
+    then killed it and forked another, over and over, while the job waited. No model is loaded
+    and CUDA is not touched here."""
+    import worker.jobs
+    import worker.model_cache
+    import worker.training  # noqa: F401 - imported for the pool processes to inherit
 
 
 @signals.worker_process_init.connect

@@ -4,8 +4,11 @@ runner, SQLite under the data folder), then upload an image over HTTP and poll t
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -90,21 +93,18 @@ def test_serve_workers_needs_a_broker(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
-def test_serve_workers_share_one_metrics_view(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
-    """serve --workers 2 on Postgres + Redis: two API processes on one port, and GET /metrics
-    from either adds up both (prometheus_client's multiprocess mode)."""
+def _workers_env(tmp_path: Path, pg_url: str) -> tuple[dict[str, str], str]:
+    """The environment of ``serve --workers`` on a fresh Postgres and Redis, and a client key."""
     import uuid
 
     from service_support import REDIS_URL, reset_postgres
-    from test_metrics import samples, total
 
     from domain import migrate
+    from domain.db import get_database
     from domain.keys import create_key
 
     reset_postgres(pg_url)
     migrate.upgrade(pg_url)
-    from domain.db import get_database
-
     with get_database(pg_url).session() as s:
         key = create_key(s, "w")[1]
     env = {
@@ -116,6 +116,98 @@ def test_serve_workers_share_one_metrics_view(tmp_path: Path, pg_url: str) -> No
         "DMAE_DEVICE": "cpu",
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return env, key
+
+
+def _tcp_sockets(port: int) -> dict[int, str]:
+    """Local TCP sockets on ``port``: {inode: state} (0A listening, 01 established)."""
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found[int(fields[9])] = fields[3]
+    return found
+
+
+def _owners(inodes: set[int]) -> dict[int, set[int]]:
+    """{pid: the inodes among ``inodes`` that the process holds}."""
+    held: dict[int, set[int]] = {}
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and int(target[8:-1]) in inodes:
+            held.setdefault(int(fd.parent.parent.name), set()).add(int(target[8:-1]))
+    return held
+
+
+def _listeners(port: int, count: int) -> dict[int, set[int]]:
+    """The processes listening on ``port`` once there are ``count`` of them (a process listens
+    after its app has started)."""
+    deadline = time.monotonic() + 120
+    while True:
+        listening = {i for i, state in _tcp_sockets(port).items() if state == "0A"}
+        owners = _owners(listening)
+        if len(owners) == count or time.monotonic() > deadline:
+            return owners
+        time.sleep(0.2)
+
+
+def test_serve_workers_each_listen_and_spread_connections(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+    """serve --workers 2: each process listens on a socket of its own (SO_REUSEPORT), so
+    connections opened together are spread over both. With the one socket uvicorn's --workers
+    shares, the process that woke first took 49 of 50 in the benchmark. A process that dies is
+    replaced."""
+    env, _ = _workers_env(tmp_path, pg_url)
+    with serve_process(tmp_path, env, "--workers", "2", "--log-level", "warning") as (base, _):
+        port = int(base.rsplit(":", 1)[1])
+        listeners = _listeners(port, 2)
+        assert len(listeners) == 2, listeners
+        assert all(len(inodes) == 1 for inodes in listeners.values())
+        assert len(set.union(*listeners.values())) == 2  # two sockets, not one shared
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+        try:
+            for c in clients:
+                c.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            for c in clients:
+                assert c.recv(4096).startswith(b"HTTP/1.1 200"), "not answered"
+            served = {i for i, state in _tcp_sockets(port).items() if state == "01"}
+            per = {pid: len(inodes) for pid, inodes in _owners(served).items()}
+            assert set(per) == set(listeners) and sum(per.values()) == 40, per
+            assert min(per.values()) >= 8, per  # 40 by a fair coin: fewer than 8, p < 1e-5
+        finally:
+            for c in clients:
+                c.close()
+        os.kill(next(iter(listeners)), signal.SIGKILL)
+        again = _listeners(port, 2)
+        assert len(again) == 2 and set(again) != set(listeners), again
+        assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+
+
+def test_serve_workers_refuse_a_port_in_use(tmp_path: Path) -> None:
+    """Every process binds the port with SO_REUSEPORT, which another program's socket without
+    it would refuse only in some processes: the whole command stops first, with the reason."""
+    env = {**os.environ, "DMAE_DATA_DIR": str(tmp_path / "data"),
+           "DMAE_BROKER_URL": "redis://127.0.0.1:6379/13"}  # fmt: skip
+    env.pop("DMAE_DATABASE_URL", None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([CLI, "serve", "--workers", "2", "--port", str(port)], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_serve_workers_share_one_metrics_view(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+    """serve --workers 2 on Postgres + Redis: two API processes on one port, and GET /metrics
+    from either adds up both (prometheus_client's multiprocess mode)."""
+    from test_metrics import samples, total
+
+    env, key = _workers_env(tmp_path, pg_url)
     with serve_process(tmp_path, env, "--workers", "2", "--log-level", "warning") as (base, _):
         h = {"X-API-Key": key}
         for i in range(6):

@@ -159,15 +159,9 @@ def serve(args: argparse.Namespace) -> int:
         "serving on %s (%sdatabase %s)", url, mode, settings.database_url.split("@")[-1]
     )
     if args.workers > 1:  # each process builds its app from the same environment
-        uvicorn.run(
-            "app.main:create_app",
-            factory=True,
-            workers=args.workers,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-        )
-        return 0
+        from app.cli.processes import serve_processes
+
+        return serve_processes(args.workers, args.host, args.port, args.log_level)
     from app.main import create_app
 
     api = create_app(settings)

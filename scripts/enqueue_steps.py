@@ -8,7 +8,9 @@ submission is wrapped with ``time.thread_time()``, so its figure is its own CPU 
 contention as the whole, not a sample count: a step nested in another (the parts of
 ``submit``) is listed under it, and what no step covers (the event loop: HTTP, multipart,
 FastAPI's parameters, the key, the rate limit, the hand-off to a thread) is the process's CPU
-less the listed steps. docs/PERFORMANCE.md ("Where a submission's CPU goes") explains it.
+less the listed steps. Figures are per completed request, as in ``enqueue_bench.py``; with wrk a
+step's calls come out a little above 1, for the requests still in flight when the load stops.
+docs/PERFORMANCE.md ("Where a submission's CPU goes") explains it.
 
     .venv/bin/python scripts/enqueue_steps.py                  # 50 clients, 10 s
     .venv/bin/python scripts/enqueue_steps.py --clients 8 --seconds 20 --json steps.json

@@ -18,6 +18,7 @@ import multiprocessing
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("dmae.api")
@@ -57,21 +58,22 @@ def _check_free(host: str, port: int) -> None:
             raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
-def _serve_one(host: str, port: int, log_level: str) -> None:
+def _serve_one(host: str, port: int, log_level: str, setup_logging: Callable[[str], None]) -> None:
     """One API process (spawned): the app on a socket of its own."""
     import uvicorn
 
-    from app.cli.service import _logging
-
-    _logging(log_level)
+    setup_logging(log_level)
     sock = listening_socket(host, port)
     config = uvicorn.Config("app.main:create_app", factory=True, log_level=log_level)
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def serve_processes(workers: int, host: str, port: int, log_level: str) -> int:
+def serve_processes(
+    workers: int, host: str, port: int, log_level: str, setup_logging: Callable[[str], None]
+) -> int:
     """Run ``workers`` API processes on (host, port) until SIGINT or SIGTERM; 0 when stopped,
-    1 when a process could not start the app (its log says why)."""
+    1 when a process could not start the app (its log says why). Each process first calls
+    ``setup_logging(log_level)`` (a module-level function: it is pickled by name)."""
     if port == 0:
         raise ValueError("--workers above 1 needs a fixed --port: every process binds the same")
     _check_free(host, port)
@@ -81,7 +83,9 @@ def serve_processes(workers: int, host: str, port: int, log_level: str) -> int:
 
     def start(slot: int) -> None:
         proc = spawn.Process(
-            target=_serve_one, args=(host, port, log_level), name=f"dmae-api-{slot}"
+            target=_serve_one,
+            args=(host, port, log_level, setup_logging),
+            name=f"dmae-api-{slot}",
         )
         proc.start()
         processes[slot] = proc

@@ -161,7 +161,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers > 1:  # each process builds its app from the same environment
         from app.cli.processes import serve_processes
 
-        return serve_processes(args.workers, args.host, args.port, args.log_level)
+        return serve_processes(args.workers, args.host, args.port, args.log_level, _logging)
     from app.main import create_app
 
     api = create_app(settings)

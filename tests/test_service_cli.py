@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from service_support import (  # noqa: F401 - tiny_checkpoint and pg_url are fixtures
     SIGMA,
     assert_same_certificate,
@@ -220,3 +221,46 @@ def test_serve_workers_share_one_metrics_view(tmp_path: Path, pg_url: str) -> No
             for _ in range(6)
         ]  # fmt: skip
         assert seen == [6.0] * 6, seen  # whichever process answered, it counted both
+
+
+def test_a_second_group_is_refused_while_the_first_is_starting() -> None:
+    """Each process listens as soon as it has bound its socket, before its app has started, so
+    the start-up check of another ``serve --workers`` on the same port fails (before, it passed
+    during those seconds and both groups shared the port)."""
+    from app.cli.processes import _check_free, listening_socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    first = listening_socket("127.0.0.1", port)
+    try:
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}"):
+            _check_free("127.0.0.1", port)
+    finally:
+        first.close()
+
+
+def failing_logging(level: str) -> None:
+    """A logging setup that fails: the API process exits with code 1 at its start."""
+    raise RuntimeError(f"cannot set up logging at {level}")
+
+
+def test_processes_that_fail_at_start_stop_the_group(tmp_path: Path) -> None:
+    """Every process failing right after its start (code 1, not uvicorn's 3) ends the command
+    with 1; before, it started them again and again, a traceback each time, for ever."""
+    code = (
+        "import sys; sys.path[:0] = [sys.argv[1]]\n"
+        "from test_service_cli import failing_logging\n"
+        "from app.cli.processes import serve_processes\n"
+        "sys.exit(serve_processes(2, '127.0.0.1', int(sys.argv[2]), 'warning', failing_logging))"
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent), str(port)],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "no API process could start" in out.stderr
+    assert out.stderr.count("cannot set up logging") <= 4, out.stderr[-3000:]

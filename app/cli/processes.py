@@ -8,27 +8,37 @@ with ``SO_REUSEPORT`` and the kernel spreads new connections over them by a hash
 client's address and port (on Linux; other systems may not balance).
 
 The parent only supervises: it starts the processes, starts another in place of one that
-exits, and stops them all on SIGINT or SIGTERM (each finishes its requests in flight).
+exits (waiting longer each time one fails right after its start), and stops them all on
+SIGINT, SIGTERM or SIGHUP (each finishes its requests in flight); if the parent is killed,
+the kernel stops them (Linux). Unlike uvicorn's supervisor it does not ping the processes or
+reload them on SIGHUP.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("dmae.api")
 
-STARTUP_FAILURE = 3  # uvicorn's exit code when the app cannot start (then none is restarted)
+BACKLOG = 2048  # uvicorn's default
 STOP_GRACE_S = 30.0  # per process, after SIGTERM, before SIGKILL
+EARLY_EXIT_S = 60.0  # a process that exits sooner after its start failed to start
+RETRY_MAX_S = 30.0  # the longest wait before starting again a slot whose processes fail early
+PR_SET_PDEATHSIG = 1  # Linux prctl: a signal for the child when its parent dies
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port) that other processes can bind as well (SO_REUSEPORT).
+    """A TCP socket listening on (host, port) that other processes can bind as well
+    (SO_REUSEPORT). It listens at once, before the app has started: a connection waits in its
+    backlog meanwhile, and another group's start-up check sees the port taken.
 
     Raises OSError when the address is taken by a socket without SO_REUSEPORT or of another
     user, and ValueError where the system has no SO_REUSEPORT."""
@@ -40,6 +50,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
+        sock.listen(BACKLOG)
     except OSError:
         sock.close()
         raise
@@ -58,10 +69,26 @@ def _check_free(host: str, port: int) -> None:
             raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
-def _serve_one(host: str, port: int, log_level: str, setup_logging: Callable[[str], None]) -> None:
+def _stop_with_parent(supervisor: int) -> None:
+    """Have the kernel send SIGTERM to this process when its supervisor (pid ``supervisor``)
+    dies, even by SIGKILL (Linux), so no API process is left serving on its own."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != supervisor:  # it died before the line above
+        raise SystemExit(0)
+
+
+def _serve_one(
+    host: str, port: int, log_level: str, setup_logging: Callable[[str], None], supervisor: int
+) -> None:
     """One API process (spawned): the app on a socket of its own."""
     import uvicorn
 
+    _stop_with_parent(supervisor)
     setup_logging(log_level)
     sock = listening_socket(host, port)
     config = uvicorn.Config("app.main:create_app", factory=True, log_level=log_level)
@@ -71,46 +98,67 @@ def _serve_one(host: str, port: int, log_level: str, setup_logging: Callable[[st
 def serve_processes(
     workers: int, host: str, port: int, log_level: str, setup_logging: Callable[[str], None]
 ) -> int:
-    """Run ``workers`` API processes on (host, port) until SIGINT or SIGTERM; 0 when stopped,
-    1 when a process could not start the app (its log says why). Each process first calls
-    ``setup_logging(log_level)`` (a module-level function: it is pickled by name)."""
+    """Run ``workers`` API processes on (host, port) until SIGINT, SIGTERM or SIGHUP; 0 when
+    stopped, 1 when every process failed to start (each one's log says why). Each process first
+    calls ``setup_logging(log_level)`` (a module-level function: it is pickled by name).
+
+    A process that exits is started again; one that exits within ``EARLY_EXIT_S`` of its start
+    is started again after a wait that doubles each time (1 s up to ``RETRY_MAX_S``), so a
+    failure that lasts (the database away, a broken release) is retried without a loop of
+    tracebacks, while the other processes keep serving."""
     if port == 0:
         raise ValueError("--workers above 1 needs a fixed --port: every process binds the same")
     _check_free(host, port)
     spawn = multiprocessing.get_context("spawn")
     processes: dict[int, Any] = {}
+    started: dict[int, float] = {}
+    retry_at: dict[int, float] = {}
+    waits: dict[int, float] = {}
     stop = threading.Event()
 
     def start(slot: int) -> None:
         proc = spawn.Process(
             target=_serve_one,
-            args=(host, port, log_level, setup_logging),
+            args=(host, port, log_level, setup_logging, os.getpid()),
             name=f"dmae-api-{slot}",
         )
         proc.start()
-        processes[slot] = proc
+        processes[slot], started[slot] = proc, time.monotonic()
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in stops}
     failed = False
     try:
         for slot in range(workers):
             start(slot)
         while not stop.wait(0.5):
+            now = time.monotonic()
             for slot, proc in list(processes.items()):
-                if proc.is_alive():
+                if proc.is_alive() or slot in retry_at:
                     continue
-                if proc.exitcode == STARTUP_FAILURE:
-                    log.error("API process %s could not start the app; stopping", proc.pid)
-                    failed = True
-                    stop.set()
-                    break
-                log.warning(
-                    "API process %s exited (code %s); starting another", proc.pid, proc.exitcode
-                )
-                start(slot)
+                if now - started[slot] < EARLY_EXIT_S:
+                    waits[slot] = min(2 * waits.get(slot, 0.5), RETRY_MAX_S)
+                    retry_at[slot] = now + waits[slot]
+                    log.error(
+                        "API process %s exited %.0f s after its start (code %s); starting "
+                        "another in %.0f s",
+                        proc.pid, now - started[slot], proc.exitcode, waits[slot],
+                    )  # fmt: skip
+                else:
+                    waits.pop(slot, None)
+                    retry_at[slot] = now
+                    log.warning("API process %s exited (code %s)", proc.pid, proc.exitcode)
+            if retry_at and len(retry_at) == len(processes) and all(waits.get(s) for s in retry_at):
+                log.error("no API process could start; stopping (see their errors above)")
+                failed = True
+                break
+            for slot, when in list(retry_at.items()):
+                if when <= now:
+                    del retry_at[slot]
+                    start(slot)
     finally:
         for proc in processes.values():
             if proc.is_alive():

@@ -211,13 +211,14 @@ _MARK_SENT = (
 def mark_enqueued_many(session: Session, ids: list[str], chunk: int = 500) -> None:
     """:func:`mark_enqueued` for many jobs at once (an evaluation's, a batch of
     ``domain.dispatch.SentMarks``). Commits; outside a transaction each ``chunk`` of ids is one
-    statement in autocommit mode."""
+    statement in autocommit mode. A Core statement: jobs added to the session are flushed
+    first, and jobs already loaded in it keep their old ``enqueued_at``."""
     if ids:
-        conn = (
-            session.connection()
-            if session.in_transaction()
-            else session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-        )
+        if session.in_transaction():
+            session.flush()
+            conn = session.connection()
+        else:
+            conn = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
         for start in range(0, len(ids), chunk):
             conn.execute(_MARK_SENT, {"ids": ids[start : start + chunk], "now": utcnow()})
     session.commit()

@@ -151,3 +151,30 @@ def test_sweep_requeues_each_kind_with_its_own_task(db: Database, tmp_path: Path
         assert job is not None and job.status == "queued" and job.enqueued_at is not None
     # Sent again only once the broker's queue is empty and the resend delay has passed.
     assert sweep_once(db, sent, settings).resent == [] and len(sent.sent) == 2
+
+
+def test_sent_marks_cover_queued_jobs_only_in_or_out_of_a_transaction(db: Database) -> None:
+    """``mark_enqueued_many`` (one Core UPDATE per 500 ids): outside a transaction in
+    autocommit, inside one after flushing what the session holds (a job added in the same
+    transaction, not yet flushed, is marked too), and never a job that is not queued."""
+    queued, running = _job(db), _job(db)
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == running).values(status=Status.RUNNING.value))
+        s.commit()
+    with db.session() as s:
+        state.mark_enqueued_many(s, [queued, running, "no-such-job"], chunk=2)
+    with db.session() as s:
+        marked = {j.id: j.enqueued_at for j in s.query(Job)}
+    assert marked[queued] is not None and marked[running] is None
+    with db.session() as s:
+        template = s.get(Job, queued)
+        assert template is not None
+        added = new_id()
+        s.add(Job(id=added, owner_id=template.owner_id, request_key=new_id(), mode="certify",
+                  checkpoint_id=template.checkpoint_id, model_name="m", sigma=0.25,
+                  alpha=0.001, n0=1, n=1, seed=0, input_sha256="0" * 64))  # fmt: skip
+        assert s.in_transaction()
+        state.mark_enqueued_many(s, [added])
+    with db.session() as s:
+        job = s.get(Job, added)
+        assert job is not None and job.enqueued_at is not None

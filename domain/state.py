@@ -16,7 +16,7 @@ import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import CursorResult, Table, bindparam, or_, update
+from sqlalchemy import Connection, CursorResult, Table, bindparam, or_, update
 from sqlalchemy.orm import Session
 
 from domain.db import Database, utcnow
@@ -208,29 +208,28 @@ _MARK_SENT = (
 )
 
 
+def _marking_connection(session: Session) -> Connection:
+    """Where an ``enqueued_at`` mark is written: the session's open transaction (after flushing
+    what it holds), or, with none open, a connection in autocommit mode (no BEGIN/COMMIT round
+    trips). Marks are Core statements: jobs already loaded keep their old ``enqueued_at``."""
+    if session.in_transaction():
+        session.flush()
+        return session.connection()
+    return session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+
 def mark_enqueued_many(session: Session, ids: list[str], chunk: int = 500) -> None:
     """:func:`mark_enqueued` for many jobs at once (an evaluation's, a batch of
-    ``domain.dispatch.SentMarks``). Commits; outside a transaction each ``chunk`` of ids is one
-    statement in autocommit mode. A Core statement: jobs added to the session are flushed
-    first, and jobs already loaded in it keep their old ``enqueued_at``."""
+    ``domain.dispatch.SentMarks``): one statement per ``chunk`` of ids. Commits."""
     if ids:
-        if session.in_transaction():
-            session.flush()
-            conn = session.connection()
-        else:
-            conn = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        conn = _marking_connection(session)
         for start in range(0, len(ids), chunk):
             conn.execute(_MARK_SENT, {"ids": ids[start : start + chunk], "now": utcnow()})
     session.commit()
 
 
 def mark_enqueued(session: Session, table: RunTable, run_id: str) -> None:
-    """Record that ``run_id`` was handed to the broker. Commits; when the session has no
-    transaction open this is one statement in autocommit mode (no BEGIN/COMMIT round trips)."""
+    """Record that ``run_id`` was handed to the broker, in one statement. Commits."""
     stmt = update(table).where(table.id == run_id, table.status == QUEUED)
-    if session.in_transaction():
-        session.execute(stmt.values(enqueued_at=utcnow()))
-    else:
-        conn = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-        conn.execute(stmt.values(enqueued_at=utcnow()))
+    _marking_connection(session).execute(stmt.values(enqueued_at=utcnow()))
     session.commit()

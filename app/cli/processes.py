@@ -35,18 +35,21 @@ RETRY_MAX_S = 30.0  # the longest wait before starting again a slot whose proces
 PR_SET_PDEATHSIG = 1  # Linux prctl: a signal for the child when its parent dies
 
 
+def _tcp_socket(host: str) -> socket.socket:
+    """An unbound TCP socket of the host's address family, with SO_REUSEADDR."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    return sock
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket listening on (host, port) that other processes can bind as well
     (SO_REUSEPORT). It listens at once, before the app has started: a connection waits in its
     backlog meanwhile, and another group's start-up check sees the port taken.
 
     Raises OSError when the address is taken by a socket without SO_REUSEPORT or of another
-    user, and ValueError where the system has no SO_REUSEPORT."""
-    if not hasattr(socket, "SO_REUSEPORT"):
-        raise ValueError("--workers above 1 needs SO_REUSEPORT (Linux); run one process")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    user."""
+    sock = _tcp_socket(host)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
@@ -58,11 +61,12 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def _check_free(host: str, port: int) -> None:
-    """ValueError when something listens on (host, port) already: bound without SO_REUSEPORT,
-    so another group of processes (an earlier ``serve --workers``) cannot silently share it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    """ValueError where the system has no SO_REUSEPORT, or when something listens on
+    (host, port) already: bound without SO_REUSEPORT, so another group of processes (an earlier
+    ``serve --workers``) cannot silently share it."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ValueError("--workers above 1 needs SO_REUSEPORT (Linux); run one process")
+    with _tcp_socket(host) as probe:
         try:
             probe.bind((host, port))
         except OSError as exc:

@@ -6,7 +6,9 @@ primary key). The service is ``dmae-certify serve`` on Postgres + Redis with no 
 so the figures are the API's alone. Each round runs both cases, in alternating order, with
 ``--clients`` concurrent clients each posting ``--per-client`` distinct digit PNGs and then
 polling each of its jobs ``--polls`` times; it prints requests/s, p50/p95/p99 and the
-service/floor ratio of every round, then the median and spread of the ratios.
+service/floor ratio of every round, then the median and spread of the ratios. After each round
+of a service its jobs are cancelled (``drain``), as workers keeping up would have finished
+them, so no round counts the earlier rounds' jobs as active.
 
     python scripts/enqueue_bench.py [--clients 50] [--per-client 8] [--rounds 3] [--workers 1]
 
@@ -286,6 +288,25 @@ def wrk_round(
     }  # fmt: skip
 
 
+def drain(db_url: str) -> int:
+    """Cancel every queued or running job, as workers keeping up with the queue would have
+    finished them: each round then starts, like the first, with no active jobs, so the admission
+    count (which reads a key's active jobs, up to the cap + 1) costs what it costs in service.
+    Plain SQL, so an older checkout's schema works too. Returns the number of jobs cancelled."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        done = conn.execute(
+            text(
+                "UPDATE jobs SET status = 'cancelled', finished_at = now() "
+                "WHERE status IN ('queued', 'running')"
+            )
+        ).rowcount
+    engine.dispose()
+    return int(done)
+
+
 def make_keys(db_url: str, count: int) -> dict[int, str]:
     """``count`` client API keys, {key id: token}, written with plain SQL (the api_keys table
     of every release: a token's sha256 is what is stored), so an older checkout's
@@ -412,7 +433,8 @@ def main() -> int:
         "DMAE_QUEUE": queue,
         "DMAE_DEVICE": "cpu",
         "DMAE_FLOOR_DATABASE_URL": url,
-        # Admission control still runs on every submission; no worker drains the queue here.
+        # Admission control still runs on every submission, never refusing; no worker drains
+        # the queue during a round, and `drain` ends the round's jobs after it.
         "DMAE_MAX_ACTIVE_JOBS": str(10**9),
         "DMAE_RATE_LIMIT_REQUESTS": "10000000",  # still counted per request, never reached
     }
@@ -496,6 +518,8 @@ def main() -> int:
                     per = [mine[c :: args.clients] for c in range(args.clients)]
                     out = asyncio.run(load(base, path, keys, per, form, args.polls))
                 results[case].append(out)
+                if serves[case]:
+                    out["drained"] = drain(url)
                 label = case if case == "service" else other
                 print(
                     f"round {r + 1} {label:8s}: POST {out['post_rps']:6.1f} req/s p50 "

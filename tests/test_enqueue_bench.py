@@ -38,6 +38,8 @@ def test_enqueue_benchmark_runs_both_cases(tmp_path: Path, against: list[str], o
         assert only["errors"] == {}, only  # every upload 202, every poll 200
         assert only["post_rps"] > 0 and only["get_rps"] > 0
         assert 0 < only["post_p50"] <= only["post_p99"]
+        if case == "service" or against:  # its 12 jobs ended after the round, none before
+            assert only["drained"] == 12, only
     assert body["summary"]["post_rps_ratio"]["median"] > 0
 
 

@@ -2,14 +2,14 @@
 ``rate_limit_window_s`` seconds.
 
 With a Redis URL (``DMAE_RATE_LIMIT_URL``, or a ``redis://`` broker URL) the counters live in
-Redis (one script call per request: ``INCR``, and ``EXPIRE`` when the window's counter is new),
-so the limit holds across every API process and
-host sharing that Redis. Without one (the embedded default) they live in this process's memory.
-If Redis cannot be reached, the process falls back to its in-memory counters (logged): requests
-are still limited, per process, until Redis answers again.
+Redis (a script's ``INCR``, and ``EXPIRE`` when the window's counter is new), so the limit
+holds across every API process and host sharing that Redis. Without one (the embedded default)
+they live in this process's memory. If Redis cannot be reached, the process falls back to its
+in-memory counters (logged): requests are still limited, per process, until Redis answers again.
 
 ``hit`` is a coroutine: the Redis call is awaited on the event loop (``redis.asyncio``), so a
-request's rate-limit check costs no worker thread.
+request's rate-limit check costs no worker thread; concurrent requests' counts share one script
+call (:class:`RedisLimiter`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,24 @@ class MemoryLimiter:
 
 
 class RedisLimiter:
-    """Fixed-window counters in Redis, shared by every process using the same URL."""
+    """Fixed-window counters in Redis, shared by every process using the same URL.
+
+    Concurrent requests are counted together: while one script call is on its way, the hits
+    that arrive wait for it and then go as the next batch, one call for all their keys (each
+    key's ``INCR``, and ``EXPIRE`` when its window's counter is new). Under load that is one
+    round trip for many requests instead of one each; a hit alone costs one round trip, as
+    before. Every hit is still counted in Redis before its request goes on.
+    """
+
+    BATCH = 256  # keys per script call at most
+    SCRIPT = (
+        "local out = {} "
+        "for i, key in ipairs(KEYS) do "
+        "local c = redis.call('INCR', key) "
+        "if c == 1 then redis.call('EXPIRE', key, ARGV[1]) end "
+        "out[i] = c end "
+        "return out"
+    )
 
     def __init__(self, url: str, limit: int, window_s: int, namespace: str = "") -> None:
         self.url, self.limit, self.window_s = url, limit, window_s
@@ -75,9 +92,11 @@ class RedisLimiter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
         self._count: Any = None
+        self._waiting: list[tuple[str, asyncio.Future[int]]] = []
+        self._sender: asyncio.Task[None] | None = None
 
-    def _script(self) -> Any:
-        """The counting script on a client of the running event loop (an asyncio client's
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        """The running loop, with this limiter's client and script on it (an asyncio client's
         connections belong to the loop that opened them; a server has one loop per process)."""
         import redis.asyncio
 
@@ -87,19 +106,48 @@ class RedisLimiter:
             self._client = redis.asyncio.Redis.from_url(
                 self.url, socket_timeout=0.5, socket_connect_timeout=0.5
             )
-            # One round trip and no pipeline object per request: the counter and its expiry
-            # in one server-side step.
-            self._count = self._client.register_script(
-                "local c = redis.call('INCR', KEYS[1]) "
-                "if c == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end return c"
-            )
-        return self._count
+            self._count = self._client.register_script(self.SCRIPT)
+            self._waiting, self._sender = [], None
+        return loop
 
     async def aclose(self) -> None:
         """Close the Redis connections (at the server's shutdown, on its loop)."""
         if self._client is not None and self._loop is asyncio.get_running_loop():
             await self._client.aclose()
-        self._loop = self._client = self._count = None
+        self._loop = self._client = self._count = self._sender = None
+
+    async def _counted(self, key: str) -> int:
+        """``key``'s counter with this hit, sent together with the other hits waiting."""
+        loop = self._bind()
+        counted: asyncio.Future[int] = loop.create_future()
+        self._waiting.append((key, counted))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send())
+        return await counted
+
+    async def _send(self) -> None:
+        """Send the waiting hits in batches until none is left. A failed call is each of its
+        hits' error (they fall back to memory); cancelled (at shutdown), it cancels them."""
+        batch: list[tuple[str, asyncio.Future[int]]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[: self.BATCH], self._waiting[self.BATCH :]
+                try:
+                    counts = await self._count(
+                        keys=[key for key, _ in batch], args=[self.window_s + 1]
+                    )
+                except Exception as exc:
+                    for _, counted in batch:
+                        if not counted.done():
+                            counted.set_exception(exc)
+                    continue
+                for (_, counted), count in zip(batch, counts, strict=True):
+                    if not counted.done():  # its request may have gone meanwhile
+                        counted.set_result(int(count))
+        finally:
+            self._sender = None
+            for _, counted in batch + self._waiting:  # all done by now unless cancelled
+                counted.cancel()
 
     async def hit(self, client_id: int) -> float | None:
         import redis
@@ -108,7 +156,7 @@ class RedisLimiter:
         window = int(now // self.window_s)
         key = f"{self.prefix}:{client_id}:{window}"
         try:
-            count = int(await self._script()(keys=[key], args=[self.window_s + 1]))
+            count = await self._counted(key)
         except (redis.exceptions.RedisError, OSError) as exc:
             if not self._warned:
                 log.warning("rate limiter: Redis unavailable (%s); counting in memory", exc)

@@ -126,8 +126,9 @@ class RedisLimiter:
         return await counted
 
     async def _send(self) -> None:
-        """Send the waiting hits in batches until none is left. A failed call is each of its
-        hits' error (they fall back to memory); cancelled (at shutdown), it cancels them."""
+        """Send the waiting hits in batches until none is left. A failed call is the error of
+        its hits and of those that arrived during it (they fall back to memory, so a hit waits
+        for at most one failing call); cancelled (at shutdown), it cancels them."""
         batch: list[tuple[str, asyncio.Future[int]]] = []
         try:
             while self._waiting:
@@ -136,7 +137,8 @@ class RedisLimiter:
                     counts = await self._count(
                         keys=[key for key, _ in batch], args=[self.window_s + 1]
                     )
-                except Exception as exc:
+                except Exception as exc:  # those that came meanwhile fall back too, at once
+                    batch, self._waiting = batch + self._waiting, []
                     for _, counted in batch:
                         if not counted.done():
                             counted.set_exception(exc)

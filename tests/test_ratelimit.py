@@ -6,6 +6,7 @@ hold up the others. (The HTTP side, 429 and Retry-After, is in test_service_abus
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -97,3 +98,30 @@ def test_a_hit_whose_request_went_away_does_not_hold_up_the_others(namespace: st
     done, refused = asyncio.run(run())
     assert isinstance(done[2], asyncio.CancelledError)
     assert [d for i, d in enumerate(done) if i != 2] == [None] * 4 and refused == 0
+
+
+def test_hits_arriving_during_a_failing_call_fall_back_with_it() -> None:
+    """A Redis that accepts connections but never answers: each call fails after the 0.5 s
+    socket timeout. Hits that arrive while a call is failing fall back with it, rather than
+    waiting for a second timeout of their own."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)  # connections complete in the backlog; nothing ever answers
+
+    async def run() -> tuple[list[float | None], list[int]]:
+        limiter = RedisLimiter(f"redis://127.0.0.1:{hung.getsockname()[1]}/0", 4, 60)
+        await limiter.hit(1)  # binds the script (and times out: counted in memory)
+        calls = count_calls(limiter)
+        early = [asyncio.ensure_future(limiter.hit(1)) for _ in range(3)]
+        await asyncio.sleep(0.2)  # the early hits' call is on its way
+        late = [asyncio.ensure_future(limiter.hit(1)) for _ in range(3)]
+        waits = await asyncio.gather(*early, *late)
+        await limiter.aclose()
+        return list(waits), calls
+
+    try:
+        waits, calls = asyncio.run(run())
+    finally:
+        hung.close()
+    assert calls == [3], calls  # the late hits made no call of their own
+    assert waits.count(None) == 3  # 4 allowed in memory, the first hit included

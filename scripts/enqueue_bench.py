@@ -288,6 +288,27 @@ def wrk_round(
     }  # fmt: skip
 
 
+def connections_needed(workers: int, others: int, threads: int, against: bool) -> int:
+    """PostgreSQL connections the servers may open at most: per API process one per request
+    thread (its pool allows 40), the ``enqueued_at`` marks and start-up; per floor process its
+    pool of 40; and this script's own."""
+    per_service = min(threads, 40) + 2
+    return workers * per_service + others * (per_service if against else 40) + 2
+
+
+def connection_warning(needed: int, max_connections: int, reserved: int, in_use: int) -> str:
+    """A warning when ``needed`` connections may not fit in what the server has left ("")."""
+    left = max_connections - reserved - in_use
+    if needed <= left:
+        return ""
+    return (
+        f"warning: the servers may open up to {needed} PostgreSQL connections, and the server "
+        f"has {left} left (max_connections {max_connections}, {reserved} reserved, {in_use} in "
+        "use); requests may fail with 'too many clients': lower --workers or DMAE_API_THREADS, "
+        "or raise max_connections"
+    )
+
+
 def drain(db_url: str) -> int:
     """Cancel every queued or running job, as workers keeping up with the queue would have
     finished them: each round then starts, like the first, with no active jobs, so the admission
@@ -422,6 +443,14 @@ def main() -> int:
     name = f"dmae_enqueue_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
+        others = args.workers if args.floor_workers is None else args.floor_workers
+        threads = int(os.environ.get("DMAE_API_THREADS", "40"))
+        needed = connections_needed(args.workers, others, threads, bool(args.against))
+        limits = [int(conn.execute(f"SHOW {x}").fetchone()[0])
+                  for x in ("max_connections", "superuser_reserved_connections")]  # fmt: skip
+        in_use = int(conn.execute("SELECT count(*) FROM pg_stat_activity").fetchone()[0])
+        if warning := connection_warning(needed, *limits, in_use):
+            print(warning, file=sys.stderr)
     url = make_url(args.database).set(database=name).render_as_string(hide_password=False)
     data = Path(tempfile.mkdtemp(prefix="dmae-enqueue-"))
     queue = f"enqueue-{uuid.uuid4().hex[:8]}"

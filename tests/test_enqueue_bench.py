@@ -85,3 +85,19 @@ def test_the_steps_of_a_submission_are_each_timed_once_per_request(tmp_path: Pat
     assert 0 < parts <= steps["submit (all of it)"]["cpu_ms"] + 1e-9
     top = sum(s["cpu_ms"] for s in body["steps"] if not s["part_of_submit"])
     assert top + body["rest_ms"] == pytest.approx(body["cpu_ms"])
+
+
+def test_a_run_that_may_exhaust_postgresqls_connections_is_warned_about() -> None:
+    """Two API processes of 40 threads and the floor's pool of 40 may need more than the
+    default max_connections of 100 leaves: the script says so before it starts (a new user's
+    run otherwise failed mid-way with 'too many clients')."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import enqueue_bench
+
+    needed = enqueue_bench.connections_needed(2, 1, 40, against=False)
+    assert needed == 2 * 42 + 40 + 2
+    warning = enqueue_bench.connection_warning(needed, 100, 3, 5)
+    assert "up to 126 PostgreSQL connections" in warning and "92 left" in warning
+    few = enqueue_bench.connections_needed(2, 1, 4, against=False)  # DMAE_API_THREADS=4
+    assert enqueue_bench.connection_warning(few, 100, 3, 5) == ""
+    assert enqueue_bench.connections_needed(2, 2, 4, against=True) == 4 * 6 + 2

@@ -142,7 +142,8 @@ class Settings(BaseSettings):
         default=10_000,
         gt=0,
         description="Largest evaluation (POST /evaluations): images after skip and max; more: "
-        "422. An evaluation's jobs count against MAX_ACTIVE_EVALUATIONS, not MAX_ACTIVE_JOBS.",
+        "422. The jobs of an evaluation in progress count against MAX_ACTIVE_EVALUATIONS, not "
+        "MAX_ACTIVE_JOBS.",
     )
     max_active_evaluations: int = Field(
         default=2,

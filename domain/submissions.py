@@ -37,6 +37,7 @@ from domain.state import rowcount
 from domain.tables import (
     ACTIVE_SQL,
     ApiKey,
+    Evaluation,
     EvaluationItem,
     Job,
     JobInput,
@@ -278,16 +279,23 @@ _JOBS_TABLE = cast(Table, Job.__table__)
 _INSERT_JOB = insert(_JOBS_TABLE)
 _INSERT_INPUT = insert(cast(Table, JobInput.__table__))
 _JOBS, _KEYS, _ITEMS = _JOBS_TABLE.c, ApiKey.__table__.c, EvaluationItem.__table__.c
+_EVALUATIONS = Evaluation.__table__.c
 _LOCK_KEY = select(_KEYS.id).where(_KEYS.id == bindparam("owner")).with_for_update(key_share=True)
-# The key's queued and running jobs outside evaluations, counted up to a limit (the cap + 1 is
-# enough to refuse), through the partial index ix_jobs_owner_active. Its predicate is written
-# out, not bound: a plan PostgreSQL caches for any parameter values could not use the index.
+# The key's queued and running jobs outside evaluations in progress, counted up to a limit (the
+# cap + 1 is enough to refuse), through the partial index ix_jobs_owner_active. Its predicate is
+# written out, not bound: a plan PostgreSQL caches for any parameter values could not use the
+# index. A job of an evaluation that is not cancelled counts against the evaluation cap instead;
+# one whose evaluations were all cancelled, queued again by a single submission, counts here.
 _ACTIVE = select(func.count()).select_from(
     select(_JOBS.id)
     .where(
         _JOBS.owner_id == bindparam("owner"),
         text(ACTIVE_SQL),
-        ~exists().where(_ITEMS.job_id == _JOBS.id),
+        ~exists().where(
+            _ITEMS.job_id == _JOBS.id,
+            _EVALUATIONS.id == _ITEMS.evaluation_id,
+            _EVALUATIONS.cancelled_at.is_(None),
+        ),
     )
     .limit(bindparam("limit", type_=BigInteger))
     .subquery()
@@ -307,8 +315,8 @@ def insert_rows(session: Session, job: Job, stored: JobInput) -> None:
 def admit(session: Session, owner_id: int, settings: Settings) -> None:
     """Call after writing the job that makes one more active (not yet committed): rolls back and
     raises 429 when the client now has more than ``max_active_jobs`` queued or running. Jobs
-    that belong to an evaluation are not counted: evaluations have their own admission
-    (``domain.evaluations``).
+    that belong to an evaluation in progress (not cancelled) are not counted: evaluations have
+    their own admission (``domain.evaluations``).
 
     The count runs under a lock on the client's key row (Postgres: ``FOR NO KEY UPDATE``, which
     the job rows' foreign-key locks do not conflict with; SQLite: the write lock the insert
@@ -369,6 +377,11 @@ def _reuse(session: Session, job: Job, settings: Settings) -> tuple[Job, bool]:
         return job, False
     if requeue(session, job):
         admit(session, job.owner_id, settings)
+        # A job of an evaluation that is not cancelled puts that evaluation back in progress:
+        # the evaluation cap applies too. (domain.evaluations imports this module.)
+        from domain.evaluations import admit as admit_evaluations
+
+        admit_evaluations(session, job.owner_id, settings)
     session.commit()
     session.refresh(job)
     queued = job.status == Status.QUEUED.value

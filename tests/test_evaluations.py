@@ -535,3 +535,53 @@ def test_the_race_test_catches_an_unlocked_evaluation_count(
             raise ServiceError(429, "over the cap")
 
     assert _race(pg_url, tmp_path, tiny_checkpoint, unlocked_admit, cap=2, racers=8) > 2
+
+
+def test_a_cancelled_evaluations_images_submitted_one_by_one_count_against_the_job_cap(
+    tmp_path: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+) -> None:
+    """Found by a breaker: the cap counted no job of any evaluation, so re-submitting a
+    cancelled evaluation's images one by one re-queued all of them past the cap of single jobs
+    (30 of 30 with a cap of 5). A job whose evaluations are all cancelled is a single job again;
+    one of an evaluation not cancelled brings that evaluation back under its own cap."""
+    settings = service_settings(
+        tmp_path / "data", runner_threads=1, max_active_jobs=2, max_active_evaluations=1,
+        max_evaluation_images=6,
+    )  # fmt: skip
+    app = create_app(settings)
+    slow = {"sigma": "0.25", "n0": "10", "n": "100000"}
+    pngs = [digit_png(i) for i in range(5)]
+    with TestClient(app) as client:
+        svc = Service(client, app, tiny_checkpoint)
+        svc.register()
+        h = svc.h(svc.alice)
+        archive = zipped({f"digit-{i}/{i}.png": png for i, png in enumerate(pngs)})
+        ev = evaluate(svc, svc.alice, files={"archive": ("a.zip", archive)}, **slow)
+        assert ev.status_code == 202, ev.text
+        assert client.delete(ev.json()["url"], headers=h).status_code == 200
+        codes = [svc.submit(svc.alice, png, **slow).status_code for png in pngs]
+        assert codes == [202, 202, 429, 429, 429], codes  # re-queued: 2, the cap
+        assert count(svc, Job) == 5  # the evaluation's own jobs, queued again, no new ones
+        assert svc.submit(svc.alice, digit_png(9), **slow).status_code == 429
+        queued = client.get("/jobs?status=queued", headers=h).json()["total"]
+        running = client.get("/jobs?status=running", headers=h).json()["total"]
+        assert queued + running == 2
+
+        # An evaluation not cancelled whose images were cancelled one by one: re-submitting one
+        # puts the evaluation back in progress, so a second evaluation in progress is refused.
+        for job in client.get("/jobs?limit=100", headers=h).json()["items"]:
+            client.delete(job["url"], headers=h)
+        other = zipped({f"digit-{i}/{i}.png": digit_png(i + 10) for i in range(2)})
+        second = evaluate(svc, svc.alice, files={"archive": ("b.zip", other)}, **slow)
+        assert second.status_code == 202, second.text
+        for job in client.get("/jobs?status=queued", headers=h).json()["items"]:
+            client.delete(job["url"], headers=h)
+        for job in client.get("/jobs?status=running", headers=h).json()["items"]:
+            client.delete(job["url"], headers=h)
+        third = evaluate(svc, svc.alice, files={"archive": ("c.zip", archive)}, **slow)
+        assert third.status_code == 202, third.text  # the second is no longer in progress
+        again = svc.submit(svc.alice, digit_png(10), **slow)  # the second's first image
+        assert again.status_code == 429 and "too many evaluations" in again.text, again.text
+        for job in client.get("/jobs?limit=100", headers=h).json()["items"]:
+            client.delete(job["url"], headers=h)

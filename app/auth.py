@@ -9,11 +9,14 @@ in a worker thread).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -21,6 +24,7 @@ from domain.errors import ServiceError
 from domain.keys import Caller
 
 HEADER = "X-API-Key"
+log = logging.getLogger("dmae.api")
 
 api_key_header = APIKeyHeader(
     name=HEADER, auto_error=False, description="An API key made by `dmae-certify keys create`."
@@ -30,15 +34,24 @@ api_key_header = APIKeyHeader(
 async def get_session(request: Request) -> AsyncIterator[Session]:
     """A database session for one request. It connects at its first statement (in the route's
     worker thread); afterwards it is closed, which rolls back whatever the route left
-    uncommitted, in a worker thread only when there is a transaction to end."""
+    uncommitted, in a thread only when there is a transaction to end.
+
+    That thread is not one of the routes' (``DMAE_API_THREADS``) but one of the closers'
+    (``app.state.session_closers``, as many as the pool has connections): waiting behind new
+    routes for a routes' thread, a session kept its connection while those routes took more,
+    until 100 concurrent re-submissions emptied the pool and routes waited its 30 s timeout."""
     session = request.app.state.db.sessions()
     try:
         yield session
     finally:
-        if session.in_transaction():
-            await run_in_threadpool(session.close)
-        else:
-            session.close()  # nothing to send to the database
+        try:
+            if session.in_transaction():
+                closers = request.app.state.session_closers
+                await anyio.to_thread.run_sync(session.close, limiter=closers)
+            else:
+                session.close()  # nothing to send to the database
+        except DBAPIError as exc:  # the connection died: the pool drops it; the answer stands
+            log.warning("ending a request's session failed: %s", str(exc).splitlines()[0][:300])
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -17,6 +17,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.schemas import ErrorOut, UnavailableOut, ValidationErrorOut
@@ -110,6 +111,12 @@ async def _database_error(request: Request, exc: Exception) -> Any:
     return _json(503, "the database is unavailable; retry shortly", {"Retry-After": "5"})
 
 
+async def _pool_timeout(_: Request, exc: Exception) -> Any:
+    """Every connection of the process's pool stayed in use for the pool's whole timeout."""
+    log.warning("no database connection free: %s", str(exc).splitlines()[0][:300])
+    return _json(503, "the database is busy; retry shortly", {"Retry-After": "5"})
+
+
 async def _unexpected(request: Request, exc: Exception) -> Any:
     ref = uuid.uuid4().hex[:12]
     log.exception("unhandled error %s on %s %s", ref, request.method, request.url.path)
@@ -123,4 +130,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(PoolTimeout, _pool_timeout)
     app.add_exception_handler(Exception, _unexpected)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import anyio.to_thread
 from fastapi import Depends, FastAPI
 
@@ -33,7 +34,7 @@ from app.routes import (
 from app.routes.deps import single_valued_form
 from app.upload_files import MULTIPART_SLACK, BodyLimit
 from domain.config import Settings, get_settings
-from domain.db import get_database
+from domain.db import MAX_OVERFLOW, POOL_SIZE, get_database
 from domain.dispatch import SentMarks
 from domain.keys import KeyCache
 
@@ -77,6 +78,8 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
 
         migrate.prepare_database(settings)
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        # Ending a request's transaction never waits behind routes for a thread (app.auth).
+        app.state.session_closers = anyio.CapacityLimiter(POOL_SIZE + MAX_OVERFLOW)
         signing_keys.signer(settings)  # made at first start; a bad DMAE_SIGNING_KEY stops here
         signing_keys.seed_secret(settings)
         db = get_database(settings.database_url)

@@ -267,3 +267,45 @@ def test_processes_that_fail_at_start_stop_the_group(tmp_path: Path) -> None:
     assert out.returncode == 1, out.stderr[-3000:]
     assert "no API process could start" in out.stderr
     assert out.stderr.count("cannot set up logging") <= 4, out.stderr[-3000:]
+
+
+def test_a_burst_of_answers_from_stored_jobs_does_not_empty_the_connection_pool(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    """Found by a breaker: a route that ends with its transaction open (a repeated submission
+    answered from the stored job, GET /jobs) had it closed in one of the routes' threads
+    (DMAE_API_THREADS=4), holding its connection while new routes took more, until 100
+    concurrent requests emptied the pool of 40 and the routes waited 30 s for a connection:
+    500s. Now the closing runs on threads of its own, and an empty pool is a 503."""
+    import asyncio
+
+    from service_support import digit_png
+
+    env, key = _workers_env(tmp_path, pg_url)
+    env["DMAE_API_THREADS"] = "4"
+    with serve_process(tmp_path, env, "--log-level", "warning") as (base, _):
+        headers = {"X-API-Key": key}
+        form = {"sigma": "0.25", "n": "1000"}
+        files = {"image": ("d.png", digit_png(0), "image/png")}
+        first = httpx.post(f"{base}/certify", headers=headers, data=form, files=files, timeout=30)
+        assert first.status_code == 202, first.text
+
+        async def burst() -> list[tuple[int, str]]:
+            limits = httpx.Limits(max_connections=100)
+            async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
+
+                async def post() -> tuple[int, str]:
+                    r = await http.post("/certify", headers=headers, data=form, files=files)
+                    return r.status_code, r.json().get("id", r.text)
+
+                async def listing() -> tuple[int, str]:
+                    r = await http.get("/jobs", headers=headers)
+                    return r.status_code, str(r.json().get("total", r.text))
+
+                return list(await asyncio.gather(*[post() for _ in range(100)],
+                                                 *[listing() for _ in range(100)]))  # fmt: skip
+
+        answers = asyncio.run(burst())
+        assert answers[:100] == [(200, first.json()["id"])] * 100, sorted(set(answers[:100]))
+        assert answers[100:] == [(200, "1")] * 100, sorted(set(answers[100:]))

@@ -278,3 +278,20 @@ def test_database_outage_is_503_and_the_service_recovers(tmp_path: Path) -> None
             new = svc.submit(svc.alice, png, seed="45")
             assert new.status_code == 202, new.text
             assert wait_for(client.get, new.json()["url"], svc.alice)["status"] == "succeeded"
+
+
+def test_no_free_database_connection_is_503_not_500(tmp_path: Path) -> None:
+    """SQLAlchemy's pool timeout (every connection of the process in use for 30 s) is not a
+    DBAPIError: it was answered 500 with a traceback in the log; it is the database being busy."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    app = create_app(service_settings(tmp_path / "data"))
+
+    @app.get("/busy-pool")
+    def busy() -> None:
+        raise PoolTimeout("QueuePool limit of size 20 overflow 20 reached, connection timed out")
+
+    with TestClient(app) as client:
+        r = client.get("/busy-pool")
+    assert r.status_code == 503 and r.json()["detail"] == "the database is busy; retry shortly"
+    assert r.headers["Retry-After"] == "5"

@@ -170,6 +170,24 @@ class Blocking(Recorder):
         super().certify(job_id)
 
 
+def test_a_header_given_twice_is_422(held: Service) -> None:
+    """Two Idempotency-Key headers (or API keys): which one would count is not the client's to
+    guess (one was used without a word); nothing is stored."""
+    before = _jobs(held)
+    twice = [("X-API-Key", held.alice), ("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
+    r = held.client.post(
+        "/certify", headers=twice, files={"image": ("d.png", digit_png(4))},
+        data={"sigma": "0.25", "n0": "20", "n": "200"},
+    )  # fmt: skip
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == "header 'idempotency-key' given more than once: give it once"
+    assert _jobs(held) == before
+    keys = [("X-API-Key", held.alice), ("X-API-Key", held.bob)]
+    r = held.client.get("/jobs", headers=keys)
+    assert r.status_code == 422 and "'x-api-key' given more than once" in r.json()["detail"]
+    assert held.client.get("/jobs", headers=held.h(held.alice)).status_code == 200
+
+
 def test_idempotency_key_in_flight_is_409(tmp_path: Path, tiny_checkpoint: Path) -> None:  # noqa: F811
     dispatcher = Blocking()
     app = create_app(service_settings(tmp_path / "data"), dispatcher=dispatcher)

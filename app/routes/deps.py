@@ -44,10 +44,36 @@ def _form_names(dependant: Any) -> set[str]:
     return names
 
 
+def _header_names(dependant: Any) -> set[str]:
+    """The headers a route and its dependencies declare (``Header``), lower case."""
+    names = {f.alias.lower() for f in dependant.header_params}
+    for sub in dependant.dependencies:
+        names |= _header_names(sub)
+    return names
+
+
+def _repeated_header(request: Request) -> str | None:
+    """A header the route reads (or the API key) that the request gives more than once."""
+    route = request.scope.get("route")
+    seen = Counter(k for k, _ in request.headers.raw)
+    for name, times in seen.items():
+        if times < 2:
+            continue
+        header = name.decode("latin-1").lower()
+        if header == "x-api-key" or (
+            isinstance(route, APIRoute) and header in _header_names(route.dependant)
+        ):
+            return header
+    return None
+
+
 async def single_valued_form(request: Request) -> None:
-    """422 when a form field is given more than once (which value would count is not the
-    client's to guess) or is not one the route takes (it would be ignored without a word). The
-    form is the one FastAPI parsed already; Starlette caches it."""
+    """422 when a form field, or a header the route reads, is given more than once (which value
+    would count is not the client's to guess), or a form field is not one the route takes (it
+    would be ignored without a word). The form is the one FastAPI parsed already; Starlette
+    caches it."""
+    if (header := _repeated_header(request)) is not None:
+        raise bad_input(f"header {header!r} given more than once: give it once")
     if not request.headers.get("content-type", "").startswith(FORMS):
         return
     form = await request.form()

@@ -34,7 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -44,6 +44,7 @@ from domain.db import utcnow
 from domain.errors import ServiceError, bad_input
 from domain.images import decode_image
 from domain.keys import Caller
+from domain.state import rowcount
 from domain.submissions import (
     ADMISSION_RETRY_S,
     Params,
@@ -580,8 +581,21 @@ def plot_png(evaluation: Evaluation, rows: list[Row]) -> bytes:
 
 def cancel(session: Session, evaluation: Evaluation) -> list[str]:
     """Cancel the evaluation's jobs not yet finished (a job another of the client's evaluations
-    still needs is left running); returns the jobs cancelled. 409 if nothing was left to do."""
-    if evaluation.cancelled_at is not None:
+    still needs is left running); returns the jobs cancelled. 409 if nothing was left to do.
+
+    It runs under the lock on the client's key row that admissions take, and marks the
+    evaluation cancelled first (SQLite: the write lock), so two cancels of evaluations sharing
+    jobs run one after the other: each otherwise took the other's evaluation for one in progress
+    and both left the shared jobs queued, counted by no cap."""
+    session.execute(
+        select(ApiKey.id).where(ApiKey.id == evaluation.owner_id).with_for_update(key_share=True)
+    )
+    marked = session.execute(
+        update(Evaluation)
+        .where(Evaluation.id == evaluation.id, Evaluation.cancelled_at.is_(None))
+        .values(cancelled_at=utcnow())
+    )
+    if not rowcount(marked):
         raise ServiceError(409, f"evaluation {evaluation.id} was already cancelled")
     mine = select(EvaluationItem.job_id).where(EvaluationItem.evaluation_id == evaluation.id)
     active = set(
@@ -602,8 +616,6 @@ def cancel(session: Session, evaluation: Evaluation) -> list[str]:
             )
         ).all()
     )
-    evaluation.cancelled_at = utcnow()
-    session.flush()
     facts = events.JobFacts(evaluation.mode, evaluation.model_name)
     cancelled = state.cancel_many(session, sorted(active - shared))  # commits
     for job_id in cancelled:

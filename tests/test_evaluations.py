@@ -585,3 +585,69 @@ def test_a_cancelled_evaluations_images_submitted_one_by_one_count_against_the_j
         assert again.status_code == 429 and "too many evaluations" in again.text, again.text
         for job in client.get("/jobs?limit=100", headers=h).json()["items"]:
             client.delete(job["url"], headers=h)
+
+
+def test_two_cancels_of_evaluations_sharing_jobs_cancel_the_shared_ones(
+    pg_url: str,  # noqa: F811
+    tmp_path: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+) -> None:
+    """Found by a breaker: two evaluations of the same images, cancelled at once, each took the
+    other for one in progress and left the shared jobs queued, counted by no cap. The second
+    cancel now waits for the first (the key's lock) and then sees it: nothing is left queued."""
+    import shutil
+    import threading
+
+    from service_support import reset_postgres
+
+    from domain import evaluations, migrate, registry, state
+    from domain.db import get_database
+    from domain.keys import Caller, create_key
+    from domain.submissions import Params
+    from domain.tables import ACTIVE_STATUSES, Evaluation
+
+    reset_postgres(pg_url)
+    migrate.upgrade(pg_url)
+    settings = service_settings(tmp_path / "data", database_url=pg_url)
+    db = get_database(pg_url)
+    shutil.copy(tiny_checkpoint, tmp_path / "tiny.safetensors")
+    request = evaluations.Request(
+        Params(sigma=0.25, n0=20, n=200), dataset="digits:test", max_images=2
+    )
+    with db.session() as s:
+        registry.register(s, location=str(tmp_path / "tiny.safetensors"), name="tiny-s0.25")
+        key, _ = create_key(s, "canceller")
+        s.commit()
+        caller = Caller(key.id, False)
+        ids = [evaluations.submit(s, caller, request, settings)[0].id for _ in range(2)]
+    entered, release = threading.Event(), threading.Event()
+    original = state.cancel_many
+
+    def held(session: Any, job_ids: list[str]) -> list[str]:
+        if threading.current_thread().name == "first":  # holds its locks until released
+            entered.set()
+            release.wait(30)
+        return original(session, job_ids)
+
+    def cancel(evaluation_id: str) -> None:
+        with db.session() as s:
+            evaluations.cancel(s, s.get_one(Evaluation, evaluation_id))
+
+    state.cancel_many = held
+    try:
+        first = threading.Thread(target=cancel, args=(ids[0],), name="first")
+        first.start()
+        assert entered.wait(30)
+        second = threading.Thread(target=cancel, args=(ids[1],), name="second")
+        second.start()
+        second.join(1.0)
+        waited = second.is_alive()  # for the first's lock on the key
+        release.set()
+        first.join(30)
+        second.join(30)
+    finally:
+        state.cancel_many = original
+    with db.session() as s:
+        jobs = s.scalars(select(Job.status).where(Job.owner_id == caller.id)).all()
+    assert len(jobs) == 2 and not set(jobs) & set(ACTIVE_STATUSES), jobs
+    assert waited

@@ -277,7 +277,9 @@ def test_a_burst_of_answers_from_stored_jobs_does_not_empty_the_connection_pool(
     answered from the stored job, GET /jobs) had it closed in one of the routes' threads
     (DMAE_API_THREADS=4), holding its connection while new routes took more, until 100
     concurrent requests emptied the pool of 40 and the routes waited 30 s for a connection:
-    500s. Now the closing runs on threads of its own, and an empty pool is a 503."""
+    500s. So did 150 GET /jobs, each waiting for a thread to validate its returned model while
+    holding its connection. Now a route ends its transaction in its own thread as it returns
+    (and the rest end on threads of their own), and an empty pool is a 503."""
     import asyncio
 
     from service_support import digit_png
@@ -292,20 +294,24 @@ def test_a_burst_of_answers_from_stored_jobs_does_not_empty_the_connection_pool(
         assert first.status_code == 202, first.text
 
         async def burst() -> list[tuple[int, str]]:
-            limits = httpx.Limits(max_connections=100)
+            limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
             async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
 
                 async def post() -> tuple[int, str]:
                     r = await http.post("/certify", headers=headers, data=form, files=files)
                     return r.status_code, r.json().get("id", r.text)
 
-                async def listing() -> tuple[int, str]:
-                    r = await http.get("/jobs", headers=headers)
+                async def listing(path: str) -> tuple[int, str]:
+                    r = await http.get(path, headers=headers)
                     return r.status_code, str(r.json().get("total", r.text))
 
-                return list(await asyncio.gather(*[post() for _ in range(100)],
-                                                 *[listing() for _ in range(100)]))  # fmt: skip
+                jobs = [listing("/jobs") for _ in range(150)]
+                evaluations = [listing("/evaluations") for _ in range(150)]
+                return list(
+                    await asyncio.gather(*[post() for _ in range(100)], *jobs, *evaluations)
+                )
 
         answers = asyncio.run(burst())
         assert answers[:100] == [(200, first.json()["id"])] * 100, sorted(set(answers[:100]))
-        assert answers[100:] == [(200, "1")] * 100, sorted(set(answers[100:]))
+        assert answers[100:250] == [(200, "1")] * 150, sorted(set(answers[100:250]))
+        assert answers[250:] == [(200, "0")] * 150, sorted(set(answers[250:]))

@@ -10,14 +10,19 @@ from sqlalchemy import func, select
 
 from app.auth import Admin, SessionDep
 from app.errors import error_responses
-from app.routes.deps import MAX_OFFSET, DispatcherDep, SettingsDep
+from app.routes.deps import MAX_OFFSET, DispatcherDep, SessionEndingRoute, SettingsDep
 from app.schemas import ModelOut, TrainingIn, TrainingOut, TrainingPage, model_out, training_out
 from app.upload_files import save_upload
 from domain import registry, state
 from domain.errors import ServiceError, bad_input, not_found
 from domain.tables import Checkpoint, Status, TrainingRun
 
-router = APIRouter(prefix="/admin", tags=["admin"], responses=error_responses(401, 403, 429, 503))
+router = APIRouter(
+    route_class=SessionEndingRoute,
+    prefix="/admin",
+    tags=["admin"],
+    responses=error_responses(401, 403, 429, 503),
+)
 NO_SUCH_RUN = {404: "No such training run."}
 
 

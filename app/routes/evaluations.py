@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from app.auth import Client, SessionDep
 from app.errors import error_responses
-from app.routes.deps import MAX_OFFSET, DispatcherDep, SettingsDep
+from app.routes.deps import MAX_OFFSET, DispatcherDep, SessionEndingRoute, SettingsDep
 from app.schemas import (
     DecisionsOut,
     EvaluationOut,
@@ -28,7 +28,9 @@ from domain.errors import BrokerUnavailable, not_found
 from domain.submissions import Params
 from domain.tables import Evaluation
 
-router = APIRouter(tags=["evaluations"], responses=error_responses(401, 429, 503))
+router = APIRouter(
+    route_class=SessionEndingRoute, tags=["evaluations"], responses=error_responses(401, 429, 503)
+)
 
 NO_SUCH_EVALUATION = "No such evaluation among yours."
 EXAMPLE_EVALUATION: dict[str, Any] = {

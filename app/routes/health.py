@@ -7,9 +7,9 @@ from sqlalchemy import text
 
 from app.auth import SessionDep
 from app.errors import error_responses
-from app.routes.deps import SettingsDep
+from app.routes.deps import SessionEndingRoute, SettingsDep
 
-router = APIRouter(tags=["health"])
+router = APIRouter(route_class=SessionEndingRoute, tags=["health"])
 
 
 @router.get("/healthz", summary="The process is up")

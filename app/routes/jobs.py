@@ -10,7 +10,7 @@ from sqlalchemy import bindparam, func, select
 
 from app.auth import Client, SessionDep
 from app.errors import error_responses
-from app.routes.deps import MAX_OFFSET, DispatcherDep, SentMarksDep, SettingsDep
+from app.routes.deps import MAX_OFFSET, DispatcherDep, SentMarksDep, SessionEndingRoute, SettingsDep
 from app.schemas import JobOut, JobPage, Mode, job_out, json_response
 from app.upload_files import read_upload
 from domain import events, idempotency, state
@@ -18,7 +18,9 @@ from domain.errors import BrokerUnavailable, ServiceError, not_found
 from domain.submissions import Params, submit
 from domain.tables import Certificate, Job, Status
 
-router = APIRouter(tags=["certification"], responses=error_responses(401, 429, 503))
+router = APIRouter(
+    route_class=SessionEndingRoute, tags=["certification"], responses=error_responses(401, 429, 503)
+)
 
 EXAMPLE_CERTIFICATE: dict[str, Any] = {
     "mode": "certify",

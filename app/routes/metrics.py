@@ -15,12 +15,13 @@ from sqlalchemy import func, select
 
 from app.auth import HEADER
 from app.errors import error_responses
+from app.routes.deps import SessionEndingRoute
 from domain import metrics
 from domain.errors import ServiceError
 from domain.keys import lookup
 from domain.tables import Job, Status, TrainingRun
 
-router = APIRouter(tags=["health"])
+router = APIRouter(route_class=SessionEndingRoute, tags=["health"])
 
 
 def instrument(app: FastAPI) -> None:

@@ -7,10 +7,13 @@ from sqlalchemy import select
 
 from app.auth import Client, SessionDep
 from app.errors import error_responses
+from app.routes.deps import SessionEndingRoute
 from app.schemas import ModelOut, model_out
 from domain.tables import Checkpoint
 
-router = APIRouter(tags=["models"], responses=error_responses(401, 429, 503))
+router = APIRouter(
+    route_class=SessionEndingRoute, tags=["models"], responses=error_responses(401, 429, 503)
+)
 
 
 @router.get("/models", response_model=list[ModelOut], summary="Active registered models")

@@ -8,9 +8,14 @@ from fastapi import APIRouter, Query, Response
 
 from app.auth import Client, SessionDep
 from app.errors import error_responses
+from app.routes.deps import SessionEndingRoute
 from domain import previews
 
-router = APIRouter(tags=["certification"], responses=error_responses(401, 404, 429, 503))
+router = APIRouter(
+    route_class=SessionEndingRoute,
+    tags=["certification"],
+    responses=error_responses(401, 404, 429, 503),
+)
 
 NO_SUCH_JOB = error_responses(
     404, why={404: "No such job among yours (or it has no stored input)."}

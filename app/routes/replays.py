@@ -9,14 +9,16 @@ from fastapi import APIRouter
 
 from app.auth import Admin, SessionDep
 from app.errors import error_responses
-from app.routes.deps import DispatcherDep, SettingsDep
+from app.routes.deps import DispatcherDep, SessionEndingRoute, SettingsDep
 from app.routes.jobs import EXAMPLE_QUEUED
 from app.schemas import JobOut, job_out
 from domain import replays, state
 from domain.errors import BrokerUnavailable
 from domain.tables import Job
 
-router = APIRouter(tags=["admin"], responses=error_responses(401, 403, 429, 503))
+router = APIRouter(
+    route_class=SessionEndingRoute, tags=["admin"], responses=error_responses(401, 403, 429, 503)
+)
 
 EXAMPLE_REPLAY: dict[str, Any] = {
     "replay_of": "0b6f3c1e-3f0e-4d53-9f5e-2d0a3b9c7e11",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.routes.deps import SettingsDep
+from app.routes.deps import SessionEndingRoute, SettingsDep
 from app.schemas import SigningKeyOut, SigningKeysOut
 from domain import signing
 
-router = APIRouter(tags=["signing"])
+router = APIRouter(route_class=SessionEndingRoute, tags=["signing"])
 
 SIGNATURE = (
     "base64 (RFC 4648) of the Ed25519 signature (RFC 8032) of the canonical bytes; the "

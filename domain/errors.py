@@ -6,6 +6,8 @@ every error into a JSON answer with a readable ``detail``.
 
 from __future__ import annotations
 
+ADMISSION_RETRY_S = 10  # Retry-After (s) of a refusal by an admission cap
+
 
 class ServiceError(Exception):
     """An error with an HTTP status and a message meant for the client."""

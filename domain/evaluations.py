@@ -34,7 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -42,11 +42,11 @@ from domain import archives, events, registry, signing, state
 from domain.config import Settings
 from domain.db import utcnow
 from domain.errors import ServiceError, bad_input
+from domain.evaluation_cap import active_evaluations, admit, too_many
 from domain.images import decode_image
 from domain.keys import Caller
 from domain.state import rowcount
 from domain.submissions import (
-    ADMISSION_RETRY_S,
     Params,
     Target,
     find,
@@ -193,47 +193,6 @@ def archive_limits(settings: Settings) -> archives.Limits:
 # ---------------------------------------------------------------------------------- submit
 
 
-def active_evaluations(session: Session, owner_id: int) -> int:
-    """The client's evaluations in progress: not cancelled, with a job queued or running."""
-    count = session.scalar(
-        select(func.count(func.distinct(EvaluationItem.evaluation_id)))
-        .select_from(Job)
-        .join(EvaluationItem, EvaluationItem.job_id == Job.id)
-        .join(Evaluation, Evaluation.id == EvaluationItem.evaluation_id)
-        .where(
-            Job.owner_id == owner_id,
-            Job.status.in_(ACTIVE_STATUSES),
-            Evaluation.cancelled_at.is_(None),
-        )
-    )
-    return int(count or 0)
-
-
-def admit(session: Session, owner_id: int, settings: Settings) -> None:
-    """Call after writing an evaluation and its items (not yet committed): rolls back and raises
-    429 when the client now has more than ``max_active_evaluations`` in progress. The count runs
-    under the lock single submissions take on the client's key row
-    (``domain.submissions.admit``), held to the caller's commit, so concurrent submissions are
-    counted one after another and cannot overshoot."""
-    cap = settings.max_active_evaluations
-    if cap <= 0:
-        return
-    session.execute(select(ApiKey.id).where(ApiKey.id == owner_id).with_for_update(key_share=True))
-    active = active_evaluations(session, owner_id)
-    if active > cap:
-        session.rollback()
-        raise _too_many(active - 1, cap)
-
-
-def _too_many(active: int, cap: int) -> ServiceError:
-    return ServiceError(
-        429,
-        f"too many evaluations in progress: this API key has {active} with images queued or "
-        f"running (at most {cap}); wait for one to finish or cancel it",
-        {"Retry-After": str(ADMISSION_RETRY_S)},
-    )
-
-
 def submit(
     session: Session, client: Caller, request: Request, settings: Settings
 ) -> tuple[Evaluation, list[str]]:
@@ -258,7 +217,7 @@ def submit(
     classes = [str(c) for c in model.classes]
     cap = settings.max_active_evaluations
     if cap > 0 and (active := active_evaluations(session, client.id)) >= cap:
-        raise _too_many(active, cap)  # early, before reading any image
+        raise too_many(active, cap)  # early, before reading any image
     session.rollback()  # end the read transaction: nothing is held while images are read
 
     evaluation_id = new_id()

@@ -30,7 +30,8 @@ from sqlalchemy.orm import Session
 from domain import events, registry, signing
 from domain.config import Settings
 from domain.db import utcnow
-from domain.errors import ServiceError, bad_input
+from domain.errors import ADMISSION_RETRY_S, ServiceError, bad_input
+from domain.evaluation_cap import admit as admit_evaluations
 from domain.images import decode_image
 from domain.keys import Caller
 from domain.state import rowcount
@@ -51,7 +52,6 @@ from models.smoothing import check_decide_n, check_n, validate, validate_budget
 SEED_BITS = 53  # seeds stay exact in JSON numbers (JavaScript clients, RFC 8785 signatures)
 MODES = ("certify", "predict", "certify_top2", "decide")
 SEED_DERIVED, SEED_CLIENT = "derived", "client"
-ADMISSION_RETRY_S = 10
 
 
 @dataclass
@@ -378,9 +378,7 @@ def _reuse(session: Session, job: Job, settings: Settings) -> tuple[Job, bool]:
     if requeue(session, job):
         admit(session, job.owner_id, settings)
         # A job of an evaluation that is not cancelled puts that evaluation back in progress:
-        # the evaluation cap applies too. (domain.evaluations imports this module.)
-        from domain.evaluations import admit as admit_evaluations
-
+        # the evaluation cap applies too.
         admit_evaluations(session, job.owner_id, settings)
     session.commit()
     session.refresh(job)

@@ -65,7 +65,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=40_000_000,
         gt=0,
-        description="Largest accepted image (width x height), checked before decoding.",
+        description="Largest accepted image (width x height), checked before decoding. An API "
+        "process converts at most twice this many pixels at once (about 20 bytes each).",
     )
     n_max: int = Field(
         default=100_000, gt=0, description="Largest accepted n (estimation samples)."

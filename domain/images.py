@@ -122,11 +122,6 @@ def _load(img: Image.Image) -> Image.Image:
     return img
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode ``data`` as PNG, JPEG or WebP, refusing bombs and damaged files with clear errors."""
-    return _load(_opened(data, max_pixels))
-
-
 def decode_image(data: bytes, input_size: int, max_pixels: int) -> DecodedImage:
     """Bytes of an upload -> the (3, S, S) tensor the certificate will refer to, with its record."""
     img = _opened(data, max_pixels)

@@ -44,14 +44,20 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
     try:
         yield session
     finally:
-        try:
-            if session.in_transaction():
-                closers = request.app.state.session_closers
-                await anyio.to_thread.run_sync(session.close, limiter=closers)
-            else:
-                session.close()  # nothing to send to the database
-        except DBAPIError as exc:  # the connection died: the pool drops it; the answer stands
-            log.warning("ending a request's session failed: %s", str(exc).splitlines()[0][:300])
+        if session.in_transaction():
+            closers = request.app.state.session_closers
+            await anyio.to_thread.run_sync(end_session, session, limiter=closers)
+        else:
+            session.close()  # nothing to send to the database
+
+
+def end_session(session: Session) -> None:
+    """Close ``session``, rolling back what it left open; if its connection died meanwhile,
+    the pool drops it and one line is logged (the request's answer stands)."""
+    try:
+        session.close()
+    except DBAPIError as exc:
+        log.warning("ending a request's session failed: %s", str(exc).splitlines()[0][:300])
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

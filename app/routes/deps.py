@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 from collections import Counter
 from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, params
 from fastapi.routing import APIRoute
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from app.auth import HEADER, end_session
 from domain.config import Settings
 from domain.dispatch import SentMarks
 from domain.errors import bad_input
 
 FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
-log = logging.getLogger("dmae.api")
 
 
 def _ending_sessions(endpoint: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,10 +31,7 @@ def _ending_sessions(endpoint: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             for value in kwargs.values():
                 if isinstance(value, Session) and value.in_transaction():
-                    try:
-                        value.close()
-                    except DBAPIError as exc:  # the connection died; the pool drops it
-                        log.warning("ending a session failed: %s", str(exc).splitlines()[0])
+                    end_session(value)
 
     return run
 
@@ -98,7 +93,7 @@ def _repeated_header(request: Request) -> str | None:
         if times < 2:
             continue
         header = name.decode("latin-1").lower()
-        if header == "x-api-key" or (
+        if header == HEADER.lower() or (
             isinstance(route, APIRoute) and header in _header_names(route.dependant)
         ):
             return header

@@ -22,8 +22,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from domain.keys import lock_key
 from domain.signing import Signer
-from domain.tables import ApiKey, Certificate, Checkpoint, Job
+from domain.tables import Certificate, Checkpoint, Job
 
 SCHEMA = 2  # 1: the unsigned bodies stored before signing existed
 PACKAGE = "dmae-certify"
@@ -41,9 +42,7 @@ def service_version() -> str:
 def prior_runs(session: Session, job: Job) -> int:
     """Certificates already issued to ``job``'s client for its tensor and model (any seed, any
     parameters), read under a lock on the client's key row until the caller commits."""
-    session.execute(
-        select(ApiKey.id).where(ApiKey.id == job.owner_id).with_for_update(key_share=True)
-    )
+    lock_key(session, job.owner_id)
     model = select(Checkpoint.file_sha256).where(Checkpoint.id == job.checkpoint_id)
     count = session.scalar(
         select(func.count())

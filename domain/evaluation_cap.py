@@ -10,7 +10,8 @@ from sqlalchemy.orm import Session
 
 from domain.config import Settings
 from domain.errors import ADMISSION_RETRY_S, ServiceError
-from domain.tables import ACTIVE_STATUSES, ApiKey, Evaluation, EvaluationItem, Job
+from domain.keys import lock_key
+from domain.tables import ACTIVE_STATUSES, Evaluation, EvaluationItem, Job
 
 
 def active_evaluations(session: Session, owner_id: int) -> int:
@@ -38,7 +39,7 @@ def admit(session: Session, owner_id: int, settings: Settings) -> None:
     cap = settings.max_active_evaluations
     if cap <= 0:
         return
-    session.execute(select(ApiKey.id).where(ApiKey.id == owner_id).with_for_update(key_share=True))
+    lock_key(session, owner_id)
     active = active_evaluations(session, owner_id)
     if active > cap:
         session.rollback()

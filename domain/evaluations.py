@@ -44,7 +44,7 @@ from domain.db import utcnow
 from domain.errors import ServiceError, bad_input
 from domain.evaluation_cap import active_evaluations, admit, too_many
 from domain.images import decode_image
-from domain.keys import Caller
+from domain.keys import Caller, lock_key
 from domain.state import rowcount
 from domain.submissions import (
     Params,
@@ -56,7 +56,6 @@ from domain.submissions import (
 )
 from domain.tables import (
     ACTIVE_STATUSES,
-    ApiKey,
     Certificate,
     Checkpoint,
     Evaluation,
@@ -546,9 +545,7 @@ def cancel(session: Session, evaluation: Evaluation) -> list[str]:
     evaluation cancelled first (SQLite: the write lock), so two cancels of evaluations sharing
     jobs run one after the other: each otherwise took the other's evaluation for one in progress
     and both left the shared jobs queued, counted by no cap."""
-    session.execute(
-        select(ApiKey.id).where(ApiKey.id == evaluation.owner_id).with_for_update(key_share=True)
-    )
+    lock_key(session, evaluation.owner_id)
     marked = session.execute(
         update(Evaluation)
         .where(Evaluation.id == evaluation.id, Evaluation.cancelled_at.is_(None))

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from domain.db import Database
@@ -114,3 +114,15 @@ class KeyCache:
         """:meth:`resolve` in a session of its own (blocking: call it from a worker thread)."""
         with db.session() as session:
             return self.resolve(session, token)
+
+
+# Built once: every submission takes this lock.
+_LOCK = select(ApiKey.id).where(ApiKey.id == bindparam("owner")).with_for_update(key_share=True)
+
+
+def lock_key(session: Session, owner_id: int) -> None:
+    """Lock the client's key row until the session's transaction ends (PostgreSQL: ``FOR NO KEY
+    UPDATE``, which the foreign-key locks of the client's job rows do not conflict with; SQLite:
+    nothing, its write lock serialises writers). Every admission count, evaluation cancel and
+    prior-runs count of one client takes it, so they run one after another."""
+    session.connection().execute(_LOCK, {"owner": owner_id})

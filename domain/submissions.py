@@ -33,11 +33,10 @@ from domain.db import utcnow
 from domain.errors import ADMISSION_RETRY_S, ServiceError, bad_input
 from domain.evaluation_cap import admit as admit_evaluations
 from domain.images import decode_image
-from domain.keys import Caller
+from domain.keys import Caller, lock_key
 from domain.state import rowcount
 from domain.tables import (
     ACTIVE_SQL,
-    ApiKey,
     Evaluation,
     EvaluationItem,
     Job,
@@ -278,9 +277,8 @@ def submit(
 _JOBS_TABLE = cast(Table, Job.__table__)
 _INSERT_JOB = insert(_JOBS_TABLE)
 _INSERT_INPUT = insert(cast(Table, JobInput.__table__))
-_JOBS, _KEYS, _ITEMS = _JOBS_TABLE.c, ApiKey.__table__.c, EvaluationItem.__table__.c
+_JOBS, _ITEMS = _JOBS_TABLE.c, EvaluationItem.__table__.c
 _EVALUATIONS = Evaluation.__table__.c
-_LOCK_KEY = select(_KEYS.id).where(_KEYS.id == bindparam("owner")).with_for_update(key_share=True)
 # The key's queued and running jobs outside evaluations in progress, counted up to a limit (the
 # cap + 1 is enough to refuse), through the partial index ix_jobs_owner_active. Its predicate is
 # written out, not bound: a plan PostgreSQL caches for any parameter values could not use the
@@ -327,8 +325,8 @@ def admit(session: Session, owner_id: int, settings: Settings) -> None:
     cap = settings.max_active_jobs
     if cap <= 0:
         return
+    lock_key(session, owner_id)
     conn = session.connection()
-    conn.execute(_LOCK_KEY, {"owner": owner_id})
     # Counting stops at cap + 1, which is all a refusal needs: a long backlog costs no more
     # (so a refusal knows "cap or more", not how many).
     limit = min(cap, 2**62) + 1  # within a bigint, the type of the bound LIMIT

@@ -439,13 +439,13 @@ def main() -> int:
     from sqlalchemy.engine import make_url
 
     sys.path.insert(0, str(ROOT))
+    floor_workers = args.workers if args.floor_workers is None else args.floor_workers
     admin = make_url(args.database).set(drivername="postgresql")
     name = f"dmae_enqueue_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-        others = args.workers if args.floor_workers is None else args.floor_workers
         threads = int(os.environ.get("DMAE_API_THREADS", "40"))
-        needed = connections_needed(args.workers, others, threads, bool(args.against))
+        needed = connections_needed(args.workers, floor_workers, threads, bool(args.against))
         limits = [int(conn.execute(f"SHOW {x}").fetchone()[0])
                   for x in ("max_connections", "superuser_reserved_connections")]  # fmt: skip
         in_use = int(conn.execute("SELECT count(*) FROM pg_stat_activity").fetchone()[0])
@@ -474,7 +474,6 @@ def main() -> int:
         distinct = list(owners.values())
         keys = [distinct[i % len(distinct)] for i in range(args.clients)]
         service_port, floor_port = free_port(), free_port()
-        floor_workers = args.workers if args.floor_workers is None else args.floor_workers
         # The second case ("floor" in the JSON): the floor app, or the other checkout's service
         # (its code first on the import path; the CLI entry point is this one's).
         other = "baseline" if args.against else "floor"

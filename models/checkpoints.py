@@ -2,7 +2,10 @@
 
 Checkpoints are data, never code. Project files are safetensors; official ``.pth`` files are
 read with ``torch.load(weights_only=True)`` allowing only ``argparse.Namespace`` (the ``args``
-of the official fine-tuning script). Anything else pickled is refused before it can run.
+of the official fine-tuning script) and the plain data training scripts put in it (pathlib
+paths, numpy numeric scalars and dtypes). Anything else pickled is refused, naming the global
+it needs, before it can run. Keys saved from a DDP or torch.compile'd model lose the wrapper
+prefix (``module.``, ``_orig_mod.``) that every one carries.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ import argparse
 import hashlib
 import json
 import math
+import pickle
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -160,25 +164,102 @@ def load_project(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
 
 OFFICIAL_MARKER_KEY = "patch_embed.proj.weight"
 
-# torch's generic lines around the specific reason (one of them advises weights_only=False).
+# torch's generic lines around the specific reason (some advise weights_only=False: never shown).
 _TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
-def _load_failure_reason(exc: Exception) -> str:
-    """The specific line of a torch.load error (e.g. the blocked global), else its type."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    specific = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    """``numpy.core.multiarray.scalar`` (how numpy pickles a scalar such as ``np.int64(3)``),
+    only for a numeric or bool dtype and its raw bytes: never an object item."""
+    import numpy as np
+
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+        raise pickle.UnpicklingError("a numpy scalar that is not a plain number")
+    import importlib
+
+    # numpy 2 moved numpy.core to numpy._core (the old name is a deprecated alias)
+    core = importlib.import_module("numpy._core" if hasattr(np, "_core") else "numpy.core")
+    return core.multiarray.scalar(dtype, data)
+
+
+def _safe_globals() -> list[Any]:
+    """What an official file's pickle may name besides tensors: the ``args`` Namespace and the
+    plain data training scripts put in it (pathlib paths, numpy numeric scalars and dtypes).
+    Nothing here runs code or touches the file system: every concrete path class (which may
+    not be instantiable on this system, e.g. a WindowsPath on Linux) loads as its pure form."""
+    import numpy as np
+
+    paths: list[Any] = []
+    for module in ("pathlib", "pathlib._local"):  # Python 3.13 moved the classes
+        for cls in (PurePosixPath, PureWindowsPath):
+            pure = cls.__name__
+            paths += [(cls, f"{module}.{pure}"), (cls, f"{module}.{pure[4:]}")]
+    dtypes = [type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"]
+    scalars = [(_numpy_scalar, f"{m}.multiarray.scalar") for m in ("numpy.core", "numpy._core")]
+    return [argparse.Namespace, np.dtype, *dtypes, *scalars, *paths]
+
+
+def _python3_name(name: str) -> str:
+    """A pickled global's Python 3 name: torch.save writes protocol 2, where pickle names some
+    modules as Python 2 did (``subprocess.Popen`` is stored as ``commands.Popen``)."""
+    import _compat_pickle
+
+    module, _, attr = name.rpartition(".")
+    if (module, attr) in _compat_pickle.NAME_MAPPING:
+        return ".".join(_compat_pickle.NAME_MAPPING[(module, attr)])
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}" if module else name
+
+
+def _blocked_globals(path: str | Path, error: str) -> list[str]:
+    """The globals ``path``'s pickle needs that are not allowed, by their Python 3 names: the
+    one the unpickler stopped at, then any others torch's scan of the pickle finds."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            scanned = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # a corrupt file: only the error's own words
+        scanned = []
+    names = [_python3_name(n) for n in re.findall(r"GLOBAL ([\w.]+)", error)[:1] + scanned]
+    qualified = [n for n in names if "." in n]
+    # the unpickler names a builtin without its module ("eval"): the scan's "builtins.eval"
+    return list(
+        dict.fromkeys(
+            n if "." in n else next((q for q in qualified if q.endswith("." + n)), n) for n in names
+        )
+    )
+
+
+def _load_failure_reason(path: str | Path, exc: Exception) -> str:
+    """Why torch.load refused ``path``: the globals its pickle needs that are not allowed, else
+    the specific line of the error (never torch's advice to load with weights_only=False)."""
+    text = str(exc)
+    blocked = _blocked_globals(path, text)
+    if blocked:
+        return (
+            f"its pickle needs {', '.join(blocked)}, which "
+            + ("is" if len(blocked) == 1 else "are")
+            + " not plain data (allowed: "
+            "tensors, argparse.Namespace, pathlib paths, numpy numeric scalars and dtypes)"
+        )
+    built = re.search(r"but got <class '([^']+)'>", text)
+    if built:
+        return f"its pickle builds a {built.group(1)}, which is not plain data"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    specific = [
+        line
+        for line in lines
+        if not line.startswith(_TORCH_BOILERPLATE) and "weights_only" not in line
+    ]
     return f"{type(exc).__name__}: {specific[0][:300]}" if specific else type(exc).__name__
 
 
 def _torch_load_safely(path: str | Path) -> Any:
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, zip errors, EOF: all mean "not loadable data"
         raise CheckpointError(
             f"{path}: refused: not a plain tensor checkpoint (it would need to unpickle "
-            f"arbitrary objects, or it is corrupt): {_load_failure_reason(exc)}"
+            f"arbitrary objects, or it is corrupt): {_load_failure_reason(path, exc)}"
         ) from exc
 
 
@@ -276,6 +357,58 @@ def infer_arch(
     return ArchConfig(**fields)
 
 
+# Prefixes that training wrappers put before every key of a model's state dict:
+# DistributedDataParallel / DataParallel ("module.") and torch.compile ("_orig_mod.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_WRAPPERS = "DDP's 'module.', torch.compile's '_orig_mod.'"
+
+
+def strip_wrapper_prefixes(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    """``state`` without the wrapper prefixes that *every* key carries (in any nesting, e.g.
+    ``module._orig_mod.``), and the prefix removed ("" if none).
+
+    A wrapper prefix on some keys only, or any other prefix before the official keys (e.g.
+    ``encoder.patch_embed.proj.weight``), is a CheckpointError naming the prefix: such a file
+    is not one model's weights as the official code names them, and guessing could mix models.
+    """
+    removed = ""
+    while state:
+        for prefix in WRAPPER_PREFIXES:
+            count = sum(k.startswith(prefix) for k in state)
+            if count == len(state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                removed += prefix
+                break
+            if count:
+                raise CheckpointError(
+                    f"{count} of {len(state)} keys start with {removed + prefix!r} and the "
+                    "others do not: a wrapper prefix must be on every key of the state dict"
+                )
+        else:
+            break
+    if OFFICIAL_MARKER_KEY not in state:
+        marked = sorted(k for k in state if k.endswith("." + OFFICIAL_MARKER_KEY))
+        if marked:
+            prefix = removed + marked[0][: -len(OFFICIAL_MARKER_KEY)]
+            raise CheckpointError(
+                f"the weights' keys carry the prefix {prefix!r} (e.g. {removed + marked[0]!r}), "
+                f"which is not a training wrapper's prefix ({_WRAPPERS}): not importable as is"
+            )
+    return state, removed
+
+
+def _plain(value: Any) -> Any:
+    """An ``args`` value as plain data: numpy scalars as Python numbers, paths and dtypes as
+    strings (how the metadata records them); anything else unchanged."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, PurePath | np.dtype):
+        return str(value)
+    return value
+
+
 @dataclass
 class OfficialFile:
     """An official DMAE file, read safely: its state dict, form and (fine-tuned) args."""
@@ -283,30 +416,52 @@ class OfficialFile:
     state: dict[str, Tensor]
     form: str  # "pretrained" (encoder + decoder) or "finetuned" (encoder + fc_norm + head)
     args: dict[str, Any]
+    prefix_removed: str = ""  # the wrapper prefix every key carried (e.g. "module."), if any
+
+
+def _is_bare_state(obj: Any) -> bool:
+    """A bare state dict: the official marker key (maybe behind a prefix) holds a tensor."""
+    return isinstance(obj, dict) and any(
+        isinstance(k, str)
+        and (k == OFFICIAL_MARKER_KEY or k.endswith("." + OFFICIAL_MARKER_KEY))
+        and isinstance(v, Tensor)
+        for k, v in obj.items()
+    )
 
 
 def read_official(path: str | Path) -> OfficialFile:
     """An official file: ``{'model': state, 'args': ...}`` or a bare state dict of tensors with
-    the official key layout (how the released pre-trained weights are stored)."""
+    the official key layout (how the released pre-trained weights are stored); keys saved from
+    a DDP or torch.compile'd model lose the prefix every one carries
+    (:func:`strip_wrapper_prefixes`)."""
     obj = _torch_load_safely(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         raw = obj["model"]
-    elif isinstance(obj, dict) and isinstance(obj.get(OFFICIAL_MARKER_KEY), Tensor):
+    elif _is_bare_state(obj):
         raw = obj  # a bare state dict
     else:
         raise CheckpointError(
             f"{path}: expected an official DMAE file: {{'model': state dict, ...}} or a bare "
             f"state dict with the official keys ({OFFICIAL_MARKER_KEY}, pos_embed, blocks.N.*)"
         )
-    state = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, Tensor)}
-    args = dict(vars(obj["args"])) if isinstance(obj.get("args"), argparse.Namespace) else {}
+    tensors = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    try:
+        state, removed = strip_wrapper_prefixes(tensors)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    namespace = obj.get("args")
+    args = (
+        {k: _plain(v) for k, v in vars(namespace).items()}
+        if isinstance(namespace, argparse.Namespace)
+        else {}
+    )
     if "head.weight" in state:
         form = "finetuned"
     elif "decoder_embed.weight" in state:
         form = "pretrained"
     else:
         raise CheckpointError(f"{path}: neither a fine-tuned (head.*) nor a pre-trained DMAE file")
-    return OfficialFile(state, form, args)
+    return OfficialFile(state, form, args, removed)
 
 
 def import_official(
@@ -342,7 +497,8 @@ def import_official(
         std=tuple(std or IMAGENET_STD),
         sigma=sigma if sigma is not None else off.args.get("sigma"),
         name=Path(path).stem,
-        source=f"official DMAE {off.form} file {Path(path).name}",
+        source=f"official DMAE {off.form} file {Path(path).name}"
+        + (f" (key prefix {off.prefix_removed!r} removed)" if off.prefix_removed else ""),
         licence=OFFICIAL_LICENCE,
         training={k: v for k, v in off.args.items() if isinstance(v, int | float | str | bool)},
     )

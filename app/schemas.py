@@ -317,6 +317,10 @@ class ModelOut(BaseModel):
     )
     format: str
     active: bool
+    default: bool = Field(
+        description="The default model of its sigma: a request with that sigma and no model "
+        "runs on it. Set by an admin (POST /admin/models/{name}/default), never by registering."
+    )
     checkpoint_sha256: str
     arch: dict[str, Any]
     created_at: str
@@ -350,7 +354,16 @@ class TrainingIn(BaseModel):
         description="Hyper-parameters passed to the training pipeline (epochs, lr, batch_size, "
         "preset, ...).",
     )
-    activate: bool = Field(True, description="Activate the model once registered.")
+    activate: bool = Field(
+        True,
+        description="Activate the model once registered: requests can name it. It serves "
+        "requests that name no model only if it is also made the default.",
+    )
+    default: bool = Field(
+        False,
+        description="Make the result the default model of its sigma once registered (requests "
+        "with that sigma and no model then run on it). Needs activate.",
+    )
 
 
 class TrainingOut(BaseModel):
@@ -426,6 +439,7 @@ def model_out(row: Checkpoint) -> ModelOut:
         recipe=row.recipe,
         format=row.format,
         active=row.active,
+        default=row.is_default,
         checkpoint_sha256=row.file_sha256,
         arch=dict(row.arch),
         created_at=_iso(row.created_at) or "",

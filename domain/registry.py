@@ -1,5 +1,11 @@
 """The model registry: registering checkpoints (bundled, uploaded, server-side path, trained),
-activating them, and choosing the model a request is certified with.
+activating them, choosing each sigma's default model, and choosing the model a request is
+certified with.
+
+A request that names no model runs on its sigma's *default* model, a flag an admin sets
+deliberately (:func:`set_default`); registering a model, or a training run finishing, never
+makes it the default unless asked to. The bundled models are their sigmas' defaults when first
+registered on a service that has none.
 
 Checkpoints are only ever read through ``models.checkpoints`` (safetensors, or official files
 with ``weights_only=True``), so registering a file never runs code from it.
@@ -112,14 +118,16 @@ def register(
     name: str | None = None,
     options: dict[str, Any] | None = None,
     active: bool = True,
+    default: bool = False,
     created_by: int | None = None,
     licence: str | None = None,
     shown: str | None = None,
 ) -> Checkpoint:
     """Validate the checkpoint at ``location`` and add it to the registry (409 if the name is
-    taken); errors name the file ``shown`` (an upload's own name) when given. The row is
-    flushed, not committed: the caller commits, together with whatever else must become
-    visible at the same time."""
+    taken); errors name the file ``shown`` (an upload's own name) when given. With ``default``
+    it becomes its sigma's default model (:func:`set_default`: 422 unless an active classifier
+    with a sigma). The row is flushed, not committed: the caller commits, together with
+    whatever else must become visible at the same time."""
     from models.checkpoints import OFFICIAL_LICENCE, file_sha256
 
     options = {k: v for k, v in (options or {}).items() if k in OFFICIAL_OPTIONS and v is not None}
@@ -128,6 +136,8 @@ def register(
     name = check_name(name or meta.name or path.stem)
     if session.scalar(select(Checkpoint).where(Checkpoint.name == name)) is not None:
         raise ServiceError(409, f"a model named {name!r} is already registered")
+    if default:
+        check_can_be_default(name, meta.kind, active, meta.sigma)
     row = Checkpoint(
         name=name,
         location=location,
@@ -157,13 +167,15 @@ def register(
     except IntegrityError as exc:
         session.rollback()
         raise ServiceError(409, f"a model named {name!r} is already registered") from exc
+    if default:
+        set_default(session, name)
     log.info("registered model %s (%s, sigma=%s) from %s", name, meta.kind, meta.sigma, location)
     return row
 
 
 def register_bundled(session: Session) -> list[str]:
     """Register every bundled model not yet in the registry; returns the names added."""
-    from models.checkpoints import CheckpointError, bundled_models, file_sha256
+    from models.checkpoints import CheckpointError, bundled_models, file_sha256, read_meta
 
     added = []
     for name, path in bundled_models().items():
@@ -173,7 +185,9 @@ def register_bundled(session: Session) -> list[str]:
                 log.warning("bundled model %s changed on disk since it was registered", name)
             continue
         try:
-            register(session, location=BUNDLED_PREFIX + name, name=name)
+            sigma = read_meta(path).sigma
+            taken = sigma is None or default_for(session, sigma) is not None
+            register(session, location=BUNDLED_PREFIX + name, name=name, default=not taken)
             session.commit()
             added.append(name)
         except (ServiceError, CheckpointError) as exc:
@@ -199,11 +213,19 @@ class Choice:
     sigma: float | None
     input_size: int
     file_sha256: str
+    default: bool = False
 
     @classmethod
     def of(cls, row: Checkpoint) -> Choice:
         return cls(
-            row.id, row.name, row.kind, row.active, row.sigma, row.input_size, row.file_sha256
+            row.id,
+            row.name,
+            row.kind,
+            row.active,
+            row.sigma,
+            row.input_size,
+            row.file_sha256,
+            row.is_default,
         )
 
 
@@ -229,6 +251,7 @@ class Snapshots:
         query = select(
             Checkpoint.id, Checkpoint.name, Checkpoint.kind, Checkpoint.active,
             Checkpoint.sigma, Checkpoint.input_size, Checkpoint.file_sha256,
+            Checkpoint.is_default,
         ).order_by(Checkpoint.id.desc())  # fmt: skip
         rows = [Choice(*r) for r in session.execute(query).all()]
         with self._lock:
@@ -244,19 +267,69 @@ SNAPSHOTS = Snapshots()
 
 
 def set_active(session: Session, name: str, active: bool) -> Checkpoint:
-    """Serve (or stop serving) new requests with model ``name``; the caller commits."""
+    """Serve (or stop serving) new requests with model ``name``; the caller commits. A
+    deactivated model stops being its sigma's default (requests without a model then get a
+    422 until an admin sets another); activating it again does not make it the default."""
     row = get_model(session, name)
     row.active = active
+    if not active:
+        row.is_default = False
     SNAPSHOTS.invalidate()
+    return row
+
+
+def same_sigma(a: float | None, b: float) -> bool:
+    """Whether a model trained at ``a`` serves requests for ``b`` (equal up to rounding)."""
+    return a is not None and abs(a - b) <= 1e-9 * max(1.0, b)
+
+
+def default_for(session: Session, sigma: float) -> Checkpoint | None:
+    """The default model of ``sigma`` (read now, not from the snapshots), if any."""
+    rows = session.scalars(select(Checkpoint).where(Checkpoint.is_default.is_(True))).all()
+    return next((r for r in rows if same_sigma(r.sigma, sigma)), None)
+
+
+def check_can_be_default(name: str, kind: str, active: bool, sigma: float | None) -> None:
+    """422 unless a model of this kind, state and sigma can be a sigma's default."""
+    if kind != "classifier":
+        raise bad_input(f"model {name!r} is a pre-training checkpoint: it cannot serve requests")
+    if not active:
+        raise bad_input(f"model {name!r} is deactivated: activate it before making it a default")
+    if sigma is None:
+        raise bad_input(
+            f"model {name!r} has no training sigma, so it cannot be a sigma's default; "
+            "requests can still name it"
+        )
+
+
+def set_default(session: Session, name: str) -> Checkpoint:
+    """Make model ``name`` the default of its sigma: requests with that sigma and no model run
+    on it, instead of the previous default. 422 unless it is an active classifier with a
+    sigma. The caller commits."""
+    row = get_model(session, name)
+    check_can_be_default(name, row.kind, row.active, row.sigma)
+    previous = default_for(session, row.sigma)
+    if previous is not None and previous.id != row.id:
+        previous.is_default = False
+        session.flush()  # one default per sigma at every moment (a unique index)
+    row.is_default = True
+    session.flush()
+    SNAPSHOTS.invalidate()
+    log.info(
+        "model %s is the default for sigma=%g (was %s)",
+        name,
+        row.sigma,
+        previous.name if previous is not None else "none",
+    )
     return row
 
 
 def choose(
     session: Session, sigma: float | None, name: str | None, max_age_s: float = 0.0
 ) -> Choice:
-    """The model a request runs on: the named one, else the newest active classifier trained
-    at ``sigma``, from rows at most ``max_age_s`` seconds old. Every failure is a 422 that says
-    what to do."""
+    """The model a request runs on: the named one, else ``sigma``'s default model (an active
+    classifier an admin made the default, :func:`set_default`), from rows at most
+    ``max_age_s`` seconds old. Every failure is a 422 that says what to do."""
     rows = SNAPSHOTS.rows(session, max_age_s)
     if name is not None:
         row = next((r for r in rows if r.name == name), None)
@@ -270,9 +343,17 @@ def choose(
     if sigma is None:
         raise bad_input("give sigma (the noise level) or a model name")
     candidates = [r for r in rows if r.active and r.kind == "classifier"]
-    for row in candidates:
-        if row.sigma is not None and abs(row.sigma - sigma) <= 1e-9 * max(1.0, sigma):
-            return row
+    at_sigma = [r for r in candidates if same_sigma(r.sigma, sigma)]
+    chosen = next((r for r in at_sigma if r.default), None)
+    if chosen is not None:
+        return chosen
+    if at_sigma:
+        names = ", ".join(sorted(r.name for r in at_sigma))
+        raise bad_input(
+            f"no default model for sigma={sigma:g}: name one with the model field ({names} "
+            "are trained for it; GET /models lists them), or an admin makes one the default "
+            "(POST /admin/models/{name}/default)"
+        )
     trained = sorted({r.sigma for r in candidates if r.sigma is not None})
     raise bad_input(
         f"no active model trained for sigma={sigma:g}; models exist for sigma in "

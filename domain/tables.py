@@ -83,6 +83,16 @@ class Checkpoint(Base):
     """A registered model: where its file is, what it is, and whether it serves requests."""
 
     __tablename__ = "checkpoints"
+    # One default per sigma: the model a request with that sigma and no model name runs on.
+    __table_args__ = (
+        Index(
+            "ux_checkpoints_default_sigma",
+            "sigma",
+            unique=True,
+            postgresql_where=text("is_default"),
+            sqlite_where=text("is_default"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
@@ -102,6 +112,8 @@ class Checkpoint(Base):
     recipe: Mapped[str | None] = mapped_column(String(64), default=None)
     import_options: Mapped[dict[str, Any]] = mapped_column(default=dict)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Set only deliberately (domain.registry.set_default), never by registering or training.
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     created_by: Mapped[int | None] = mapped_column(
         ForeignKey("api_keys.id", ondelete="SET NULL"), default=None
@@ -211,6 +223,7 @@ class TrainingRun(RunState, Base):
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     result_name: Mapped[str] = mapped_column(String(200))
     activate: Mapped[bool] = mapped_column(Boolean, default=True)
+    make_default: Mapped[bool] = mapped_column(Boolean, default=False)  # of its sigma, once done
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     checkpoint_id: Mapped[int | None] = mapped_column(
         ForeignKey("checkpoints.id", ondelete="SET NULL"), default=None

@@ -56,7 +56,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         admin = create_key(s, "admin", admin=True)[1]
     url = f"http://127.0.0.1:{port}"
     r = httpx.post(f"{url}/admin/models", headers={"X-API-Key": admin},
-                   data={"path": "tiny.safetensors"})  # fmt: skip
+                   data={"path": "tiny.safetensors", "default": "true"})  # fmt: skip
     assert r.status_code == 201, r.text
     try:
         yield Server(url, admin)

@@ -467,7 +467,9 @@ def _race(url: str, tmp_path: Path, checkpoint: Path, admit: Any, cap: int, race
     db = get_database(url)
     shutil.copy(checkpoint, tmp_path / "tiny.safetensors")
     with db.session() as s:
-        registry.register(s, location=str(tmp_path / "tiny.safetensors"), name="tiny-s0.25")
+        registry.register(
+            s, location=str(tmp_path / "tiny.safetensors"), name="tiny-s0.25", default=True
+        )
         key, _ = create_key(s, "racer")
         s.commit()
         caller = Caller(key.id, False)
@@ -615,7 +617,9 @@ def test_two_cancels_of_evaluations_sharing_jobs_cancel_the_shared_ones(
         Params(sigma=0.25, n0=20, n=200), dataset="digits:test", max_images=2
     )
     with db.session() as s:
-        registry.register(s, location=str(tmp_path / "tiny.safetensors"), name="tiny-s0.25")
+        registry.register(
+            s, location=str(tmp_path / "tiny.safetensors"), name="tiny-s0.25", default=True
+        )
         key, _ = create_key(s, "canceller")
         s.commit()
         caller = Caller(key.id, False)

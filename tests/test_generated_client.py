@@ -134,10 +134,10 @@ def test_generated_client_uploads_polls_and_parses(server: Server, client_packag
         # A checkpoint upload (the `file` field) ...
         ckpt = File(payload=io.BytesIO(server.checkpoint.read_bytes()), file_name="tiny.bin")
         r = _api("admin.register_model").sync_detailed(
-            client=client, body=BodyRegisterModel(file=ckpt, name="tiny-s0.25")
+            client=client, body=BodyRegisterModel(file=ckpt, name="tiny-s0.25", default=True)
         )
         assert r.status_code == 201, r.content
-        assert isinstance(r.parsed, ModelOut) and r.parsed.sigma == SIGMA
+        assert isinstance(r.parsed, ModelOut) and r.parsed.sigma == SIGMA and r.parsed.default
 
         # ... and an image upload (the `image` field).
         png = digit_png(7)

@@ -252,7 +252,9 @@ def _race(url: str, tmp_path: Path, checkpoint: Path, admit: Any, cap: int, race
     db = get_database(url)
     shutil.copy(checkpoint, tmp_path / "tiny.safetensors")
     with db.session() as s:
-        registry.register(s, location=str(tmp_path / "tiny.safetensors"), name="tiny-s0.25")
+        registry.register(
+            s, location=str(tmp_path / "tiny.safetensors"), name="tiny-s0.25", default=True
+        )
         key, _ = create_key(s, "racer")
         s.commit()
         caller = Caller(key.id, False)

@@ -54,7 +54,9 @@ def test_keys_serve_upload_poll(tmp_path: Path, tiny_checkpoint: Path) -> None: 
         httpx.Client(base_url=base, timeout=30) as http,
     ):
         r = http.post(
-            "/admin/models", headers={"X-API-Key": admin}, data={"path": "tiny.safetensors"}
+            "/admin/models",
+            headers={"X-API-Key": admin},
+            data={"path": "tiny.safetensors", "default": "true"},
         )
         assert r.status_code == 201, r.text
         png = digit_png(7)

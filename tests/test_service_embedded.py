@@ -45,6 +45,8 @@ class Service:
         return {"X-API-Key": key}
 
     def register(self, path: str = "tiny.safetensors", **form: str) -> Any:
+        """Register ``path`` as the default model of its sigma (the tests submit by sigma)."""
+        form.setdefault("default", "true")
         return self.client.post(
             "/admin/models", headers=self.h(self.admin), data={"path": path, **form}
         )

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from fastapi.testclient import TestClient
-from service_support import digit_png, service_settings, wait_for
+from service_support import digit_png, make_checkpoint, service_settings, wait_for
 
 from app.main import create_app
 from domain.keys import create_key
@@ -63,6 +63,11 @@ def test_pretrain_finetune_register_certify(tmp_path: Path) -> None:
         assert run["status"] == "succeeded", run
         assert run["model"] == "digits-pre" and run["progress"]["done"] == 2
 
+        # the sigma-0.5 default before the run (issue 26 item 6: a run must not replace it)
+        incumbent = make_checkpoint(tmp_path / "incumbent.safetensors", 0.5, "incumbent")
+        upload = {"file": ("incumbent.safetensors", incumbent.read_bytes())}
+        r = client.post("/admin/models", headers=admin, data={"default": "true"}, files=upload)
+        assert r.status_code == 201 and r.json()["default"], r.text
         ft = client.post(
             "/admin/training",
             headers=admin,
@@ -82,8 +87,15 @@ def test_pretrain_finetune_register_certify(tmp_path: Path) -> None:
         assert client.delete(ft.json()["url"], headers=admin).status_code == 409
 
         models = {m["name"]: m for m in client.get("/models", headers=admin).json()}
-        assert list(models) == ["digits-ft-s0.5"]  # the pre-trained one cannot classify
+        assert list(models) == ["digits-ft-s0.5", "incumbent"]  # pre-trained: cannot classify
         assert models["digits-ft-s0.5"]["sigma"] == 0.5
+        assert not models["digits-ft-s0.5"]["default"] and models["incumbent"]["default"]
+        form = {"sigma": "0.5", "n0": "10", "n": "20"}
+        r = client.post("/certify", headers=admin, files={"image": ("d.png", digit_png(1))},
+                        data=form)  # fmt: skip
+        assert r.status_code == 202 and r.json()["model"] == "incumbent", r.text
+        r = client.post("/admin/models/digits-ft-s0.5/default", headers=admin)
+        assert r.status_code == 200 and r.json()["default"], r.text
         r = client.post(
             "/certify",
             headers=admin,
@@ -149,10 +161,12 @@ def test_baselines_through_the_admin_api(tmp_path: Path) -> None:
                 "params": {"arch": "tiny", "loss_on": "masked", **FAST}})  # fmt: skip
         launch({"kind": "finetune", "dataset": "digits:train", "name": "cohen", "sigma": 0.25,
                 "init": "none", "params": {"arch": "tiny", "copies": 1, "lbd": 0.0, "eta": 0.0,
-                                           **FAST}})  # fmt: skip
+                                           **FAST}, "default": True})  # fmt: skip
         everything = client.get("/admin/models", headers=admin).json()
         recipes = {m["name"]: m["recipe"] for m in everything}
         assert recipes == {"mae": "mae", "cohen": "scratch+gaussian"}
+        defaults = {m["name"] for m in everything if m["default"]}
+        assert defaults == {"cohen"}  # asked for with "default": true
         refused = [
             ({"kind": "finetune", "dataset": "digits:train", "name": "y", "sigma": 0,
               "init": "none", "params": {"arch": "tiny"}}, "sigma"),

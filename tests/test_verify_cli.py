@@ -73,7 +73,9 @@ def issued(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Issued]:
         assert found, log_path.read_text()
         admin = found.group(1)
         r = http.post(
-            "/admin/models", headers={"X-API-Key": admin}, data={"path": "tiny.safetensors"}
+            "/admin/models",
+            headers={"X-API-Key": admin},
+            data={"path": "tiny.safetensors", "default": "true"},
         )
         assert r.status_code == 201, r.text
         png = digit_png(5)

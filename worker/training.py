@@ -141,6 +141,7 @@ def run_training(
                 location=str(Path(path).resolve()),
                 name=run.result_name,
                 active=run.activate,
+                default=run.make_default,
                 created_by=run.owner_id,
             )
         except Exception as exc:

@@ -81,7 +81,16 @@ def register_model(
         ),
     ] = None,
     name: Annotated[str | None, Form(description="Registry name (default: from the file).")] = None,
-    active: Annotated[bool, Form(description="Serve requests right away.")] = True,
+    active: Annotated[
+        bool, Form(description="Serve requests right away (requests that name it).")
+    ] = True,
+    default: Annotated[
+        bool,
+        Form(
+            description="Also make it the default model of its sigma: requests with that "
+            "sigma and no model then run on it (needs active and a sigma)."
+        ),
+    ] = False,
     sigma: Annotated[float | None, Form(description="Official files: training sigma.")] = None,
     input_size: Annotated[
         int | None, Form(description="Official files: native input size.")
@@ -98,7 +107,8 @@ def register_model(
 ) -> ModelOut:
     """Project checkpoints (.safetensors with metadata) and official DMAE files (read with
     ``weights_only``; pickled code is refused) are accepted. Official files need the options the
-    format does not store (sigma, input size, class names, mean/std)."""
+    format does not store (sigma, input size, class names, mean/std). A new model serves only
+    requests that name it, unless ``default`` makes it its sigma's default model."""
     if (file is None) == (path is None or path == ""):
         raise bad_input("give exactly one of: file (an upload) or path (on the server)")
     options = {
@@ -125,6 +135,7 @@ def register_model(
                 name=name or _stem(file.filename),
                 options=options,
                 active=active,
+                default=default,
                 created_by=admin.id,
                 licence=licence,
                 shown=f"the upload {file.filename or 'file'!r}",
@@ -148,6 +159,7 @@ def register_model(
             name=name,
             options=options,
             active=active,
+            default=default,
             created_by=admin.id,
             licence=licence,
         )
@@ -190,6 +202,25 @@ def deactivate(name: str, admin: Admin, session: SessionDep) -> ModelOut:
     """Queued jobs already bound to the model still run; new requests cannot pick it."""
     del admin
     return _set_active(session, name, False)
+
+
+@router.post(
+    "/models/{name}/default",
+    response_model=ModelOut,
+    responses=error_responses(
+        404,
+        422,
+        why={404: "No such model.", 422: "Not an active classifier with a training sigma."},
+    ),
+    summary="Make this model the default of its sigma",
+)
+def make_default(name: str, admin: Admin, session: SessionDep) -> ModelOut:
+    """Requests with the model's sigma and no model name run on it from now on (the previous
+    default of that sigma stops being one; it stays active for requests that name it)."""
+    del admin
+    row = registry.set_default(session, name)
+    session.commit()
+    return model_out(row)
 
 
 # ---------------------------------------------------------------- training runs
@@ -257,6 +288,10 @@ def launch_training(
     dataset = _dataset(settings, body.dataset)
     params: dict[str, Any] = dict(body.params)
     val_data = params.pop("val_data", None)  # a dataset like `dataset`, resolved the same way
+    if body.default and not body.activate:
+        raise bad_input("default needs activate: a deactivated model cannot be a default")
+    if body.default and body.kind != "finetune":
+        raise bad_input("default is for fine-tuning runs: a pre-trained model serves no requests")
     if body.init is not None and body.init != "none":
         init = session.scalar(select(Checkpoint).where(Checkpoint.name == body.init))
         if init is None:
@@ -279,6 +314,7 @@ def launch_training(
         params=params,
         result_name=body.name,
         activate=body.activate,
+        make_default=body.default,
         status=Status.QUEUED.value,
         progress_done=0,
         progress_total=0,

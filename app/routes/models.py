@@ -19,7 +19,7 @@ router = APIRouter(
 @router.get("/models", response_model=list[ModelOut], summary="Active registered models")
 def list_models(client: Client, session: SessionDep) -> list[ModelOut]:
     """Active classifiers with the sigma they were trained for, their classes, input size and
-    licence note. POST /certify picks among these by sigma unless a model is named."""
+    licence note. POST /certify without a model runs on the sigma's ``default`` one."""
     del client
     rows = session.scalars(
         select(Checkpoint)

@@ -291,7 +291,7 @@ def run_chaos(cfg: ChaosConfig, workdir: Path | None = None, log: Any = print) -
                 with db.session() as s:
                     admin, user = create_key(s, "admin", admin=True)[1], create_key(s, "chaos")[1]
                 r = client.post("/admin/models", headers={"X-API-Key": admin},
-                                data={"path": "tiny.safetensors"})  # fmt: skip
+                                data={"path": "tiny.safetensors", "default": "true"})  # fmt: skip
                 assert r.status_code == 201, r.text
                 submitter = Submitter(client, user, cfg, pngs)
                 submitter.start()

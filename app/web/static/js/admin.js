@@ -48,9 +48,30 @@ export async function loadModels() {
       el("td", {}, el("span", { class: nonCommercial(m.licence) ? "licence-nc" : "", text: m.licence || "-" })),
       el("td", {}, el("code", { title: m.checkpoint_sha256, text: m.checkpoint_sha256.slice(0, 12) })),
       el("td", {}, m.active ? "yes " : "no ", toggle),
+      el("td", {}, m.default ? "yes" : defaultButton(m)),
     );
   }));
   return rows;
+}
+
+// Only an active classifier with a sigma can be a sigma's default (the server says so too).
+function defaultButton(m) {
+  if (!m.active || m.kind !== "classifier" || m.sigma === null) return "no";
+  return el("span", {}, "no ", el("button", {
+    type: "button",
+    "aria-label": `Make ${m.name} the default for sigma ${m.sigma}`,
+    onclick: () => setDefault(m.name),
+  }, "Make default"));
+}
+
+async function setDefault(name) {
+  try {
+    await api(`/admin/models/${encodeURIComponent(name)}/default`, { method: "POST" });
+  } catch (err) {
+    alertIn($("models-alert"), err.message);
+    return;
+  }
+  loadModels();
 }
 
 async function setActive(name, active) {
@@ -87,12 +108,13 @@ async function register(event) {
     if (value !== "") form.append(name, value);
   }
   form.append("active", $("register-active").checked ? "true" : "false");
+  form.append("default", $("register-default").checked ? "true" : "false");
   $("register-status").textContent = "Registering (the file is read and checked)...";
   try {
     const m = await api("/admin/models", { method: "POST", form });
     $("register-status").textContent =
       `Registered ${m.name}: ${m.kind}, sigma ${m.sigma ?? "-"}, ${m.num_classes} classes, ` +
-      `${m.active ? "active" : "inactive"}.`;
+      `${m.active ? "active" : "inactive"}${m.default ? ", the default for its sigma" : ""}.`;
     $("register-form").reset();
     $("register-file-row").hidden = false;
     $("register-path-row").hidden = true;
@@ -222,6 +244,7 @@ async function launch(event) {
     name: $("train-name").value.trim(),
     params,
     activate: $("train-activate").checked,
+    default: $("train-default").checked,
   };
   const sigma = $("train-sigma").value.trim();
   if (sigma !== "") body.sigma = Number(sigma);

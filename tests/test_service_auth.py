@@ -120,7 +120,7 @@ def test_register_by_upload_and_refuse_pickled_code(
         "/admin/models",
         headers=service.h(service.admin),
         files={"file": ("../../weird name.bin", other.read_bytes())},
-        data={"name": "tiny-s0.50"},
+        data={"name": "tiny-s0.50", "default": "true"},
     )
     assert r.status_code == 201, r.text
     assert r.json()["sigma"] == 0.5 and r.json()["active"]
@@ -225,7 +225,7 @@ def test_register_an_official_finetuned_file(service: Service, tmp_path: Path) -
                 "args": argparse.Namespace(sigma=0.5, model="vit_tiny")}, official)  # fmt: skip
     form = {"path": "official/dmae_tiny_ft.pth", "input_size": "8", "num_heads": "4",
             "classes": ",".join(meta.classes), "mean": ",".join(map(str, meta.mean)),
-            "std": ",".join(map(str, meta.std))}  # fmt: skip
+            "std": ",".join(map(str, meta.std)), "default": "true"}  # fmt: skip
     r = service.client.post("/admin/models", headers=service.h(service.admin), data=form)
     assert r.status_code == 201, r.text
     info = r.json()

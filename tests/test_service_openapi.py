@@ -62,6 +62,7 @@ CAN_RETURN: dict[tuple[str, str], set[int]] = {
     ("POST", "/admin/models"): {201, 400, 401, 403, 409, 413, 422, 429, 503},
     ("POST", "/admin/models/{name}/activate"): {200, 401, 403, 404, 429, 503},
     ("POST", "/admin/models/{name}/deactivate"): {200, 401, 403, 404, 429, 503},
+    ("POST", "/admin/models/{name}/default"): {200, 401, 403, 404, 422, 429, 503},
     ("POST", "/admin/training"): {202, 400, 401, 403, 409, 413, 422, 429, 503},
     ("GET", "/admin/training"): {200, 401, 403, 422, 429, 503},
     ("GET", "/admin/training/{run_id}"): {200, 401, 403, 404, 429, 503},

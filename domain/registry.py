@@ -289,8 +289,8 @@ def default_for(session: Session, sigma: float) -> Checkpoint | None:
     return next((r for r in rows if same_sigma(r.sigma, sigma)), None)
 
 
-def check_can_be_default(name: str, kind: str, active: bool, sigma: float | None) -> None:
-    """422 unless a model of this kind, state and sigma can be a sigma's default."""
+def check_can_be_default(name: str, kind: str, active: bool, sigma: float | None) -> float:
+    """The sigma of a model that can be that sigma's default; 422 for any other model."""
     if kind != "classifier":
         raise bad_input(f"model {name!r} is a pre-training checkpoint: it cannot serve requests")
     if not active:
@@ -300,6 +300,7 @@ def check_can_be_default(name: str, kind: str, active: bool, sigma: float | None
             f"model {name!r} has no training sigma, so it cannot be a sigma's default; "
             "requests can still name it"
         )
+    return sigma
 
 
 def set_default(session: Session, name: str) -> Checkpoint:
@@ -307,8 +308,8 @@ def set_default(session: Session, name: str) -> Checkpoint:
     on it, instead of the previous default. 422 unless it is an active classifier with a
     sigma. The caller commits."""
     row = get_model(session, name)
-    check_can_be_default(name, row.kind, row.active, row.sigma)
-    previous = default_for(session, row.sigma)
+    sigma = check_can_be_default(name, row.kind, row.active, row.sigma)
+    previous = default_for(session, sigma)
     if previous is not None and previous.id != row.id:
         previous.is_default = False
         session.flush()  # one default per sigma at every moment (a unique index)

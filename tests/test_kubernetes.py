@@ -28,9 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 KUBE = ROOT / "deploy" / "kubernetes"
 # Every folder holding a kustomization: the top one (the base) and each overlay.
-KUSTOMIZATIONS = sorted(
-    str(p.parent.relative_to(KUBE)) for p in KUBE.rglob("kustomization.yaml")
-)
+KUSTOMIZATIONS = sorted(str(p.parent.relative_to(KUBE)) for p in KUBE.rglob("kustomization.yaml"))
 # Kinds from CRDs (KEDA, Prometheus Operator): not in the core schemas, checked by the tests.
 CUSTOM = {
     ("keda.sh/v1alpha1", "ScaledObject"),
@@ -288,7 +286,7 @@ def test_every_dmae_variable_is_a_setting_with_a_valid_value(folder: str) -> Non
     variables = _dmae_variables(rendered(folder))
     unknown = [v for v in variables if v[5:].lower() not in Settings.model_fields]
     assert not unknown, f"not fields of domain.config.Settings: {unknown}"
-    given = {k[5:].lower(): v for k, v in variables.items() if v is not None}
+    given: dict[str, Any] = {k[5:].lower(): v for k, v in variables.items() if v is not None}
     Settings(_env_file=None, **given)  # type: ignore[call-arg]  # each value parses
 
 
@@ -341,7 +339,8 @@ def test_worker_grace_period_fits_the_celery_shutdown() -> None:
     full_worker_s = _worker_concurrency(objs) * (settings.n_max + 100) / 9010
     assert grace >= 3 * full_worker_s
     # A killed worker's job is re-queued well inside the visibility timeout.
-    assert float(data["DMAE_STALE_AFTER_S"]) + settings.sweep_interval_s < settings.visibility_timeout_s
+    requeued_after = float(data["DMAE_STALE_AFTER_S"]) + settings.sweep_interval_s
+    assert requeued_after < settings.visibility_timeout_s
 
 
 def test_one_gpu_per_worker() -> None:

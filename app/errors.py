@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -103,10 +103,33 @@ async def _service_error(request: Request, exc: Exception) -> Any:
     return _json(request, exc.status_code, exc.detail, exc.headers)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the request's path answers, over all the routes that match it (a path may
+    be served by several routes: ``GET`` and ``DELETE /jobs/{id}``), sorted."""
+    path = request.scope["path"]
+    methods: set[str] = set()
+    for route in _leaves(request.app.router.routes):
+        regex, said = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and said and regex.match(path):
+            methods |= set(said)
+    return sorted(methods)
+
+
+def _leaves(routes: Sequence[Any]) -> Iterator[Any]:
+    """The routes, with those of each included router in its place."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)  # FastAPI's wrapper of an included router
+        yield from _leaves(inner.routes) if inner is not None else (route,)
+
+
 async def _http_error(request: Request, exc: Exception) -> Any:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return _json(request, exc.status_code, detail, getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:  # RFC 9110 15.5.6: Allow lists all of the path's methods
+        headers["Allow"] = ", ".join(allowed_methods(request))
+        detail = f"{request.method} is not allowed here; this path allows {headers['Allow']}"
+    return _json(request, exc.status_code, detail, headers or None)
 
 
 async def _validation_error(request: Request, exc: Exception) -> Any:

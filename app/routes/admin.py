@@ -232,13 +232,21 @@ def _dataset(settings: Any, spec: str) -> str:
         "requestBody": {
             "content": {
                 "application/json": {
+                    # Runs as it is on the embedded default (nothing to register first): a
+                    # fine-tuning from a random encoder of the tiny preset, two epochs.
                     "example": {
                         "kind": "finetune",
                         "dataset": "digits:train",
-                        "name": "digits-ft-s0.50",
+                        "name": "digits-scratch-s0.50",
                         "sigma": 0.5,
-                        "init": "digits-pretrain",
-                        "params": {"epochs": 30, "batch_size": 64, "blr": 5e-4},
+                        "init": "none",
+                        "params": {
+                            "arch": "tiny",
+                            "epochs": 2,
+                            "warmup_epochs": 1,
+                            "batch_size": 64,
+                            "blr": 5e-4,
+                        },
                     }
                 }
             }

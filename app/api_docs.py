@@ -13,6 +13,17 @@ documented extension point) with that schema plus two corrections that no route 
   (``detail`` as a list) to each route with parameters; every reference to it becomes
   :class:`app.schemas.ValidationErrorOut` (``detail`` a sentence, ``errors`` a list).
 
+- **Optional form, query and header fields are not nullable.** FastAPI declares ``x: float | None =
+  None`` as ``anyOf: [number, null]``; a form or query string has no null, so generated
+  clients sent the text ``null``, which the server refuses. Such a field is optional (not
+  ``required``) and declared by its one real type; leaving it out means "none".
+
+- **Links lead from what a POST creates to its operations.** ``POST /certify`` (and a replay)
+  to ``/jobs/{job_id}...``, ``POST /evaluations`` to ``/evaluations/{evaluation_id}...``,
+  ``POST /admin/training`` to ``/admin/training/{run_id}``, ``POST /admin/models`` to
+  ``/admin/models/{name}/...`` (OpenAPI ``links``, the created resource's ``id`` or ``name``
+  from the answer's body), so clients and checkers can follow them.
+
 Each operation's ``operationId`` is its function's name (:func:`operation_id`), so generated
 clients have ``certify``, ``get_job``, ``list_jobs``, ... rather than FastAPI's path-derived ids.
 
@@ -44,6 +55,8 @@ def install(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = build()
             mark_binary_uploads(schema)
+            drop_null_from_text_fields(schema)
+            add_links(schema)
             use_validation_error_model(schema)
         return app.openapi_schema  # type: ignore[return-value]
 
@@ -89,6 +102,74 @@ def mark_binary_uploads(schema: dict[str, Any]) -> None:
             body = _resolve(schema, form.get("schema", {}))
             for field in body.get("properties", {}).values():
                 _mark(field)
+
+
+TEXT_BODIES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def _not_null(field: dict[str, Any]) -> None:
+    """``field`` without its ``null`` alternative (one left: that one, inlined)."""
+    alternatives = field.get("anyOf")
+    if not alternatives or {"type": "null"} not in alternatives:
+        return
+    rest = [a for a in alternatives if a != {"type": "null"}]
+    del field["anyOf"]
+    if len(rest) == 1:
+        field.update(rest[0])
+    else:
+        field["anyOf"] = rest
+    if field.get("default", 0) is None:
+        del field["default"]
+
+
+def drop_null_from_text_fields(schema: dict[str, Any]) -> None:
+    """Optional fields of form bodies, query strings and headers: their real type only."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") in ("query", "header") and not parameter.get("required"):
+                    _not_null(parameter.get("schema", {}))
+            content = operation.get("requestBody", {}).get("content", {})
+            for media in TEXT_BODIES:
+                if media in content:
+                    body = _resolve(schema, content[media].get("schema", {}))
+                    required = set(body.get("required", []))
+                    for name, field in body.get("properties", {}).items():
+                        if name not in required:
+                            _not_null(field)
+
+
+# (POST path, created resource's path, its path parameter, the answer's field holding it)
+CREATES = (
+    ("/certify", "/jobs/{job_id}", "job_id", "id"),
+    ("/jobs/{job_id}/replay", "/jobs/{job_id}", "job_id", "id"),
+    ("/evaluations", "/evaluations/{evaluation_id}", "evaluation_id", "id"),
+    ("/admin/training", "/admin/training/{run_id}", "run_id", "id"),
+    ("/admin/models", "/admin/models/{name}", "name", "name"),
+)
+
+
+def add_links(schema: dict[str, Any]) -> None:
+    """OpenAPI links from each success answer of a creating POST (:data:`CREATES`) to every
+    operation on the resource it created (its path, or a path below it)."""
+    paths = schema.get("paths", {})
+    for source, resource, parameter, field in CREATES:
+        post = paths.get(source, {}).get("post")
+        if post is None:
+            continue
+        links = {
+            operation["operationId"]: {
+                "operationId": operation["operationId"],
+                "parameters": {parameter: f"$response.body#/{field}"},
+                "description": f"The {method.upper()} {path} of what this request created.",
+            }
+            for path, operations in paths.items()
+            if path == resource or path.startswith(resource + "/")
+            for method, operation in operations.items()
+        }
+        for status, answer in post.get("responses", {}).items():
+            if status.startswith("2") and links:
+                answer["links"] = dict(links)
 
 
 def use_validation_error_model(schema: dict[str, Any]) -> None:

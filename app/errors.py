@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,7 +21,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.schemas import ErrorOut, UnavailableOut, ValidationErrorOut
-from domain.errors import BrokerUnavailable, ServiceError
+from domain.errors import BrokerUnavailable, ServiceError, hide_folders
 
 log = logging.getLogger("dmae.api")
 
@@ -74,33 +74,75 @@ def describe_validation(errors: Sequence[Any]) -> str:
     return "; ".join(lines) or "invalid request"
 
 
-def _json(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Any:
-    return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
+def _hidden(request: Request, text: str) -> str:
+    """``text`` without the server's folders (``domain.errors.hide_folders``)."""
+    settings = getattr(request.app.state, "settings", None)
+    return text if settings is None else hide_folders(text, settings.private_folders())
 
 
-async def _service_error(_: Request, exc: Exception) -> Any:
+def _json(
+    request: Request,
+    status: int,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> Any:
+    """The JSON error answer; no server folder is named in it, whatever the message held."""
+    body = {"detail": _hidden(request, detail), **extra}
+    if "errors" in body:
+        body["errors"] = [
+            {**e, "msg": _hidden(request, str(e.get("msg", "")))} for e in body["errors"]
+        ]
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _service_error(request: Request, exc: Exception) -> Any:
     assert isinstance(exc, ServiceError)
     if isinstance(exc, BrokerUnavailable) and exc.job_id:  # stored: the client may poll it
-        return _json(exc.status_code, exc.detail, exc.headers, id=exc.job_id)
-    return _json(exc.status_code, exc.detail, exc.headers)
+        return _json(request, exc.status_code, exc.detail, exc.headers, id=exc.job_id)
+    return _json(request, exc.status_code, exc.detail, exc.headers)
 
 
-async def _http_error(_: Request, exc: Exception) -> Any:
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the request's path answers, over all the routes that match it (a path may
+    be served by several routes: ``GET`` and ``DELETE /jobs/{id}``), sorted."""
+    path = request.scope["path"]
+    methods: set[str] = set()
+    for route in _leaves(request.app.router.routes):
+        regex, said = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and said and regex.match(path):
+            methods |= set(said)
+    return sorted(methods)
+
+
+def _leaves(routes: Sequence[Any]) -> Iterator[Any]:
+    """The routes, with those of each included router in its place."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)  # FastAPI's wrapper of an included router
+        yield from _leaves(inner.routes) if inner is not None else (route,)
+
+
+async def _http_error(request: Request, exc: Exception) -> Any:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return _json(exc.status_code, detail, getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:  # RFC 9110 15.5.6: Allow lists all of the path's methods
+        headers["Allow"] = ", ".join(allowed_methods(request))
+        detail = f"{request.method} is not allowed here; this path allows {headers['Allow']}"
+    return _json(request, exc.status_code, detail, headers or None)
 
 
-async def _validation_error(_: Request, exc: Exception) -> Any:
+async def _validation_error(request: Request, exc: Exception) -> Any:
     assert isinstance(exc, RequestValidationError)
     errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-    return _json(422, describe_validation(errors), errors=jsonable_encoder(errors))
+    return _json(request, 422, describe_validation(errors), errors=jsonable_encoder(errors))
 
 
 async def _database_error(request: Request, exc: Exception) -> Any:
     if isinstance(exc, DataError):  # e.g. a NUL character, which PostgreSQL text cannot hold
         log.warning("value refused by the database: %s", str(exc).splitlines()[0][:300])
         return _json(
+            request,
             422,
             "the request holds a value the database cannot store or look up (for example a "
             "NUL character in an id, a name or a path): remove it",
@@ -108,19 +150,19 @@ async def _database_error(request: Request, exc: Exception) -> Any:
     if not isinstance(exc, OperationalError) and not getattr(exc, "connection_invalidated", 0):
         return await _unexpected(request, exc)  # e.g. an integrity error: a bug, not an outage
     log.warning("database unavailable: %s", str(exc).splitlines()[0][:300])
-    return _json(503, "the database is unavailable; retry shortly", {"Retry-After": "5"})
+    return _json(request, 503, "the database is unavailable; retry shortly", {"Retry-After": "5"})
 
 
-async def _pool_timeout(_: Request, exc: Exception) -> Any:
+async def _pool_timeout(request: Request, exc: Exception) -> Any:
     """Every connection of the process's pool stayed in use for the pool's whole timeout."""
     log.warning("no database connection free: %s", str(exc).splitlines()[0][:300])
-    return _json(503, "the database is busy; retry shortly", {"Retry-After": "5"})
+    return _json(request, 503, "the database is busy; retry shortly", {"Retry-After": "5"})
 
 
 async def _unexpected(request: Request, exc: Exception) -> Any:
     ref = uuid.uuid4().hex[:12]
     log.exception("unhandled error %s on %s %s", ref, request.method, request.url.path)
-    return _json(500, f"internal error (reference {ref}); the operators have the details")
+    return _json(request, 500, f"internal error (reference {ref}); the operators have the details")
 
 
 def install(app: FastAPI) -> None:

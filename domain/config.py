@@ -299,6 +299,27 @@ class Settings(BaseSettings):
         """Where uploaded checkpoints and trained models are stored (shared with workers)."""
         return self.data_dir / "models"
 
+    def private_folders(self) -> list[tuple[str, str]]:
+        """(absolute path, what a client is told instead) of each server folder that no answer
+        may name: the data, checkpoint, dataset and model folders and the temporary folder, as
+        configured and resolved; longest first, so a folder inside another is named as itself."""
+        import tempfile
+
+        named = [
+            (self.checkpoints, "<checkpoint folder>"),
+            (self.datasets, "<dataset folder>"),
+            (self.uploads, "<model folder>"),
+            (self.data_dir, "<data folder>"),
+            (Path(tempfile.gettempdir()), "<temporary folder>"),
+        ]
+        found: dict[str, str] = {}
+        for path, label in named:
+            for form in (path, path.absolute(), path.resolve()):
+                text = str(form)
+                if form.is_absolute() and len(form.parts) > 1:
+                    found.setdefault(text, label)
+        return sorted(found.items(), key=lambda pair: -len(pair[0]))
+
     def torch_device(self) -> str:
         """The device name models run on."""
         if self.device != "auto":

@@ -19,6 +19,15 @@ class ServiceError(Exception):
         self.headers = headers
 
 
+def hide_folders(text: str, folders: list[tuple[str, str]]) -> str:
+    """``text`` with each server folder (``Settings.private_folders``: path, label) replaced by
+    its label: what the service tells a client (errors, a job's or training run's ``error``)
+    never names a server path."""
+    for path, label in folders:
+        text = text.replace(path, label)
+    return text
+
+
 def bad_input(detail: str) -> ServiceError:
     """422: the request is well-formed but its content cannot be used."""
     return ServiceError(422, detail)

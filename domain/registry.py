@@ -59,15 +59,20 @@ def location_path(location: str) -> Path:
     return Path(location)
 
 
-def inside(base: Path, requested: str) -> Path:
-    """``requested`` (relative to ``base``, or absolute) resolved, refusing anything outside."""
+def inside(base: Path, requested: str, what: str) -> Path:
+    """``requested`` (relative to ``base``, or absolute) resolved, refusing anything outside
+    with 422. The answer names the folder by ``what`` ("dataset", "checkpoint"), never by its
+    path: a client must not learn the server's folders."""
     if not requested or "\x00" in requested:
         raise bad_input("empty or invalid path")
     root = base.resolve()
     candidate = Path(requested)
     path = (candidate if candidate.is_absolute() else root / candidate).resolve()
     if not path.is_relative_to(root):
-        raise bad_input(f"path {requested!r} is outside the allowed folder {root}")
+        raise bad_input(
+            f"path {requested!r} is outside the server's {what} folder: give a path relative "
+            "to it, without '..'"
+        )
     return path
 
 
@@ -81,7 +86,7 @@ def dataset(base: Path, spec: str) -> str:
         if spec not in BUILT_IN_DATASETS:
             raise bad_input(f"the built-in datasets are {' and '.join(BUILT_IN_DATASETS)}")
         return spec
-    folder = inside(base, spec)
+    folder = inside(base, spec, "dataset")
     if not folder.is_dir():
         raise bad_input(f"no dataset folder {spec!r} in the server's dataset folder")
     return str(folder)

@@ -97,10 +97,12 @@ def test_registration_by_path_stays_inside_the_checkpoint_folder(
         "../checkpoints/../../outside.safetensors",
     ):
         r = service.register(path, name="evil")
-        assert r.status_code == 422 and "outside the allowed folder" in r.json()["detail"], path
+        assert (
+            r.status_code == 422 and "outside the server's checkpoint folder" in r.json()["detail"]
+        ), path
     (service.checkpoint.parent / "link.safetensors").symlink_to(outside)
     r = service.register("link.safetensors", name="evil")
-    assert r.status_code == 422 and "outside the allowed folder" in r.json()["detail"]
+    assert r.status_code == 422 and "outside the server's checkpoint folder" in r.json()["detail"]
     assert service.register("missing.safetensors").status_code == 422
     assert service.register("tiny.safetensors").status_code == 409  # name taken
     r = service.register("tiny.safetensors", name="../x")

@@ -10,10 +10,11 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
-from hostile_corpus import corpus, torch_pickle_exploit
+from hostile_corpus import VALID_FORM, corpus, torch_pickle_exploit
 from service_support import (  # noqa: F401 - tiny_checkpoint is a fixture
     digit_png,
     make_checkpoint,
@@ -101,3 +102,63 @@ def test_hostile_corpus_gets_4xx_and_stores_nothing(
     assert not any(
         name.startswith(".upload-") for name in os.listdir(service.app.state.settings.uploads)
     )
+
+
+PATH_LIKE = (
+    "../", "..", ".", "./", "/", "//", "../../etc", "/etc", "/etc/passwd", "..\\..\\windows",
+    "C:\\Windows", "~", "~root/.ssh", "%2e%2e/", "a/../../b", "nul\x00byte", "no-such-folder",
+    "escape", "notes.txt", "empty", "../datasets/../checkpoints", "/proc/self/environ",
+)  # fmt: skip
+
+
+def _path_cases(settings: Any) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(who, method, path, request kwargs) sending every path-like value to every route that
+    takes a path, a dataset or a file name; the server's own folders are among the values."""
+    own = [str(settings.data_dir.resolve()), str(settings.datasets.resolve()),
+           str(settings.checkpoints.resolve()), str(settings.uploads.resolve())]  # fmt: skip
+    values = [*PATH_LIKE, *own, *(f"{p}/../.." for p in own)]
+    cases: list[tuple[str, str, str, dict[str, Any]]] = []
+    for v in values:
+        cases += [
+            ("alice", "post", "/evaluations", {"data": {"dataset": v, **VALID_FORM}}),
+            ("admin", "post", "/admin/models", {"data": {"path": v, "name": "evil"}}),
+            ("admin", "post", "/admin/training",
+             {"json": {"kind": "pretrain", "dataset": v, "name": "t-path"}}),
+            ("alice", "post", "/certify",
+             {"files": {"image": (v or "x", b"not an image", "image/png")}, "data": VALID_FORM}),
+            ("alice", "post", "/evaluations",
+             {"files": {"archive": (v or "x", b"not an archive")}, "data": VALID_FORM}),
+            ("alice", "get", f"/jobs/{quote(v, safe='/')}", {}),
+            ("alice", "get", f"/evaluations/{quote(v, safe='')}", {}),
+        ]  # fmt: skip
+    return cases
+
+
+def test_no_answer_names_a_server_folder(service: Service, tmp_path: Path) -> None:
+    """Issue 26 item 11: POST /evaluations dataset=../ answered "path '../' is outside the
+    allowed folder /srv/.../datasets". Neither the hostile corpus nor any path-like input to any
+    route may get an answer naming the data, dataset, checkpoint or model folder or the
+    temporary folder."""
+    settings = service.app.state.settings
+    datasets = settings.datasets
+    datasets.mkdir(parents=True, exist_ok=True)
+    (datasets / "escape").symlink_to(tmp_path)  # a link inside leading outside
+    (datasets / "notes.txt").write_text("a file, not a folder\n")
+    (datasets / "empty").mkdir()  # a folder without class folders
+    other = service.submit(service.bob, digit_png(0)).json()
+    keys = {"alice": service.alice, "bob": service.bob, "admin": service.admin, "none": ""}
+    requests = [(c.who, c.method, c.path, dict(c.kw)) for c in corpus(digit_png(1), other["url"])]
+    requests += _path_cases(settings)
+    secrets = {str(p) for p, _ in settings.private_folders()} | {str(tmp_path)}
+    leaks = []
+    for who, method, path, kw in requests:
+        token = keys.get(who, who)
+        headers = dict(kw.pop("headers", {}))
+        if token:
+            headers["X-API-Key"] = token
+        r = getattr(service.client, method)(path, headers=headers, **kw)
+        named = [s for s in secrets if s in r.text]
+        if named or r.status_code >= 500:
+            leaks.append((method, path, r.status_code, named, r.text[:300]))
+    assert len(requests) > 200
+    assert leaks == [], "\n".join(map(str, leaks))

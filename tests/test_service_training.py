@@ -22,7 +22,10 @@ def test_pretrain_finetune_register_certify(tmp_path: Path) -> None:
             admin = {"X-API-Key": create_key(s, admin=True)[1]}
         refused = [
             ({"kind": "finetune", "dataset": "digits:train", "name": "x"}, "needs init"),
-            ({"kind": "pretrain", "dataset": "../../etc", "name": "x"}, "outside the allowed"),
+            (
+                {"kind": "pretrain", "dataset": "../../etc", "name": "x"},
+                "outside the server's dataset folder",
+            ),
             ({"kind": "pretrain", "dataset": "digits:all", "name": "x"}, "built-in datasets"),
             (
                 {
@@ -41,7 +44,7 @@ def test_pretrain_finetune_register_certify(tmp_path: Path) -> None:
                     "name": "x",
                     "params": {"val_data": "/etc"},
                 },
-                "outside the allowed",
+                "outside the server's dataset folder",
             ),
         ]
         for body, message in refused:

@@ -419,7 +419,7 @@ def test_an_admin_registers_a_model(tab: Tab, web: Web) -> None:
     control(page, "Path (relative to the checkpoint folder)").fill("../../etc/passwd")
     page.get_by_role("button", name="Register").click()
     alert = page.get_by_role("alert")
-    expect(alert).to_contain_text("outside the allowed")
+    expect(alert).to_contain_text("outside the server's")
 
 
 def test_an_admin_trains_and_watches_the_runs(tab: Tab, web: Web) -> None:

@@ -14,7 +14,8 @@ from app.routes.deps import MAX_OFFSET, DispatcherDep, SessionEndingRoute, Setti
 from app.schemas import ModelOut, TrainingIn, TrainingOut, TrainingPage, model_out, training_out
 from app.upload_files import save_upload
 from domain import registry, state
-from domain.errors import ServiceError, bad_input, not_found
+from domain.config import Settings
+from domain.errors import ServiceError, bad_input, hide_folders, not_found
 from domain.tables import Checkpoint, Status, TrainingRun
 
 router = APIRouter(
@@ -150,7 +151,7 @@ def register_model(
         session.commit()
     else:
         assert path is not None
-        target = registry.inside(settings.checkpoints, path)
+        target = registry.inside(settings.checkpoints, path, "checkpoint")
         if not target.is_file():
             raise bad_input(f"no checkpoint file {path!r} in the server's checkpoint folder")
         row = registry.register(
@@ -162,6 +163,7 @@ def register_model(
             default=default,
             created_by=admin.id,
             licence=licence,
+            shown=repr(path),
         )
         session.commit()
     return model_out(row)
@@ -226,11 +228,14 @@ def make_default(name: str, admin: Admin, session: SessionDep) -> ModelOut:
 # ---------------------------------------------------------------- training runs
 
 
-def _training(session: SessionDep, run: TrainingRun) -> TrainingOut:
+def _training(session: SessionDep, settings: Settings, run: TrainingRun) -> TrainingOut:
+    """A run as the API shows it: its dataset, parameters, log and error name the server's
+    folders by what they are (``<dataset folder>/cats``), never by their path."""
     name = None
     if run.checkpoint_id is not None:
         name = session.scalar(select(Checkpoint.name).where(Checkpoint.id == run.checkpoint_id))
-    return training_out(run, name)
+    shown = training_out(run, name).model_dump_json()
+    return TrainingOut.model_validate_json(hide_folders(shown, settings.private_folders()))
 
 
 def _dataset(settings: Any, spec: str) -> str:
@@ -258,13 +263,21 @@ def _dataset(settings: Any, spec: str) -> str:
         "requestBody": {
             "content": {
                 "application/json": {
+                    # Runs as it is on the embedded default (nothing to register first): a
+                    # fine-tuning from a random encoder of the tiny preset, two epochs.
                     "example": {
                         "kind": "finetune",
                         "dataset": "digits:train",
-                        "name": "digits-ft-s0.50",
+                        "name": "digits-scratch-s0.50",
                         "sigma": 0.5,
-                        "init": "digits-pretrain",
-                        "params": {"epochs": 30, "batch_size": 64, "blr": 5e-4},
+                        "init": "none",
+                        "params": {
+                            "arch": "tiny",
+                            "epochs": 2,
+                            "warmup_epochs": 1,
+                            "batch_size": 64,
+                            "blr": 5e-4,
+                        },
                     }
                 }
             }
@@ -326,7 +339,7 @@ def launch_training(
     dispatcher.train(run.id)
     state.mark_enqueued(session, TrainingRun, run.id)
     session.refresh(run)
-    return _training(session, run)
+    return _training(session, settings, run)
 
 
 @router.get(
@@ -349,7 +362,10 @@ def list_training(
         select(TrainingRun).order_by(TrainingRun.created_at.desc()).limit(limit).offset(offset)
     ).all()
     return TrainingPage(
-        items=[_training(session, r) for r in runs], total=total, limit=limit, offset=offset
+        items=[_training(session, settings, r) for r in runs],
+        total=total,
+        limit=limit,
+        offset=offset,
     )
 
 
@@ -358,12 +374,14 @@ def list_training(
     response_model=TrainingOut,
     responses=error_responses(404, why=NO_SUCH_RUN),
 )
-def get_training(run_id: str, admin: Admin, session: SessionDep) -> TrainingOut:
+def get_training(
+    run_id: str, admin: Admin, session: SessionDep, settings: SettingsDep
+) -> TrainingOut:
     del admin
     run = session.get(TrainingRun, run_id)
     if run is None:
         raise not_found(f"training run {run_id!r}")
-    return _training(session, run)
+    return _training(session, settings, run)
 
 
 @router.delete(
@@ -372,7 +390,9 @@ def get_training(run_id: str, admin: Admin, session: SessionDep) -> TrainingOut:
     responses=error_responses(404, 409, why={**NO_SUCH_RUN, 409: "The run already finished."}),
     summary="Cancel a queued or running training run",
 )
-def cancel_training(run_id: str, admin: Admin, session: SessionDep) -> TrainingOut:
+def cancel_training(
+    run_id: str, admin: Admin, session: SessionDep, settings: SettingsDep
+) -> TrainingOut:
     del admin
     run = session.get(TrainingRun, run_id)
     if run is None:
@@ -381,4 +401,4 @@ def cancel_training(run_id: str, admin: Admin, session: SessionDep) -> TrainingO
         session.refresh(run)
         raise ServiceError(409, f"training run already {run.status}; nothing to cancel")
     session.refresh(run)
-    return _training(session, run)
+    return _training(session, settings, run)

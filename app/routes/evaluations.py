@@ -25,6 +25,7 @@ from app.schemas import (
 )
 from domain import evaluations, state
 from domain.errors import BrokerUnavailable, not_found
+from domain.evaluations import MAX_SELECTION
 from domain.submissions import Params
 from domain.tables import Evaluation
 
@@ -230,9 +231,16 @@ def create_evaluation(
     time_budget_s: Annotated[
         float | None, Form(description="certify modes only: a time budget per image, seconds.")
     ] = None,
-    skip: Annotated[int, Form(description="Take every skip-th image of the set.")] = 1,
+    skip: Annotated[
+        int, Form(ge=1, le=MAX_SELECTION, description="Take every skip-th image of the set.")
+    ] = 1,
     max: Annotated[
-        int | None, Form(description="At most this many images (after skip); default all.")
+        int | None,
+        Form(
+            ge=1,
+            le=MAX_SELECTION,
+            description="At most this many images (after skip); default all.",
+        ),
     ] = None,
 ) -> EvaluationOut:
     """Store the evaluation and queue one job per image, each exactly like `POST /certify` (same

@@ -218,7 +218,10 @@ def test_refusals_say_what_is_wrong(service: Service) -> None:
         ({"dataset": "digits:valid"}, "the built-in datasets are digits:train and digits:test"),
         ({"dataset": "../secret"}, "is outside the server's dataset folder"),
         ({"dataset": "nope"}, "no dataset folder 'nope'"),
-        ({"dataset": "digits:test", "skip": "0"}, "skip: Input should be greater than or equal to 1"),
+        (
+            {"dataset": "digits:test", "skip": "0"},
+            "skip: Input should be greater than or equal to 1",
+        ),
         ({"dataset": "digits:test", "max": "0"}, "max: Input should be greater than or equal to 1"),
         ({"dataset": "digits:test", "n": "5"}, "n=5 is too small"),
         ({"dataset": "digits:test", "mode": "decide"}, "mode=decide needs target_radius"),

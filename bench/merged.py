@@ -12,6 +12,7 @@ cost by seeded simulation, shared by the statistical tests and ``python -m bench
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,11 +168,13 @@ def simulate(
     return Outcomes(cert, float((outcome == k).mean()), float((outcome == -1).mean())), used
 
 
-def thresholds_at(alpha: float, p_star: float, n: int, num_classes: int):  # type: ignore[no-untyped-def]
+def thresholds_at(
+    alpha: float, p_star: float, n: int, num_classes: int
+) -> tuple[Callable[[int], int], Callable[[int], int], Callable[[int], int]]:
     """:func:`thresholds` evaluated lazily at the looks only (simulation at large n)."""
     cs, per_class = ConfidenceSequence(alpha), class_sequence(alpha, num_classes)
 
-    def first_k(pred, t: int) -> int:  # type: ignore[no-untyped-def]
+    def first_k(pred: Callable[[int], bool], t: int) -> int:
         lo, hi = -1, t + 1  # pred monotone increasing in k
         while hi - lo > 1:
             mid = (lo + hi) // 2

@@ -113,6 +113,16 @@ class CertificateOut(AsStored):
     pa_upper: float | None = Field(
         None, description="decide: upper confidence bound of the most frequent class's pA."
     )
+    samples_total: int | None = Field(
+        None,
+        description="Every forward pass the run drew, selection included (n0 + n_used). Absent "
+        "from certificates issued before it was recorded.",
+    )
+    predictable_hits: int | None = Field(
+        None,
+        description="decide with n0 = 0: hits of the predictable class (the most frequent class "
+        "before each chunk) over samples 2..n_used, the count the merged test uses.",
+    )
     input_shape: list[int]
     space: str
     model: str
@@ -500,8 +510,8 @@ class DecisionsOut(BaseModel):
     n_used_median: float = Field(description="Median estimation samples drawn per image.")
     n_used_mean: float
     samples_saved: float = Field(
-        description="(n0 + n) per image over (n0 + n_used) per image: the saving against a "
-        "fixed-n CERTIFY."
+        description="All forward passes saved against fixed-n CERTIFY at n with its default "
+        "n0 = 100: (100 + n) per image over samples_total (n0 + n_used) per image."
     )
 
 

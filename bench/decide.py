@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from bench.run import describe_device
+from models.evaluate import CERTIFY_N0
 from models.smoothing import Certificate, certify, decide
 
 ENGINE_KEY = "bench-decide"
@@ -89,6 +90,7 @@ def decision_summary(
 ) -> dict[str, Any]:
     """n_used statistics and agreement of ``certified`` with the fixed-n radius >= target."""
     used = np.array([c.n_used for c in decided], dtype=float)
+    total = np.array([c.n0 + (c.n_used or 0) for c in decided], dtype=float)
     certified = np.array([c.decision == "certified" for c in decided])
     fixed_ok = np.array([c.radius >= target for c in fixed])
     agree = certified == fixed_ok
@@ -105,7 +107,12 @@ def decision_summary(
         "n_used_mean": float(used.mean()),
         "n_used_p90": float(np.percentile(used, 90)),
         "n_used_max": float(used.max()),
-        "samples_saved": n / float(used.mean()),  # estimation samples: fixed n / mean n_used
+        # two savings, two names: estimation samples only, and every forward pass (selection
+        # included) against fixed-n CERTIFY with its n0 = 100
+        "estimation_samples_saved": n / float(used.mean()),
+        "total_samples_saved": (CERTIFY_N0 + n) / float(total.mean()),
+        "samples_total_median": float(np.median(total)),
+        "samples_total_mean": float(total.mean()),
         "agreement": float(agree.mean()),
         "disagreements": {
             "decide_only": int((certified & ~fixed_ok).sum()),
@@ -255,19 +262,23 @@ def format_decide_report(result: dict[str, Any]) -> str:
         f"{result['load_average_before_after']}",
         "",
         f"{'target':>7} {'n':>8} {'inputs':>6} {'certified':>9} {'not_cert':>8} {'undecided':>9} "
-        f"{'n_used med':>10} {'mean':>8} {'p90':>8} {'saved':>7} {'agree':>7}",
+        f"{'n_used med':>10} {'mean':>8} {'p90':>8} {'total med':>9} {'est saved':>9} "
+        f"{'all saved':>9} {'agree':>7}",
     ]
     for d in result["decisions"] + result["big_n"]:
         c = d["decisions"]
         lines.append(
             f"{d['target_radius']:>7g} {d['n']:>8,} {d['inputs']:>6} {c['certified']:>9} "
             f"{c['not_certified']:>8} {c['undecided']:>9} {d['n_used_median']:>10,.0f} "
-            f"{d['n_used_mean']:>8,.0f} {d['n_used_p90']:>8,.0f} {d['samples_saved']:>6.1f}x "
+            f"{d['n_used_mean']:>8,.0f} {d['n_used_p90']:>8,.0f} "
+            f"{d['samples_total_median']:>9,.0f} {d['estimation_samples_saved']:>8.1f}x "
+            f"{d['total_samples_saved']:>8.1f}x "
             f"{100 * d['agreement']:>6.1f}%"
         )
     lines.append(
         "(agree: DECIDE certified <=> fixed-n CERTIFY radius >= target, independent seeds; "
-        "saved: n / mean n_used)"
+        "est saved: n / mean n_used, estimation samples only; all saved: fixed-n CERTIFY's "
+        "100 + n over DECIDE's mean n0 + n_used, every forward pass)"
     )
     if result["big_n"] and result["big_n"][0]["inputs"] < s["max_inputs"]:
         lines.append(f"(n={s['big_n']:,} rows: the first {s['big_count']} inputs only)")

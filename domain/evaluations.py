@@ -287,7 +287,7 @@ def _store(
         classes=classes,
         sigma=target.sigma,
         alpha=float(p.alpha),
-        n0=0 if p.mode == "predict" else p.n0,
+        n0=p.selection_samples(),
         n=p.n,
         target_radius=p.target_radius,
         time_budget_s=p.time_budget_s,
@@ -508,6 +508,7 @@ def row_of(idx: int, label: int, name: str, body: dict[str, Any]) -> Row:
         n_used=body.get("n_used"),
         target_radius=body.get("target_radius"),
         bound=str(body.get("bound") or ""),
+        samples_total=body.get("samples_total"),
     )
 
 

@@ -46,10 +46,11 @@ from domain.tables import (
 )
 from models.data import tensor_bytes
 from models.images import Preprocessed
-from models.smoothing import check_decide_n, check_n, validate, validate_budget
+from models.smoothing import check_decide_n, check_merged_n, check_n, validate, validate_budget
 
 SEED_BITS = 53  # seeds stay exact in JSON numbers (JavaScript clients, RFC 8785 signatures)
 MODES = ("certify", "predict", "certify_top2", "decide")
+DEFAULT_N0 = 100  # selection samples of the certify modes (decide: 0, merged selection)
 SEED_DERIVED, SEED_CLIENT = "derived", "client"
 
 
@@ -60,12 +61,21 @@ class Params:
     mode: str = "certify"
     sigma: float | None = None
     alpha: float = 0.001
-    n0: int = 100
+    n0: int | None = None  # None: the mode's default (selection_samples)
     n: int = 10_000
     seed: int | None = None
     model: str | None = None
     target_radius: float | None = None  # decide: "is x certified at this radius?"
     time_budget_s: float | None = None  # certify modes: stop sampling after this long
+
+    def selection_samples(self) -> int:
+        """n0 as the job stores it: 0 for predict; for decide 0 (merged selection) unless
+        given; for the certify modes 100 unless given."""
+        if self.mode == "predict":
+            return 0
+        if self.n0 is not None:
+            return self.n0
+        return 0 if self.mode == "decide" else DEFAULT_N0
 
     def extra(self) -> dict[str, float]:
         """The parameters beyond CERTIFY's that make a request distinct (none when unset, so
@@ -80,8 +90,9 @@ def check_params(p: Params, settings: Settings) -> None:
         raise bad_input(f"mode must be one of {', '.join(MODES)}, got {p.mode!r}")
     if not 1 <= p.n <= settings.n_max:
         raise bad_input(f"n must lie in [1, {settings.n_max}], got {p.n}")
-    if p.mode != "predict" and not 1 <= p.n0 <= settings.n0_max:
-        raise bad_input(f"n0 must lie in [1, {settings.n0_max}], got {p.n0}")
+    least = 0 if p.mode == "decide" else 1  # decide: n0 = 0 merges selection into the test
+    if p.mode != "predict" and not least <= p.selection_samples() <= settings.n0_max:
+        raise bad_input(f"n0 must lie in [{least}, {settings.n0_max}], got {p.n0}")
     if p.seed is not None and not 0 <= p.seed < 2**SEED_BITS:
         raise bad_input(f"seed must lie in [0, 2^{SEED_BITS}), got {p.seed}")
     if (p.mode == "decide") != (p.target_radius is not None):
@@ -191,7 +202,8 @@ def resolve(session: Session, p: Params, settings: Settings) -> Target:
         raise bad_input(f"model {ckpt.name!r} records no training sigma: give sigma")
     if p.target_radius is not None:
         try:  # the target is reachable, and n could certify it
-            check_decide_n(p.n, p.alpha, sigma, p.target_radius)
+            check = check_merged_n if p.selection_samples() == 0 else check_decide_n
+            check(p.n, p.alpha, sigma, p.target_radius)
         except ValueError as exc:
             raise bad_input(str(exc)) from exc
     return Target(ckpt, float(sigma))
@@ -212,7 +224,7 @@ def new_job(
     its no-re-roll ``request_key``. The one definition of a job's identity, for single
     submissions and evaluations alike."""
     ckpt, sigma = target.ckpt, target.sigma
-    n0 = 0 if p.mode == "predict" else p.n0
+    n0 = p.selection_samples()
     tensor_hash = inp.tensor_sha256
     derived = derive_seed(
         tensor_hash, ckpt.file_sha256, p.mode, sigma, p.alpha, n0, p.n,

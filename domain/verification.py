@@ -184,7 +184,9 @@ def check_statistics(c: Mapping[str, Any]) -> str | None:
     if any(k < 0 for k in counts):
         return "counts must not be negative"
     try:
-        smoothing.validate(sigma, alpha, n, n0 if mode != "predict" else None)
+        smoothing.validate(
+            sigma, alpha, n, n0 if mode != "predict" else None, n0_zero_ok=mode == "decide"
+        )
     except ValueError as exc:
         return f"invalid parameters: {exc}"
     assert isinstance(n, int) and isinstance(sigma, int | float) and isinstance(alpha, int | float)
@@ -193,6 +195,11 @@ def check_statistics(c: Mapping[str, Any]) -> str | None:
         return f"n_used {used!r} must be a whole number in [1, n={n}]"
     if sum(counts) != used:
         return f"the counts add up to {sum(counts)}, not n_used={used}"
+    total = c.get("samples_total")
+    selection = int(n0) if mode != "predict" and isinstance(n0, int) else 0
+    if total is not None and total != selection + used:
+        return f"samples_total {total!r} is not n0 + n_used = {selection + used}"
+    merged = mode == "decide" and n0 == 0
     sequential = mode == "decide" or used < n
     if (bound == smoothing.SEQUENCE) != sequential:
         return f"bound {bound!r} does not fit a run of {used} of n={n} samples in mode {mode}"
@@ -210,7 +217,25 @@ def check_statistics(c: Mapping[str, Any]) -> str | None:
             c_a = with_count_a[0]  # classes with equal counts give the same bounds
         if not _whole(c_a) or not 0 <= c_a < len(counts):
             return f"prediction {c_a!r} is not a class index of the counts"
-        if mode == "decide":
+        if merged:  # class selection merged into the test: predictable_hits carries it
+            hits = c.get("predictable_hits")
+            if not isinstance(hits, int) or isinstance(hits, bool):
+                return "a decide certificate with n0 = 0 needs predictable_hits (a whole number)"
+            try:
+                out = smoothing.merged_outcome(
+                    counts, hits, used, n, sigma, alpha,
+                    c.get("target_radius"),  # type: ignore[arg-type]
+                )  # fmt: skip
+            except ValueError as exc:
+                return f"the decision does not follow from the counts: {exc}"
+            if c.get("decision") != out.decision:
+                return (
+                    f"decision {c.get('decision')!r} does not follow from the counts and "
+                    f"predictable_hits (they give {out.decision!r})"
+                )
+            if not _same(c.get("pa_upper"), out.pa_upper):
+                return f"pa_upper {c.get('pa_upper')!r} does not follow from the counts"
+        elif mode == "decide":
             try:
                 out = smoothing.decide_outcome(
                     counts,
@@ -257,7 +282,9 @@ def check_statistics(c: Mapping[str, Any]) -> str | None:
                 f"and sigma={sigma} (they give {recomputed!r})"
             )
     level = alpha / 2 if top2 else alpha
-    if mode == "decide":
+    if merged:
+        cap = smoothing.merged_max_radius(sigma, n, alpha, len(counts))
+    elif mode == "decide":
         cap = smoothing.decide_max_radius(sigma, n, alpha)
     elif used < n:  # a budgeted stop: the sequence's bound after used hits of used
         cap = max(0.0, sigma * float(norm.ppf(smoothing.bounds(bound, used)[0](used, level))))

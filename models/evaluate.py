@@ -17,8 +17,11 @@ import numpy as np
 TSV_COLUMNS = (
     "idx", "label", "predict", "radius", "correct", "time", "decision", "n_used",
     "count_a", "n", "pa_lower", "n0", "sigma", "alpha", "max_radius", "target_radius", "bound",
-    "name", "tensor_sha256", "preprocessing", "warnings",
+    "name", "tensor_sha256", "preprocessing", "warnings", "samples_total",
 )  # fmt: skip
+# Files written before samples_total (every forward pass, selection included) was recorded:
+# read as before, the column empty. It is the last column so readers by position keep working.
+LEGACY_COLUMNS = TSV_COLUMNS[:-1]
 LIST_SEPARATOR = " | "  # between preprocessing steps (or warnings) in one TSV cell
 
 
@@ -57,6 +60,7 @@ class Row:
     n_used: int | None = None  # estimation samples drawn (None: n)
     target_radius: float | None = None  # decide: the radius decided about
     bound: str = ""  # the bound behind pa_lower (clopper-pearson, or the confidence sequence)
+    samples_total: int | None = None  # every forward pass, selection included (None: unknown)
 
     @property
     def correct(self) -> int:
@@ -76,6 +80,7 @@ class Row:
                 _cell(self.name), self.tensor_sha256,
                 _cell(LIST_SEPARATOR.join(self.preprocessing)),
                 _cell(LIST_SEPARATOR.join(self.warnings)),
+                "" if self.samples_total is None else str(self.samples_total),
             ]
         )  # fmt: skip
 
@@ -83,6 +88,8 @@ class Row:
     def parse(cls, line: str) -> Row:
         """The row a :meth:`tsv` line was written from (ValueError if it is not one)."""
         cells = line.rstrip("\n").split("\t")
+        if len(cells) == len(LEGACY_COLUMNS):
+            cells.append("")
         if len(cells) != len(TSV_COLUMNS):
             raise ValueError(f"{len(cells)} cells, expected {len(TSV_COLUMNS)}")
         v = dict(zip(TSV_COLUMNS, cells, strict=True))
@@ -100,6 +107,7 @@ class Row:
             decision=v["decision"], n_used=int(v["n_used"]),
             target_radius=float(v["target_radius"]) if v["target_radius"] else None,
             bound=v["bound"],
+            samples_total=int(v["samples_total"]) if v["samples_total"] else None,
         )  # fmt: skip
 
 
@@ -114,12 +122,17 @@ def tsv_text(rows: Iterable[Row]) -> str:
     return "".join(["\t".join(TSV_COLUMNS) + "\n", *(row.tsv() + "\n" for row in rows)])
 
 
+def _legacy_header(path: Path) -> bool:
+    with open(path, encoding="utf-8") as f:
+        return f.readline().rstrip("\n") == "\t".join(LEGACY_COLUMNS)
+
+
 def read_tsv(path: str | Path) -> list[Row]:
     """The complete rows of a TSV written by :class:`TsvWriter`; a last line cut off by a kill
     (no newline) is left out. ValueError when the file is not such a TSV."""
     text = Path(path).read_text(encoding="utf-8")
     lines = text.split("\n")
-    if not lines or lines[0] != "\t".join(TSV_COLUMNS):
+    if not lines or lines[0] not in ("\t".join(TSV_COLUMNS), "\t".join(LEGACY_COLUMNS)):
         raise ValueError(f"{path}: not a dmae-certify TSV (header differs)")
     complete = lines[1:-1]  # the last element follows the last newline: empty or cut off
     rows = []
@@ -138,6 +151,8 @@ class TsvWriter:
 
     def __init__(self, path: str | Path, append: bool = False):
         path = Path(path)
+        if append and path.exists() and _legacy_header(path):
+            write_tsv(path, read_tsv(path))  # rewritten with the samples_total column (empty)
         if append and path.exists():
             data = path.read_bytes()
             keep = data[: data.rfind(b"\n") + 1]  # whole lines only
@@ -226,12 +241,16 @@ class DecisionStats:
     certified_accuracy: float | None
     n_used_median: float
     n_used_mean: float
-    samples_saved: float  # (n0 + n) per input over n0 + n_used per input
+    samples_saved: float  # (CERTIFY_N0 + n) per input over n0 + n_used per input
+
+
+CERTIFY_N0 = 100  # the selection samples of the fixed-n CERTIFY that samples_saved compares with
 
 
 def decision_stats(rows: Sequence[Decided], n: int, n0: int) -> DecisionStats:
     """:class:`DecisionStats` of DECIDE ``rows`` made with cap ``n`` and ``n0`` selection
-    samples (ValueError when there are none)."""
+    samples (ValueError when there are none). ``samples_saved``: all forward passes of a
+    fixed-n CERTIFY at n with n0 = CERTIFY_N0 over DECIDE's (n0 + n_used), per input."""
     if not rows:
         raise ValueError("no decisions to summarise")
     count = len(rows)
@@ -248,7 +267,7 @@ def decision_stats(rows: Sequence[Decided], n: int, n0: int) -> DecisionStats:
         certified_accuracy=right / count if labelled else None,
         n_used_median=float(np.median(used)),
         n_used_mean=float(np.mean(used)),
-        samples_saved=count * (n0 + n) / sum(n0 + u for u in used),
+        samples_saved=count * (CERTIFY_N0 + n) / sum(n0 + u for u in used),
     )
 
 

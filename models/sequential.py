@@ -356,3 +356,101 @@ def _first_looks(cs: ConfidenceSequence, p_star: float, n: int) -> tuple[int, in
 def all_hits_lower(cs: ConfidenceSequence, n: int) -> float:
     """L_n after n hits of n: the largest pA (and radius) n samples can certify (cached)."""
     return cs.lower(n, n)
+
+
+# --- DECIDE without a selection stage (n0 = 0): docs/DESIGN.md section 5, "Merged selection" ---
+
+FIRST_LEADER = 1  # samples drawn before the first predictable class exists (not tested)
+MERGED_MIN_CHUNK = 4  # fewest samples per look once a decision is possible
+
+
+@lru_cache(maxsize=256)
+def class_sequence(alpha: float, num_classes: int) -> ConfidenceSequence:
+    """The level-alpha/K sequence of one class (K = ``num_classes``, the model's classes).
+
+    Every class's sequence holds at alpha/K, so by the union bound all K hold together with
+    probability >= 1 - alpha: a bound taken from the sequence of a class chosen after looking
+    at the data (the returned class) is still valid at level alpha.
+    """
+    if num_classes < 1:
+        raise ValueError(f"need at least one class, got {num_classes}")
+    return ConfidenceSequence(alpha / num_classes)
+
+
+def merged_decision(
+    cs: ConfidenceSequence, hits: int, k_top: int, t: int, p_star: float, num_classes: int
+) -> Decision | None:
+    """The merged-selection decision after t samples, or None to keep sampling.
+
+    ``hits`` = sum of h_s = 1{Y_s = c_s} over samples s = FIRST_LEADER + 1 .. t, where c_s is
+    the most frequent class among samples 1..s-1 (chosen before Y_s is seen; any predictable
+    choice works, DECIDE takes the leader at the start of each chunk). ``k_top`` is the count of
+    the most frequent class among all t samples (the class returned).
+
+    ``certified`` when the one-sided mixture of ``cs`` on (hits, t - FIRST_LEADER) lies above
+    p* AND the returned class's level-alpha/K sequence (:func:`class_sequence`) lies above
+    1 - p*; ``not_certified`` when the level-alpha sequence of the most frequent class lies
+    below p* (as :func:`decision`). Each errs with probability <= alpha under any optional
+    stopping (proof in docs/DESIGN.md section 5); alpha is not split between the two parts of
+    the certification rule because they guard disjoint cases of the truth.
+    """
+    trials = t - FIRST_LEADER
+    if (
+        trials >= 1
+        and cs.above(hits, trials, p_star)
+        and class_sequence(cs.alpha, num_classes).above(k_top, t, 1.0 - p_star)
+    ):
+        return Decision.CERTIFIED
+    if t >= 1 and cs.below(k_top, t, p_star):
+        return Decision.NOT_CERTIFIED
+    return None
+
+
+def merged_chunks(
+    cs: ConfidenceSequence, n: int, p_star: float, num_classes: int, growth: float = GROWTH
+) -> Iterator[int]:
+    """Chunk sizes (summing to ``n``) of DECIDE with merged selection.
+
+    The leader (the class h_s tests) is updated at every chunk end, so the first chunks are
+    short: FIRST_LEADER sample, then doubling until a decision first becomes possible. Looks:
+    exactly when all hits would first certify and when the fewest samples could first refute
+    (the most frequent of K classes holds at least ceil(t / K) of t), then +``growth - 1`` of
+    the samples drawn, never fewer than MERGED_MIN_CHUNK.
+    """
+    if n < 1 or num_classes < 1:
+        raise ValueError("need n >= 1 and at least one class")
+    can_certify, can_refute = _merged_first_looks(cs, p_star, n, num_classes)
+    first = min(t for t in (can_certify, can_refute, n) if t is not None)
+    looks = {FIRST_LEADER, first, n}
+    t = FIRST_LEADER
+    while 2 * t < first:
+        t *= 2
+        looks.add(t)
+    if can_certify is not None:
+        looks.add(can_certify)
+    t = first
+    while t < n:
+        t = max(t + MERGED_MIN_CHUNK, math.ceil(t * growth))
+        looks.add(min(t, n))
+    drawn = 0
+    for look in sorted(v for v in looks if v <= n):
+        yield look - drawn
+        drawn = look
+
+
+@lru_cache(maxsize=1024)
+def _merged_first_looks(
+    cs: ConfidenceSequence, p_star: float, n: int, num_classes: int
+) -> tuple[int | None, int | None]:
+    """(first t at which all hits certify, first t at which any counts can refute)."""
+    per_class = class_sequence(cs.alpha, num_classes)
+    can_certify = _first_true(
+        lambda t: (
+            t > FIRST_LEADER
+            and bool(cs.above(t - FIRST_LEADER, t - FIRST_LEADER, p_star))
+            and bool(per_class.above(t, t, 1.0 - p_star))
+        ),
+        n,
+    )
+    can_refute = _first_true(lambda t: bool(cs.below(-(-t // num_classes), t, p_star)), n)
+    return can_certify, can_refute

@@ -28,13 +28,17 @@ from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
 
 from models.sequential import (
+    FIRST_LEADER,
     GROWTH,
     MIN_CHUNK,
     ConfidenceSequence,
     Decision,
     all_hits_lower,
+    class_sequence,
     decision,
     decision_chunks,
+    merged_chunks,
+    merged_decision,
 )
 from models.sequential import NAME as SEQUENCE  # Certificate.bound of the anytime-valid bound
 
@@ -161,7 +165,9 @@ class Certificate:
     the number drawn; ``bound`` names the bound behind ``pa_lower`` (and ``pa_upper``):
     ``"clopper-pearson"`` (fixed n) or :data:`models.sequential.NAME` (anytime-valid).
     Decide mode adds ``decision`` (certified / not_certified / undecided), ``target_radius``
-    and ``pa_upper``.
+    and ``pa_upper``; with merged selection (n0 = 0) also ``predictable_hits``, the hits of the
+    predictable class over samples 2..n_used (:func:`models.sequential.merged_decision`).
+    ``samples_total`` counts every forward pass the run drew, selection included (n0 + n_used).
     """
 
     mode: str
@@ -189,6 +195,8 @@ class Certificate:
     decision: str | None = None
     target_radius: float | None = None
     pa_upper: float | None = None
+    samples_total: int | None = None
+    predictable_hits: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -273,15 +281,24 @@ def validate_alpha(alpha: float, name: str = "alpha") -> None:
         raise ValueError(f"{name} must lie in [{MIN_ALPHA:g}, 0.5), got {alpha!r}")
 
 
-def validate(sigma: float, alpha: float, n: int, n0: int | None = None) -> None:
-    """Raise ValueError with a clear message on parameters no certificate can use."""
+def validate(
+    sigma: float, alpha: float, n: int, n0: int | None = None, *, n0_zero_ok: bool = False
+) -> None:
+    """Raise ValueError with a clear message on parameters no certificate can use.
+
+    ``n0_zero_ok``: n0 = 0 is allowed (DECIDE with merged selection)."""
     if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
     validate_alpha(alpha)
     if not _is_count(n):
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    if n0 is not None and not _is_count(n0):
-        raise ValueError(f"n0 must be a positive integer, got {n0!r}")
+    if n0 is not None and not (_is_count(n0) or (n0_zero_ok and _is_zero(n0))):
+        least = "a non-negative" if n0_zero_ok else "a positive"
+        raise ValueError(f"n0 must be {least} integer, got {n0!r}")
+
+
+def _is_zero(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) == 0
 
 
 def _top_two(counts: Sequence[int]) -> tuple[int, int]:
@@ -478,6 +495,7 @@ def certify(
         timings=timings,
         bound=SEQUENCE if early else CLOPPER_PEARSON,
         n_used=used,
+        samples_total=n0 + used,
     )
 
 
@@ -621,8 +639,12 @@ def decide(
     (>= target_radius when certified; 0 with an abstention when pa_lower < 1/2). ``n`` is the
     cap, ``n_used`` the estimation samples drawn, ``max_radius`` the largest radius n samples
     can certify with this sequence. Raises ValueError on bad parameters.
+
+    ``n0 = 0``: no selection stage (:func:`decide_merged`); then ``n`` caps all samples.
     """
-    validate(sigma, alpha, n, n0)
+    validate(sigma, alpha, n, n0, n0_zero_ok=True)
+    if n0 == 0:
+        return decide_merged(sampler, x, sigma, target_radius, n, alpha, seed, progress=progress)
     p_star = validate_target(target_radius, sigma)
     check_decide_n(n, alpha, sigma, target_radius)
     cs = ConfidenceSequence(alpha)
@@ -671,6 +693,152 @@ def decide(
         decision=out.decision,
         target_radius=float(target_radius),
         pa_upper=out.pa_upper,
+        samples_total=n0 + used,
+    )
+
+
+def merged_outcome(
+    counts: Sequence[int],
+    hits: int,
+    used: int,
+    n: int,
+    sigma: float,
+    alpha: float,
+    target_radius: float,
+) -> DecideOutcome:
+    """DECIDE's answer with merged selection (n0 = 0) from all ``used`` samples' ``counts`` (one
+    per class, K = len(counts)) and the ``hits`` of the predictable class over samples
+    2..used (:func:`models.sequential.merged_decision`; docs/DESIGN.md section 5).
+
+    The class returned is the most frequent one (ties: the lower index). ``pa_lower`` is its
+    level-alpha/K confidence sequence's lower bound (valid for whichever class is returned, by
+    the union bound over the K classes), raised to p* when certified: P(the returned class's
+    pA < pa_lower) <= alpha (proof in docs/DESIGN.md). ``pa_upper`` is the level-alpha upper
+    bound of the same class, lowered to p* when not certified. ``radius`` = sigma *
+    Phi^-1(pa_lower), the target when certified; an abstention when pa_lower < 1/2. ValueError
+    when the counts cannot be a stop (no decision before n) or do not fit ``hits``.
+    """
+    cs = ConfidenceSequence(alpha)
+    p_star = validate_target(target_radius, sigma)
+    if sum(int(k) for k in counts) != used:
+        raise ValueError(f"the counts add up to {sum(counts)}, not {used} samples")
+    if not 0 <= hits <= used - FIRST_LEADER:
+        raise ValueError(f"predictable_hits {hits!r} must lie in [0, {used - FIRST_LEADER}]")
+    c_top, _ = _top_two(counts)
+    k_top = int(counts[c_top])
+    verdict = merged_decision(cs, hits, k_top, used, p_star, len(counts))
+    if verdict is None:
+        if used != n:
+            raise ValueError(f"no decision at {used} samples, yet sampling stopped before n={n}")
+        verdict = Decision.UNDECIDED
+    pa = class_sequence(alpha, len(counts)).lower(k_top, used)
+    pa_upper = cs.upper(k_top, used)
+    if verdict is Decision.CERTIFIED:
+        pa = max(pa, p_star)
+    elif verdict is Decision.NOT_CERTIFIED:
+        pa_upper = min(pa_upper, p_star)
+    abstain = pa < 0.5
+    radius = 0.0 if abstain else sigma * float(ndtri(pa))  # Phi^-1
+    if verdict is Decision.CERTIFIED:
+        radius = max(radius, float(target_radius))  # pa >= p*: only float rounding is undone
+    reason = AbstainReason.PA_BELOW_HALF.value if abstain else None
+    return DecideOutcome(
+        None if abstain else c_top, reason, radius, pa, None, k_top, None,
+        decision=verdict.value, pa_upper=pa_upper,
+    )  # fmt: skip
+
+
+def merged_max_radius(sigma: float, n: int, alpha: float, num_classes: int) -> float:
+    """The largest radius merged DECIDE can report with n samples (all hits of one class)."""
+    lower = class_sequence(alpha, num_classes).lower(n, n)
+    return max(0.0, sigma * float(ndtri(lower)))
+
+
+def check_merged_n(n: int, alpha: float, sigma: float, target_radius: float) -> None:
+    """ValueError giving the minimum when n samples could not certify ``target_radius`` with
+    merged selection even if every one of them hit (the first sample only picks a class)."""
+    p_star = validate_target(target_radius, sigma)
+    cs = ConfidenceSequence(alpha)
+    if n <= FIRST_LEADER or cs.min_samples_above(p_star, n - FIRST_LEADER) is None:
+        need = FIRST_LEADER + (cs.min_samples_above(p_star, 10**12) or 0)
+        raise ValueError(
+            f"n={n} is too small to certify radius {target_radius:g} at sigma={sigma:g} and "
+            f"alpha={alpha:g} even if every sample hits: that needs n >= {need}"
+        )
+
+
+def decide_merged(
+    sampler: Sampler,
+    x: Tensor,
+    sigma: float,
+    target_radius: float,
+    n: int,
+    alpha: float,
+    seed: int,
+    *,
+    progress: ProgressFn | None = None,
+) -> Certificate:
+    """DECIDE with no selection stage (n0 = 0): every sample both picks and tests the class.
+
+    Draws from the per-seed noise stream in chunks (:func:`models.sequential.merged_chunks`);
+    the samples of each chunk after the first are tested against the class most frequent at
+    the chunk's start (predictable: chosen before they are seen) and their hits summed into
+    ``predictable_hits``. Stops at the first look where :func:`models.sequential.
+    merged_decision` decides, or after n samples (``undecided``). The statistics are
+    :func:`merged_outcome`'s; the guarantees are DECIDE's (:func:`decide`), for the class
+    returned, and ``pa_lower`` holds for that class at level alpha. ``n`` caps all samples;
+    ``n_used`` = ``samples_total`` = the samples drawn. Raises ValueError on bad parameters.
+    """
+    validate(sigma, alpha, n)
+    p_star = validate_target(target_radius, sigma)
+    check_merged_n(n, alpha, sigma, target_radius)
+    cs = ConfidenceSequence(alpha)
+    k = sampler.num_classes
+    started = time.perf_counter()
+    noise = NoiseStream(seed, x.shape, sampler.device)
+    counts = torch.zeros(k, dtype=torch.long)
+    used, hits, leader = 0, 0, None
+    for size in merged_chunks(cs, n, p_star, k):
+        chunk = sampler.counts(x, sigma, size, noise, progress)
+        if leader is not None:
+            hits += int(chunk[leader])
+        counts = counts + chunk
+        used += size
+        leader = _top_two([int(c) for c in counts])[0]
+        if merged_decision(cs, hits, int(counts[leader]), used, p_star, k) is not None:
+            break
+    estimated = time.perf_counter()
+    listed = [int(c) for c in counts]
+    out = merged_outcome(listed, hits, used, n, sigma, alpha, target_radius)
+    return Certificate(
+        Mode.DECIDE.value,
+        out.prediction,
+        out.abstain_reason is not None,
+        out.abstain_reason,
+        out.radius,
+        out.pa_lower,
+        None,
+        count_a=out.count_a,
+        count_b=None,
+        counts=listed,
+        n0=0,
+        n=n,
+        alpha=alpha,
+        sigma=sigma,
+        max_radius=merged_max_radius(sigma, n, alpha, k),
+        seed=seed,
+        input_shape=list(x.shape),
+        timings={
+            "estimation_s": estimated - started,
+            "samples_per_s": used / max(estimated - started, 1e-9),
+        },
+        bound=SEQUENCE,
+        n_used=used,
+        decision=out.decision,
+        target_radius=float(target_radius),
+        pa_upper=out.pa_upper,
+        samples_total=used,
+        predictable_hits=hits,
     )
 
 
@@ -714,4 +882,5 @@ def predict(
         pvalue=out.pvalue,
         timings={"estimation_s": elapsed, "samples_per_s": n / max(elapsed, 1e-9)},
         n_used=n,
+        samples_total=n,
     )

@@ -157,7 +157,8 @@ def test_a_target_no_sample_size_can_reach_is_refused() -> None:
         ({"alpha": 0.7}, "alpha must lie in"),
         ({"n": 0}, "n must be a positive integer"),
         ({"n": 10.5}, "n must be a positive integer"),
-        ({"n0": 0}, "n0 must be a positive integer"),
+        ({"n0": -1}, "n0 must be a non-negative integer"),
+        ({"n0": 1.5}, "n0 must be a non-negative integer"),
         ({"sigma": -1.0}, "sigma must be a positive finite number"),
     ],
 )

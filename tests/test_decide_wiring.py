@@ -47,7 +47,9 @@ def test_cli_decide_rows_summary_and_agreement_with_certify(
 
 def test_cli_decide_and_budget_misuse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["decide", *DIGITS, "--max", "2", "--target-radius", "0.5"]
-    assert main([*base, "--n", "300"]) == 2
+    assert main([*base, "--n", "300"]) == 2  # n0 = 0: the first sample only picks a class
+    assert "needs n >= 352" in capsys.readouterr().err
+    assert main([*base, "--n", "300", "--n0", "100"]) == 2  # n caps the estimation samples
     assert "needs n >= 351" in capsys.readouterr().err
     assert main([*base, "--n", "1000", "--plot", str(tmp_path / "p.png")]) == 2
     assert "DECIDE answers at one radius" in capsys.readouterr().err

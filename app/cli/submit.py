@@ -344,7 +344,8 @@ def summary(ev: dict[str, Any]) -> str:
             f"not certified {round_down(d['not_certified'], 3)}, undecided "
             f"{round_down(d['undecided'], 3)}, certified accuracy "
             f"{round_down(d['certified_accuracy'], 3)}; n_used median {d['n_used_median']:g}, "
-            f"mean {d['n_used_mean']:.1f}, {d['samples_saved']:.1f}x fewer samples"
+            f"mean {d['n_used_mean']:.1f}, {d['samples_saved']:.1f}x fewer forward passes in "
+            "all than fixed-n CERTIFY"
         )
     elif ev.get("clean_accuracy") is not None:
         lines.append(f"accuracy {round_down(ev['clean_accuracy'], 3)}, abstained "

@@ -223,7 +223,13 @@ def create_evaluation(
         Mode, Form(description="certify, certify_top2, predict, or decide (with target_radius).")
     ] = "certify",
     alpha: Annotated[float, Form(description="Failure probability, in [1e-100, 0.5).")] = 0.001,
-    n0: Annotated[int, Form(description="Selection samples per image (certify modes).")] = 100,
+    n0: Annotated[
+        int | None,
+        Form(
+            description="Selection samples per image (certify modes: default 100; decide: default "
+            "0, class selection merged into the sequential test)."
+        ),
+    ] = None,
     n: Annotated[int, Form(description="Estimation samples per image.")] = 10_000,
     target_radius: Annotated[
         float | None, Form(description="decide only (required there): the radius decided about.")

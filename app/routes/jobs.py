@@ -173,7 +173,13 @@ def certify(
         ),
     ] = None,
     alpha: Annotated[float, Form(description="Failure probability, in [1e-100, 0.5).")] = 0.001,
-    n0: Annotated[int, Form(description="Selection samples (certify modes).")] = 100,
+    n0: Annotated[
+        int | None,
+        Form(
+            description="Selection samples (certify modes: default 100; decide: default "
+            "0, class selection merged into the sequential test)."
+        ),
+    ] = None,
     n: Annotated[
         int,
         Form(

@@ -21,7 +21,7 @@ from app.routes import jobs
 from app.routes.deps import SettingsDep
 from domain import previews
 from domain.images import IMAGE_FORMATS
-from domain.submissions import MODES
+from domain.submissions import MODES, Params
 
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 PAGE_HEADERS = {
@@ -43,7 +43,11 @@ def page() -> FileResponse:
 def certify_defaults() -> dict[str, Any]:
     """The defaults of POST /certify's optional fields, read from the route itself."""
     params = inspect.signature(jobs.certify).parameters
-    return {name: params[name].default for name in ("alpha", "n0", "n", "mode")}
+    out = {name: params[name].default for name in ("alpha", "n", "mode")}
+    # n0's default depends on the mode (Params.selection_samples): certify modes and decide
+    out["n0"] = Params(mode="certify").selection_samples()
+    out["decide_n0"] = Params(mode="decide").selection_samples()
+    return out
 
 
 @router.get("/web/config.json")

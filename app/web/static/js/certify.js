@@ -29,13 +29,21 @@ export function initCertify(cfg) {
   $("alpha-help").textContent =
     `alpha in (${lim.alpha_above}, ${lim.alpha_below}); default ${d.alpha}. ` +
     `n0 up to ${count(lim.n0_max)}, n up to ${count(lim.n_max)} ` +
-    `(defaults ${count(d.n0)} and ${count(d.n)}). More samples: a larger possible radius.`;
+    `(defaults ${count(d.n0)} and ${count(d.n)}; decide: n0 ${count(d.decide_n0)}, class ` +
+    `selection merged into the sequential test). More samples: a larger possible radius.`;
   $("image").accept = cfg.image_types.join(",");
   const mode = $("mode");
   mode.replaceChildren(...cfg.modes.map((m) => el("option", { value: m, text: m })));
   mode.value = d.mode;
+  let lastMode = mode.value;
   const modeFields = () => {
     $("n0").disabled = mode.value === "predict";
+    // n0's default depends on the mode: switch it along unless the user typed another value
+    const was = lastMode === "decide" ? d.decide_n0 : d.n0;
+    if (String($("n0").value) === String(was)) {
+      $("n0").value = mode.value === "decide" ? d.decide_n0 : d.n0;
+    }
+    lastMode = mode.value;
     $("target_radius").disabled = mode.value !== "decide";
     $("time_budget_s").disabled = !mode.value.startsWith("certify");
   };
@@ -308,6 +316,8 @@ function showCertificate(job) {
   facts.push(
     fact("Mode", c.mode),
     fact("n0 / n", `${count(c.n0)} / ${count(c.n)}`),
+    ...(typeof c.samples_total === "number"
+      ? [fact("Samples in all", `${count(c.samples_total)} (selection included)`)] : []),
     fact("alpha", String(c.alpha)),
     fact("sigma", String(c.sigma)),
     fact("Seed", String(c.seed)),

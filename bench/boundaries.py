@@ -158,7 +158,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="total samples of merged DECIDE, n0=100, Voracek's and Horvath's procedures and "
+        "the limits (bench/peers.py) instead of the boundary table",
+    )
+    parser.add_argument("--runs", type=int, default=4000, help="--peers: seeded runs (merged)")
+    parser.add_argument("--seed", type=int, default=0, help="--peers: seed of the runs")
     args = parser.parse_args(argv)
+    if args.peers:
+        from bench.peers import table as peers_table
+
+        print(peers_table(args.alpha, args.n, args.runs, args.seed))
+        return 0
     print(table(args.alpha, args.n))
     return 0
 

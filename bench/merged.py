@@ -19,11 +19,11 @@ import numpy as np
 
 from models.sequential import (
     FIRST_LEADER,
-    ConfidenceSequence,
     class_sequence,
     log_evidence_above,
     log_evidence_below,
     merged_chunks,
+    merged_sequence,
 )
 
 
@@ -40,7 +40,7 @@ def thresholds(alpha: float, p_star: float, n: int, num_classes: int) -> tuple[n
     """Per t = 0..n: fewest predictable hits that certify (over t - FIRST_LEADER trials), fewest
     hits of the top class its level-alpha/K sequence needs above 1 - p*, most hits of the top
     class that refute (-1: none). ``n + 2`` means never."""
-    cs, per_class = ConfidenceSequence(alpha), class_sequence(alpha, num_classes)
+    cs, per_class = merged_sequence(alpha), class_sequence(alpha, num_classes)
     cert_h = np.full(n + 1, n + 2)
     lead_k = np.full(n + 1, n + 2)
     refute_k = np.full(n + 1, -1)
@@ -135,7 +135,7 @@ def simulate(
     rng = np.random.default_rng(seed)
     probs = np.asarray(probs, float)
     k = probs.size
-    cs = ConfidenceSequence(alpha)
+    cs = merged_sequence(alpha)
     cert_h, lead_k, refute_k = thresholds_at(alpha, p_star, n, k)
     counts = np.zeros((runs, k), dtype=np.int64)
     hits = np.zeros(runs, dtype=np.int64)
@@ -172,7 +172,7 @@ def thresholds_at(
     alpha: float, p_star: float, n: int, num_classes: int
 ) -> tuple[Callable[[int], int], Callable[[int], int], Callable[[int], int]]:
     """:func:`thresholds` evaluated lazily at the looks only (simulation at large n)."""
-    cs, per_class = ConfidenceSequence(alpha), class_sequence(alpha, num_classes)
+    cs, per_class = merged_sequence(alpha), class_sequence(alpha, num_classes)
 
     def first_k(pred: Callable[[int], bool], t: int) -> int:
         lo, hi = -1, t + 1  # pred monotone increasing in k
@@ -203,7 +203,7 @@ def oracle_crossing(p: float, p_star: float, alpha: float, looks: list[int]) -> 
     DECIDE's false "certified" rate is at most this (docs/DESIGN.md section 5)."""
     from scipy.stats import binom
 
-    cs = ConfidenceSequence(alpha)
+    cs = merged_sequence(alpha)
     dist, prev, crossed = np.array([1.0]), 0, 0.0
     for t in looks:
         m = t - FIRST_LEADER

@@ -362,6 +362,17 @@ def all_hits_lower(cs: ConfidenceSequence, n: int) -> float:
 
 FIRST_LEADER = 1  # samples drawn before the first predictable class exists (not tested)
 MERGED_MIN_CHUNK = 4  # fewest samples per look once a decision is possible
+# Refutation prior of merged DECIDE: Q/p ~ Beta(8, 1), mass near p*, where refutations are
+# hard (python -m bench.boundaries --peers: 15% fewer samples at pA = p* - 0.01, r = 2 sigma).
+# Any prior gives a level-alpha sequence (Ville), so this changes the cost, never the error.
+REFUTE_PRIOR = 8.0
+
+
+@lru_cache(maxsize=64)
+def merged_sequence(alpha: float) -> ConfidenceSequence:
+    """The level-alpha sequence merged DECIDE tests with: the shipped lower side (certify) and
+    the upper side with prior Q/p ~ Beta(REFUTE_PRIOR, 1) (refute, ``pa_upper``)."""
+    return ConfidenceSequence(alpha, below_prior=REFUTE_PRIOR)
 
 
 @lru_cache(maxsize=256)

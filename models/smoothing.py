@@ -39,6 +39,7 @@ from models.sequential import (
     decision_chunks,
     merged_chunks,
     merged_decision,
+    merged_sequence,
 )
 from models.sequential import NAME as SEQUENCE  # Certificate.bound of the anytime-valid bound
 
@@ -718,7 +719,7 @@ def merged_outcome(
     Phi^-1(pa_lower), the target when certified; an abstention when pa_lower < 1/2. ValueError
     when the counts cannot be a stop (no decision before n) or do not fit ``hits``.
     """
-    cs = ConfidenceSequence(alpha)
+    cs = merged_sequence(alpha)
     p_star = validate_target(target_radius, sigma)
     if sum(int(k) for k in counts) != used:
         raise ValueError(f"the counts add up to {sum(counts)}, not {used} samples")
@@ -792,7 +793,7 @@ def decide_merged(
     validate(sigma, alpha, n)
     p_star = validate_target(target_radius, sigma)
     check_merged_n(n, alpha, sigma, target_radius)
-    cs = ConfidenceSequence(alpha)
+    cs = merged_sequence(alpha)
     k = sampler.num_classes
     started = time.perf_counter()
     noise = NoiseStream(seed, x.shape, sampler.device)

@@ -42,7 +42,9 @@ EXAMPLE_CERTIFICATE: dict[str, Any] = {
     "seed": 4171520194651379,
     "pvalue": None,
     "input_shape": [3, 8, 8],
-    "space": "[0,1] RGB pixels after the service's resize/crop, before mean/std normalisation",
+    "space": "[0,1] RGB pixels after the service's resize/crop to the model's input "
+    "(input_shape), before mean/std normalisation; radii of models with different input "
+    "sizes are not comparable",
     "model": "digits-s0.25",
     "checkpoint_sha256": "9f2c...",
     "weights_sha256": "51be...",

@@ -298,7 +298,14 @@ def certify(
     summary="Status, progress and certificate of a job",
     responses={
         200: {"content": {"application/json": {"example": EXAMPLE_JOB}}},
-        **error_responses(404, why={404: NO_SUCH_JOB}),
+        **error_responses(
+            404,
+            422,
+            why={
+                404: f"{NO_SUCH_JOB} Or no upload of its input has the given sha256.",
+                422: "upload is not a sha256 (64 lowercase hex digits).",
+            },
+        ),
     },
 )
 def get_job(

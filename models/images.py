@@ -142,8 +142,8 @@ def without_text(data: bytes) -> bytes:
     chunk structure that does not parse is left to Pillow from that point on (its errors)."""
     if not data.startswith(PNG_SIGNATURE):
         return data
-    kept, dropped = [PNG_SIGNATURE], False
-    pos = len(PNG_SIGNATURE)
+    spans: list[tuple[int, int]] = []  # the chunks kept, as (start, end) offsets
+    pos = start = len(PNG_SIGNATURE)
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos : pos + 8])
         end = pos + 12 + length
@@ -156,11 +156,14 @@ def without_text(data: bytes) -> bytes:
                 "shows depend on it; convert the image to sRGB and save it without the profile"
             )
         if kind in PNG_TEXT_CHUNKS:
-            dropped = True
-        else:
-            kept.append(data[pos:end])
+            spans.append((start, pos))
+            start = end
         pos = end
-    return b"".join([*kept, data[pos:]]) if dropped else data
+    if not spans:
+        return data  # nothing dropped: no copy
+    spans.append((start, len(data)))
+    view = memoryview(data)
+    return b"".join([PNG_SIGNATURE, *(view[a:b] for a, b in spans)])
 
 
 def metadata_bytes(img: Image.Image) -> int:

@@ -253,17 +253,20 @@ def _text_chunks(kind: bytes, count: int, size: int) -> bytes:
     return out
 
 
-def with_chunks(data: bytes, extra: bytes) -> bytes:
-    """``extra`` chunks inserted right after IHDR (before the pixels)."""
-    end = 8 + 12 + struct.unpack(">I", data[8:12])[0]
+def with_chunks(data: bytes, extra: bytes, after_pixels: bool = False) -> bytes:
+    """``extra`` chunks inserted right after IHDR (before the pixels), or before IEND."""
+    end = len(data) - 12 if after_pixels else 8 + 12 + struct.unpack(">I", data[8:12])[0]
     return data[:end] + extra + data[end:]
 
 
+@pytest.mark.parametrize("after_pixels", [False, True])
 @pytest.mark.parametrize("kind", [b"zTXt", b"iTXt"])
-def test_one_large_text_chunk_is_ignored_not_a_422(kind: bytes, tmp_path: Path) -> None:
+def test_one_large_text_chunk_is_ignored_not_a_422(
+    kind: bytes, after_pixels: bool, tmp_path: Path
+) -> None:
     """Item 3: one 2 MB zTXt made a file every browser displays 'unreadable'."""
     img = digit64()
-    data = with_chunks(png(img), _text_chunks(kind, 1, 2_000_000))
+    data = with_chunks(png(img), _text_chunks(kind, 1, 2_000_000), after_pixels)
     assert torch.equal(same(data, tmp_path), same(png(img), tmp_path))
 
 

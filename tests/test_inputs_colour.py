@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -331,3 +332,24 @@ def test_the_certificate_says_radii_of_other_input_sizes_do_not_compare() -> Non
     from models.smoothing import SPACE
 
     assert "different input sizes are not comparable" in SPACE
+
+
+def test_metadata_kept_with_an_image_counts_in_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What stays after the text is dropped (ICC profile, EXIF) is charged to the image budget
+    at BYTES_PER_PIXEL bytes a pixel, on top of the pixels."""
+    import contextlib
+
+    from domain import images
+
+    charged: list[int] = []
+
+    @contextlib.contextmanager
+    def taken(pixels: int, max_pixels: int) -> Iterator[None]:
+        charged.append(pixels)
+        yield
+
+    monkeypatch.setattr(images.pixel_budget, "taken", taken)
+    profile = icc_linear_srgb() + b"\0" * 400_000  # a padded profile: 400 KB kept
+    decode_image(png(digit64(), icc_profile=profile), 64, MAX_PIXELS)
+    decode_image(png(digit64()), 64, MAX_PIXELS)
+    assert charged == [64 * 64 + len(profile) // images.BYTES_PER_PIXEL, 64 * 64]

@@ -92,7 +92,7 @@ def main() -> None:
                 [sys.executable, __file__, which, str(threads)], capture_output=True, text=True
             )
             row.append(run.stdout.strip() or run.stderr.strip().splitlines()[-1])
-        print(f"{threads:>2} decode(s) at once: peak RSS MB [outcome] plain {row[0]}; text {row[1]}")
+        print(f"{threads:>2} at once: peak RSS MB [outcome] plain {row[0]}; text {row[1]}")
 
 
 if __name__ == "__main__":

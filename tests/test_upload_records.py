@@ -2,7 +2,7 @@
 
 An animated WebP sent after its first frame as a PNG reaches the PNG's job (same tensor); the
 answer to it, ``GET`` of the job as that upload sees it, the page's view and evaluation rows
-must still say "only frame 1 of 2 is certified" (and the PNG's must not). Also migration 0008
+must still say "only frame 1 of 2 is certified" (and the PNG's must not). Also migration 0009
 on SQLite and PostgreSQL with rows in place.
 """
 
@@ -133,7 +133,7 @@ def test_evaluation_rows_carry_each_files_own_warnings(service: Service) -> None
     assert any(FRAME in w for w in by_name["digit-0/b.webp"].warnings)
 
 
-# ---------------------------------------------------------------- migration 0008
+# ---------------------------------------------------------------- migration 0009
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -145,13 +145,13 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
-def test_migration_0008_keeps_jobs_and_evaluation_items(database: str) -> None:
+def test_migration_0009_keeps_jobs_and_evaluation_items(database: str) -> None:
     import sqlalchemy as sa
 
     from domain import migrate
     from domain.db import make_engine
 
-    migrate.upgrade(database, "0007")
+    migrate.upgrade(database, "0008")
     engine = make_engine(database)
     statements = [
         "INSERT INTO api_keys (id, name, key_prefix, key_hash, is_admin, created_at) "
@@ -193,7 +193,7 @@ def test_migration_0008_keeps_jobs_and_evaluation_items(database: str) -> None:
             "INSERT INTO job_uploads (job_id, input_sha256, input_record, created_at) "
             "VALUES ('j', 'c', '{}', CURRENT_TIMESTAMP)"
         ))  # fmt: skip
-    migrate.downgrade(database, "0007")
+    migrate.downgrade(database, "0008")
     with engine.connect() as conn:
         assert "job_uploads" not in set(sa.inspect(conn).get_table_names())
     assert rows() == before

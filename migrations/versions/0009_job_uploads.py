@@ -7,8 +7,8 @@ upload that reached the job keeps its own record in ``job_uploads`` (one row per
 uploaded bytes), and an evaluation item names the bytes it came from (null for items made
 before this revision: the job's own record, as before). Existing rows are kept as they are.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-07
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | None = "0007"
+revision: str = "0009"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -3,6 +3,9 @@
 - Images are opened by Pillow restricted to :data:`IMAGE_FORMATS` (the bytes decide, never the
   client's filename or content type), the pixel count is checked from the header before any
   decoding, and truncated or corrupt files are refused with 422.
+- PNG text chunks are dropped before Pillow reads them (``models.images.without_text``: they
+  never change the picture and Pillow would inflate them outside any budget); the metadata
+  that stays (ICC profile, EXIF, XMP) counts in the image budget.
 - The accepted image is converted by ``models.images.preprocess_image``, the one conversion the
   CLI and the datasets use too; its record (steps, original size, scale, warnings) goes into
   the job and its certificate, and the sha256 of the resulting tensor is the input's identity.

@@ -271,7 +271,11 @@ class JobOut(BaseModel):
     n0: int
     n: int
     seed: int
-    input_sha256: str = Field(description="sha256 of the uploaded bytes.")
+    input_sha256: str = Field(
+        description="sha256 of the uploaded bytes. Another upload of the same pixels (other "
+        "bytes, same tensor) reaches the same job; its answer and `url` (`?upload=`) show its "
+        "own input_sha256, original_size, scale, preprocessing and warnings."
+    )
     tensor_sha256: str = Field(
         description="sha256 of the preprocessed float32 tensor: the input's identity (no "
         "re-roll, derived seed). Empty for jobs made before it was recorded."
@@ -401,11 +405,15 @@ class TrainingPage(BaseModel):
     offset: int
 
 
-def job_out(job: Job, certificate: dict[str, Any] | None) -> JobOut:
-    record = dict(job.input_record or {})
+def job_out(
+    job: Job, certificate: dict[str, Any] | None, upload: tuple[str, dict[str, Any]] | None = None
+) -> JobOut:
+    """The job as its answer shows it; ``upload`` (bytes sha256, record): as seen by that upload
+    of the job's input, with its own preprocessing and warnings (``?upload=`` in its URL)."""
+    sha, record = upload if upload else (job.input_sha256, dict(job.input_record or {}))
     return JobOut(
         id=job.id,
-        url=f"/jobs/{job.id}",
+        url=f"/jobs/{job.id}" + (f"?upload={sha}" if upload else ""),
         status=job.status,  # type: ignore[arg-type]
         mode=job.mode,
         model=job.model_name,
@@ -414,7 +422,7 @@ def job_out(job: Job, certificate: dict[str, Any] | None) -> JobOut:
         n0=job.n0,
         n=job.n,
         seed=job.seed,
-        input_sha256=job.input_sha256,
+        input_sha256=sha,
         tensor_sha256=job.tensor_sha256,
         input_shape=list(job.input_shape),
         original_size=record.get("original_size"),

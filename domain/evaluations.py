@@ -51,6 +51,7 @@ from domain.submissions import (
     Target,
     find,
     new_job,
+    note_upload,
     requeue,
     resolve,
 )
@@ -61,6 +62,7 @@ from domain.tables import (
     Evaluation,
     EvaluationItem,
     Job,
+    JobUpload,
     Status,
     new_id,
 )
@@ -310,12 +312,13 @@ def _store(
             queued[job.id] = events.JobFacts(job.mode, job.model_name)
         else:
             job = existing
+            note_upload(session, existing, input_sha256, inp.record())  # this file's own record
             if requeue(session, existing):
                 queued[job.id] = events.JobFacts(job.mode, job.model_name)
         session.add(
             EvaluationItem(
                 evaluation_id=evaluation_id, position=position, idx=item.idx,
-                name=item.name, label=item.label, job_id=job.id,
+                name=item.name, label=item.label, job_id=job.id, input_sha256=input_sha256,
             )
         )  # fmt: skip
     session.flush()
@@ -473,17 +476,28 @@ def summarize(session: Session, evaluation: Evaluation) -> Summary:
 def result_rows(session: Session, evaluation: Evaluation) -> list[Row]:
     """The TSV rows (``models.evaluate.Row``, as the CLI writes them) of the images that have a
     certificate, in the evaluation's order."""
+    item = EvaluationItem
     found = session.execute(
-        select(EvaluationItem.idx, EvaluationItem.label, EvaluationItem.name, Certificate.body)
-        .join(Certificate, Certificate.job_id == EvaluationItem.job_id)
-        .where(EvaluationItem.evaluation_id == evaluation.id)
-        .order_by(EvaluationItem.position)
+        select(item.idx, item.label, item.name, Certificate.body, JobUpload.input_record)
+        .join(Certificate, Certificate.job_id == item.job_id)
+        .outerjoin(
+            JobUpload,
+            (JobUpload.job_id == item.job_id) & (JobUpload.input_sha256 == item.input_sha256),
+        )
+        .where(item.evaluation_id == evaluation.id)
+        .order_by(item.position)
     ).all()
-    return [row_of(idx, label, name, body) for idx, label, name, body in found]
+    return [row_of(idx, label, name, body, own) for idx, label, name, body, own in found]
 
 
-def row_of(idx: int, label: int, name: str, body: dict[str, Any]) -> Row:
-    """A certificate as a TSV row; ``time`` is its sampling time (selection + estimation)."""
+def row_of(
+    idx: int, label: int, name: str, body: dict[str, Any], upload: dict[str, Any] | None = None
+) -> Row:
+    """A certificate as a TSV row; ``time`` is its sampling time (selection + estimation).
+    ``upload``: the record of the item's own file where it is not the job's (another file of
+    the same pixels made the job): its preprocessing and warnings replace the certificate's."""
+    if upload is not None:
+        body = {**body, **{k: upload.get(k) for k in ("preprocessing", "warnings")}}
     timings = body.get("timings") or {}
     seconds = float(timings.get("selection_s") or 0.0) + float(timings.get("estimation_s") or 0.0)
     prediction = body.get("prediction")

@@ -3,6 +3,9 @@
 - Images are opened by Pillow restricted to :data:`IMAGE_FORMATS` (the bytes decide, never the
   client's filename or content type), the pixel count is checked from the header before any
   decoding, and truncated or corrupt files are refused with 422.
+- PNG text chunks are dropped before Pillow reads them (``models.images.without_text``: they
+  never change the picture and Pillow would inflate them outside any budget); the metadata
+  that stays (ICC profile, EXIF, XMP) counts in the image budget.
 - The accepted image is converted by ``models.images.preprocess_image``, the one conversion the
   CLI and the datasets use too; its record (steps, original size, scale, warnings) goes into
   the job and its certificate, and the sha256 of the resulting tensor is the input's identity.
@@ -22,7 +25,14 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from domain.errors import ServiceError
-from models.images import ImageError, Preprocessed, opened, preprocess_image
+from models.images import (
+    ImageError,
+    Preprocessed,
+    metadata_bytes,
+    opened,
+    preprocess_image,
+    without_text,
+)
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -51,7 +61,9 @@ class PixelBudget:
     6,300 RGBA pixels: about 800 MB), so 40 request threads decoding such images together could
     need 32 GB. An image of ``SMALL`` pixels or fewer takes nothing from the budget (the common
     case costs one comparison); a larger one waits until its pixels fit. The budget is twice
-    the largest image the settings accept, so two of the largest decode at once."""
+    the largest image the settings accept, so two of the largest decode at once. Metadata kept
+    with an image (an ICC profile of at most 1 MiB, EXIF, XMP: PNG text is dropped unread by
+    ``models.images.without_text``) counts as :data:`BYTES_PER_PIXEL` bytes a pixel."""
 
     SMALL = 1_000_000
 
@@ -78,12 +90,17 @@ class PixelBudget:
 
 
 pixel_budget = PixelBudget()
+BYTES_PER_PIXEL = 20  # what a pixel costs in conversion: metadata bytes count as 1/20 pixel
 
 
 def _opened(data: bytes, max_pixels: int) -> Image.Image:
     """The image's header read and checked (format, pixel count); nothing decoded yet."""
     if not data:
         raise ServiceError(422, "the image upload is empty")
+    try:
+        data = without_text(data)  # PNG text would be inflated outside any budget
+    except ImageError as exc:
+        raise ServiceError(422, str(exc)) from exc
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -125,7 +142,8 @@ def _load(img: Image.Image) -> Image.Image:
 def decode_image(data: bytes, input_size: int, max_pixels: int) -> DecodedImage:
     """Bytes of an upload -> the (3, S, S) tensor the certificate will refer to, with its record."""
     img = _opened(data, max_pixels)
-    with pixel_budget.taken(img.size[0] * img.size[1], max_pixels):  # the memory-heavy part
+    cost = img.size[0] * img.size[1] + metadata_bytes(img) // BYTES_PER_PIXEL
+    with pixel_budget.taken(cost, max_pixels):  # the memory-heavy part
         _load(img)
         try:
             done = preprocess_image(img, input_size)

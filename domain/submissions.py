@@ -9,6 +9,12 @@ thing again returns the stored job and, once it has succeeded, its certificate: 
 re-roll. Only a job that produced nothing (failed or cancelled) is queued again, under the
 same seed.
 
+Each upload keeps its own record: a re-upload of pixels already certified, in other bytes (the
+first frame of an animated WebP, then that frame as a PNG), reaches the one job of that tensor,
+but its preprocessing steps and warnings are its own (:func:`note_upload`, stored in
+``job_uploads``), and the answer to it, ``GET /jobs/{id}?upload=<its sha256>`` and its
+evaluation rows show them (:func:`upload_record`).
+
 Admission control: a client may have at most ``max_active_jobs`` jobs queued or running (jobs
 of an evaluation excepted: those are admitted per evaluation); a submission that would add one
 more gets 429 with ``Retry-After``. The count runs after the insert, under a lock on the
@@ -21,9 +27,10 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import BigInteger, Table, bindparam, exists, func, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -41,6 +48,7 @@ from domain.tables import (
     EvaluationItem,
     Job,
     JobInput,
+    JobUpload,
     Status,
     new_id,
 )
@@ -279,6 +287,8 @@ def submit(
         existing = find(session, client.id, job.request_key)
         if existing is None:
             raise
+        if note_upload(session, existing, decoded.sha256, decoded.input.record()):
+            session.commit()
         return _reuse(session, existing, settings)
     admit(session, client.id, settings)
     session.commit()
@@ -351,6 +361,39 @@ def admit(session: Session, owner_id: int, settings: Settings) -> None:
             f"running (at most {cap}); wait for some to finish",
             {"Retry-After": str(ADMISSION_RETRY_S)},
         )
+
+
+def note_upload(session: Session, job: Job, input_sha256: str, record: dict[str, Any]) -> bool:
+    """Keep the record of an upload (its bytes' sha256 and preprocessing record) that reached
+    the existing ``job``; does not commit. Nothing for the job's own bytes (the job holds their
+    record): False. One row per job and bytes, the latest record kept (an insert that races
+    with an identical one updates it)."""
+    if input_sha256 == job.input_sha256:
+        return False
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(JobUpload).values(
+        job_id=job.id, input_sha256=input_sha256, input_record=record, created_at=utcnow()
+    )
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["job_id", "input_sha256"],
+            set_={"input_record": stmt.excluded.input_record},
+        )
+    )
+    return True
+
+
+def upload_record(session: Session, job: Job, input_sha256: str) -> dict[str, Any] | None:
+    """The record of the upload of ``job``'s input whose bytes have ``input_sha256``: None for
+    the job's own bytes (``job.input_record``) or bytes that never reached it."""
+    if input_sha256 == job.input_sha256:
+        return None
+    found = session.scalar(
+        select(JobUpload.input_record).where(
+            JobUpload.job_id == job.id, JobUpload.input_sha256 == input_sha256
+        )
+    )
+    return dict(found) if found is not None else None
 
 
 def find(session: Session, owner_id: int, key: str) -> Job | None:

@@ -195,6 +195,18 @@ class JobInput(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class JobUpload(Base):
+    """The record of an upload that reached an existing job with other bytes (same tensor):
+    its own preprocessing steps and warnings (``jobs.input_record`` is the first upload's)."""
+
+    __tablename__ = "job_uploads"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    input_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)  # the upload's bytes
+    input_record: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 class Certificate(Base):
     """The one result of a job (unique per job: a redelivered task cannot add a second)."""
 
@@ -292,3 +304,6 @@ class EvaluationItem(Base):
     name: Mapped[str] = mapped_column(Text)
     label: Mapped[int] = mapped_column(Integer)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # sha256 of the file this item was read from (its record: the job's, or a JobUpload);
+    # null for items made before it was recorded.
+    input_sha256: Mapped[str | None] = mapped_column(String(64), default=None)

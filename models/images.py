@@ -13,8 +13,12 @@ certificate can say exactly which image was certified. The policy, in order:
    YCbCr, LAB, HSV) via Pillow's conversion to RGB, then / 255; 16-bit grey (``I;16`` and its
    byte orders) / 65535; 32-bit integer grey (``I``) read as 16-bit samples (values outside
    0..65535 are refused); 32-bit float grey (``F``) taken as [0, 1] intensities, values outside
-   clipped with a warning, NaN or infinity refused. Embedded ICC profiles are not applied: the
-   stored values are taken as sRGB (a warning names any other profile).
+   clipped with a warning, NaN or infinity refused. Before that, colour metadata is applied as
+   a browser draws it (:func:`_colour`): an embedded ICC profile is converted to sRGB (one
+   named sRGB, unreadable or not fitting the image's colour space: values taken as sRGB); an
+   ``sRGB`` chunk, or a ``gAMA`` of 45455 (within 1%), changes nothing; another ``gAMA`` is
+   converted to sRGB as a power law; a ``cHRM`` other than sRGB's is refused. Every
+   conversion is a step and a warning.
 4. Transparency (RGBA, LA, PA, premultiplied RGBa/La, P, L, 1, RGB and I;16 with a transparent
    colour): composited onto **white** (:data:`ALPHA_BACKGROUND`), as a browser shows it on a
    default page; an alpha channel that is fully opaque is removed unchanged. Either way the
@@ -25,28 +29,31 @@ certificate can say exactly which image was certified. The policy, in order:
 6. Grey images become 3 equal channels; float32; sha256 of those bytes is the input's identity.
 
 Warnings flag inputs far from the model's domain: downscaled more than
-:data:`DOWNSCALE_WARNING` x or upscaled more than :data:`UPSCALE_WARNING` x, a centre crop that
-keeps less than :data:`CROP_WARNING` of the image, transparency, clipped floats, animations and
-foreign colour profiles.
+:data:`DOWNSCALE_WARNING` x or upscaled at all (a radius in an upsampled space is not one in the
+image's pixels), a centre crop that keeps less than :data:`CROP_WARNING` of the image,
+transparency, clipped floats, animations, and colour conversions or profiles not applied.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import struct
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
 
 ALPHA_BACKGROUND = (255, 255, 255)
 ALPHA_POLICY = "composite on white"
 DOWNSCALE_WARNING = 8.0
-UPSCALE_WARNING = 4.0
 CROP_WARNING = 0.5
 ORIENTATION_TAG = 0x0112
 
@@ -105,6 +112,69 @@ def tensor_sha256(x: Tensor) -> str:
 def _percent(part: int, whole: int) -> str:
     share = 100.0 * part / max(whole, 1)
     return f"{share:.3g}%" if share >= 0.01 else "<0.01%"
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+MAX_ICC_BYTES = PngImagePlugin.MAX_TEXT_CHUNK  # Pillow's cap on a decompressed iCCP: 1 MiB
+
+
+def _icc_too_large(body: bytes) -> bool:
+    """Whether an iCCP chunk's profile decompresses to more than :data:`MAX_ICC_BYTES`."""
+    compressed = body[body.find(b"\0") + 2 :]  # name, NUL, compression method, zlib data
+    inflate = zlib.decompressobj()
+    try:
+        inflate.decompress(compressed, MAX_ICC_BYTES)
+    except zlib.error:
+        return False  # a damaged profile: Pillow drops it, viewers ignore it
+    return bool(inflate.unconsumed_tail)
+
+
+def without_text(data: bytes) -> bytes:
+    """PNG bytes without their text chunks (tEXt, zTXt, iTXt); other bytes unchanged.
+
+    Nothing here reads PNG text, and Pillow would inflate every compressed chunk (up to 1 MiB
+    each, 64 MiB a file) into memory that no image budget counts, or refuse a file with one
+    larger chunk that every browser displays. Dropped before Pillow sees them, text costs
+    nothing. What stays is bounded by the file's size, plus at most :data:`MAX_ICC_BYTES` for
+    an ICC profile; a larger profile is refused (:class:`ImageError` saying so): it could not be
+    applied, and ignoring it would certify colours other than the ones a viewer shows. A
+    chunk structure that does not parse is left to Pillow from that point on (its errors)."""
+    if not data.startswith(PNG_SIGNATURE):
+        return data
+    spans: list[tuple[int, int]] = []  # the chunks kept, as (start, end) offsets
+    pos = start = len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            break
+        if kind == b"iCCP" and _icc_too_large(data[pos + 8 : end - 4]):
+            raise ImageError(
+                f"the embedded ICC colour profile (iCCP chunk) is larger than {MAX_ICC_BYTES} "
+                "bytes once decompressed: it cannot be applied here, and the colours a viewer "
+                "shows depend on it; convert the image to sRGB and save it without the profile"
+            )
+        if kind in PNG_TEXT_CHUNKS:
+            spans.append((start, pos))
+            start = end
+        pos = end
+    if not spans:
+        return data  # nothing dropped: no copy
+    spans.append((start, len(data)))
+    view = memoryview(data)
+    return b"".join([PNG_SIGNATURE, *(view[a:b] for a, b in spans)])
+
+
+def metadata_bytes(img: Image.Image) -> int:
+    """Bytes of metadata Pillow holds with an opened image (ICC profile, EXIF, XMP): what an
+    image costs beyond its pixels, for the image budget."""
+    total = 0
+    for key in ("icc_profile", "exif", "xmp", "XML:com.adobe.xmp"):
+        value = img.info.get(key)
+        if isinstance(value, bytes | str):
+            total += len(value)
+    return total
 
 
 def opened(img: Image.Image) -> Image.Image:
@@ -167,25 +237,161 @@ def _first_frame(img: Image.Image, steps: list[str], warnings: list[str]) -> Non
         warnings.append(f"animated or multi-frame image: only frame 1 of {frames} is certified")
 
 
-def _icc(img: Image.Image, warnings: list[str]) -> None:
-    profile = img.info.get("icc_profile")
-    if not profile or img.mode == "LAB":  # Pillow converts CIELAB to sRGB colorimetrically
-        return
+SRGB_GAMMA = 1 / 2.2  # the gAMA of sRGB (45455 in the chunk's units of 1/100000)
+GAMMA_TOLERANCE = 0.01  # a gAMA within 1% of SRGB_GAMMA is taken as sRGB, as viewers do
+# cHRM of sRGB (PNG spec, 11.3.3.5): white, red, green, blue (x, y), and how far a file's may lie
+SRGB_CHROMATICITY = (0.3127, 0.329, 0.64, 0.33, 0.3, 0.6, 0.15, 0.06)
+CHROMATICITY_TOLERANCE = 0.005
+Transfer = Callable[[np.ndarray], np.ndarray]  # [0, 1] samples -> [0, 1] sRGB samples
+
+
+def _srgb_encode(linear: np.ndarray) -> np.ndarray:
+    """Linear light in [0, 1] -> sRGB-encoded values (IEC 61966-2-1, the piecewise curve)."""
+    linear = np.clip(linear, 0.0, 1.0)
+    high = 1.055 * np.power(linear, 1 / 2.4) - 0.055
+    return np.where(linear <= 0.0031308, 12.92 * linear, high)
+
+
+def _gamma_to_srgb(gamma: float, unit: np.ndarray) -> np.ndarray:
+    """A PNG sample ``v`` in [0, 1] with file gamma ``gamma`` -> sRGB: ``v ** (1 / gamma)`` is
+    the light it encodes (PNG spec, 12.2), which is then sRGB-encoded (what Chromium and
+    Firefox draw for a gAMA chunk without iCCP or sRGB)."""
+    light = np.power(unit.astype(np.float64), 1.0 / gamma)
+    return _srgb_encode(light).astype(np.float32)
+
+
+def _icc_name(profile: Any) -> str:
+    from PIL import ImageCms
+
     try:
-        from PIL import ImageCms
-
-        name = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(profile)))
-        name = name.strip()
+        return str(ImageCms.getProfileDescription(profile)).strip() or "unnamed"
     except Exception:
-        name = "unreadable"
-    if "srgb" not in name.lower().replace(" ", ""):
+        return "unnamed"
+
+
+ICC_SPACES = {"RGB": ("P", "PA", "RGB", "RGBA", "RGBa", "RGBX"), "GRAY": GREY, "CMYK": ("CMYK",)}
+
+
+def _apply_icc(img: Image.Image, data: bytes, steps: list[str], warnings: list[str]) -> Image.Image:
+    """Convert ``img`` from its embedded ICC profile to sRGB with LittleCMS (Pillow's
+    ``ImageCms``, perceptual intent, alpha kept). A profile that cannot be read or does not
+    match the image's colour space is ignored, as browsers ignore it (with a warning); one
+    named sRGB is taken as sRGB unchanged."""
+    from PIL import ImageCms
+
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(data))
+    except Exception:
         warnings.append(
-            f"embedded ICC colour profile {name!r} not applied: pixel values taken as sRGB"
+            "embedded ICC colour profile unreadable: not applied, pixel values taken as sRGB"
         )
+        return img
+    name = _icc_name(profile)
+    if "srgb" in name.lower().replace(" ", ""):
+        steps.append(f"ICC profile {name!r} taken as sRGB")
+        return img
+    space = str(profile.profile.xcolor_space).strip().upper()
+    if img.mode in HIGH_BIT and space == "GRAY":
+        raise ImageError(
+            f"a {img.mode} image with an embedded ICC colour profile ({name!r}): colour "
+            "profiles are applied to 8-bit images only; convert it to sRGB before uploading"
+        )
+    if img.mode not in ICC_SPACES.get(space, ()):
+        warnings.append(
+            f"embedded ICC colour profile {name!r} ({space}) does not fit the {img.mode} image: "
+            "not applied, pixel values taken as sRGB"
+        )
+        return img
+    grey = space == "GRAY"
+    alpha = None
+    if img.mode in WITH_ALPHA or "transparency" in img.info:
+        with_alpha = img.convert("LA" if grey else "RGBA")
+        alpha = with_alpha.getchannel("A")
+        img = with_alpha.convert("L" if grey else "RGB")
+    elif img.mode not in ("L", "RGB", "CMYK"):
+        img = img.convert("L" if grey else "RGB")
+    srgb = ImageCms.createProfile("sRGB")
+    out = ImageCms.profileToProfile(img, profile, srgb, outputMode="RGB")
+    assert out is not None
+    if alpha is not None:
+        out.putalpha(alpha)
+    steps.append(f"ICC profile {name!r} ({space}) converted to sRGB (LittleCMS, perceptual)")
+    warnings.append(
+        f"embedded ICC colour profile {name!r} applied: pixel values converted to sRGB as a "
+        "browser shows them"
+    )
+    return out
 
 
-def _high_bit(img: Image.Image, steps: list[str], warnings: list[str]) -> Image.Image:
-    """I;16*, I or F -> one 'F' plane in [0, 1], transparency composited on white (1.0)."""
+def _colour(
+    img: Image.Image, steps: list[str], warnings: list[str]
+) -> tuple[Image.Image, Transfer | None]:
+    """Colour metadata -> sRGB as a browser draws it: (the image, converted when an ICC profile
+    applies; a transfer to apply to its samples for a gAMA, else None).
+
+    Precedence as in the PNG specification (3rd edition, 4.3) and Chromium: an ICC profile
+    (iCCP, or a JPEG's/WebP's) first, then an ``sRGB`` chunk (no change), then ``cHRM`` and
+    ``gAMA``. A gAMA within :data:`GAMMA_TOLERANCE` of 1/2.2 (45455) is sRGB (no change); any
+    other is converted (:func:`_gamma_to_srgb`); a gAMA of 0 is invalid and ignored (as
+    libpng does), with a warning. A cHRM other than sRGB's primaries and white point is refused:
+    gamut conversion is not done here."""
+    info = img.info
+    profile = info.get("icc_profile")
+    if profile and img.mode != "LAB":  # Pillow converts CIELAB to sRGB colorimetrically
+        return _apply_icc(img, profile, steps, warnings), None
+    if "srgb" in info:
+        steps.append("sRGB chunk: values taken as sRGB")
+        return img, None
+    chrm = info.get("chromaticity")
+    if chrm is not None:
+        near = all(
+            abs(float(a) - b) <= CHROMATICITY_TOLERANCE
+            for a, b in zip(chrm, SRGB_CHROMATICITY, strict=False)
+        )
+        if not near or len(chrm) != len(SRGB_CHROMATICITY):
+            shown = ", ".join(f"{float(v):.4g}" for v in chrm)
+            raise ImageError(
+                f"the PNG cHRM chunk declares primaries and white point ({shown}) other than "
+                "sRGB's: this service does not convert between gamuts; convert the image to "
+                "sRGB (or remove cHRM and gAMA if its values already are sRGB)"
+            )
+    gamma = info.get("gamma")
+    if gamma is None:
+        if chrm is not None:
+            steps.append("cHRM: sRGB primaries, values taken as sRGB")
+        return img, None
+    gamma = float(gamma)
+    if not (np.isfinite(gamma) and gamma > 0):
+        warnings.append(f"invalid PNG gAMA {gamma:g} ignored: pixel values taken as sRGB")
+        return img, None
+    if abs(gamma / SRGB_GAMMA - 1) <= GAMMA_TOLERANCE:
+        steps.append(f"gAMA {gamma:g} taken as sRGB")
+        return img, None
+    steps.append(f"gAMA {gamma:g}: samples v -> sRGB encoding of v^(1/{gamma:g})")
+    warnings.append(
+        f"PNG gAMA {gamma:g} (sRGB's is 0.45455): pixel values converted to sRGB as a "
+        "browser shows them"
+    )
+    return img, partial(_gamma_to_srgb, gamma)
+
+
+def _lut(img: Image.Image, transfer: Transfer) -> Image.Image:
+    """``transfer`` applied to the colour bands of an 8-bit L, LA, RGB or RGBA image (alpha
+    kept), as Pillow's 256-entry lookup tables; results rounded to 8 bits, as a browser draws."""
+    levels = np.arange(256, dtype=np.float32) / np.float32(255)
+    table = [int(v) for v in np.round(transfer(levels) * 255).clip(0, 255)]
+    bands = img.getbands()
+    lut: list[int] = []
+    for band in bands:
+        lut += list(range(256)) if band == "A" else table
+    return img.point(lut)
+
+
+def _high_bit(
+    img: Image.Image, steps: list[str], warnings: list[str], transfer: Transfer | None
+) -> Image.Image:
+    """I;16*, I or F -> one 'F' plane in [0, 1] (``transfer`` applied: a gAMA), transparency
+    composited on white (1.0)."""
     arr = np.asarray(img)
     if img.mode in SIXTEEN_BIT:
         unit = arr.astype(np.float32) / np.float32(65535)
@@ -210,6 +416,8 @@ def _high_bit(img: Image.Image, steps: list[str], warnings: list[str]) -> Image.
             steps.append(f"clip {outside} float samples to [0,1]")
             share = _percent(outside, unit.size)
             warnings.append(f"{share} of float samples outside [0,1] clipped")
+    if transfer is not None:
+        unit = transfer(unit)
     key = img.info.get("transparency")
     if isinstance(key, int | float) and not isinstance(key, bool):
         clear = arr == key
@@ -224,8 +432,11 @@ def _high_bit(img: Image.Image, steps: list[str], warnings: list[str]) -> Image.
     return Image.fromarray(np.ascontiguousarray(unit, dtype=np.float32), mode="F")
 
 
-def _eight_bit(img: Image.Image, steps: list[str], warnings: list[str]) -> Image.Image:
-    """Every other mode -> 'L' or 'RGB' (8-bit), transparency composited on white."""
+def _eight_bit(
+    img: Image.Image, steps: list[str], warnings: list[str], transfer: Transfer | None
+) -> Image.Image:
+    """Every other mode -> 'L' or 'RGB' (8-bit; ``transfer`` applied to the colour, as for a
+    gAMA), transparency composited on white (after the colour conversion, as browsers do)."""
     mode = img.mode
     if mode not in SUPPORTED_MODES:
         raise ImageError(f"unsupported image mode {mode!r}")
@@ -240,10 +451,13 @@ def _eight_bit(img: Image.Image, steps: list[str], warnings: list[str]) -> Image
         else:
             steps.append(f"{mode} -> 8-bit RGB / 255")
         target = "L" if grey else "RGB"
-        return img if mode == target else img.convert(target)
+        out = img if mode == target else img.convert(target)
+        return out if transfer is None else _lut(out, transfer)
     if mode == "1":
         img = img.convert("L")  # keeps the transparent value
     rgba = img.convert("LA" if grey else "RGBA")
+    if transfer is not None:
+        rgba = _lut(rgba, transfer)
     alpha = rgba.getchannel("A")
     described = f"{mode} with transparency" if mode not in WITH_ALPHA else mode
     if alpha.getextrema()[0] == 255:
@@ -262,6 +476,11 @@ def _eight_bit(img: Image.Image, steps: list[str], warnings: list[str]) -> Image
         )
     steps.append("8-bit grey / 255" if grey else "8-bit RGB / 255")
     return out
+
+
+def _factor(x: float) -> str:
+    """A scale factor for a warning: 2, 1.5, 1.14 (3 significant digits, never rounded to 1)."""
+    return f"{x:.3g}" if f"{x:.3g}" != "1" else f"{x:.6g}"
 
 
 def _square(img: Image.Image, size: int, steps: list[str], warnings: list[str]) -> Image.Image:
@@ -290,8 +509,12 @@ def _square(img: Image.Image, size: int, steps: list[str], warnings: list[str]) 
     factor = side / size
     if factor > DOWNSCALE_WARNING:
         warnings.append(f"downscaled {factor:.0f}x to the model's {size}x{size} input")
-    elif 1 / factor > UPSCALE_WARNING:
-        warnings.append(f"upscaled {1 / factor:.0f}x to the model's {size}x{size} input")
+    elif factor < 1:
+        warnings.append(
+            f"upscaled {_factor(size / side)}x to the model's {size}x{size} input (from "
+            f"{side}x{side}): the radius is measured in the upsampled space, not in the image's "
+            "own pixels; radii of models with different input sizes are not comparable"
+        )
     return img
 
 
@@ -306,10 +529,10 @@ def _displayed(img: Image.Image, steps: list[str], warnings: list[str]) -> Image
         steps.append(f"exif_transpose({declared})")
     elif declared != 1:
         warnings.append(f"invalid EXIF orientation {declared} ignored")
-    _icc(img, warnings)
+    img, transfer = _colour(img, steps, warnings)
     if img.mode in HIGH_BIT:
-        return _high_bit(img, steps, warnings)
-    return _eight_bit(img, steps, warnings)
+        return _high_bit(img, steps, warnings, transfer)
+    return _eight_bit(img, steps, warnings, transfer)
 
 
 def _converted(img: Image.Image, convert: Any) -> Any:
@@ -362,7 +585,10 @@ def open_file(path: str | Path, convert: Any) -> Any:
     """``convert(image)`` on an image file; :class:`ImageError` naming the file if unreadable."""
     name = Path(path).name
     try:
-        with Image.open(path) as img:
+        with open(path, "rb") as f:
+            png = f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+        source = io.BytesIO(without_text(Path(path).read_bytes())) if png else path
+        with Image.open(source) as img:
             return convert(opened(img))
     except ImageError as exc:
         raise ImageError(f"{name}: {exc}") from exc

@@ -44,7 +44,10 @@ from models.sequential import (
 from models.sequential import NAME as SEQUENCE  # Certificate.bound of the anytime-valid bound
 
 NOISE_BLOCK = 128
-SPACE = "[0,1] RGB pixels after the service's resize/crop, before mean/std normalisation"
+SPACE = (
+    "[0,1] RGB pixels after the service's resize/crop to the model's input (input_shape), before "
+    "mean/std normalisation; radii of models with different input sizes are not comparable"
+)
 
 ProgressFn = Callable[[int], None]
 

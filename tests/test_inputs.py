@@ -391,7 +391,7 @@ def test_scale_warnings_name_the_factor() -> None:
     assert photo.original_size == (640, 427) and photo.scale == pytest.approx(8 / 427)
     assert preprocess_image(Image.new("RGB", (64, 64)), 8).warnings == []  # 8x: in range
     tiny = preprocess_image(Image.new("RGB", (8, 8)), 224)
-    assert "upscaled 28x to the model's 224x224 input" in tiny.warnings
+    assert tiny.warnings[0].startswith("upscaled 28x to the model's 224x224 input (from 8x8)")
 
 
 # ---------------------------------------------------------------- 5. identity of the pixels

@@ -27,6 +27,7 @@ TABLES = {
     "idempotency_keys",
     "evaluations",
     "evaluation_items",
+    "job_uploads",
 }
 
 

@@ -46,7 +46,7 @@ from app.schemas import ValidationErrorOut
 CAN_RETURN: dict[tuple[str, str], set[int]] = {
     ("POST", "/certify"): {200, 202, 400, 401, 409, 413, 415, 422, 429, 503},
     ("GET", "/jobs"): {200, 401, 422, 429, 503},
-    ("GET", "/jobs/{job_id}"): {200, 401, 404, 429, 503},
+    ("GET", "/jobs/{job_id}"): {200, 401, 404, 422, 429, 503},
     ("DELETE", "/jobs/{job_id}"): {200, 401, 404, 409, 429, 503},
     ("POST", "/jobs/{job_id}/replay"): {202, 401, 403, 404, 409, 429, 503},
     ("GET", "/jobs/{job_id}/input.png"): {200, 401, 404, 429, 503},

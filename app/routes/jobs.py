@@ -15,7 +15,7 @@ from app.schemas import JobOut, JobPage, Mode, job_out, json_response
 from app.upload_files import read_upload
 from domain import events, idempotency, state
 from domain.errors import BrokerUnavailable, ServiceError, not_found
-from domain.submissions import Params, submit
+from domain.submissions import Params, submit, upload_record
 from domain.tables import Certificate, Job, Status
 
 router = APIRouter(
@@ -42,7 +42,9 @@ EXAMPLE_CERTIFICATE: dict[str, Any] = {
     "seed": 4171520194651379,
     "pvalue": None,
     "input_shape": [3, 8, 8],
-    "space": "[0,1] RGB pixels after the service's resize/crop, before mean/std normalisation",
+    "space": "[0,1] RGB pixels after the service's resize/crop to the model's input "
+    "(input_shape), before mean/std normalisation; radii of models with different input "
+    "sizes are not comparable",
     "model": "digits-s0.25",
     "checkpoint_sha256": "9f2c...",
     "weights_sha256": "51be...",
@@ -114,6 +116,12 @@ def _load(session: SessionDep, client: Client, job_id: str) -> tuple[Job, dict[s
     if row is None:
         raise not_found(f"job {job_id!r}")
     return row[0], row[1]
+
+
+def _upload(session: SessionDep, job: Job, sha256: str) -> tuple[str, dict[str, Any]] | None:
+    """The view of ``job`` for the upload whose bytes have ``sha256`` (None: the job's own)."""
+    record = upload_record(session, job, sha256)
+    return (sha256, record) if record is not None else None
 
 
 @router.post(
@@ -237,6 +245,7 @@ def certify(
     and parameters again returns the stored job (200) instead of drawing new noise.
     """
     data = read_upload(image, settings.max_upload_bytes, "image upload")
+    sha256 = hashlib.sha256(data).hexdigest()
     params = Params(
         mode=mode, sigma=sigma, alpha=alpha, n0=n0, n=n, seed=seed, model=model,
         target_radius=target_radius, time_budget_s=time_budget_s,
@@ -257,11 +266,13 @@ def certify(
     if idempotency_key is None:
         job, queued = submit_and_send()
     else:
-        fp = idempotency.fingerprint(hashlib.sha256(data).hexdigest(), params)
+        fp = idempotency.fingerprint(sha256, params)
         earlier = idempotency.reserve(session, client.id, idempotency_key, fp, settings)
         if earlier is not None:
             replayed = {"Idempotent-Replayed": "true"}
-            return json_response(job_out(*_load(session, client, earlier)), 200, replayed)
+            found, body = _load(session, client, earlier)
+            out = job_out(found, body, _upload(session, found, sha256))
+            return json_response(out, 200, replayed)
         try:
             job, queued = submit_and_send()
         except BrokerUnavailable as exc:  # the job is stored: the key now names it
@@ -272,11 +283,13 @@ def certify(
             idempotency.release(session, client.id, idempotency_key)
             raise
         idempotency.complete(session, client.id, idempotency_key, job.id)
+    # Another upload of the same pixels: the answer shows this upload's own record.
+    upload = _upload(session, job, sha256) if job.input_sha256 != sha256 else None
     if queued:  # just queued: nothing more to read back
-        return json_response(job_out(job, None), 202)
+        return json_response(job_out(job, None, upload), 202)
     session.refresh(job)
     body = session.scalar(select(Certificate.body).where(Certificate.job_id == job.id))
-    return json_response(job_out(job, body), 200)
+    return json_response(job_out(job, body, upload), 200)
 
 
 @router.get(
@@ -285,15 +298,41 @@ def certify(
     summary="Status, progress and certificate of a job",
     responses={
         200: {"content": {"application/json": {"example": EXAMPLE_JOB}}},
-        **error_responses(404, why={404: NO_SUCH_JOB}),
+        **error_responses(
+            404,
+            422,
+            why={
+                404: f"{NO_SUCH_JOB} Or no upload of its input has the given sha256.",
+                422: "upload is not a sha256 (64 lowercase hex digits).",
+            },
+        ),
     },
 )
-def get_job(job_id: str, client: Client, session: SessionDep) -> Response:
+def get_job(
+    job_id: str,
+    client: Client,
+    session: SessionDep,
+    upload: Annotated[
+        str | None,
+        Query(
+            description="sha256 of an upload of this job's input (as the `url` of its answer "
+            "gives it): the job as that upload sees it, with its own input_sha256, "
+            "original_size, scale, preprocessing and warnings.",
+            pattern="^[0-9a-f]{64}$",
+        ),
+    ] = None,
+) -> Response:
     """The job's ``status`` (queued, running, succeeded, failed, cancelled), ``progress``, and
     its ``certificate`` once it succeeded (``error`` if it failed)."""
     # One statement needs no transaction: autocommit spares the BEGIN and ROLLBACK round trips.
     session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-    out = job_out(*_load(session, client, job_id))
+    job, body = _load(session, client, job_id)
+    view = None
+    if upload is not None and upload != job.input_sha256:
+        view = _upload(session, job, upload)
+        if view is None:
+            raise not_found(f"upload {upload!r} of job {job_id!r}")
+    out = job_out(job, body, view)
     session.close()  # returns the connection here, in the route's thread
     return json_response(out)
 

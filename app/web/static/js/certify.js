@@ -13,6 +13,7 @@ const NOISY_COPIES = 4;
 let config = null;
 let models = [];
 let watching = null; // the job id whose panel is shown
+let watchingUpload = null; // the upload (bytes sha256) it is seen as, null: the job's own
 let timer = null;
 let objectUrls = [];
 
@@ -144,8 +145,11 @@ async function submit(event) {
   button.disabled = true;
   try {
     const job = await api("/certify", { method: "POST", form });
-    if (location.hash === `#job/${job.id}`) openJob(job.id);
-    else location.hash = `#job/${job.id}`;
+    // Another upload of pixels already certified: its own view (its preprocessing, warnings).
+    const upload = new URL(job.url, location.origin).searchParams.get("upload");
+    const target = upload ? `#job/${job.id}/${upload}` : `#job/${job.id}`;
+    if (location.hash === target) openJob(job.id, upload);
+    else location.hash = target;
   } catch (err) {
     alertIn(alertEl, err.message);
   } finally {
@@ -153,10 +157,11 @@ async function submit(event) {
   }
 }
 
-/** Show job `id` in the panel and follow it until it ends. */
-export function openJob(id) {
+/** Show job `id` (as upload `upload` sees it, if given) in the panel; follow it until it ends. */
+export function openJob(id, upload = null) {
   stopWatching();
   watching = id;
+  watchingUpload = upload;
   for (const url of objectUrls) URL.revokeObjectURL(url);
   objectUrls = [];
   $("job").hidden = false;
@@ -181,7 +186,8 @@ async function poll(id, first) {
   if (watching !== id) return;
   let job;
   try {
-    job = await api(`/jobs/${encodeURIComponent(id)}`);
+    const view = watchingUpload ? `?upload=${encodeURIComponent(watchingUpload)}` : "";
+    job = await api(`/jobs/${encodeURIComponent(id)}${view}`);
   } catch (err) {
     if (watching !== id) return;
     alertIn($("job-alert"), err.message);
@@ -324,15 +330,15 @@ function showCertificate(job) {
     fact("Model", c.model),
     fact("Checkpoint sha256", el("code", { class: "mono", text: c.checkpoint_sha256 })),
     fact("Weights sha256", el("code", { class: "mono", text: c.weights_sha256 || "-" })),
-    fact("Input sha256", el("code", { class: "mono", text: c.input_sha256 })),
+    fact("Input sha256", el("code", { class: "mono", text: job.input_sha256 || c.input_sha256 })),
   );
   if (c.tensor_sha256) facts.push(fact("Tensor sha256", el("code", { class: "mono", text: c.tensor_sha256 })));
   facts.push(fact("Space", `${c.input_shape.join("x")}: ${c.space}`));
-  const steps = c.preprocessing ?? job.preprocessing;
+  const steps = job.preprocessing ?? c.preprocessing; // this upload's own (see job.url)
   if (Array.isArray(steps) && steps.length) {
     facts.push(fact("Preprocessing", el("ol", {}, steps.map((s) => el("li", { text: s })))));
   }
-  const warnings = c.warnings ?? job.warnings;
+  const warnings = job.warnings ?? c.warnings;
   if (Array.isArray(warnings) && warnings.length) {
     facts.push(fact("Warnings", el("ul", { class: "warning-list" }, warnings.map((w) => el("li", { text: w })))));
   }

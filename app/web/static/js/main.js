@@ -1,4 +1,4 @@
-// The page's views, chosen by the URL's #fragment: #certify, #job/<id>, #history,
+// The page's views, chosen by the URL's #fragment: #certify, #job/<id>[/<upload sha256>], #history,
 // #admin/models, #admin/training. The API key lives in this tab's sessionStorage only.
 
 import * as admin from "./admin.js";
@@ -10,7 +10,7 @@ const $ = (id) => document.getElementById(id);
 
 function route() {
   const hash = location.hash.replace(/^#/, "") || "certify";
-  const job = /^job\/(.+)$/.exec(hash);
+  const job = /^job\/([^/]+)(?:\/([0-9a-f]{64}))?$/.exec(hash);
   const view = job ? "certify" : hash;
   const known = [...document.querySelectorAll("[data-view]")].map((v) => v.dataset.view);
   const shown = known.includes(view) ? view : "certify";
@@ -27,7 +27,7 @@ function route() {
   if (!getKey()) return; // nothing to ask the API without a key
   if (shown === "certify") {
     loadModels();
-    if (job) openJob(decodeURIComponent(job[1]));
+    if (job) openJob(decodeURIComponent(job[1]), job[2] ?? null);
   }
   if (shown === "history") loadHistory();
   if (shown === "admin/models") admin.loadModels();

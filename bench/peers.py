@@ -237,12 +237,13 @@ def table(alpha: float, n: int, runs: int, seed: int) -> str:
     for row in rows(alpha, n, runs, seed):
         cells = []
         for name in COLUMNS:
-            med, mean = row[name]  # type: ignore[misc]
+            pair = row[name]
+            assert isinstance(pair, tuple)
+            med, mean = float(pair[0]), float(pair[1])
             cells.append(f"{med:,.0f} / {mean:,.1f}")
         r = "sigma" if row["r"] == 1.0 else "2 sigma"
         p_a = f"{row['label']} ({row['pA']:.4g})" if "p*" in str(row["label"]) else row["label"]
-        wald = row["Wald"]
-        lines.append(
-            f"| {r} | {p_a} | " + " | ".join(cells) + f" | {row['all hits']:.1f} | {wald:,.1f} |"  # type: ignore[str-format]
-        )
+        hits, wald = float(str(row["all hits"])), float(str(row["Wald"]))
+        limit = f"{hits:.1f}" if row["pA"] > row["p_star"] else "-"  # type: ignore[operator]
+        lines.append(f"| {r} | {p_a} | " + " | ".join(cells) + f" | {limit} | {wald:,.1f} |")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ with ``weights_only=True``), so registering a file never runs code from it.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -111,6 +112,20 @@ def describe(path: Path, options: dict[str, Any], shown: str | None = None) -> t
         raise bad_input(f"checkpoint refused: {said}") from exc
 
 
+def check_recorded_sigma(fmt: str, sigma: Any) -> None:
+    """422 unless the training sigma a file records (an official file's ``args.sigma``, which
+    may hold any plain data its pickle allows, or a project file's metadata) is absent or a
+    positive finite number: it would be stored as the model's sigma and route requests."""
+    number = isinstance(sigma, int | float) and not isinstance(sigma, bool)
+    if sigma is None or (number and math.isfinite(sigma) and sigma > 0):
+        return
+    fix = ": give the sigma it was trained for in the sigma field" if fmt == "official" else ""
+    raise bad_input(
+        f"checkpoint refused: it records sigma = {sigma!r} ({type(sigma).__name__}), not a "
+        f"positive finite number{fix}"
+    )
+
+
 def register(
     session: Session,
     *,
@@ -133,6 +148,7 @@ def register(
     options = {k: v for k, v in (options or {}).items() if k in OFFICIAL_OPTIONS and v is not None}
     path = location_path(location)
     fmt, meta = describe(path, options, shown)
+    check_recorded_sigma(fmt, meta.sigma)
     name = check_name(name or meta.name or path.stem)
     if session.scalar(select(Checkpoint).where(Checkpoint.name == name)) is not None:
         raise ServiceError(409, f"a model named {name!r} is already registered")

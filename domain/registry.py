@@ -211,11 +211,31 @@ def register_bundled(session: Session) -> list[str]:
     return added
 
 
-def get_model(session: Session, name: str) -> Checkpoint:
-    row = session.scalar(select(Checkpoint).where(Checkpoint.name == name))
+def get_model(session: Session, name: str, lock: bool = False) -> Checkpoint:
+    """Model ``name`` (404 if none); with ``lock``, its row locked until the transaction ends
+    and re-read after any concurrent change (PostgreSQL; SQLite has one writer at a time)."""
+    query = select(Checkpoint).where(Checkpoint.name == name)
+    if lock:
+        query = query.with_for_update().execution_options(populate_existing=True)
+    row = session.scalar(query)
     if row is None:
         raise ServiceError(404, f"no registered model named {name!r}")
     return row
+
+
+def _lock_sigma(session: Session, sigma: float) -> None:
+    """Lock every model row of ``sigma`` (in id order, so two callers never deadlock) and
+    re-read them: changes of that sigma's default then happen one after the other, each
+    seeing the one before, instead of both reading the old default and the second failing on
+    the one-default index."""
+    tol = 1e-9 * max(1.0, sigma)  # same_sigma's
+    session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.sigma.between(sigma - tol, sigma + tol))
+        .order_by(Checkpoint.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).all()
 
 
 @dataclass(frozen=True)
@@ -286,7 +306,7 @@ def set_active(session: Session, name: str, active: bool) -> Checkpoint:
     """Serve (or stop serving) new requests with model ``name``; the caller commits. A
     deactivated model stops being its sigma's default (requests without a model then get a
     422 until an admin sets another); activating it again does not make it the default."""
-    row = get_model(session, name)
+    row = get_model(session, name, lock=True)  # after a concurrent set_default of it
     row.active = active
     if not active:
         row.is_default = False
@@ -324,13 +344,23 @@ def set_default(session: Session, name: str) -> Checkpoint:
     on it, instead of the previous default. 422 unless it is an active classifier with a
     sigma. The caller commits."""
     row = get_model(session, name)
+    if row.sigma is not None:
+        _lock_sigma(session, row.sigma)  # waits for, then sees, a concurrent change
     sigma = check_can_be_default(name, row.kind, row.active, row.sigma)
     previous = default_for(session, sigma)
-    if previous is not None and previous.id != row.id:
-        previous.is_default = False
-        session.flush()  # one default per sigma at every moment (a unique index)
-    row.is_default = True
-    session.flush()
+    try:
+        if previous is not None and previous.id != row.id:
+            previous.is_default = False
+            session.flush()  # one default per sigma at every moment (a unique index)
+        row.is_default = True
+        session.flush()
+    except IntegrityError as exc:  # a model of this sigma registered as its default meanwhile
+        session.rollback()
+        raise ServiceError(
+            409,
+            f"the default model for sigma={sigma:g} was changed at the same time by another "
+            "request: look at GET /models and retry",
+        ) from exc
     SNAPSHOTS.invalidate()
     log.info(
         "model %s is the default for sigma=%g (was %s)",

@@ -14,6 +14,7 @@ with ``weights_only=True``), so registering a file never runs code from it.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -116,6 +117,20 @@ def describe(path: Path, options: dict[str, Any], shown: str | None = None) -> t
         raise bad_input(f"checkpoint refused: {said}") from exc
 
 
+def check_recorded_sigma(fmt: str, sigma: Any) -> None:
+    """422 unless the training sigma a file records (an official file's ``args.sigma``, which
+    may hold any plain data its pickle allows, or a project file's metadata) is absent or a
+    positive finite number: it would be stored as the model's sigma and route requests."""
+    number = isinstance(sigma, int | float) and not isinstance(sigma, bool)
+    if sigma is None or (number and math.isfinite(sigma) and sigma > 0):
+        return
+    fix = ": give the sigma it was trained for in the sigma field" if fmt == "official" else ""
+    raise bad_input(
+        f"checkpoint refused: it records sigma = {sigma!r} ({type(sigma).__name__}), not a "
+        f"positive finite number{fix}"
+    )
+
+
 def register(
     session: Session,
     *,
@@ -138,6 +153,7 @@ def register(
     options = {k: v for k, v in (options or {}).items() if k in OFFICIAL_OPTIONS and v is not None}
     path = location_path(location)
     fmt, meta = describe(path, options, shown)
+    check_recorded_sigma(fmt, meta.sigma)
     name = check_name(name or meta.name or path.stem)
     if session.scalar(select(Checkpoint).where(Checkpoint.name == name)) is not None:
         raise ServiceError(409, f"a model named {name!r} is already registered")
@@ -200,11 +216,31 @@ def register_bundled(session: Session) -> list[str]:
     return added
 
 
-def get_model(session: Session, name: str) -> Checkpoint:
-    row = session.scalar(select(Checkpoint).where(Checkpoint.name == name))
+def get_model(session: Session, name: str, lock: bool = False) -> Checkpoint:
+    """Model ``name`` (404 if none); with ``lock``, its row locked until the transaction ends
+    and re-read after any concurrent change (PostgreSQL; SQLite has one writer at a time)."""
+    query = select(Checkpoint).where(Checkpoint.name == name)
+    if lock:
+        query = query.with_for_update().execution_options(populate_existing=True)
+    row = session.scalar(query)
     if row is None:
         raise ServiceError(404, f"no registered model named {name!r}")
     return row
+
+
+def _lock_sigma(session: Session, sigma: float) -> None:
+    """Lock every model row of ``sigma`` (in id order, so two callers never deadlock) and
+    re-read them: changes of that sigma's default then happen one after the other, each
+    seeing the one before, instead of both reading the old default and the second failing on
+    the one-default index."""
+    tol = 1e-9 * max(1.0, sigma)  # same_sigma's
+    session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.sigma.between(sigma - tol, sigma + tol))
+        .order_by(Checkpoint.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).all()
 
 
 @dataclass(frozen=True)
@@ -275,7 +311,7 @@ def set_active(session: Session, name: str, active: bool) -> Checkpoint:
     """Serve (or stop serving) new requests with model ``name``; the caller commits. A
     deactivated model stops being its sigma's default (requests without a model then get a
     422 until an admin sets another); activating it again does not make it the default."""
-    row = get_model(session, name)
+    row = get_model(session, name, lock=True)  # after a concurrent set_default of it
     row.active = active
     if not active:
         row.is_default = False
@@ -313,13 +349,23 @@ def set_default(session: Session, name: str) -> Checkpoint:
     on it, instead of the previous default. 422 unless it is an active classifier with a
     sigma. The caller commits."""
     row = get_model(session, name)
+    if row.sigma is not None:
+        _lock_sigma(session, row.sigma)  # waits for, then sees, a concurrent change
     sigma = check_can_be_default(name, row.kind, row.active, row.sigma)
     previous = default_for(session, sigma)
-    if previous is not None and previous.id != row.id:
-        previous.is_default = False
-        session.flush()  # one default per sigma at every moment (a unique index)
-    row.is_default = True
-    session.flush()
+    try:
+        if previous is not None and previous.id != row.id:
+            previous.is_default = False
+            session.flush()  # one default per sigma at every moment (a unique index)
+        row.is_default = True
+        session.flush()
+    except IntegrityError as exc:  # a model of this sigma registered as its default meanwhile
+        session.rollback()
+        raise ServiceError(
+            409,
+            f"the default model for sigma={sigma:g} was changed at the same time by another "
+            "request: look at GET /models and retry",
+        ) from exc
     SNAPSHOTS.invalidate()
     log.info(
         "model %s is the default for sigma=%g (was %s)",

@@ -282,3 +282,35 @@ def test_the_cli_certifies_with_a_compiled_ddp_file(
     assert main(["certify", "--input", "digits:test", "--max", "1", "--checkpoint", str(path),
                  "--n0", "10", "--n", "50", "--alpha", "0.01", "--no-progress"]) == 0  # fmt: skip
     assert "\t3 radius=" in capsys.readouterr().out
+
+
+# args may hold any plain data now, so an args.sigma that is a path, a bool, a string or a
+# number no sigma can be (the first was a 500: a path stored in the sigma column).
+BAD_ARGS_SIGMA: list[tuple[str, Any]] = [
+    ("posix_path", pathlib.PosixPath("/runs/s")),
+    ("string", "0.25"),
+    ("bool", True),
+    ("negative", -0.5),
+    ("zero", np.float32(0.0)),
+    ("nan", float("nan")),
+    ("inf", np.float64("inf")),
+]
+
+
+@pytest.mark.parametrize(("what", "value"), BAD_ARGS_SIGMA, ids=[b[0] for b in BAD_ARGS_SIGMA])
+def test_an_unusable_args_sigma_is_refused_unless_sigma_is_given(
+    service: tuple[TestClient, dict[str, str]], tmp_path: Path, what: str, value: Any
+) -> None:
+    client, h = service
+    state = official_finetuned(7, 8, 2, 64, 1, 128, 10)
+    path = save_finetuned(tmp_path / f"{what}.pth", prefixed(state, "module."), sigma=value)
+    upload = {"file": (f"{what}.pth", path.read_bytes())}
+    r = client.post("/admin/models", headers=h, files=upload)
+    assert r.status_code == 422, r.text
+    said = r.json()["detail"]
+    assert "not a positive finite number" in said and "sigma field" in said, said
+    assert str(tmp_path) not in r.text
+    assert not [m for m in client.get("/admin/models", headers=h).json() if m["name"] == what]
+    assert not list((tmp_path / "data").rglob("*.ckpt")), "a refused upload is not kept"
+    r = client.post("/admin/models", headers=h, files=upload, data={"sigma": "0.25"})
+    assert r.status_code == 201 and r.json()["sigma"] == 0.25, r.text

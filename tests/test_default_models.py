@@ -213,3 +213,131 @@ def test_the_migration_keeps_rows_and_todays_traffic(database: str) -> None:
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM checkpoints")).scalar() == len(rows)
     engine.dispose()
+
+
+# ---------------------------------------------------------------- concurrent admins
+
+
+def _models_at(url: str, rows: list[tuple[str, bool, bool]]) -> sa.Engine:
+    """A migrated PostgreSQL database holding sigma-0.25 classifiers (name, active, default)."""
+    from service_support import reset_postgres
+
+    reset_postgres(url)
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    table = sa.Table("checkpoints", sa.MetaData(), autoload_with=engine)
+    with engine.begin() as conn:
+        for name, active, default in rows:
+            conn.execute(table.insert().values(
+                name=name, location="bundled:x", file_sha256="0" * 64, weights_sha256="",
+                format="project", kind="classifier", sigma=0.25, num_classes=10, classes=[],
+                input_size=8, arch={}, licence="", source="", import_options={},
+                active=active, is_default=default, created_at=sa.func.now(),
+            ))  # fmt: skip
+    return engine
+
+
+def _race(engine: sa.Engine, first: Any, second: Any) -> BaseException | None:
+    """Run ``first`` in a transaction left open, start ``second`` in another thread, wait (a
+    deadline, no fixed sleep) until PostgreSQL shows it waiting on a lock held by ``first``,
+    then commit ``first``: the interleaving two admins' concurrent requests can have. Returns
+    what ``second`` raised, if anything."""
+    import threading
+    import time
+
+    from sqlalchemy.orm import Session
+
+    failed: list[BaseException] = []
+
+    def run_second() -> None:
+        try:
+            with Session(engine) as s:
+                second(s)
+                s.commit()
+        except BaseException as exc:
+            failed.append(exc)
+
+    with Session(engine) as s1:
+        first(s1)
+        thread = threading.Thread(target=run_second, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 120
+        waiting = 0
+        while not waiting and thread.is_alive():
+            assert time.monotonic() < deadline, "the second request never waited on a lock"
+            with engine.connect() as conn:
+                waiting = conn.execute(sa.text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )).scalar_one()  # fmt: skip
+        s1.commit()
+    thread.join(120)
+    assert not thread.is_alive()
+    return failed[0] if failed else None
+
+
+def _defaults(engine: sa.Engine) -> dict[str, bool]:
+    with engine.connect() as conn:
+        got = conn.execute(sa.text("SELECT name, active FROM checkpoints WHERE is_default"))
+        return {name: bool(active) for name, active in got}
+
+
+def test_two_admins_setting_one_sigmas_default_at_once(pg_url: str) -> None:
+    """Two POST /admin/models/{name}/default for one sigma at the same moment on PostgreSQL:
+    the second waited for the first, then failed on the one-default index (a 500). Now it
+    waits, then applies: the later call wins, one default."""
+    from domain import registry
+
+    engine = _models_at(pg_url, [("a", True, True), ("b", True, False), ("c", True, False)])
+    failed = _race(
+        engine, lambda s: registry.set_default(s, "b"), lambda s: registry.set_default(s, "c")
+    )
+    assert failed is None, repr(failed)
+    assert _defaults(engine) == {"c": True}
+    engine.dispose()
+
+
+def test_deactivating_a_model_while_it_is_made_the_default(pg_url: str) -> None:
+    """A deactivation committed while another admin makes the model the default: the default
+    must not end up on a deactivated model (no request could use it, none could be routed)."""
+    from domain import registry
+    from domain.errors import ServiceError
+
+    engine = _models_at(pg_url, [("a", True, True), ("b", True, False)])
+    failed = _race(
+        engine,
+        lambda s: (registry.set_active(s, "b", False), s.flush()),
+        lambda s: registry.set_default(s, "b"),
+    )
+    assert isinstance(failed, ServiceError) and failed.status_code == 422, repr(failed)
+    assert "deactivated" in str(failed.detail)
+    assert _defaults(engine) == {"a": True}
+    engine.dispose()
+
+
+def test_two_new_models_registered_as_one_new_sigmas_default_at_once(pg_url: str) -> None:
+    """No row of the sigma existed to wait on: the second registration finds the first's
+    default on the index and is refused with 409 (was a 500), keeping one default."""
+    from domain import registry
+    from domain.errors import ServiceError
+    from domain.tables import Checkpoint
+
+    engine = _models_at(pg_url, [])
+
+    def add_default(name: str) -> Any:
+        def run(s: Any) -> None:
+            s.add(Checkpoint(
+                name=name, location="bundled:x", file_sha256="0" * 64, format="project",
+                kind="classifier", sigma=0.75, num_classes=10, classes=[], input_size=8,
+                arch={}, import_options={}, active=True,
+            ))  # fmt: skip
+            s.flush()
+            registry.set_default(s, name)
+
+        return run
+
+    failed = _race(engine, add_default("x"), add_default("y"))
+    assert isinstance(failed, ServiceError) and failed.status_code == 409, repr(failed)
+    assert "sigma=0.75" in failed.detail and "retry" in failed.detail
+    assert _defaults(engine) == {"x": True}
+    engine.dispose()

@@ -189,6 +189,23 @@ def test_keda_scales_the_workers_on_the_celery_queue(folder: str) -> None:
     assert {ref["name"] for ref in auth["secretTargetRef"]} == {"dmae-broker"}
 
 
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS)
+def test_autoscaled_deployments_leave_the_replica_count_to_the_autoscaler(folder: str) -> None:
+    """A Deployment that an HPA or a KEDA ScaledObject scales must not set spec.replicas: each
+    `kubectl apply` (every release) would reset it, e.g. 8 busy GPU workers to 1, the other 7
+    sent SIGTERM before the autoscaler scales them back (Kubernetes' HPA documentation says
+    to leave replicas out of such a manifest)."""
+    objs = rendered(folder)
+    scaled = {
+        o["spec"]["scaleTargetRef"]["name"]
+        for o in objs
+        if o["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")
+    }
+    assert scaled, "nothing autoscaled?"
+    for name in sorted(scaled):
+        assert "replicas" not in find(objs, "Deployment", name)["spec"], (folder, name)
+
+
 def test_the_dev_overlay_needs_no_keda_and_no_gpu() -> None:
     objs = rendered("overlays/dev")
     assert not [o for o in objs if o["apiVersion"].startswith("keda.sh")]
@@ -658,3 +675,24 @@ def test_manifest_worker_command_is_shell_free() -> None:
     """The kubelet execs the command as given (no shell): SIGTERM reaches Celery itself."""
     command = container(rendered("."), "dmae-worker")["command"]
     assert command == shlex.split(shlex.join(command)) and command[0] == "dmae-certify"
+
+
+def test_the_documented_install_commands_wait_long_enough_and_parse() -> None:
+    """docs/DEPLOYMENT.md's Kubernetes commands as kubectl takes them: `kubectl wait` gives up
+    after 30 s by default (less than the first pull of the image and a migration), and
+    `kubectl rollout status` refuses more than one resource ("only supported on individual
+    resources ... 2 resources were found")."""
+    text = (ROOT / "docs" / "DEPLOYMENT.md").read_text()
+    section = text[text.index("## Kubernetes") :]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    joined = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    lines = [" ".join(shlex.split(line, comments=True)) for line in joined]
+    waits = [line for line in lines if line.startswith("kubectl") and " wait " in line]
+    rollouts = [line for line in lines if " rollout status " in line]
+    assert waits and rollouts
+    for line in waits + rollouts:
+        assert "--timeout=" in line, line
+    for line in rollouts:
+        args = shlex.split(line)
+        names = [a for a in args[args.index("status") + 1 :] if not a.startswith("-")]
+        assert len(names) == 1, line

@@ -25,6 +25,7 @@ from domain.errors import ServiceError
 from models.images import ImageError, Preprocessed, opened, preprocess_image
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # the names of IMAGE_FORMATS' files
 
 
 @dataclass

@@ -523,6 +523,13 @@ class DecisionsOut(BaseModel):
     )
 
 
+class SkippedFile(BaseModel):
+    """A member of the test set that was not certified (``skip_invalid``)."""
+
+    name: str = Field(description="Its path in the set, e.g. 0/b.avif.")
+    reason: str = Field(description="Why it is not a supported image.")
+
+
 class EvaluationTime(BaseModel):
     compute_s: float = Field(description="Sum over the finished images of their jobs' run time.")
     wall_s: float = Field(description="From submission to the last image's end (or now).")
@@ -551,6 +558,12 @@ class EvaluationOut(BaseModel):
     skip: int
     max: int | None = Field(description="At most this many images (after skip); null: all.")
     progress: EvaluationProgress
+    skipped: list[SkippedFile] = Field(
+        default_factory=list,
+        description="Files of the set that are not supported images, left out with their "
+        "reasons (only with skip_invalid; without it such a file refuses the evaluation). "
+        "progress.images_total counts the images certified, not these.",
+    )
     certified_accuracy: list[RadiusAccuracy] | None = Field(
         description="certify modes: at r = 0, 0.25, 0.5, ... up to max_radius."
     )

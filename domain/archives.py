@@ -15,10 +15,13 @@ The archive comes from a client, so before anything is believed:
   folder the caller chose and removes), so nothing can be written anywhere else.
 
 Layout: one folder per class with the images directly inside (``3/a.png``), optionally all
-under one top folder (``test/3/a.png``, what zipping a folder gives). Files whose suffix is not
-an image's (``models.data.IMAGE_SUFFIXES``), hidden files (``.x``, ``._x``) and ``__MACOSX/``
-are skipped, as the CLI skips them in an ImageFolder. The images themselves are checked later,
-exactly as uploads are (``domain.images.decode_image``).
+under one top folder (``test/3/a.png``, what zipping a folder gives). Every member is sorted by
+the rule the CLI applies to a folder (``models.data.sort_members``): hidden and system files
+(``.DS_Store``, ``._x``, ``__MACOSX/``, ``Thumbs.db``) are left out; a file that is not an
+upload's image by its suffix (``domain.images.IMAGE_SUFFIXES``: ``.avif``, ``.heic``, ``.gif``,
+``notes.txt``) or lies outside the layout refuses the archive, naming it, unless the caller
+collects such members (``skipped``): then they are reported, never dropped without a word. The
+images themselves are checked later, exactly as uploads are (``domain.images.decode_image``).
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from domain.errors import ServiceError
-from models.data import IMAGE_SUFFIXES
+from domain.images import IMAGE_SUFFIXES
+from models.data import Skipped, format_problem, is_ignored, refusal, sort_members
 
 CHUNK = 1 << 20
-JUNK_FOLDERS = ("__MACOSX",)
+SKIP_INVALID = "send skip_invalid=true"
 
 
 @dataclass(frozen=True)
@@ -79,11 +83,15 @@ def member_parts(name: str) -> list[str]:
     return parts
 
 
-def _wanted(parts: list[str]) -> bool:
-    """An image candidate (not a folder's junk, a hidden file or a non-image file)."""
-    if not parts or parts[0] in JUNK_FOLDERS or any(p.startswith(".") for p in parts):
+def _wanted(parts: list[str], found: list[Any]) -> bool:
+    """An image by its name (copied then); a file that is no image by its name is noted in
+    ``found`` (with no copy) for :func:`_layout` to report; hidden and system files: neither."""
+    if is_ignored(parts):
         return False
-    return Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES
+    if format_problem(parts[-1], IMAGE_SUFFIXES) is not None:
+        found.append((parts, None, "/".join(parts)))
+        return False
+    return True
 
 
 class _Budget:
@@ -148,11 +156,15 @@ def _kind(head: bytes, tar_magic: bytes) -> str:
     raise ServiceError(415, "not a zip or tar archive (tar, tar.gz, tar.bz2, tar.xz)")
 
 
-def unpack(fileobj: IO[bytes], dest: Path, limits: Limits) -> list[Member]:
+def unpack(
+    fileobj: IO[bytes], dest: Path, limits: Limits, skipped: list[Skipped] | None = None
+) -> list[Member]:
     """The images of the ImageFolder archive ``fileobj`` (seekable), copied into the new folder
     ``dest``; sorted by class folder, then file name (the order of
     ``models.data.ImageFolderDataset``). ServiceError 413 (a cap), 415 (not an archive) or 422
-    (an unsafe member, a bad layout, a damaged archive), with a sentence."""
+    (an unsafe member, a damaged archive, no images, or a member that is not an image by its
+    name or lies outside the layout), with a sentence naming the member. With ``skipped`` (a
+    list), members of the last two kinds are appended to it, with their reasons, instead."""
     fileobj.seek(0, 2)
     size = fileobj.tell()
     if size > limits.archive_bytes:
@@ -172,7 +184,7 @@ def unpack(fileobj: IO[bytes], dest: Path, limits: Limits) -> list[Member]:
         if kind == "zip"
         else (_untar(fileobj, kind, dest, limits, budget))
     )
-    return _layout(found)
+    return _layout(found, skipped)
 
 
 def _unzip(fileobj: IO[bytes], dest: Path, limits: Limits, budget: _Budget) -> list[Any]:
@@ -199,7 +211,7 @@ def _unzip(fileobj: IO[bytes], dest: Path, limits: Limits, budget: _Budget) -> l
                 raise refuse(f"member {info.filename!r} is a symbolic link")
             if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
                 raise refuse(f"member {info.filename!r} is not a regular file or folder")
-            if info.is_dir() or not _wanted(parts):
+            if info.is_dir() or not _wanted(parts, found):
                 continue
             if info.flag_bits & 0x1:
                 raise refuse(f"member {info.filename!r} is encrypted")
@@ -271,7 +283,7 @@ def _untar(fileobj: IO[bytes], kind: str, dest: Path, limits: Limits, budget: _B
                     raise refuse(f"member {member.name!r} is a link")
                 if not (member.isreg() or member.isdir()):
                     raise refuse(f"member {member.name!r} is not a regular file or folder")
-                if member.isdir() or not _wanted(parts):
+                if member.isdir() or not _wanted(parts, found):
                     continue
                 if member.size > limits.member_bytes:
                     raise refuse(
@@ -292,29 +304,27 @@ def _untar(fileobj: IO[bytes], kind: str, dest: Path, limits: Limits, budget: _B
     return found
 
 
-def _layout(found: list[Any]) -> list[Member]:
-    """Class folder and name of each image: ``class/file``, or ``top/class/file`` with one
-    common top folder. Anything else (images at the top, deeper folders, mixed depths) is
-    refused, as is a name that occurs twice."""
-    if not found:
+def _layout(found: list[Any], skipped: list[Skipped] | None) -> list[Member]:
+    """Class folder and name of each image (``models.data.sort_members``'s ``archive`` layout:
+    ``class/file``, or ``top/class/file`` with one common top folder). A member that is no
+    image, or outside the layout, refuses the archive unless ``skipped`` collects it; so does
+    a name that occurs twice, always."""
+    copies = {tuple(parts): path for parts, path, _ in found if path is not None}
+    raw = {tuple(parts): name for parts, path, name in found if path is not None}
+    sorted_ = sort_members([tuple(parts) for parts, _, _ in found], IMAGE_SUFFIXES, "archive")
+    if sorted_.skipped:
+        if skipped is None:
+            raise refuse(refusal(sorted_.skipped, SKIP_INVALID))
+        skipped.extend(sorted_.skipped)
+    if not sorted_.images:
         raise refuse(
             "it holds no images (PNG, JPEG or WebP files in one folder per class, e.g. 3/a.png)"
         )
-    depths = {len(parts) for parts, _, _ in found}
-    tops = {parts[0] for parts, _, _ in found}
-    strip = 1 if depths == {3} and len(tops) == 1 else 0
     members = []
     seen: set[str] = set()
-    for parts, path, raw in found:
-        rest = parts[strip:]
-        if len(rest) != 2:
-            raise refuse(
-                f"member {raw!r} is not in a class folder: use one folder per class with the "
-                "images directly inside (class/image.png), optionally all under one top folder"
-            )
-        name = "/".join(rest)
+    for parts, folder, name in sorted_.images:
         if name in seen:
-            raise refuse(f"member {raw!r} occurs twice")
+            raise refuse(f"member {raw[parts]!r} occurs twice")
         seen.add(name)
-        members.append(Member(rest[0], name, path))
+        members.append(Member(folder, name, copies[parts]))
     return sorted(members, key=lambda m: (m.folder, m.name.split("/", 1)[1]))

@@ -66,7 +66,13 @@ from domain.tables import (
     Status,
     new_id,
 )
-from models.data import ImageFolderDataset, folder_labels, open_inputs
+from models.data import (
+    SKIP_INVALID,
+    ImageFolderDataset,
+    Skipped,
+    folder_labels,
+    open_inputs,
+)
 from models.evaluate import (
     DecisionStats,
     Row,
@@ -96,6 +102,9 @@ class Request:
     dataset: str | None = None  # digits:train|test, or a folder of the server's dataset folder
     archive: IO[bytes] | None = None  # an uploaded ImageFolder archive (seekable)
     archive_name: str = ""
+    # A file that is not a supported image: refuses the set (False), or is skipped and listed
+    # in the evaluation's ``skipped`` with its reason (True).
+    skip_invalid: bool = False
 
 
 @dataclass
@@ -113,8 +122,14 @@ class Item:
 
 
 def _dataset_items(
-    spec: str, settings: Settings, input_size: int, classes: list[str]
+    spec: str,
+    settings: Settings,
+    input_size: int,
+    classes: list[str],
+    skipped: list[Skipped] | None,
 ) -> list[Item]:
+    """The images of a server-side dataset; a file that is not an image by its name or outside
+    the layout refuses it (422), or is appended to ``skipped`` when that is a list."""
     resolved = registry.dataset(settings.datasets, spec)
     if resolved in registry.BUILT_IN_DATASETS:
         if len(classes) != 10:
@@ -133,9 +148,12 @@ def _dataset_items(
         ]
     root = Path(resolved)
     try:
-        folder = ImageFolderDataset(root, input_size, classes)
-    except ValueError as exc:  # no class folders, or a folder that is no class of the model
-        raise bad_input(str(exc).replace(str(root), repr(spec))) from exc
+        folder = ImageFolderDataset(root, input_size, classes, skip_invalid=skipped is not None)
+    except ValueError as exc:  # no class folders, a folder no class, a file no image
+        message = str(exc).replace(str(root), repr(spec))
+        raise bad_input(message.replace(SKIP_INVALID, archives.SKIP_INVALID)) from exc
+    if skipped is not None:
+        skipped.extend(folder.skipped)
     base = settings.datasets.resolve()
     return [
         Item(
@@ -223,14 +241,17 @@ def submit(
 
     evaluation_id = new_id()
     folder = settings.data_dir / "evaluations" / evaluation_id
+    skipped: list[Skipped] | None = [] if request.skip_invalid else None
     try:
         if request.archive is not None:
-            members = archives.unpack(request.archive, folder, archive_limits(settings))
+            members = archives.unpack(request.archive, folder, archive_limits(settings), skipped)
             items = _archive_items(members, settings, target.ckpt.input_size, classes)
             source = f"archive:{Path(request.archive_name or 'upload').name}"
         else:
             assert request.dataset is not None
-            items = _dataset_items(request.dataset, settings, target.ckpt.input_size, classes)
+            items = _dataset_items(
+                request.dataset, settings, target.ckpt.input_size, classes, skipped
+            )
             source = request.dataset
         chosen = items[:: request.skip][: request.max_images]
         if not chosen:
@@ -244,7 +265,7 @@ def submit(
         for attempt in range(ATTEMPTS):
             try:
                 return _store(session, client, evaluation_id, source, digest, request, target,
-                              chosen, classes, settings)  # fmt: skip
+                              chosen, classes, settings, list(skipped or []))  # fmt: skip
             except IntegrityError:  # an identical single submission committed meanwhile
                 session.rollback()
                 if attempt == ATTEMPTS - 1:
@@ -276,7 +297,11 @@ def _store(
     chosen: list[Item],
     classes: list[str],
     settings: Settings,
+    skipped: list[Skipped],
 ) -> tuple[Evaluation, list[str]]:
+    """Store the evaluation and its items. An image that cannot be decoded refuses the whole
+    evaluation (4xx naming it), or with ``request.skip_invalid`` is skipped and listed with
+    the members ``skipped`` already holds; an evaluation with nothing left is refused."""
     p = request.params
     evaluation = Evaluation(
         id=evaluation_id,
@@ -300,8 +325,15 @@ def _store(
     session.add(evaluation)
     secret = signing.seed_secret(settings)
     queued: dict[str, events.JobFacts] = {}
-    for position, item in enumerate(chosen):
-        inp, input_sha256 = item.load()
+    position = 0
+    for item in chosen:
+        try:
+            inp, input_sha256 = item.load()
+        except ServiceError as exc:  # not a supported image, damaged, too many pixels
+            if not request.skip_invalid or exc.status_code not in (413, 415, 422):
+                raise
+            skipped.append(Skipped(item.name, exc.detail.removeprefix(f"{item.name}: ")))
+            continue
         job, stored = new_job(client.id, inp, input_sha256, p, target, settings, secret)
         existing = find(session, client.id, job.request_key)
         if existing is None:
@@ -321,6 +353,14 @@ def _store(
                 name=item.name, label=item.label, job_id=job.id, input_sha256=input_sha256,
             )
         )  # fmt: skip
+        position += 1
+    if not position:
+        raise bad_input(
+            f"no image could be certified: all {len(chosen)} were skipped (first: "
+            f"{skipped[0].name!r}: {skipped[0].reason})"
+        )
+    evaluation.total = position  # the skipped images are listed, not counted
+    evaluation.skipped = [{"name": s.name, "reason": s.reason} for s in skipped]
     session.flush()
     admit(session, client.id, settings)
     session.commit()

@@ -35,6 +35,7 @@ from models.images import (
 )
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # the names of IMAGE_FORMATS' files
 
 
 @dataclass

@@ -285,6 +285,8 @@ class Evaluation(Base):
     skip: Mapped[int] = mapped_column(Integer, default=1)
     max_images: Mapped[int | None] = mapped_column(Integer, default=None)
     total: Mapped[int] = mapped_column(Integer)  # images (items)
+    # Members of the set that are not certified, each {"name", "reason"} (skip_invalid).
+    skipped: Mapped[list[Any]] = mapped_column(default=list, server_default="[]")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     cancelled_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 

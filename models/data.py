@@ -9,7 +9,7 @@ its centred square bicubic-resized straight to the model's input size S, float32
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,6 +26,12 @@ from models.images import preprocess as preprocess
 from models.images import preprocess_image as preprocess_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Entries of a folder or archive that are no part of a test set, left out without a word:
+# hidden files and folders (.DS_Store, ._x AppleDouble files, .git/), macOS's __MACOSX/ and the
+# thumbnail caches and folder settings that Windows writes (compared in lower case).
+IGNORED_FOLDERS = ("__MACOSX",)
+IGNORED_FILES = ("thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r")
+MAX_FOLDER_DEPTH = 8  # a folder of a set walked deeper than this is reported, not followed
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 
@@ -92,6 +98,128 @@ DIGITS_MEAN = (0.30538338, 0.30538338, 0.30538338)
 DIGITS_STD = (0.37611917, 0.37611917, 0.37611917)
 
 
+# ---------------------------------------------------------------- members of a set
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A member of a folder or archive that is not certified: its name in the set and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass
+class Sorted:
+    """The members of a set sorted by :func:`sort_members`: the images to certify, each as
+    (its path parts as given, its class folder or "", its name as shown), in the order given;
+    and every other member that is not ignored, with its reason."""
+
+    images: list[tuple[tuple[str, ...], str, str]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def is_ignored(parts: Sequence[str]) -> bool:
+    """A hidden or system entry (see :data:`IGNORED_FILES`), no part of any test set."""
+    if not parts or parts[0] in IGNORED_FOLDERS:
+        return True
+    return any(p.startswith(".") for p in parts) or parts[-1].lower() in IGNORED_FILES
+
+
+def format_problem(name: str, suffixes: Sequence[str]) -> str | None:
+    """Why a file of this name is no supported image (None: its suffix is an image's)."""
+    suffix = Path(name).suffix.lower()
+    if suffix in suffixes:
+        return None
+    supported = ", ".join(suffixes)
+    if not suffix:
+        return f"no file suffix: not a supported image ({supported})"
+    return f"'{suffix}' is not a supported image format ({supported})"
+
+
+def sort_members(paths: Sequence[tuple[str, ...]], suffixes: Sequence[str], layout: str) -> Sorted:
+    """The one rule for the members of a test set (a folder for the CLI, an archive for the
+    API, the zip ``submit`` builds): ignored entries (:func:`is_ignored`) are left out; a file
+    whose suffix is not in ``suffixes`` is skipped with its reason, as is a file outside the
+    layout; the rest are images. Their content is checked when they are read.
+
+    ``paths``: each member's path components relative to the set's root. ``layout``:
+    ``"flat"`` (images directly in the root, no labels), ``"classes"`` (one folder per class,
+    images directly inside), or ``"archive"`` (classes, optionally all under one top folder).
+    """
+    if layout not in ("flat", "classes", "archive"):
+        raise ValueError(f"unknown layout {layout!r}")
+    found = Sorted()
+    candidates: list[tuple[str, ...]] = []
+    for parts in paths:
+        if is_ignored(parts):
+            continue
+        problem = format_problem(parts[-1], suffixes)
+        if problem is not None:
+            found.skipped.append(Skipped("/".join(parts), problem))
+        else:
+            candidates.append(tuple(parts))
+    depth = 1 if layout == "flat" else 2
+    strip = 0
+    if layout == "archive" and len({p[0] for p in candidates}) == 1:
+        strip = int(any(len(p) == 3 for p in candidates))  # test/3/a.png: a zipped folder
+    for parts in candidates:
+        rest = parts[strip:]
+        if len(rest) == depth:
+            found.images.append((parts, rest[0] if depth == 2 else "", "/".join(rest)))
+        elif depth == 1:
+            found.skipped.append(
+                Skipped(
+                    "/".join(parts),
+                    "in a sub-folder: a folder of images takes the files directly inside it",
+                )  # fmt: skip
+            )
+        else:
+            found.skipped.append(
+                Skipped(
+                    "/".join(parts),
+                    "not in a class folder: use one folder per class with "
+                    "the images directly inside (class/image.png)",
+                )  # fmt: skip
+            )
+    order = {"/".join(parts): i for i, parts in enumerate(paths)}
+    found.skipped.sort(key=lambda s: order[s.name])  # in the order given, like the images
+    return found
+
+
+def refusal(skipped: Sequence[Skipped], opt_in: str, limit: int = 10) -> str:
+    """The sentence refusing a set with members that are not supported images: each named
+    with its reason (the first ``limit``), and how to certify the rest (``opt_in``)."""
+    listed = "; ".join(f"{s.name!r}: {s.reason}" for s in skipped[:limit])
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return (
+        f"{len(skipped)} file(s) of the set are not supported images ({listed}{more}); remove "
+        f"them, or {opt_in} to certify the other images and list these as skipped"
+    )
+
+
+def folder_members(root: Path) -> list[tuple[str, ...]]:
+    """Every file under ``root`` (links followed, hidden folders not entered) as path parts
+    relative to it, sorted. A folder deeper than :data:`MAX_FOLDER_DEPTH` is listed as itself."""
+    out: list[tuple[str, ...]] = []
+
+    def walk(folder: Path, prefix: tuple[str, ...]) -> None:
+        for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+            parts = (*prefix, entry.name)
+            if is_ignored(parts):
+                continue
+            if entry.is_dir():
+                if len(parts) >= MAX_FOLDER_DEPTH:
+                    out.append(parts)  # reported as no image, not followed (link loops)
+                else:
+                    walk(entry, parts)
+            elif entry.is_file():
+                out.append(parts)
+
+    walk(root, ())
+    return out
+
+
 # ---------------------------------------------------------------- input sets
 
 
@@ -121,6 +249,7 @@ class InputSet(Dataset[tuple[Tensor, int, str]]):
         self.classes = classes
         self.tensor_steps = list(tensor_steps)
         self.native_size = native_size or input_size
+        self.skipped: list[Skipped] = []  # members that are not supported images
 
     def __len__(self) -> int:
         return len(self.items)
@@ -141,13 +270,44 @@ class InputSet(Dataset[tuple[Tensor, int, str]]):
             record = read_image(src, self.input_size)
         return Sample(record, label, name)
 
+    def unreadable(self, indices: Sequence[int]) -> list[Skipped]:
+        """The inputs among ``indices`` that cannot be read (the very :meth:`load` the run
+        uses: a file that is no image by its bytes, of an unsupported format, damaged or
+        truncated), each with its reason; checked before anything is certified."""
+        bad: list[Skipped] = []
+        for i in indices:
+            src, _, name = self.items[i]
+            if isinstance(src, Tensor):
+                continue
+            try:
+                self.load(i)
+            except ImageError as exc:
+                bad.append(Skipped(name, str(exc).removeprefix(f"{src.name}: ")))
+        return bad
+
     def __getitem__(self, i: int) -> tuple[Tensor, int, str]:
         sample = self.load(i)
         return sample.input.tensor, sample.label, sample.name
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _has_images(folder: Path) -> bool:
+    return any(
+        p.is_file() and format_problem(p.name, IMAGE_SUFFIXES) is None and not is_ignored([p.name])
+        for p in folder.iterdir()
+    )
+
+
+SKIP_INVALID = "pass --skip-invalid"
+
+
+class SetRefused(ValueError):
+    """A set refused for its members that are not supported images (:func:`refusal`)."""
+
+
+def _checked(found: Sorted, skip_invalid: bool, where: Path) -> Sorted:
+    if found.skipped and not skip_invalid:
+        raise SetRefused(f"{where}: {refusal(found.skipped, SKIP_INVALID)}")
+    return found
 
 
 def folder_labels(folders: Sequence[str], classes: Sequence[str], where: str) -> dict[str, int]:
@@ -181,11 +341,24 @@ class ImageFolderDataset(InputSet):
     With ``classes`` (a model's class names) each folder name must be one of them and gives
     that class's index; otherwise ValueError listing the model's classes. Without (training a
     new model), the sorted folder names are the classes, in that order.
+
+    Every other file under ``root`` (not an image by its suffix, at the root, in a deeper
+    folder) refuses the set with ValueError naming it (:func:`sort_members`); with
+    ``skip_invalid`` it is left out and listed in ``skipped``.
     """
 
-    def __init__(self, root: str | Path, input_size: int, classes: list[str] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        input_size: int,
+        classes: list[str] | None = None,
+        skip_invalid: bool = False,
+    ):
         root = Path(root)
-        folders = sorted(d.name for d in root.iterdir() if d.is_dir() and _images_in(d))
+        found = _checked(
+            sort_members(folder_members(root), IMAGE_SUFFIXES, "classes"), skip_invalid, root
+        )
+        folders = sorted({folder for _, folder, _ in found.images})
         if not folders:
             raise ValueError(f"{root}: no class sub-folders with images")
         if classes is None:
@@ -193,12 +366,12 @@ class ImageFolderDataset(InputSet):
             classes = folders
         else:
             labels = folder_labels(folders, classes, str(root))
+        images = sorted(found.images, key=lambda m: (m[1], m[0][-1]))
         items: list[tuple[Path | Tensor, int, str]] = [
-            (p, labels[name], f"{name}/{p.name}")
-            for name in folders
-            for p in _images_in(root / name)
+            (root.joinpath(*parts), labels[folder], name) for parts, folder, name in images
         ]
         super().__init__(items, input_size, list(classes))
+        self.skipped = found.skipped
 
 
 def _resize_tensors(x: Tensor, input_size: int) -> Tensor:
@@ -212,11 +385,15 @@ def _resize_tensors(x: Tensor, input_size: int) -> Tensor:
 DIGITS_STEPS = ("scikit-learn digits 8x8, 0..16 / 16", "grey -> 3 equal channels")
 
 
-def open_inputs(spec: str, input_size: int, classes: list[str] | None = None) -> InputSet:
+def open_inputs(
+    spec: str, input_size: int, classes: list[str] | None = None, skip_invalid: bool = False
+) -> InputSet:
     """An image file, a folder of images, an ImageFolder root, or ``digits:train|test``.
 
     ``classes``: the model's class names; ImageFolder labels are then the model's indices of the
-    folder names (see :class:`ImageFolderDataset`).
+    folder names (see :class:`ImageFolderDataset`). A folder with a file that is not an image
+    by its suffix, or lies outside its layout, is refused (ValueError naming each) unless
+    ``skip_invalid``: then those are listed in the set's ``skipped``.
     """
     if spec.startswith("digits:"):
         x, y, names = load_digits_split(spec.split(":", 1)[1])
@@ -232,10 +409,16 @@ def open_inputs(spec: str, input_size: int, classes: list[str] | None = None) ->
     if path.is_file():
         return InputSet([(path, -1, path.name)], input_size, None)
     if path.is_dir():
-        if any(d.is_dir() and _images_in(d) for d in path.iterdir()):
-            return ImageFolderDataset(path, input_size, classes)
-        files = _images_in(path)
-        if not files:
+        if any(d.is_dir() and not is_ignored([d.name]) and _has_images(d) for d in path.iterdir()):
+            return ImageFolderDataset(path, input_size, classes, skip_invalid)
+        found = _checked(
+            sort_members(folder_members(path), IMAGE_SUFFIXES, "flat"), skip_invalid, path
+        )
+        if not found.images:
             raise ValueError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-        return InputSet([(p, -1, p.name) for p in files], input_size, None)
+        flat = InputSet(
+            [(path.joinpath(*parts), -1, name) for parts, _, name in found.images], input_size, None
+        )
+        flat.skipped = found.skipped
+        return flat
     raise FileNotFoundError(f"input {spec!r} is not a file, a folder or 'digits:train|test'")

@@ -117,9 +117,27 @@ def write_tsv(path: str | Path, rows: Iterable[Row]) -> None:
             out.write(row)
 
 
-def tsv_text(rows: Iterable[Row]) -> str:
-    """The whole TSV (header and rows) as text: what :class:`TsvWriter` writes to a file."""
-    return "".join(["\t".join(TSV_COLUMNS) + "\n", *(row.tsv() + "\n" for row in rows)])
+SKIPPED_FOOTER = "# skipped"
+
+
+def skipped_lines(skipped: Iterable[tuple[str, str]]) -> list[str]:
+    """Footer lines (no newline) naming each file of the set that was not certified:
+    ``# skipped<TAB>name<TAB>reason``. :func:`read_tsv` ignores lines starting with ``#``."""
+    clean = str.maketrans({"\t": " ", "\n": " ", "\r": " "})
+    return [
+        f"{SKIPPED_FOOTER}\t{name.translate(clean)}\t{reason.translate(clean)}"
+        for name, reason in skipped
+    ]
+
+
+def tsv_text(rows: Iterable[Row], skipped: Iterable[tuple[str, str]] = ()) -> str:
+    """The whole TSV (header, rows, then a footer line per skipped file) as text: what
+    :class:`TsvWriter` writes to a file."""
+    return "".join([
+        "\t".join(TSV_COLUMNS) + "\n",
+        *(row.tsv() + "\n" for row in rows),
+        *(line + "\n" for line in skipped_lines(skipped)),
+    ])  # fmt: skip
 
 
 def _legacy_header(path: Path) -> bool:
@@ -129,7 +147,8 @@ def _legacy_header(path: Path) -> bool:
 
 def read_tsv(path: str | Path) -> list[Row]:
     """The complete rows of a TSV written by :class:`TsvWriter`; a last line cut off by a kill
-    (no newline) is left out. ValueError when the file is not such a TSV."""
+    (no newline) and comment lines (``#``: the skipped files' footer) are left out. ValueError
+    when the file is not such a TSV."""
     text = Path(path).read_text(encoding="utf-8")
     lines = text.split("\n")
     if not lines or lines[0] not in ("\t".join(TSV_COLUMNS), "\t".join(LEGACY_COLUMNS)):
@@ -137,6 +156,8 @@ def read_tsv(path: str | Path) -> list[Row]:
     complete = lines[1:-1]  # the last element follows the last newline: empty or cut off
     rows = []
     for number, line in enumerate(complete, start=2):
+        if line.startswith("#"):
+            continue
         try:
             rows.append(Row.parse(line))
         except ValueError as exc:
@@ -156,6 +177,8 @@ class TsvWriter:
         if append and path.exists():
             data = path.read_bytes()
             keep = data[: data.rfind(b"\n") + 1]  # whole lines only
+            # An earlier run's footer: this run writes its own at the end.
+            keep = b"".join(ln for ln in keep.splitlines(keepends=True) if not ln.startswith(b"#"))
             if keep != data:
                 path.write_bytes(keep)
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -166,6 +189,12 @@ class TsvWriter:
 
     def write(self, row: Row) -> None:
         self._file.write(row.tsv() + "\n")
+        self._file.flush()
+
+    def footer(self, skipped: Iterable[tuple[str, str]]) -> None:
+        """The footer lines of :func:`skipped_lines` (after the last row)."""
+        for line in skipped_lines(skipped):
+            self._file.write(line + "\n")
         self._file.flush()
 
     def close(self) -> None:

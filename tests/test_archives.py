@@ -17,7 +17,7 @@ from service_support import digit_png
 
 from domain import archives
 from domain.errors import ServiceError
-from models.data import ImageFolderDataset
+from models.data import ImageFolderDataset, Skipped
 
 LIMITS = archives.Limits(
     archive_bytes=10 << 20, members=100, expanded_bytes=4 << 20, member_bytes=1 << 20
@@ -55,8 +55,13 @@ def special(name: str, kind: bytes, link: str = "") -> tarfile.TarInfo:
     return info
 
 
-def unpack(archive: io.BytesIO, tmp_path: Path, limits: archives.Limits = LIMITS) -> list[str]:
-    return [m.name for m in archives.unpack(archive, tmp_path / "dest", limits)]
+def unpack(
+    archive: io.BytesIO,
+    tmp_path: Path,
+    limits: archives.Limits = LIMITS,
+    skipped: list[Skipped] | None = None,
+) -> list[str]:
+    return [m.name for m in archives.unpack(archive, tmp_path / "dest", limits, skipped)]
 
 
 def refused(archive: io.BytesIO, tmp_path: Path, status: int, words: str, **caps: int) -> None:
@@ -89,12 +94,15 @@ def test_a_good_archive_comes_out_in_image_folder_order(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
 def test_tar_in_every_compression_with_a_top_folder_and_junk(tmp_path: Path, mode: str) -> None:
-    archive = make_tar(
-        [("test/3/a.png", PNG), ("test/7/b.png", PNG), ("test/README.txt", b"hello"),
-         ("test/3/.DS_Store", b"x"), ("__MACOSX/test/3/._a.png", b"x")],
-        mode,
-    )  # fmt: skip
-    assert unpack(archive, tmp_path) == ["3/a.png", "7/b.png"]
+    """Hidden and system files are left out without a word; a README is no image: it refuses
+    the archive, naming it, or is listed as skipped (issue 26 item 2)."""
+    members = [("test/3/a.png", PNG), ("test/7/b.png", PNG), ("test/README.txt", b"hello"),
+               ("test/3/.DS_Store", b"x"), ("__MACOSX/test/3/._a.png", b"x"),
+               ("test/7/Thumbs.db", b"x")]  # fmt: skip
+    refused(make_tar(members, mode), tmp_path / "r", 422, "'test/README.txt': '.txt' is not")
+    skipped: list[Skipped] = []
+    assert unpack(make_tar(members, mode), tmp_path, skipped=skipped) == ["3/a.png", "7/b.png"]
+    assert [s.name for s in skipped] == ["test/README.txt"]
 
 
 @pytest.mark.parametrize(
@@ -190,9 +198,11 @@ def test_sizes_layout_and_format(tmp_path: Path) -> None:
         unpack(io.BytesIO(PNG), tmp_path / "c")
     assert err.value.status_code == 415 and "not a zip or tar archive" in err.value.detail
     refused(make_zip({"a.png": PNG}), tmp_path / "d", 422, "not in a class folder")
+    refused(make_zip({"notes.txt": b"x"}), tmp_path / "f2", 422, "'notes.txt': '.txt' is not")
     refused(make_zip({"3/a.png": PNG, "x/3/b.png": PNG}), tmp_path / "e", 422,
             "not in a class folder")  # fmt: skip
-    refused(make_zip({"notes.txt": b"x"}), tmp_path / "f", 422, "holds no images")
+    with pytest.raises(ServiceError, match="holds no images"):
+        archives.unpack(make_zip({"notes.txt": b"x"}), tmp_path / "f", LIMITS, [])
     refused(make_zip({"3/a.png": PNG, "3/./a.png": PNG}), tmp_path / "g", 422, "occurs twice")
     refused(io.BytesIO(b"PK\x03\x04" + bytes(100)), tmp_path / "h", 422, "not a readable zip")
     damaged = make_tar([("3/a.png", PNG)]).getvalue()[:200]

@@ -95,7 +95,7 @@ def test_a_folder_and_a_dataset_give_the_tsv_and_plot(
     for cls, index in (("digit-3", 0), ("digit-3", 1), ("digit-7", 2)):
         (folder / cls).mkdir(parents=True, exist_ok=True)
         (folder / cls / f"{index}.png").write_bytes(digit_png(index))
-    (folder / "notes.txt").write_text("not sent")
+    (folder / ".DS_Store").write_text("not sent")  # hidden: left out (tests/test_set_members.py)
     tsv, png = tmp_path / "set.tsv", tmp_path / "set.png"
     assert (
         submit(server, "--input", str(folder), *SMALL, "--out", str(tsv), "--plot", str(png)) == 0

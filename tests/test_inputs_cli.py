@@ -147,20 +147,30 @@ def _folder_with_bad_files(root: Path) -> None:
     (root / "d-text.png").write_text("this is not an image\n")
 
 
-def test_a_corrupt_file_is_skipped_with_a_warning_and_the_rest_certified(
+def test_a_corrupt_file_refuses_the_set_or_is_skipped_with_a_warning(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue item 9: one bad file aborted the run with a PIL traceback and no output."""
+    """Issue item 9: one bad file aborted the run with a PIL traceback and no output. Issue 26
+    item 2: it refuses the set by default, naming each file (nothing is certified); with
+    --skip-invalid the others are certified and the bad ones listed."""
     _folder_with_bad_files(tmp_path / "in")
     out = tmp_path / "r.tsv"
     code = main(["certify", "--input", str(tmp_path / "in"), "--checkpoint", DIGITS, *FAST,
                  "--out", str(out)])  # fmt: skip
     captured = capsys.readouterr()
+    assert code == 1 and not out.exists(), captured.err
+    assert "2 file(s) of the set are not supported images ('b-truncated.png': " in captured.err
+    assert "'d-text.png': not a readable image" in captured.err
+    code = main(["certify", "--input", str(tmp_path / "in"), "--checkpoint", DIGITS, *FAST,
+                 "--out", str(out), "--skip-invalid"])  # fmt: skip
+    captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert [r["name"] for r in read_tsv(out)] == ["a.png", "c.png"]
+    assert [r["name"] for r in read_tsv(out) if not r["idx"].startswith("#")] == [
+        "a.png", "c.png",
+    ]  # fmt: skip
     assert "warning: skipped b-truncated.png" in captured.err
     assert "warning: skipped d-text.png" in captured.err
-    assert "Traceback" not in captured.err and "2 unreadable input(s) skipped" in captured.out
+    assert "Traceback" not in captured.err and "2 file(s) skipped" in captured.out
 
 
 def test_a_corrupt_file_inside_a_class_folder_is_skipped(
@@ -169,9 +179,13 @@ def test_a_corrupt_file_inside_a_class_folder_is_skipped(
     _folder_with_bad_files(tmp_path / "in" / "7")
     out = tmp_path / "r.tsv"
     assert main(["predict", "--input", str(tmp_path / "in"), "--n", "200", "--no-progress",
-                 "--out", str(out)]) == 0  # fmt: skip
-    assert [r["name"] for r in read_tsv(out)] == ["7/a.png", "7/c.png"]
-    assert "skipped b-truncated.png" in capsys.readouterr().err
+                 "--out", str(out), "--skip-invalid"]) == 0  # fmt: skip
+    assert [r["name"] for r in read_tsv(out) if not r["idx"].startswith("#")] == [
+        "7/a.png", "7/c.png",
+    ]  # fmt: skip
+    assert "skipped 7/b-truncated.png" in capsys.readouterr().err
+    assert main(["predict", "--input", str(tmp_path / "in"), "--n", "200", "--no-progress"]) == 1
+    assert "'7/b-truncated.png': " in capsys.readouterr().err
 
 
 def test_nothing_certifiable_exits_non_zero_without_a_traceback(
@@ -183,8 +197,13 @@ def test_nothing_certifiable_exits_non_zero_without_a_traceback(
     (folder / "y.jpg").write_bytes(b"\xff\xd8\xff")
     code = main(["certify", "--input", str(folder), "--n", "100", "--no-progress"])
     err = capsys.readouterr().err
+    assert code == 1 and "2 file(s) of the set are not supported images" in err
+    code = main(["certify", "--input", str(folder), "--n", "100", "--no-progress",
+                 "--skip-invalid"])  # fmt: skip
+    err = capsys.readouterr().err
     assert code == 1 and "nothing could be certified" in err and "Traceback" not in err
     assert main(["certify", "--input", str(folder / "x.png"), "--no-progress"]) == 1
+    assert "x.png: " in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- 10. precision and rounding

@@ -64,6 +64,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="a file of the input folder that is not a supported image (by its suffix or its "
+        "bytes: .avif, .heic, damaged, outside the ImageFolder layout) refuses the whole run "
+        "(exit 1, naming each); with this flag it is skipped instead, listed on stderr and in "
+        "the TSV's '# skipped' footer. Hidden and system files (.DS_Store, Thumbs.db) are "
+        "always left out",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="keep the rows already in --out (a run that was interrupted) and certify only the "
@@ -164,7 +173,7 @@ def prepare(args: argparse.Namespace) -> Setup:
         check_n(mode, args.n, args.alpha)
     if args.batch < 1 or args.skip < 1:
         raise ValueError("--batch and --skip must be at least 1")
-    inputs = open_inputs(args.input, meta.input_size, meta.classes or None)
+    inputs = open_inputs(args.input, meta.input_size, meta.classes or None, args.skip_invalid)
     indices = list(range(0, len(inputs), args.skip))
     if args.max >= 0:
         indices = indices[: args.max]
@@ -319,11 +328,31 @@ def run(args: argparse.Namespace) -> int:
             "--plot draws certified accuracy against the radius: PREDICT certifies no radius "
             "and DECIDE answers at one radius; use certify for a curve"
         )
-    setup = prepare(args)
+    from models.data import SetRefused
+
+    try:
+        setup = prepare(args)
+    except SetRefused as exc:  # the same exit as a file refused for its bytes, below
+        print(f"dmae-certify {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     size, meta = setup.meta.input_size, setup.meta
     rows: list[Row] = _done_before(args, setup)
     done = {r.idx for r in rows}
     todo = [i for i in setup.indices if i not in done]
+    skipped = [(s.name, s.reason) for s in setup.inputs.skipped]
+    if bad := setup.inputs.unreadable(todo):  # every file read once before any is certified
+        if not args.skip_invalid:
+            from models.data import SKIP_INVALID, refusal
+
+            what = f"{bad[0].name}: {bad[0].reason}" if len(setup.inputs) == 1 else (
+                refusal(bad, SKIP_INVALID))  # fmt: skip
+            print(f"dmae-certify {args.command}: error: {what}", file=sys.stderr)
+            return 1
+        unusable = {s.name for s in bad}
+        todo = [i for i in todo if setup.inputs.name(i) not in unusable]
+        skipped += [(s.name, s.reason) for s in bad]
+    for name, reason in skipped:
+        print(f"warning: skipped {name}: {reason}", file=sys.stderr)
     print(
         f"# {setup.mode} {len(setup.indices)} input(s) with {args.checkpoint} on {setup.device}: "
         f"sigma={setup.sigma:g} n0={args.n0} n={args.n} alpha={args.alpha:g}; radius in L2 "
@@ -334,7 +363,6 @@ def run(args: argparse.Namespace) -> int:
     if meta.classes_source:
         print(f"# class names: {meta.classes_source}", file=sys.stderr)
 
-    skipped: list[str] = []
     per_sample = len(todo) == 1
     bar = tqdm(
         total=(args.n0 + args.n) if per_sample else len(todo),
@@ -349,8 +377,8 @@ def run(args: argparse.Namespace) -> int:
         for i in todo:
             try:
                 sample = setup.inputs.load(i)
-            except ImageError as exc:  # one unreadable file: say so, certify the others
-                skipped.append(str(exc))
+            except ImageError as exc:  # changed since it was checked: say so, go on
+                skipped.append((setup.inputs.name(i), str(exc)))
                 tqdm.write(f"warning: skipped {exc}", file=sys.stderr)
                 bar.update(0 if per_sample else 1)
                 continue
@@ -378,6 +406,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
         if out is not None:
+            out.footer(skipped)
             out.close()
 
     summary = sys.stderr if args.json else sys.stdout
@@ -391,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
     if skipped and not rows:
         print(
             f"dmae-certify {args.command}: error: nothing could be certified: "
-            f"{len(skipped)} unreadable input(s)",
+            f"{len(skipped)} file(s) skipped",
             file=sys.stderr,
         )
         return 1
@@ -409,7 +438,11 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{what} over {len(rows)} input(s), {seconds:.1f} s "
         f"({seconds / max(len(rows), 1):.2f} s per input)"
-        + (f", {len(skipped)} unreadable input(s) skipped" if skipped else "")
+        + (
+            f", {len(skipped)} file(s) skipped (not supported images, listed on stderr)"
+            if skipped
+            else ""
+        )  # fmt: skip
         + ":",
         file=summary,
     )

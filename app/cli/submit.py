@@ -87,6 +87,14 @@ def register(sub: Any) -> None:
     s.add_argument(
         "--plot", default=None, help="evaluations: write the certified-accuracy PNG here"
     )
+    s.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="evaluations: a file of the set that is not a supported image (.avif, .heic, "
+        ".gif, damaged, outside the layout) refuses the evaluation, naming it; with this flag "
+        "the server skips it and lists it (on stderr here, and in the TSV's '# skipped' "
+        "footer)",
+    )
     s.add_argument("--poll", type=float, default=0.5, help="seconds between status requests")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument(
@@ -149,9 +157,12 @@ def _form(args: argparse.Namespace, evaluation: bool) -> dict[str, str]:
         "time_budget_s": args.time_budget,
     }  # fmt: skip
     if evaluation:
-        fields.update(skip=args.skip, max=args.max)
-    elif args.skip is not None or args.max is not None:
-        raise ValueError("--skip and --max are for evaluations (a folder, archive or --dataset)")
+        fields.update(skip=args.skip, max=args.max, skip_invalid="true" if args.skip_invalid
+                      else None)  # fmt: skip
+    elif args.skip is not None or args.max is not None or args.skip_invalid:
+        raise ValueError(
+            "--skip, --max and --skip-invalid are for evaluations (a folder, archive or --dataset)"
+        )
     return {k: str(v) for k, v in fields.items() if v is not None}
 
 
@@ -160,24 +171,24 @@ def is_archive(path: Path) -> bool:
 
 
 def zip_folder(folder: Path, out: IO[bytes]) -> int:
-    """Zip the ImageFolder ``folder`` into ``out`` (class/image entries, images only); returns
-    the number of images. ValueError when it has no class sub-folders with images."""
-    from models.data import IMAGE_SUFFIXES
+    """Zip the ImageFolder ``folder`` into ``out``: every file under it but hidden and system
+    files (``models.data.is_ignored``), at its path under one top folder (as zipping a folder
+    gives: ``set/3/a.png``), so that the server applies the one rule for a set's members
+    (``models.data.sort_members``) and names any file that is no image. Returns the number of
+    files. ValueError when it has no class sub-folders with images."""
+    from models.data import IMAGE_SUFFIXES, folder_members, sort_members
 
-    count = 0
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:  # images are compressed
-        for cls in sorted(p for p in folder.iterdir() if p.is_dir()):
-            for image in sorted(cls.iterdir()):
-                if image.is_file() and image.suffix.lower() in IMAGE_SUFFIXES:
-                    archive.write(image, f"{cls.name}/{image.name}")
-                    count += 1
-    if not count:
+    members = folder_members(folder)
+    if not sort_members(members, IMAGE_SUFFIXES, "classes").images:
         raise ValueError(
             f"{folder}: no class sub-folders with images; an evaluation needs one folder per "
             "class named by the model's class names (send single images with --input FILE)"
         )
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:  # images are compressed
+        for parts in members:
+            archive.write(folder.joinpath(*parts), "/".join(("set", *parts)))
     out.seek(0)
-    return count
+    return len(members)
 
 
 # ---------------------------------------------------------------------------------- run
@@ -313,6 +324,8 @@ def _follow_evaluation(api: Api, args: argparse.Namespace, evaluation_id: str) -
     if args.plot:
         Path(args.plot).write_bytes(api.call("GET", f"{path}/plot.png").content)
         print(f"plot written to {args.plot}", file=sys.stderr)
+    for item in ev.get("skipped") or []:
+        print(f"warning: skipped {item['name']}: {item['reason']}", file=sys.stderr)
     print(summary(ev))
     if ev["status"] != "succeeded":
         raise SubmitError(f"evaluation {evaluation_id} {ev['status']}: {ev.get('error') or ''}")
@@ -326,7 +339,9 @@ def summary(ev: dict[str, Any]) -> str:
     p = ev["progress"]
     lines = [f"{ev['status']}: {p['images_done']} of {p['images_total']} image(s) certified, "
              f"{p['samples_done']:,} samples, {ev['time']['compute_s']:.1f} s of jobs, "
-             f"{ev['time']['wall_s']:.1f} s wall"]  # fmt: skip
+             f"{ev['time']['wall_s']:.1f} s wall"
+             + (f"; {len(ev['skipped'])} file(s) skipped (not supported images, listed on "
+                "stderr)" if ev.get("skipped") else "")]  # fmt: skip
     if ev.get("certified_accuracy"):
         curve = ev["certified_accuracy"]
         lines += [

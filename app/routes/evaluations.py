@@ -21,6 +21,7 @@ from app.schemas import (
     EvaluationTime,
     Mode,
     RadiusAccuracy,
+    SkippedFile,
     _iso,
 )
 from domain import evaluations, state
@@ -58,6 +59,7 @@ EXAMPLE_EVALUATION: dict[str, Any] = {
         "samples_done": 33000,
         "samples_total": 33000,
     },
+    "skipped": [],
     "certified_accuracy": [
         {"radius": 0.0, "accuracy": 1.0},
         {"radius": 0.25, "accuracy": 0.9666666666666667},
@@ -121,6 +123,7 @@ def evaluation_out(evaluation: Evaluation, s: evaluations.Summary) -> Evaluation
             samples_done=s.samples_done,
             samples_total=s.samples_total,
         ),  # fmt: skip
+        skipped=[SkippedFile(**item) for item in evaluation.skipped or []],
         certified_accuracy=curve,
         max_radius=evaluations.curve_max_radius(evaluation) if curve is not None else None,
         clean_accuracy=s.clean_accuracy,
@@ -248,6 +251,16 @@ def create_evaluation(
             description="At most this many images (after skip); default all.",
         ),
     ] = None,
+    skip_invalid: Annotated[
+        bool,
+        Form(
+            description="A file of the set that is not a supported image (not PNG, JPEG or "
+            "WebP by its name or its bytes, damaged, outside the layout) refuses the "
+            "evaluation with 422 naming it; with true it is skipped instead and listed in "
+            "the evaluation's skipped. Hidden and system files (.DS_Store, __MACOSX/, "
+            "Thumbs.db) are always left out."
+        ),
+    ] = False,
 ) -> EvaluationOut:
     """Store the evaluation and queue one job per image, each exactly like `POST /certify` (same
     preprocessing, input identity, derived seed and no-re-roll key): submitting the same
@@ -263,6 +276,7 @@ def create_evaluation(
         dataset=dataset or None,
         archive=archive.file if archive is not None else None,
         archive_name=(archive.filename or "") if archive is not None else "",
+        skip_invalid=skip_invalid,
     )
     evaluation, send = evaluations.submit(session, client, request, settings)
     sent: list[str] = []
@@ -304,7 +318,8 @@ def get_evaluation(evaluation_id: str, client: Client, session: SessionDep) -> E
             "description": "Header `idx label predict radius correct time decision n_used "
             "count_a n pa_lower n0 sigma alpha max_radius target_radius bound name "
             "tensor_sha256 preprocessing warnings`, one row per image with a certificate, "
-            "numbers at full precision; the CLI's --out file.",
+            "numbers at full precision, then one footer line `# skipped<TAB>name<TAB>reason` "
+            "per file skipped (skip_invalid); the CLI's --out file.",
             "content": {"text/tab-separated-values": {"schema": {"type": "string"}}},
         },
         **error_responses(404, why={404: NO_SUCH_EVALUATION}),
@@ -316,7 +331,7 @@ def evaluation_results(evaluation_id: str, client: Client, session: SessionDep) 
     from models.evaluate import tsv_text
 
     return Response(
-        tsv_text(rows),
+        tsv_text(rows, [(s["name"], s["reason"]) for s in evaluation.skipped or []]),
         media_type="text/tab-separated-values; charset=utf-8",
         headers={
             "Content-Disposition": f'attachment; filename="evaluation-{evaluation.id}.tsv"',

@@ -285,6 +285,11 @@ class JobOut(BaseModel):
     )
     replay_of: str | None = Field(None, description="For a replay: the job it re-runs.")
     replay: ReplayOut | None = Field(None, description="For a finished replay: what it found.")
+    evaluations: list[str] | None = Field(
+        None,
+        description="GET /jobs only: the evaluations whose images this job certifies (empty for "
+        "a single request or a replay; null in other answers).",
+    )
     target_radius: float | None = Field(
         None, description="decide jobs: the L2 radius decided about (null for other modes)."
     )
@@ -378,7 +383,9 @@ class TrainingPage(BaseModel):
     offset: int
 
 
-def job_out(job: Job, certificate: dict[str, Any] | None) -> JobOut:
+def job_out(
+    job: Job, certificate: dict[str, Any] | None, evaluations: list[str] | None = None
+) -> JobOut:
     record = dict(job.input_record or {})
     return JobOut(
         id=job.id,
@@ -408,6 +415,7 @@ def job_out(job: Job, certificate: dict[str, Any] | None) -> JobOut:
         seed_source=job.seed_source,
         replay_of=job.replay_of,
         replay=ReplayOut(**job.replay_result) if job.replay_result else None,
+        evaluations=evaluations,
         target_radius=job.target_radius,
         time_budget_s=job.time_budget_s,
     )

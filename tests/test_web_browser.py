@@ -444,7 +444,19 @@ def test_history_lists_evaluations_with_their_curve_and_tsv(tab: Tab, web: Web) 
 
     ev = eventually(done, what="the evaluation finished")
     assert ev["status"] == "succeeded", ev
+    web.wait(web.alice, web.submit(web.alice, digit_png(31), sigma="0.25", n="200")["id"])
     page = tab.open("history", web.alice)
+    # The 6 per-image jobs are summed up under Evaluations, not listed among the jobs...
+    own = web.get("/jobs", web.alice, params={"evaluations": "exclude"})["total"]
+    expect(page.locator("#history-page")).to_have_text(re.compile(rf"of {own}$"))
+    expect(page.locator("#history-table")).not_to_contain_text("image of evaluation")
+    # ...unless asked for.
+    control(page, "Jobs of evaluations").select_option("only these")
+    expect(page.locator("#history-page")).to_have_text("Jobs 1 to 6 of 6")
+    kinds = page.locator("#history-table tbody tr td:nth-child(7)")
+    expect(kinds).to_have_text([f"image of evaluation {ev['id'][:8]}"] * 6)
+    control(page, "Jobs of evaluations").select_option("shown")
+    expect(page.locator("#history-page")).to_have_text(re.compile(rf"of {own + 6}$"))
     row = page.get_by_role("region", name="Evaluations").locator(
         f'tr[data-evaluation="{ev["id"]}"]'
     )
@@ -460,6 +472,27 @@ def test_history_lists_evaluations_with_their_curve_and_tsv(tab: Tab, web: Web) 
     assert download.value.suggested_filename == f"evaluation-{ev['id']}.tsv"
     tsv = web.http.get(web.url + ev["results_url"], headers={"X-API-Key": web.alice}).text
     assert Path(download.value.path()).read_text() == tsv and len(tsv.splitlines()) == 7
+
+
+def test_history_labels_a_replay_as_a_replay(tab: Tab, web: Web) -> None:
+    job = web.submit(web.admin, digit_png(30), sigma="0.25", n0="20", n="200")
+    web.wait(web.admin, job["id"])
+    r = web.http.post(f"{web.url}/jobs/{job['id']}/replay", headers={"X-API-Key": web.admin})
+    assert r.status_code == 202, r.text
+    replay = web.wait(web.admin, r.json()["id"])
+    page = tab.open("history", web.admin)
+    row = page.get_by_role("row").filter(
+        has=page.get_by_role("link", name=f"Open job {replay['id']}")
+    )
+    expect(row.locator("td").nth(6)).to_have_text(f"replay of {job['id'][:8]}")
+    expect(page.get_by_role("row").filter(
+        has=page.get_by_role("link", name=f"Open job {job['id']}")).locator("td").nth(6)
+    ).to_have_text("request")  # fmt: skip
+    row.get_by_role("link", name=job["id"][:8]).click()
+    expect(page.get_by_role("heading", name=f"Job {job['id']}")).to_be_focused()
+    page.goto(f"{web.url}/#job/{replay['id']}")
+    expect(page.get_by_role("heading", name=f"Job {replay['id']}: replay of job {job['id']}")
+           ).to_be_visible()  # fmt: skip
 
 
 def test_an_admin_registers_a_model(tab: Tab, web: Web) -> None:

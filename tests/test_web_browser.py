@@ -55,7 +55,7 @@ PHONE: ViewportSize = {"width": 390, "height": 844}
 # How long anything may take: minutes, so that a shared, busy host (six busy processes on two
 # cores) slows the tests down without failing them. Both Playwright's actions (the page's
 # default timeout) and its expect() assertions (5 s unless set here) wait this long.
-WAIT_MS = int(os.environ.get("DMAE_TEST_WAIT_MS", 300_000))
+WAIT_MS = 300_000
 WAIT_S = WAIT_MS / 1000
 expect.set_options(timeout=WAIT_MS)
 

@@ -217,7 +217,7 @@ def test_serve_workers_refuse_a_port_in_use(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         out = subprocess.run([CLI, "serve", "--workers", "2", "--port", str(port)], env=env,
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
 
@@ -278,7 +278,7 @@ def test_processes_that_fail_at_start_stop_the_group(tmp_path: Path) -> None:
         port = probe.getsockname()[1]
     out = subprocess.run(
         [sys.executable, "-c", code, str(Path(__file__).parent), str(port)],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent,
     )  # fmt: skip
     assert out.returncode == 1, out.stderr[-3000:]
     assert "no API process could start" in out.stderr

@@ -299,6 +299,11 @@ class JobOut(BaseModel):
     )
     replay_of: str | None = Field(None, description="For a replay: the job it re-runs.")
     replay: ReplayOut | None = Field(None, description="For a finished replay: what it found.")
+    evaluations: list[str] | None = Field(
+        None,
+        description="GET /jobs only: the evaluations whose images this job certifies (empty for "
+        "a single request or a replay; null in other answers).",
+    )
     target_radius: float | None = Field(
         None, description="decide jobs: the L2 radius decided about (null for other modes)."
     )
@@ -406,10 +411,14 @@ class TrainingPage(BaseModel):
 
 
 def job_out(
-    job: Job, certificate: dict[str, Any] | None, upload: tuple[str, dict[str, Any]] | None = None
+    job: Job,
+    certificate: dict[str, Any] | None,
+    upload: tuple[str, dict[str, Any]] | None = None,
+    evaluations: list[str] | None = None,
 ) -> JobOut:
     """The job as its answer shows it; ``upload`` (bytes sha256, record): as seen by that upload
-    of the job's input, with its own preprocessing and warnings (``?upload=`` in its URL)."""
+    of the job's input, with its own preprocessing and warnings (``?upload=`` in its URL);
+    ``evaluations``: the ids of the evaluations the job serves (history listings only)."""
     sha, record = upload if upload else (job.input_sha256, dict(job.input_record or {}))
     return JobOut(
         id=job.id,
@@ -439,6 +448,7 @@ def job_out(
         seed_source=job.seed_source,
         replay_of=job.replay_of,
         replay=ReplayOut(**job.replay_result) if job.replay_result else None,
+        evaluations=evaluations,
         target_radius=job.target_radius,
         time_budget_s=job.time_budget_s,
     )

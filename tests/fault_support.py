@@ -44,7 +44,7 @@ class PrivateRedis:
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float = 120.0) -> None:
         out: Any = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
@@ -191,7 +191,7 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def pool_children(self, timeout: float = 60.0) -> list[int]:
+    def pool_children(self, timeout: float = 300.0) -> list[int]:
         """The pool's child processes (waits until the pool has started them)."""
         deadline = time.monotonic() + timeout
         while True:

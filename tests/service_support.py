@@ -158,7 +158,7 @@ def wait_for(
     get: Any,
     job_url: str,
     key: str,
-    timeout: float = 60.0,
+    timeout: float = 300.0,
     until: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
 ) -> dict[str, Any]:
     """Poll GET ``job_url`` until its status is in ``until``."""
@@ -260,7 +260,7 @@ def serve_process(root: Path, env: dict[str, str], *args: str) -> Iterator[tuple
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while True:
             try:
                 if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:

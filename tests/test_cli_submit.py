@@ -29,7 +29,7 @@ class Server:
     key: str
 
     def get(self, path: str) -> Any:
-        r = httpx.get(self.url + path, headers={"X-API-Key": self.key}, timeout=30)
+        r = httpx.get(self.url + path, headers={"X-API-Key": self.key}, timeout=120)
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -47,7 +47,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300
     while not server.started:
         assert time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)

@@ -349,6 +349,44 @@ def test_owner_only_listing_and_cancel(service: Service) -> None:
     service.client.delete(redo["url"], headers=service.h(service.alice))
 
 
+def test_the_job_history_can_leave_out_or_keep_only_the_jobs_of_evaluations(
+    service: Service,
+) -> None:
+    """One evaluation's per-image jobs no longer drown a person's own requests (issue: "Jobs 1
+    to 20 of 407"): GET /jobs?evaluations=exclude lists single requests and replays only,
+    =only the evaluations' jobs, and the default (include) every job as before. Each listed
+    job names the evaluations it serves; a job shared by two evaluations is listed once."""
+    key, h = service.alice, service.h(service.alice)
+    first = finished(service, key, evaluate(service, key, dataset="digits:test", max="3",
+                                            **SMALL).json()["url"])  # fmt: skip
+    second = finished(service, key, evaluate(service, key, dataset="digits:test", max="4",
+                                             **SMALL).json()["url"])  # fmt: skip
+    assert first["status"] == second["status"] == "succeeded"
+    single = service.submit(key, digit_png(40)).json()
+    service.wait(key, single["url"])
+
+    def listed(**query: str) -> dict[str, Any]:
+        r = service.client.get("/jobs", headers=h, params={"limit": "100", **query})
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    every, mine, of_evaluations = listed(), listed(evaluations="exclude"), listed(
+        evaluations="only")  # fmt: skip
+    assert every == listed(evaluations="include")  # the default is the listing as it was
+    assert every["total"] == 5 and [j["id"] for j in mine["items"]] == [single["id"]]
+    assert mine["total"] == 1 and mine["items"][0]["evaluations"] == []
+    assert of_evaluations["total"] == 4 == len(of_evaluations["items"])
+    served = {j["id"]: j["evaluations"] for j in of_evaluations["items"]}
+    assert sorted(map(len, served.values())) == [1, 2, 2, 2]  # 3 images shared, 1 not
+    assert all(second["id"] in ids for ids in served.values())
+    assert {j["id"] for j in every["items"]} == set(served) | {single["id"]}
+    done = listed(evaluations="exclude", status="succeeded")
+    assert done["total"] == 1 and listed(evaluations="only", status="queued")["total"] == 0
+    assert service.client.get(f"/jobs/{single['id']}", headers=h).json()["evaluations"] is None
+    bad = service.client.get("/jobs?evaluations=hide", headers=h)
+    assert bad.status_code == 422 and "evaluations" in bad.text
+
+
 def test_predict_and_decide_evaluations(service: Service) -> None:
     form = {"dataset": "digits:test", "max": "4", "sigma": "0.25", "n": "300"}
     predict = finished(service, service.alice, evaluate(
@@ -476,7 +514,7 @@ def _race(url: str, tmp_path: Path, checkpoint: Path, admit: Any, cap: int, race
         key, _ = create_key(s, "racer")
         s.commit()
         caller = Caller(key.id, False)
-    barrier = threading.Barrier(racers, timeout=30)
+    barrier = threading.Barrier(racers, timeout=300)
     codes: list[int] = []
 
     def held_admit(session: Any, owner_id: int, settings: Any) -> None:

@@ -85,7 +85,7 @@ def test_multiprocess_folder_adds_up_every_process(
     )
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
     for _ in range(2):
-        subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(folder))
     from domain import metrics
 

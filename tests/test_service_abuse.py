@@ -258,7 +258,7 @@ def _race(url: str, tmp_path: Path, checkpoint: Path, admit: Any, cap: int, race
         key, _ = create_key(s, "racer")
         s.commit()
         caller = Caller(key.id, False)
-    barrier = threading.Barrier(racers, timeout=30)
+    barrier = threading.Barrier(racers, timeout=300)
     codes: list[int] = []
 
     def held_admit(session: Any, owner_id: int, settings: Any) -> None:

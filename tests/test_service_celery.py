@@ -253,9 +253,9 @@ def test_sweep_requeues_lost_jobs_and_fails_them_past_the_cap(
                 )
             )
         s.commit()
-    redone = wait_for(service.client.get, lost["url"], service.alice, timeout=60)
+    redone = wait_for(service.client.get, lost["url"], service.alice, timeout=300)
     assert redone["status"] == "succeeded" and redone["attempts"] == 2
-    failed = wait_for(service.client.get, spent["url"], service.alice, timeout=60)
+    failed = wait_for(service.client.get, spent["url"], service.alice, timeout=300)
     assert failed["status"] == "failed" and "gave up after 2 attempts" in failed["error"]
     assert failed["certificate"] is None
 
@@ -272,7 +272,7 @@ def test_sweep_resends_jobs_whose_message_was_lost(stack: dict[str, Any]) -> Non
         svc = Service(client, app, stack["checkpoint"])
         job = svc.submit(svc.alice, digit_png(4), seed="21").json()
         assert lost.sent == [job["id"]] and job["status"] == "queued"
-        done = wait_for(client.get, job["url"], svc.alice, timeout=60)
+        done = wait_for(client.get, job["url"], svc.alice, timeout=300)
         assert done["status"] == "succeeded" and done["attempts"] == 1
 
 

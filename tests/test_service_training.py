@@ -136,7 +136,7 @@ def test_a_running_run_shows_its_log_tail(tmp_path: Path) -> None:
         )
         assert r.status_code == 202, r.text
         run = wait_for(client.get, r.json()["url"], admin["X-API-Key"], until=("running",))
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300
         while not run["metrics"].get("log") and time.monotonic() < deadline:
             time.sleep(0.05)
             run = client.get(r.json()["url"], headers=admin).json()

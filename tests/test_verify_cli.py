@@ -67,7 +67,7 @@ def issued(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Issued]:
     checkpoint = make_checkpoint(root / "data" / "checkpoints" / "tiny.safetensors", bias=0.0)
     with (
         serve_process(root, env) as (base, log_path),
-        httpx.Client(base_url=base, timeout=30) as http,
+        httpx.Client(base_url=base, timeout=120) as http,
     ):
         found = KEY_LINE.search(log_path.read_text())
         assert found, log_path.read_text()

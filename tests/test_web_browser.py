@@ -52,7 +52,12 @@ CHROMIUM_ARGS = [
 ]
 DESKTOP: ViewportSize = {"width": 1280, "height": 800}
 PHONE: ViewportSize = {"width": 390, "height": 844}
-WAIT_MS = 60_000
+# How long anything may take: minutes, so that a shared, busy host (six busy processes on two
+# cores) slows the tests down without failing them. Both Playwright's actions (the page's
+# default timeout) and its expect() assertions (5 s unless set here) wait this long.
+WAIT_MS = 300_000
+WAIT_S = WAIT_MS / 1000
+expect.set_options(timeout=WAIT_MS)
 
 
 def round_down(value: float, digits: int) -> str:
@@ -60,7 +65,7 @@ def round_down(value: float, digits: int) -> str:
     return str(Decimal(repr(value)).quantize(Decimal(10) ** -digits, rounding=ROUND_FLOOR))
 
 
-def eventually(check: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
+def eventually(check: Callable[[], Any], timeout: float = WAIT_S, what: str = "") -> Any:
     """Poll ``check`` until it returns something truthy."""
     deadline = time.monotonic() + timeout
     while True:
@@ -124,7 +129,7 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, name="web-test-server", daemon=True)
     thread.start()
-    eventually(lambda: server.started, 60, "the server started")
+    eventually(lambda: server.started, what="the server started")
     port = server.servers[0].sockets[0].getsockname()[1]
     with app.state.db.session() as s:
         admin, alice, bob, carol = (create_key(s, n, admin=n == "admin")[1] for n in
@@ -133,7 +138,7 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
         yield Web(f"http://127.0.0.1:{port}", admin, alice, bob, carol, upload, app)
     finally:
         server.should_exit = True
-        thread.join(60)
+        thread.join(WAIT_S)
 
 
 @pytest.fixture(scope="module")
@@ -206,12 +211,12 @@ def control(scope: Page | Locator, label: str) -> Locator:
 def natural_width(page: Page, name: str | re.Pattern[str]) -> int:
     img = page.get_by_role("img", name=name)
     expect(img).to_be_visible()
-    loaded = eventually(lambda: img.evaluate("i => i.complete && i.naturalWidth"), 30, str(name))
+    loaded = eventually(lambda: img.evaluate("i => i.complete && i.naturalWidth"), what=str(name))
     return int(loaded)
 
 
 def job_id_of(page: Page) -> str:
-    eventually(lambda: "#job/" in page.url, 30, "the page shows the job")
+    page.wait_for_url(re.compile("#job/."))  # Playwright's wait: page.url alone is not polled
     return page.url.split("#job/", 1)[1]
 
 
@@ -249,6 +254,72 @@ def test_certify_a_digit_and_read_the_certificate(tab: Tab, web: Web, tmp_path: 
     assert natural_width(page, re.compile("exactly as certified")) == 8
     assert natural_width(page, re.compile("noisy")) == 4 * 8 + 3
     tab.screenshot("certify")
+
+
+def test_a_typed_key_is_used_without_pressing_use_key(tab: Tab, web: Web, tmp_path: Path) -> None:
+    """A person pastes the key and goes on (no "Use key", no Enter): the models fill in while
+    they pick an image, and Certify sends the key, even pressed at once. Before, the alert said
+    "missing API key" and the model list stayed empty. "Forget" still clears it."""
+    page = tab.page
+    page.goto(f"{web.url}/#certify")
+    expect(page.get_by_role("button", name="Use key")).to_be_enabled()  # page ready
+    expect(page.locator("#no-key-hint")).to_be_visible()
+    control(page, "API key").fill(web.alice)  # one input event, as a paste is
+    control(page, "Image").set_input_files(_digit(tmp_path, 4))
+    control(page, "n (estimation samples)").fill("200")
+    page.get_by_role("button", name="Certify", exact=True).click()
+    expect(page.get_by_role("region", name="Certificate")).to_be_visible()
+    job = web.get(f"/jobs/{job_id_of(page)}", web.alice)
+    assert job["status"] == "succeeded" and job["n"] == 200 and job["sigma"] == 0.25, job
+    expect(page.locator("#certify-alert")).to_have_text("")
+    expect(page.locator("#no-key-hint")).to_be_hidden()
+
+    page.get_by_role("button", name="Forget").click()
+    expect(control(page, "API key")).to_have_value("")
+    expect(page.locator("#no-key-hint")).to_be_visible()
+    assert page.evaluate("() => sessionStorage.length") == 0
+    # Typed key by key, then left alone: the model list fills once typing pauses.
+    page.goto(f"{web.url}/#certify")  # only the fragment changes: reload the page too
+    page.reload()
+    expect(page.get_by_role("button", name="Use key")).to_be_enabled()
+    expect(control(page, "Model")).to_have_value("")
+    control(page, "API key").press_sequentially(web.bob)
+    tab.models_loaded()
+    expect(control(page, "sigma (noise level)")).not_to_have_value("")
+    tab.expect_http_error(401)  # the first keystrokes may be asked about while typing
+
+
+@pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
+def test_certify_brings_the_job_into_view_and_focus(
+    tab: Tab, web: Web, tmp_path: Path, viewport: ViewportSize
+) -> None:
+    """At 390 px the form is long and the job panel sits above it: after Certify, pressed at
+    the form's bottom, the panel is scrolled into view, focus moves to its title, and a live
+    region tells screen readers (before, the page stayed scrolled at the button)."""
+    page = tab.page
+    page.set_viewport_size(viewport)
+    tab.open("certify", web.carol)
+    tab.models_loaded()
+    control(page, "Image").set_input_files(_digit(tmp_path, 6))
+    control(page, "n (estimation samples)").fill("300")
+    page.evaluate("""() => { window.said = []; new MutationObserver(() => {
+        const t = document.querySelector('#announce[aria-live="polite"]')?.textContent;
+        if (t && t !== window.said.at(-1)) window.said.push(t);
+      }).observe(document.body, {childList: true, characterData: true, subtree: true}); }""")
+    button = page.get_by_role("button", name="Certify", exact=True)
+    button.scroll_into_view_if_needed()
+    assert page.evaluate("() => window.scrollY") > 0 or viewport == DESKTOP
+    button.click()
+    job_id = job_id_of(page)
+    title = page.get_by_role("heading", name=f"Job {job_id}")
+    expect(title).to_be_in_viewport()
+    expect(page.locator("#job-status")).to_be_in_viewport()
+    expect(title).to_be_focused()
+    expect(page.get_by_role("region", name="Certificate")).to_be_visible()
+    said = eventually(lambda: page.evaluate("() => window.said.length >= 2 && window.said"),
+                      what="the job announced")  # fmt: skip
+    assert said[0].startswith(f"Job {job_id} submitted"), said
+    assert re.match(rf"Job {job_id} done: (label \S+, certified radius|abstained)", said[-1]), said
 
 
 def test_decide_a_digit_at_a_target_radius(tab: Tab, web: Web, tmp_path: Path) -> None:
@@ -373,7 +444,19 @@ def test_history_lists_evaluations_with_their_curve_and_tsv(tab: Tab, web: Web) 
 
     ev = eventually(done, what="the evaluation finished")
     assert ev["status"] == "succeeded", ev
+    web.wait(web.alice, web.submit(web.alice, digit_png(31), sigma="0.25", n="200")["id"])
     page = tab.open("history", web.alice)
+    # The 6 per-image jobs are summed up under Evaluations, not listed among the jobs...
+    own = web.get("/jobs", web.alice, params={"evaluations": "exclude"})["total"]
+    expect(page.locator("#history-page")).to_have_text(re.compile(rf"of {own}$"))
+    expect(page.locator("#history-table")).not_to_contain_text("image of evaluation")
+    # ...unless asked for.
+    control(page, "Jobs of evaluations").select_option("only these")
+    expect(page.locator("#history-page")).to_have_text("Jobs 1 to 6 of 6")
+    kinds = page.locator("#history-table tbody tr td:nth-child(7)")
+    expect(kinds).to_have_text([f"image of evaluation {ev['id'][:8]}"] * 6)
+    control(page, "Jobs of evaluations").select_option("shown")
+    expect(page.locator("#history-page")).to_have_text(re.compile(rf"of {own + 6}$"))
     row = page.get_by_role("region", name="Evaluations").locator(
         f'tr[data-evaluation="{ev["id"]}"]'
     )
@@ -389,6 +472,27 @@ def test_history_lists_evaluations_with_their_curve_and_tsv(tab: Tab, web: Web) 
     assert download.value.suggested_filename == f"evaluation-{ev['id']}.tsv"
     tsv = web.http.get(web.url + ev["results_url"], headers={"X-API-Key": web.alice}).text
     assert Path(download.value.path()).read_text() == tsv and len(tsv.splitlines()) == 7
+
+
+def test_history_labels_a_replay_as_a_replay(tab: Tab, web: Web) -> None:
+    job = web.submit(web.admin, digit_png(30), sigma="0.25", n0="20", n="200")
+    web.wait(web.admin, job["id"])
+    r = web.http.post(f"{web.url}/jobs/{job['id']}/replay", headers={"X-API-Key": web.admin})
+    assert r.status_code == 202, r.text
+    replay = web.wait(web.admin, r.json()["id"])
+    page = tab.open("history", web.admin)
+    row = page.get_by_role("row").filter(
+        has=page.get_by_role("link", name=f"Open job {replay['id']}")
+    )
+    expect(row.locator("td").nth(6)).to_have_text(f"replay of {job['id'][:8]}")
+    expect(page.get_by_role("row").filter(
+        has=page.get_by_role("link", name=f"Open job {job['id']}")).locator("td").nth(6)
+    ).to_have_text("request")  # fmt: skip
+    row.get_by_role("link", name=job["id"][:8]).click()
+    expect(page.get_by_role("heading", name=f"Job {job['id']}")).to_be_focused()
+    page.goto(f"{web.url}/#job/{replay['id']}")
+    expect(page.get_by_role("heading", name=f"Job {replay['id']}: replay of job {job['id']}")
+           ).to_be_visible()  # fmt: skip
 
 
 def test_an_admin_registers_a_model(tab: Tab, web: Web) -> None:
@@ -433,7 +537,7 @@ def test_an_admin_trains_and_watches_the_runs(tab: Tab, web: Web) -> None:
     control(form, "Hyper-parameters (JSON)").fill(json.dumps({"arch": "tiny", **fast}))
     form.get_by_role("button", name="Launch").click()
     pre = page.get_by_role("article", name="Training run web-pre")
-    expect(pre.get_by_role("heading")).to_have_text("web-pre (succeeded)", timeout=120_000)
+    expect(pre.get_by_role("heading")).to_have_text("web-pre (succeeded)", timeout=2 * WAIT_MS)
     expect(control(pre, "Log of web-pre")).to_contain_text("wrote")
 
     # Fine-tune a classifier from it: the page now offers it as the starting point.
@@ -449,7 +553,7 @@ def test_an_admin_trains_and_watches_the_runs(tab: Tab, web: Web) -> None:
     form.get_by_role("button", name="Launch").click()
     ft = page.get_by_role("article", name="Training run web-ft-s0.50")
     expect(ft).to_be_visible()
-    expect(ft.get_by_role("heading")).to_have_text("web-ft-s0.50 (succeeded)", timeout=120_000)
+    expect(ft.get_by_role("heading")).to_have_text("web-ft-s0.50 (succeeded)", timeout=2 * WAIT_MS)
     expect(ft).to_contain_text("registered as web-ft-s0.50")
     tab.screenshot("admin-training")
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, exists, func, select
 
 from app.auth import Client, SessionDep
 from app.errors import error_responses
@@ -16,7 +17,7 @@ from app.upload_files import read_upload
 from domain import events, idempotency, state
 from domain.errors import BrokerUnavailable, ServiceError, not_found
 from domain.submissions import Params, submit, upload_record
-from domain.tables import Certificate, Job, Status
+from domain.tables import Certificate, EvaluationItem, Job, Status
 
 router = APIRouter(
     route_class=SessionEndingRoute, tags=["certification"], responses=error_responses(401, 429, 503)
@@ -337,6 +338,14 @@ def get_job(
     return json_response(out)
 
 
+class EvaluationJobs(enum.StrEnum):
+    """Which jobs ``GET /jobs`` lists, by whether they certify an image of an evaluation."""
+
+    INCLUDE = "include"  # every job (the listing before the filter existed)
+    EXCLUDE = "exclude"  # the jobs of single requests and replays only
+    ONLY = "only"  # the per-image jobs of evaluations only
+
+
 @router.get(
     "/jobs",
     response_model=JobPage,
@@ -350,11 +359,25 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, description="Page size.")] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Jobs to skip.")] = 0,
     status: Annotated[Status | None, Query(description="Only jobs in this status.")] = None,
+    evaluations: Annotated[
+        EvaluationJobs,
+        Query(
+            description="The per-image jobs of evaluations: include (every job), exclude (only "
+            "single requests and replays) or only (only the jobs of evaluations)."
+        ),
+    ] = EvaluationJobs.INCLUDE,
 ) -> JobPage:
+    """The caller's jobs, newest first. Each item's ``evaluations`` names the evaluations whose
+    images it certifies (empty for a single request or a replay)."""
     limit = min(limit, settings.jobs_page_max)
     where = [Job.owner_id == client.id]
     if status is not None:
         where.append(Job.status == status.value)
+    in_evaluation = exists().where(EvaluationItem.job_id == Job.id)
+    if evaluations is EvaluationJobs.EXCLUDE:
+        where.append(~in_evaluation)
+    elif evaluations is EvaluationJobs.ONLY:
+        where.append(in_evaluation)
     total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
     rows = session.execute(
         select(Job, Certificate.body)
@@ -364,7 +387,17 @@ def list_jobs(
         .limit(limit)
         .offset(offset)
     ).all()
-    return JobPage(items=[job_out(j, b) for j, b in rows], total=total, limit=limit, offset=offset)
+    served: dict[str, list[str]] = {}
+    if rows:
+        for job_id, evaluation_id in session.execute(
+            select(EvaluationItem.job_id, EvaluationItem.evaluation_id)
+            .distinct()
+            .where(EvaluationItem.job_id.in_([j.id for j, _ in rows]))
+            .order_by(EvaluationItem.job_id, EvaluationItem.evaluation_id)
+        ):
+            served.setdefault(job_id, []).append(evaluation_id)
+    items = [job_out(j, b, evaluations=served.get(j.id, [])) for j, b in rows]
+    return JobPage(items=items, total=total, limit=limit, offset=offset)
 
 
 @router.delete(

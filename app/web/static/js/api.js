@@ -66,3 +66,10 @@ export async function apiObjectUrl(path) {
 export function alertIn(el, message) {
   el.textContent = message || "";
 }
+
+/** Say `message` to screen readers (the page's polite live region; nothing is shown). */
+export function announce(message) {
+  const region = document.getElementById("announce");
+  region.textContent = ""; // the same words again are a new announcement
+  requestAnimationFrame(() => { region.textContent = message; });
+}

@@ -1,6 +1,6 @@
 // The certify view: choose a model and an image, submit, watch the job, read the certificate.
 
-import { alertIn, api, apiObjectUrl, ApiError } from "./api.js";
+import { alertIn, announce, api, apiObjectUrl, ApiError } from "./api.js";
 import {
   abstainReason, count, decisionWords, el, nonCommercial, roundDown, seconds, when,
 } from "./format.js";
@@ -57,13 +57,14 @@ export function initCertify(cfg) {
   $("job-cancel").addEventListener("click", cancel);
 }
 
+/** Fill the model picker from GET /models; false (and the API's words shown) if it failed. */
 export async function loadModels() {
   const select = $("model");
   try {
     models = await api("/models");
   } catch (err) {
     alertIn($("certify-alert"), err.message);
-    return;
+    return false;
   }
   alertIn($("certify-alert"), "");
   const chosen = select.value;
@@ -80,6 +81,7 @@ export async function loadModels() {
   }
   if (models.some((m) => m.name === chosen)) select.value = chosen;
   showModel(true);
+  return true;
 }
 
 function showModel(resetSigma) {
@@ -133,6 +135,8 @@ async function submit(event) {
   event.preventDefault();
   const alertEl = $("certify-alert");
   alertIn(alertEl, "");
+  // A key typed a moment ago: the model (and its sigma) are filled in before sending.
+  if (!models.length && !(await loadModels())) return;
   const form = new FormData();
   const file = $("image").files[0];
   if (file) form.append("image", file, file.name);
@@ -145,11 +149,12 @@ async function submit(event) {
   button.disabled = true;
   try {
     const job = await api("/certify", { method: "POST", form });
+    announce(`Job ${job.id} submitted: ${job.status}. It is shown under "Job ${job.id}".`);
     // Another upload of pixels already certified: its own view (its preprocessing, warnings).
     const upload = new URL(job.url, location.origin).searchParams.get("upload");
     const target = upload ? `#job/${job.id}/${upload}` : `#job/${job.id}`;
-    if (location.hash === target) openJob(job.id, upload);
-    else location.hash = target;
+    if (location.hash === target) openJob(job.id, upload, { reveal: true });
+    else location.hash = target; // the hashchange opens and reveals it
   } catch (err) {
     alertIn(alertEl, err.message);
   } finally {
@@ -157,8 +162,11 @@ async function submit(event) {
   }
 }
 
-/** Show job `id` (as upload `upload` sees it, if given) in the panel; follow it until it ends. */
-export function openJob(id, upload = null) {
+/** Show job `id` in the panel (as upload `upload` sees it, if given: its own preprocessing
+ * and warnings) and follow it until it ends. `reveal` (a person asked for it: Certify, a
+ * link): scroll the panel into view and move focus to its title, at every width (on a phone
+ * the form is long and the panel is above it). */
+export function openJob(id, upload = null, { reveal = false } = {}) {
   stopWatching();
   watching = id;
   watchingUpload = upload;
@@ -173,7 +181,13 @@ export function openJob(id, upload = null) {
   $("certificate").replaceChildren();
   $("sees").hidden = true;
   alertIn($("job-alert"), "");
+  if (reveal) revealJob();
   poll(id, true);
+}
+
+function revealJob() {
+  $("job").scrollIntoView({ block: "start" });
+  $("job-title").focus({ preventScroll: true });
 }
 
 export function stopWatching() {
@@ -197,12 +211,25 @@ async function poll(id, first) {
   }
   if (watching !== id) return;
   showProgress(job);
-  if (first) showWhatItSees(job);
+  if (first) {
+    if (job.replay_of) $("job-title").textContent = `Job ${id}: replay of job ${job.replay_of}`;
+    showWhatItSees(job);
+  }
   if (ACTIVE.includes(job.status)) {
     timer = setTimeout(() => poll(id, false), POLL_MS);
-  } else if (job.status === "succeeded" && job.certificate) {
-    showCertificate(job);
+    return;
   }
+  if (job.status === "succeeded" && job.certificate) showCertificate(job);
+  announce(`Job ${id} ${outcome(job)}`);
+}
+
+/** How a finished job ended, in words for a screen reader. */
+function outcome(job) {
+  const c = job.certificate;
+  if (job.status !== "succeeded" || !c) return job.status;
+  if (c.abstained) return "done: abstained";
+  const radius = c.mode === "predict" ? "" : `, certified radius ${roundDown(c.radius, 3)}`;
+  return `done: label ${c.label}${radius}`;
 }
 
 function showProgress(job) {

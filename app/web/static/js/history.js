@@ -1,4 +1,6 @@
 // The history view: the caller's jobs, newest first, a page at a time; each opens its certificate.
+// The per-image jobs of evaluations are left out unless asked for (GET /jobs?evaluations=...):
+// the evaluations are summed up in their own table.
 
 import { alertIn, api } from "./api.js";
 import { loadEvaluations } from "./evaluations.js";
@@ -13,6 +15,22 @@ export function initHistory() {
   $("history-next").addEventListener("click", () => { offset += PAGE; loadHistory(); });
   $("history-refresh").addEventListener("click", () => loadHistory());
   $("history-status").addEventListener("change", () => { offset = 0; loadHistory(); });
+  $("history-evaluations").addEventListener("change", () => { offset = 0; loadHistory(); });
+}
+
+/** What made the job: a request, a replay (of which job) or an evaluation (which ones). */
+function kindCell(job) {
+  const short = (id) => id.slice(0, 8);
+  if (job.replay_of) {
+    return el("td", {}, "replay of ",
+      el("a", { href: `#job/${job.replay_of}`, title: job.replay_of }, short(job.replay_of)));
+  }
+  const evs = job.evaluations || [];
+  if (evs.length) {
+    return el("td", { title: evs.join(", ") },
+      `image of evaluation ${evs.map(short).join(", ")}`);
+  }
+  return el("td", { text: "request" });
 }
 
 function labelOf(job) {
@@ -26,6 +44,7 @@ export async function loadHistory() {
   const status = $("history-status").value;
   const query = new URLSearchParams({ limit: PAGE, offset });
   if (status) query.set("status", status);
+  query.set("evaluations", $("history-evaluations").value);
   let page;
   try {
     page = await api(`/jobs?${query}`);
@@ -43,10 +62,11 @@ export async function loadHistory() {
       el("td", { text: labelOf(job) }),
       el("td", { class: "num", text: c && !c.abstained && c.mode !== "predict" ? roundDown(c.radius, 3) : "-" }),
       el("td", { class: "num", text: count(job.n) }),
+      kindCell(job),
       el("td", {}, el("a", { href: `#job/${job.id}`, "aria-label": `Open job ${job.id}` }, "Open")),
     );
   });
-  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 7, text: "No jobs yet." })));
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 8, text: "No jobs yet." })));
   $("history-table").tBodies[0].replaceChildren(...rows);
   const last = Math.min(page.total, page.offset + page.items.length);
   $("history-page").textContent = page.total

@@ -1,5 +1,7 @@
 // The page's views, chosen by the URL's #fragment: #certify, #job/<id>[/<upload sha256>], #history,
-// #admin/models, #admin/training. The API key lives in this tab's sessionStorage only.
+// #admin/models, #admin/training. The API key lives in this tab's sessionStorage only: what is
+// typed in "API key" is the key at once (each keystroke or paste, "Use key", Enter); the view
+// asks the API again once typing pauses. "Forget" clears it.
 
 import * as admin from "./admin.js";
 import { alertIn, getKey, setKey } from "./api.js";
@@ -8,7 +10,15 @@ import { initHistory, loadHistory } from "./history.js";
 
 const $ = (id) => document.getElementById(id);
 
-function route() {
+const KEY_SETTLE_MS = 400; // typing pauses this long: the view reloads with the key
+let keyTimer = null;
+let routedKey = null; // the key the shown view was loaded with
+let ready = false; // the service's settings are read and every view is set up
+
+/** Show the view the URL names and load its data; `reveal`: a person navigated to it. */
+function route({ reveal = false } = {}) {
+  clearTimeout(keyTimer);
+  routedKey = getKey();
   const hash = location.hash.replace(/^#/, "") || "certify";
   const job = /^job\/([^/]+)(?:\/([0-9a-f]{64}))?$/.exec(hash);
   const view = job ? "certify" : hash;
@@ -27,17 +37,25 @@ function route() {
   if (!getKey()) return; // nothing to ask the API without a key
   if (shown === "certify") {
     loadModels();
-    if (job) openJob(decodeURIComponent(job[1]), job[2] ?? null);
+    if (job) openJob(decodeURIComponent(job[1]), job[2] ?? null, { reveal });
   }
   if (shown === "history") loadHistory();
   if (shown === "admin/models") admin.loadModels();
   if (shown === "admin/training") admin.loadTraining();
 }
 
-async function start() {
+/** The key field's handlers: use what is typed, reload the view when it changed. */
+function initKey() {
   const keyInput = $("api-key");
   keyInput.value = getKey();
-  $("key-form").addEventListener("submit", (e) => {
+  const use = (settleMs) => {
+    setKey(keyInput.value.trim()); // a request made from now on sends it
+    clearTimeout(keyTimer);
+    keyTimer = setTimeout(() => { if (ready && getKey() !== routedKey) route(); }, settleMs);
+  };
+  keyInput.addEventListener("input", () => use(KEY_SETTLE_MS));
+  keyInput.addEventListener("change", () => use(0));
+  $("key-form").addEventListener("submit", (e) => { // "Use key" or Enter: reload now
     e.preventDefault();
     setKey(keyInput.value.trim());
     route();
@@ -47,6 +65,10 @@ async function start() {
     keyInput.value = "";
     route();
   });
+}
+
+async function start() {
+  initKey();
   let config;
   try {
     const r = await fetch("/web/config.json", { cache: "no-store" });
@@ -60,8 +82,9 @@ async function start() {
   initHistory();
   admin.initModels();
   admin.initTraining();
-  window.addEventListener("hashchange", route);
+  window.addEventListener("hashchange", () => route({ reveal: true }));
   for (const button of document.querySelectorAll('button[type="submit"]')) button.disabled = false;
+  ready = true;
   route();
 }
 

@@ -117,6 +117,9 @@ def _percent(part: int, whole: int) -> str:
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 MAX_ICC_BYTES = PngImagePlugin.MAX_TEXT_CHUNK  # Pillow's cap on a decompressed iCCP: 1 MiB
+# cICP (PNG 3rd edition, 11.3.2.6; ITU-T H.273 code points) of sRGB: BT.709 primaries, sRGB
+# transfer, RGB (identity) matrix, full range. It outranks iCCP; Pillow does not read it.
+SRGB_CICP = bytes((1, 13, 0, 1))
 
 
 def _icc_too_large(body: bytes) -> bool:
@@ -137,8 +140,10 @@ def without_text(data: bytes) -> bytes:
     each, 64 MiB a file) into memory that no image budget counts, or refuse a file with one
     larger chunk that every browser displays. Dropped before Pillow sees them, text costs
     nothing. What stays is bounded by the file's size, plus at most :data:`MAX_ICC_BYTES` for
-    an ICC profile; a larger profile is refused (:class:`ImageError` saying so): it could not be
-    applied, and ignoring it would certify colours other than the ones a viewer shows. A
+    an ICC profile; a larger profile is refused (:class:`ImageError` saying so): it could not
+    be applied, and ignoring it would certify colours other than the ones a viewer shows. So is
+    a ``cICP`` chunk other than sRGB's (:data:`SRGB_CICP`): browsers draw the image in the space
+    it names (Display P3, PQ, HLG...), and Pillow does not read it. A
     chunk structure that does not parse is left to Pillow from that point on (its errors)."""
     if not data.startswith(PNG_SIGNATURE):
         return data
@@ -154,6 +159,13 @@ def without_text(data: bytes) -> bytes:
                 f"the embedded ICC colour profile (iCCP chunk) is larger than {MAX_ICC_BYTES} "
                 "bytes once decompressed: it cannot be applied here, and the colours a viewer "
                 "shows depend on it; convert the image to sRGB and save it without the profile"
+            )
+        if kind == b"cICP" and data[pos + 8 : end - 4] != SRGB_CICP:
+            raise ImageError(
+                f"the PNG cICP chunk declares colour code points {tuple(data[pos + 8 : end - 4])} "
+                f"(primaries, transfer, matrix, full range) other than sRGB's {tuple(SRGB_CICP)}: "
+                "browsers draw it in that space, and this service does not convert it; convert "
+                "the image to sRGB"
             )
         if kind in PNG_TEXT_CHUNKS:
             spans.append((start, pos))

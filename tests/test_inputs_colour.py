@@ -256,6 +256,23 @@ def test_an_icc_profile_is_judged_by_what_it_does_not_by_its_name(tmp_path: Path
         assert any("taken as sRGB" in s for s in steps) and not warnings
 
 
+def test_a_cicp_chunk_other_than_srgb_is_refused_through_both_doors(tmp_path: Path) -> None:
+    """A PNG with cICP (Display P3 primaries 12, or PQ transfer 16) is drawn by browsers in
+    that space; Pillow ignores the chunk, so it was certified as sRGB without a word."""
+    img = digit64()
+    plain = same(png(img), tmp_path)
+    assert torch.equal(same(png(img, {b"cICP": bytes((1, 13, 0, 1))}), tmp_path), plain)
+    for points in ((12, 13, 0, 1), (9, 16, 0, 1), (1, 13, 0, 0)):
+        data = png(img, {b"cICP": bytes(points)})
+        with pytest.raises(ServiceError, match="cICP") as caught:
+            decode_image(data, 64, MAX_PIXELS)
+        assert caught.value.status_code == 422
+        path = tmp_path / "cicp.png"
+        path.write_bytes(data)
+        with pytest.raises(ImageError, match="cicp.png: the PNG cICP chunk"):
+            read_image(path, 64)
+
+
 def test_icc_profiles_that_cannot_apply_are_ignored_as_browsers_do(tmp_path: Path) -> None:
     from PIL import ImageCms
 

@@ -15,7 +15,7 @@ certificate can say exactly which image was certified. The policy, in order:
    0..65535 are refused); 32-bit float grey (``F``) taken as [0, 1] intensities, values outside
    clipped with a warning, NaN or infinity refused. Before that, colour metadata is applied as
    a browser draws it (:func:`_colour`): an embedded ICC profile is converted to sRGB (one
-   named sRGB, unreadable or not fitting the image's colour space: values taken as sRGB); an
+   acting as sRGB, unreadable or not fitting the image's colour space: values taken as sRGB); an
    ``sRGB`` chunk, or a ``gAMA`` of 45455 (within 1%), changes nothing; another ``gAMA`` is
    converted to sRGB as a power law; a ``cHRM`` other than sRGB's is refused. Every
    conversion is a step and a warning.
@@ -117,6 +117,9 @@ def _percent(part: int, whole: int) -> str:
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 MAX_ICC_BYTES = PngImagePlugin.MAX_TEXT_CHUNK  # Pillow's cap on a decompressed iCCP: 1 MiB
+# cICP (PNG 3rd edition, 11.3.2.6; ITU-T H.273 code points) of sRGB: BT.709 primaries, sRGB
+# transfer, RGB (identity) matrix, full range. It outranks iCCP; Pillow does not read it.
+SRGB_CICP = bytes((1, 13, 0, 1))
 
 
 def _icc_too_large(body: bytes) -> bool:
@@ -137,8 +140,10 @@ def without_text(data: bytes) -> bytes:
     each, 64 MiB a file) into memory that no image budget counts, or refuse a file with one
     larger chunk that every browser displays. Dropped before Pillow sees them, text costs
     nothing. What stays is bounded by the file's size, plus at most :data:`MAX_ICC_BYTES` for
-    an ICC profile; a larger profile is refused (:class:`ImageError` saying so): it could not be
-    applied, and ignoring it would certify colours other than the ones a viewer shows. A
+    an ICC profile; a larger profile is refused (:class:`ImageError` saying so): it could not
+    be applied, and ignoring it would certify colours other than the ones a viewer shows. So is
+    a ``cICP`` chunk other than sRGB's (:data:`SRGB_CICP`): browsers draw the image in the space
+    it names (Display P3, PQ, HLG...), and Pillow does not read it. A
     chunk structure that does not parse is left to Pillow from that point on (its errors)."""
     if not data.startswith(PNG_SIGNATURE):
         return data
@@ -154,6 +159,13 @@ def without_text(data: bytes) -> bytes:
                 f"the embedded ICC colour profile (iCCP chunk) is larger than {MAX_ICC_BYTES} "
                 "bytes once decompressed: it cannot be applied here, and the colours a viewer "
                 "shows depend on it; convert the image to sRGB and save it without the profile"
+            )
+        if kind == b"cICP" and data[pos + 8 : end - 4] != SRGB_CICP:
+            raise ImageError(
+                f"the PNG cICP chunk declares colour code points {tuple(data[pos + 8 : end - 4])} "
+                f"(primaries, transfer, matrix, full range) other than sRGB's {tuple(SRGB_CICP)}: "
+                "browsers draw it in that space, and this service does not convert it; convert "
+                "the image to sRGB"
             )
         if kind in PNG_TEXT_CHUNKS:
             spans.append((start, pos))
@@ -272,11 +284,44 @@ def _icc_name(profile: Any) -> str:
 ICC_SPACES = {"RGB": ("P", "PA", "RGB", "RGBA", "RGBa", "RGBX"), "GRAY": GREY, "CMYK": ("CMYK",)}
 
 
+SRGB_PROBE_LEVELS = np.unique(np.r_[np.arange(0, 256, 15), 255]).astype(np.uint8)
+
+
+def _acts_as_srgb(profile: Any, space: str) -> bool:
+    """Whether converting from ``profile`` to sRGB (relative colorimetric) moves no 8-bit value
+    by more than 1 level: a grid of 18^3 colours (RGB) or every grey level (GRAY) is converted
+    and compared. Decided by what the profile does, not by its name: a "Linear sRGB" profile
+    has sRGB's primaries but linear curves, and a browser draws it much lighter."""
+    from PIL import ImageCms
+
+    if space == "GRAY":
+        probe = np.arange(256, dtype=np.uint8)[None, :]
+        want = np.repeat(probe[..., None], 3, axis=2)
+        img = Image.fromarray(probe, "L")
+    else:
+        r, g, b = np.meshgrid(SRGB_PROBE_LEVELS, SRGB_PROBE_LEVELS, SRGB_PROBE_LEVELS)
+        want = np.stack([r.ravel(), g.ravel(), b.ravel()], axis=1)[None]
+        img = Image.fromarray(np.ascontiguousarray(want), "RGB")
+    try:
+        out = ImageCms.profileToProfile(
+            img,
+            profile,
+            ImageCms.createProfile("sRGB"),
+            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+            outputMode="RGB",
+        )
+    except Exception:  # a profile LittleCMS cannot use: _apply_icc's conversion says so
+        return False
+    assert out is not None
+    diff = np.abs(np.asarray(out, dtype=np.int16) - want.astype(np.int16))
+    return int(diff.max()) <= 1
+
+
 def _apply_icc(img: Image.Image, data: bytes, steps: list[str], warnings: list[str]) -> Image.Image:
     """Convert ``img`` from its embedded ICC profile to sRGB with LittleCMS (Pillow's
     ``ImageCms``, perceptual intent, alpha kept). A profile that cannot be read or does not
     match the image's colour space is ignored, as browsers ignore it (with a warning); one
-    named sRGB is taken as sRGB unchanged."""
+    that acts as sRGB (:func:`_acts_as_srgb`, whatever its name) leaves the pixels unchanged."""
     from PIL import ImageCms
 
     try:
@@ -287,10 +332,10 @@ def _apply_icc(img: Image.Image, data: bytes, steps: list[str], warnings: list[s
         )
         return img
     name = _icc_name(profile)
-    if "srgb" in name.lower().replace(" ", ""):
-        steps.append(f"ICC profile {name!r} taken as sRGB")
-        return img
     space = str(profile.profile.xcolor_space).strip().upper()
+    if space in ("RGB", "GRAY") and _acts_as_srgb(profile, space):
+        steps.append(f"ICC profile {name!r} taken as sRGB (it maps every value within 1 level)")
+        return img
     if img.mode in HIGH_BIT and space == "GRAY":
         raise ImageError(
             f"a {img.mode} image with an embedded ICC colour profile ({name!r}): colour "

@@ -163,9 +163,22 @@ def test_gamma_is_applied_before_alpha_is_composited_on_white(tmp_path: Path) ->
 # ---------------------------------------------------------------- 1. iCCP
 
 
-def icc_linear_srgb(name: str = "linear-light test") -> bytes:
+LINEAR_CURVE = b"curv\0\0\0\0" + struct.pack(">I", 0)
+
+
+def srgb_curve() -> bytes:
+    """An ICC ``curv`` of 1024 entries sampling sRGB's decoding curve, as in the common
+    "sRGB IEC61966-2.1" profiles."""
+    v = np.linspace(0.0, 1.0, 1024)
+    light = np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+    table = np.round(light * 65535).astype(">u2").tobytes()
+    return b"curv\0\0\0\0" + struct.pack(">I", 1024) + table
+
+
+def icc_linear_srgb(name: str = "linear-light test", curve: bytes = LINEAR_CURVE) -> bytes:
     """A minimal ICC v2 RGB display profile: sRGB's primaries (D50-adapted) with linear
-    (gamma 1.0) curves, written by hand (Pillow can only create sRGB, LAB and XYZ profiles)."""
+    (gamma 1.0) curves (or ``curve``), written by hand (Pillow can only create sRGB, LAB and
+    XYZ profiles)."""
 
     def s15(v: float) -> bytes:
         return struct.pack(">i", round(v * 65536))
@@ -182,9 +195,9 @@ def icc_linear_srgb(name: str = "linear-light test") -> bytes:
         (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)),
         (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)),
         (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
-        (b"rTRC", b"curv\0\0\0\0" + struct.pack(">I", 0)),
-        (b"gTRC", b"curv\0\0\0\0" + struct.pack(">I", 0)),
-        (b"bTRC", b"curv\0\0\0\0" + struct.pack(">I", 0)),
+        (b"rTRC", curve),
+        (b"gTRC", curve),
+        (b"bTRC", curve),
         (b"cprt", b"text\0\0\0\0no copyright\0"),
     ]
     table, body = b"", b""
@@ -223,6 +236,41 @@ def test_an_icc_profile_is_converted_to_srgb(tmp_path: Path) -> None:
     jpeg = decode_image(buf.getvalue(), 64, MAX_PIXELS)
     assert any("linear-light test" in w for w in jpeg.input.warnings)
     assert float(jpeg.tensor.mean()) > float(decode_image(png(img), 64, MAX_PIXELS).tensor.mean())
+
+
+def test_an_icc_profile_is_judged_by_what_it_does_not_by_its_name(tmp_path: Path) -> None:
+    """A profile named "Linear sRGB" (sRGB's primaries, linear curves) was taken as sRGB by its
+    name, so the tensor was that of the file without it, while a browser draws it far lighter;
+    a profile that does act as sRGB, whatever its name, leaves the tensor unchanged."""
+    img = digit64()
+    plain = same(png(img), tmp_path)
+    named = png(img, icc_profile=icc_linear_srgb("Linear sRGB"))
+    unnamed = same(png(img, icc_profile=icc_linear_srgb()), tmp_path)
+    assert torch.equal(same(named, tmp_path), unnamed)
+    assert float(unnamed.mean()) > float(plain.mean()) + 0.05
+    assert any("'Linear sRGB'" in w and "applied" in w for w in record(named)[1])
+    for name in ("some display", "sRGB IEC61966-2.1"):
+        data = png(img, icc_profile=icc_linear_srgb(name, srgb_curve()))
+        assert torch.equal(same(data, tmp_path), plain)
+        steps, warnings = record(data)
+        assert any("taken as sRGB" in s for s in steps) and not warnings
+
+
+def test_a_cicp_chunk_other_than_srgb_is_refused_through_both_doors(tmp_path: Path) -> None:
+    """A PNG with cICP (Display P3 primaries 12, or PQ transfer 16) is drawn by browsers in
+    that space; Pillow ignores the chunk, so it was certified as sRGB without a word."""
+    img = digit64()
+    plain = same(png(img), tmp_path)
+    assert torch.equal(same(png(img, {b"cICP": bytes((1, 13, 0, 1))}), tmp_path), plain)
+    for points in ((12, 13, 0, 1), (9, 16, 0, 1), (1, 13, 0, 0)):
+        data = png(img, {b"cICP": bytes(points)})
+        with pytest.raises(ServiceError, match="cICP") as caught:
+            decode_image(data, 64, MAX_PIXELS)
+        assert caught.value.status_code == 422
+        path = tmp_path / "cicp.png"
+        path.write_bytes(data)
+        with pytest.raises(ImageError, match="cicp.png: the PNG cICP chunk"):
+            read_image(path, 64)
 
 
 def test_icc_profiles_that_cannot_apply_are_ignored_as_browsers_do(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from service_support import (  # noqa: F401 - tiny_checkpoint and pg_url are fix
     assert_same_certificate,
     digit_png,
     pg_url,
+    redis_keys_cleaned,
     reference,
     serve_process,
     tiny_checkpoint,
@@ -156,7 +157,11 @@ def _listeners(port: int, count: int) -> dict[int, set[int]]:
         time.sleep(0.2)
 
 
-def test_serve_workers_each_listen_and_spread_connections(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+def test_serve_workers_each_listen_and_spread_connections(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+    redis_keys_cleaned: None,  # noqa: F811 - the queue and kombu keys are deleted afterwards
+) -> None:
     """serve --workers 2: each process listens on a socket of its own (SO_REUSEPORT), so
     connections opened together are spread over both. With the one socket uvicorn's --workers
     shares, the process that woke first took 49 of 50 in the benchmark. A process that dies is
@@ -206,7 +211,11 @@ def test_serve_workers_refuse_a_port_in_use(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
-def test_serve_workers_share_one_metrics_view(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+def test_serve_workers_share_one_metrics_view(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+    redis_keys_cleaned: None,  # noqa: F811
+) -> None:
     """serve --workers 2 on Postgres + Redis: two API processes on one port, and GET /metrics
     from either adds up both (prometheus_client's multiprocess mode)."""
     from test_metrics import samples, total
@@ -272,6 +281,7 @@ def test_processes_that_fail_at_start_stop_the_group(tmp_path: Path) -> None:
 def test_a_burst_of_answers_from_stored_jobs_does_not_empty_the_connection_pool(
     tmp_path: Path,
     pg_url: str,  # noqa: F811
+    redis_keys_cleaned: None,  # noqa: F811
 ) -> None:
     """Found by a breaker: a route that ends with its transaction open (a repeated submission
     answered from the stored job, GET /jobs) had it closed in one of the routes' threads

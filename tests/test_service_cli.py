@@ -208,7 +208,29 @@ def test_serve_workers_refuse_a_port_in_use(tmp_path: Path) -> None:
         out = subprocess.run([CLI, "serve", "--workers", "2", "--port", str(port)], env=env,
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr, out.stderr
+    assert "serving on" not in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_serve_on_a_port_in_use_says_so_without_claiming_to_serve(tmp_path: Path) -> None:
+    """Issue 32: one ``serve`` process on a port in use logged "serving on http://..." and then
+    uvicorn's "Address already in use". The socket is now bound first: one error line, exit 2,
+    and no "serving on"."""
+    env = {**os.environ, "DMAE_DATA_DIR": str(tmp_path / "data")}
+    env.pop("DMAE_DATABASE_URL", None)
+    env.pop("DMAE_BROKER_URL", None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([CLI, "serve", "--port", str(port)], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert (
+        f"dmae-certify serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+        in out.stderr
+    )
+    assert "serving on" not in out.stderr and "Traceback" not in out.stderr
 
 
 def test_serve_workers_share_one_metrics_view(

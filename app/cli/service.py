@@ -121,10 +121,13 @@ def _logging(level: str) -> None:
 
 def _ready_database() -> Any:
     from domain import signing
-    from domain.config import get_settings
+    from domain.config import get_settings, unread_env_file
     from domain.migrate import SchemaNotReady, prepare_database
 
     settings = get_settings()
+    unread = unread_env_file()
+    if unread is not None:
+        logging.getLogger("dmae.api").warning(unread)
     try:
         prepare_database(settings)
     except SchemaNotReady as exc:

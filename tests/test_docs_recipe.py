@@ -120,3 +120,37 @@ def test_train_compare_reports_recipe_weights_and_metrics(
     assert run_compare(args) == 1
     out = capsys.readouterr().out
     assert out.startswith("recipe: differs in sigma: 0.5 vs 0.25\nweights: differ (")
+
+
+def test_the_readmes_training_commands_run_in_small_form(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's training commands, as written except one epoch each and ``runs/`` moved
+    to a temporary folder, run; ``train compare`` then names the shortened epochs and nothing
+    else."""
+    from app.cli import main
+
+    def small(argv: list[str]) -> list[str]:
+        out = list(argv)
+        for i, word in enumerate(out[:-1]):
+            value = out[i + 1]
+            if word == "--epochs":
+                out[i + 1] = "1"
+            elif word == "--warmup-epochs":
+                out[i + 1] = "0"
+            elif word in ("--out", "--pretrained") and value.startswith("runs/"):
+                out[i + 1] = str(tmp_path / value)
+        return out
+
+    commands = train_commands("README.md")
+    assert [argv[1] for argv in commands] == ["pretrain", "finetune"]
+    for argv in commands:
+        assert main(small(argv)) == 0, shlex.join(argv)
+    made = tmp_path / "runs" / "digits-s0.25" / "checkpoint.safetensors"
+    capsys.readouterr()
+    assert main(["train", "compare", str(made), "digits-s0.25"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "recipe: differs in epochs: 1 vs 100; warmup_epochs: 0.0 vs 10.0; "
+        "pre-training epochs: 1 vs 200; pre-training warmup_epochs: 0.0 vs 20.0\n"
+    ), out

@@ -7,7 +7,7 @@ BIN = $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run test lint typecheck pytest
+.PHONY: setup run test services lint typecheck pytest
 
 $(BIN)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -28,7 +28,12 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy app domain worker models bench
 
+# PostgreSQL and Redis for the service tests (DMAE_TEST_POSTGRES, DMAE_TEST_REDIS): one sentence
+# saying what is missing, before anything else runs; creates the `test` database if need be.
+services: setup
+	@$(BIN)/python tests/preflight.py
+
 pytest: setup
 	$(BIN)/pytest
 
-test: lint typecheck pytest
+test: services lint typecheck pytest

@@ -1,10 +1,11 @@
-"""Service settings: environment variables prefixed ``DMAE_``, also read from a ``.env`` file.
+"""Service settings: environment variables prefixed ``DMAE_`` (no ``.env`` file is read).
 
 Every setting has a description; ``docs/API.md`` lists them and ``.env.example`` sets them.
 """
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -14,11 +15,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """Configuration of the API, the workers and the embedded runner."""
+    """Configuration of the API, the workers and the embedded runner, from ``DMAE_*``
+    environment variables only. A ``.env`` file is not read: it is docker-compose's (compose
+    hands its variables to the containers' environment), and read by the service it made
+    ``make run`` and the CLI look for the compose host ``postgres`` (see
+    :func:`unread_env_file`)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="DMAE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="DMAE_", env_file=None, extra="ignore")
 
     data_dir: Path = Field(
         default=Path("data"),
@@ -331,5 +334,28 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once from the environment and ``.env``."""
+    """The process-wide settings, read once from the environment."""
     return Settings()
+
+
+def unread_env_file(path: Path = Path(".env")) -> str | None:
+    """A warning when ``path`` sets ``DMAE_*`` variables that this process does not have: the
+    service reads only its environment (``.env`` is docker-compose's file), so those settings
+    do not apply here. None when there is no such file or it sets none."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    names = []
+    for line in lines:
+        name, is_setting, _ = line.strip().removeprefix("export ").partition("=")
+        name = name.strip()
+        if is_setting and name.upper().startswith("DMAE_") and name not in os.environ:
+            names.append(name)
+    if not names:
+        return None
+    return (
+        f"{path} sets {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}, which do not "
+        "apply here: the service reads only environment variables (.env is docker-compose's "
+        "file); export them to use them"
+    )

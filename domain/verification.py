@@ -107,12 +107,18 @@ def verify_certificate(
     image_bytes: bytes | None = None,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> Verdict:
-    """Check ``cert`` (a certificate dict, as ``GET /jobs/{id}`` shows it under ``certificate``).
+    """Check ``cert``: a certificate dict (as ``GET /jobs/{id}`` shows it under
+    ``certificate``), or the whole job as ``GET /jobs/{id}`` answers it (its certificate is
+    checked, as ``dmae-certify verify`` does; see :func:`certificate_of`).
 
     ``public_keys``: key id -> Ed25519 public key (``domain.signing.load_public_keys`` reads
     PEM or the JSON of ``GET /keys``). ``image_bytes``: the uploaded file, to check the input.
-    Returns a :class:`Verdict`; never raises for a bad certificate."""
-    body = dict(cert)
+    Returns a :class:`Verdict`; never raises for a bad certificate (a job without a
+    certificate, or a document that is neither, is invalid with the reason)."""
+    try:
+        body = certificate_of(cert)
+    except VerificationError as exc:
+        return Verdict(False, dict(cert) if isinstance(cert, Mapping) else {}, reason=str(exc))
     verdict = Verdict(False, body)
     reason = signing.verify_signature(body, public_keys)
     if reason is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import torch
@@ -66,3 +66,32 @@ def small_arch() -> ArchConfig:
         decoder_depth=1,
         decoder_num_heads=2,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_left_as_found() -> Iterator[None]:
+    """The end-of-session check that the tests leave no keys in the test Redis database
+    (``DMAE_TEST_REDIS``): keys that appeared during the session and are still there fail it,
+    named (and are deleted, so the next session starts clean). Tests that talk to Redis clean
+    up with ``service_support.redis_cleaned``. Nothing is checked when Redis does not answer
+    (the tests that need it say so)."""
+    import redis
+    from preflight import REDIS_URL
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        before = set(client.scan_iter())
+    except redis.exceptions.RedisError:
+        client.close()
+        yield
+        return
+    yield
+    try:
+        left = sorted(set(client.scan_iter()) - before)
+        for key in left:
+            client.delete(key)
+    finally:
+        client.close()
+    if left:
+        names = ", ".join(k.decode(errors="replace") for k in left[:10])
+        pytest.fail(f"the tests left {len(left)} key(s) in Redis {REDIS_URL}: {names}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import subprocess
 import sys
 import time
@@ -23,14 +22,11 @@ import psycopg
 import pytest
 import torch
 from PIL import Image
+from preflight import PG_ADMIN_URL, REDIS_URL  # DMAE_TEST_POSTGRES, DMAE_TEST_REDIS
 from sqlalchemy.engine import make_url
 
 from domain.config import Settings
 
-PG_ADMIN_URL = os.environ.get(
-    "DMAE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-REDIS_URL = os.environ.get("DMAE_TEST_REDIS", "redis://127.0.0.1:6379/13")
 SIGMA = 0.25
 FAVOURITE = 3  # the class the tiny model leans to
 
@@ -227,21 +223,48 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
-@pytest.fixture
-def redis_queue() -> Iterator[str]:
-    """A unique Celery queue name on the test Redis; its keys are deleted afterwards."""
+@contextlib.contextmanager
+def redis_cleaned() -> Iterator[None]:
+    """Deletes, after the block, every key of the test Redis database that appeared during it:
+    a queue's own keys and those Celery and kombu write beside them without the queue's name
+    (``_kombu.binding_deadlines`` of a worker's pidbox, ``unacked*``), rate-limit counters.
+    Use it around whatever talks to the test Redis (the session ends with a check that no key
+    is left: see tests/conftest.py)."""
     import redis
 
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        client.ping()
+        before = set(client.scan_iter())
     except redis.exceptions.ConnectionError as exc:
+        client.close()
         pytest.fail(f"Redis is needed at {REDIS_URL} (run .ci/run or start it): {exc}")
-    queue = f"dmae-test-{uuid.uuid4().hex[:10]}"
-    yield queue
-    for key in client.scan_iter(f"*{queue}*"):
-        client.delete(key)
-    client.close()
+    try:
+        yield
+    finally:
+        for key in set(client.scan_iter()) - before:
+            client.delete(key)
+        client.close()
+
+
+@pytest.fixture
+def redis_keys_cleaned() -> Iterator[None]:
+    """:func:`redis_cleaned` around one test (for modules whose tests use the test Redis)."""
+    with redis_cleaned():
+        yield
+
+
+@pytest.fixture(scope="module")
+def redis_keys_cleaned_module() -> Iterator[None]:
+    """:func:`redis_cleaned` around a module (one whose worker lives through its tests)."""
+    with redis_cleaned():
+        yield
+
+
+@pytest.fixture
+def redis_queue() -> Iterator[str]:
+    """A unique Celery queue name on the test Redis; every key made meanwhile is deleted after."""
+    with redis_cleaned():
+        yield f"dmae-test-{uuid.uuid4().hex[:10]}"
 
 
 @contextlib.contextmanager

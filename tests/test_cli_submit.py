@@ -157,3 +157,44 @@ def test_ctrl_c_leaves_the_work_running_or_cancels_it(
     # Following a cancelled evaluation reports it and fails.
     assert submit(server, "--evaluation", ident, "--no-progress") == 1
     assert f"evaluation {ident} cancelled" in capsys.readouterr().err
+
+
+def test_without_model_or_sigma_submit_uses_local_certifys_default(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 32: ``submit --input digit.png`` without --model/--sigma was a 422 ("give sigma")
+    where local ``certify`` defaults to digits-s0.25. Both now use ``DEFAULT_MODEL``; this
+    server has only the tiny model, so its 422 names the model the request carried."""
+    from app.cli import DEFAULT_MODEL, build_parser
+
+    assert build_parser().parse_args(["certify", "--input", "x"]).checkpoint == DEFAULT_MODEL
+    image = tmp_path / "digit.png"
+    image.write_bytes(digit_png(4))
+    quick = ["--n0", "20", "--n", "200", "--no-progress"]
+    assert submit(server, "--input", str(image), *quick) == 1
+    err = capsys.readouterr().err
+    assert f"unknown model {DEFAULT_MODEL!r}" in err and "give sigma" not in err
+    # --sigma alone still lets the server choose by sigma; --model alone is sent as given.
+    assert submit(server, "--input", str(image), "--sigma", "0.25", *quick) == 0
+    assert server.get("/jobs?limit=1")["items"][0]["model"] == "tiny-s0.25"
+    assert submit(server, "--input", str(image), "--model", "tiny-s0.25", *quick) == 0
+    capsys.readouterr()
+
+
+def test_following_a_finished_job_shows_no_progress_rate(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Following with ``submit --job`` a job that finished earlier showed a rate of
+    159,257,407 samples/s (all its samples over the milliseconds of one poll): the bar now
+    starts at the work already done, so only work seen while following has a rate."""
+    import re
+
+    image = tmp_path / "digit.png"
+    image.write_bytes(digit_png(5))
+    assert submit(server, "--input", str(image), *SMALL) == 0
+    capsys.readouterr()
+    job_id = server.get("/jobs?limit=1")["items"][0]["id"]
+    assert main(["submit", "--server", server.url, "--key", server.key, "--job", job_id]) == 0
+    err = capsys.readouterr().err
+    assert "220/220" in err and "?sample/s" in err, err
+    assert not re.search(r"\d[\d.]*[kMG]?sample/s", err), err

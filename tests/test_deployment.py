@@ -545,3 +545,56 @@ def test_grafana_dashboard_queries_only_metrics_the_service_exports() -> None:
         f"./deploy/monitoring/grafana/dashboards:{provider['providers'][0]['options']['path']}:ro"
         in mounts
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# .env is docker-compose's file, not the service's
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_compose_env_in_the_working_folder_does_not_reach_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 32: DEPLOYMENT's first step, ``cp .env.example .env`` in the repository root,
+    silently made ``make run`` and the CLI use the compose host ``postgres`` ("failed to
+    resolve host 'postgres'"). The service reads only its environment now, and says at
+    start-up which ``DMAE_*`` settings a ``.env`` there sets that do not apply."""
+    shutil.copy(ROOT / ".env.example", tmp_path / ".env")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DMAE_", "POSTGRES_"))}
+    code = (
+        "from domain.config import Settings, unread_env_file; s = Settings(); "
+        "print(s.database_url); print(repr(s.broker_url)); print(unread_env_file())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert out[0].startswith("sqlite:///") and "postgres" not in out[0]
+    assert out[1] in ("''", "None")
+    assert out[2].startswith(".env sets DMAE_DATABASE_URL, DMAE_BROKER_URL, DMAE_QUEUE, ")
+    assert "do not apply here" in out[2] and "export them" in out[2]
+    # A variable set in the environment is not named: it applies.
+    from domain.config import unread_env_file
+
+    (tmp_path / "one.env").write_text("# DMAE_X=1\nDMAE_QUEUE=q\nexport DMAE_DEVICE=cpu\nA=1\n")
+    warning = unread_env_file(tmp_path / "one.env")
+    assert warning is not None and " sets DMAE_QUEUE, DMAE_DEVICE, which " in warning
+    monkeypatch.setenv("DMAE_QUEUE", "q")
+    assert " sets DMAE_DEVICE, which " in str(unread_env_file(tmp_path / "one.env"))
+    assert unread_env_file(tmp_path / "missing.env") is None
+
+
+def test_docker_compose_without_env_says_what_to_do(tmp_path: Path) -> None:
+    """Without ``.env`` Compose stops with the step to take (the database password has no
+    default on purpose)."""
+    binary = compose_binary()
+    if binary is None:
+        pytest.skip("no Compose binary; install it with `apt-get install -y docker-compose`")
+    for name in ("docker-compose.yml", "Dockerfile"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DMAE_", "POSTGRES_"))}
+    result = subprocess.run([*binary, "config"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    assert "cp .env.example .env" in result.stderr, result.stderr

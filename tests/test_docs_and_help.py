@@ -83,17 +83,26 @@ def test_readme_says_how_to_choose_the_port_and_make_honours_it() -> None:
 
 
 def _written_by_readme() -> set[str]:
-    """Files the README's commands write into the current folder."""
-    text = (ROOT / "README.md").read_text()
+    """Files the commands of the README and docs/API.md write into the current folder
+    (``--out``/``--plot``/``--json`` FILE, ``.save('FILE')``, ``> FILE``)."""
+    text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "API.md").read_text()
     found = set(re.findall(r"--(?:out|plot|json)\s+([\w.-]+\.\w+)\b", text))
     found |= set(re.findall(r"\.save\('([\w.-]+)'\)", text))
+    found |= set(re.findall(r"\s>\s*([\w.-]+\.\w+)\b", text))
     return found
 
 
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs a git checkout")
 def test_quick_start_outputs_are_git_ignored() -> None:
     outputs = _written_by_readme()
-    assert {"digit.png", "digits.tsv", "digits.png", "bench.json"} <= outputs
+    assert {
+        "digit.png",
+        "digits.tsv",
+        "digits.png",
+        "bench.json",
+        "job.json",
+        "keys.json",
+    } <= outputs
     for name in sorted(outputs):
         ignored = subprocess.run(["git", "check-ignore", "-q", name], cwd=ROOT)
         assert ignored.returncode == 0, f"{name} (written by a README command) is not ignored"
@@ -119,3 +128,41 @@ def test_api_md_certify_defaults_are_the_schemas(tmp_path: Path) -> None:
             assert said == f"{field['default']}", (name, said, field["default"])
         else:  # no default: the server derives it, or another field stands in for it
             assert said in ("-", "derived") or said.startswith("required unless"), (name, said)
+
+
+def test_api_md_mode_row_and_unknown_model_status_are_the_servers(tmp_path: Path) -> None:
+    """Issue 32: API.md's ``mode`` row left out ``decide``, and it said an unknown model is 404
+    where ``POST /certify`` answers 422. Every mode the schema accepts is in the row, and the
+    status the docs give for an unknown ``model`` is the server's."""
+    from fastapi.testclient import TestClient
+    from service_support import digit_png
+
+    from app.main import create_app
+    from domain.config import Settings
+    from domain.keys import create_key
+
+    settings = Settings(_env_file=None, data_dir=tmp_path, register_bundled=False)  # type: ignore[call-arg]
+    app = create_app(settings)
+    body = app.openapi()["components"]["schemas"]["Body_certify"]
+    modes = body["properties"]["mode"].get("enum") or [
+        v for branch in body["properties"]["mode"].get("anyOf", []) for v in branch.get("enum", [])
+    ]
+    assert "decide" in modes
+    text = (ROOT / "docs" / "API.md").read_text()
+    section = text.split("### `POST /certify`", 1)[1].split("\n#", 1)[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^\n]+) \|$", section, re.M))
+    for mode in modes:
+        assert f"`{mode}`" in rows["mode"], f"API.md's mode row does not list {mode}"
+    with TestClient(app) as client:
+        with app.state.db.session() as s:
+            key = create_key(s, "docs")[1]
+        r = client.post(
+            "/certify",
+            headers={"X-API-Key": key},
+            files={"image": ("d.png", digit_png(0), "image/png")},
+            data={"model": "no-such-model"},
+        )
+    assert r.status_code == 422 and "unknown model 'no-such-model'" in r.json()["detail"]
+    assert "**422**" in rows["model"]
+    assert "404 unknown job/model" not in text
+    assert "a request's `model` field naming an unknown model is\n422" in text

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from service_support import PG_ADMIN_URL, REDIS_URL
+from service_support import PG_ADMIN_URL, REDIS_URL, redis_keys_cleaned  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +25,7 @@ SMALL = ["--client", "httpx", "--rounds", "1", "--clients", "4", "--per-client",
 @pytest.mark.parametrize(
     ("against", "other"), [([], "floor"), (["--against", str(ROOT)], "baseline")]
 )
+@pytest.mark.usefixtures("redis_keys_cleaned")
 def test_enqueue_benchmark_runs_both_cases(tmp_path: Path, against: list[str], other: str) -> None:
     out = tmp_path / "enqueue.json"
     cmd = BENCH + SMALL + against + ["--json", str(out)]
@@ -63,6 +64,7 @@ def test_against_a_checkout_with_other_migrations_is_refused(tmp_path: Path) -> 
     )
 
 
+@pytest.mark.usefixtures("redis_keys_cleaned")
 def test_the_steps_of_a_submission_are_each_timed_once_per_request(tmp_path: Path) -> None:
     """``scripts/enqueue_steps.py`` in CI size: every step it lists ran once per submission
     (a step renamed or moved would show 0 calls), the parts of ``submit`` add up to no more

@@ -16,6 +16,7 @@ from service_support import (  # noqa: F401 - tiny_checkpoint and pg_url are fix
     database,
     digit_png,
     pg_url,
+    redis_keys_cleaned,
     service_settings,
     tiny_checkpoint,
     wait_for,
@@ -84,7 +85,11 @@ def test_rate_limit_in_memory(tmp_path: Path, tiny_checkpoint: Path) -> None:  #
         assert client.get("/healthz").status_code == 200  # probes are not limited
 
 
-def test_rate_limit_holds_across_api_processes(tmp_path: Path, tiny_checkpoint: Path) -> None:  # noqa: F811
+def test_rate_limit_holds_across_api_processes(
+    tmp_path: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+    redis_keys_cleaned: None,  # noqa: F811 - its counters are deleted afterwards
+) -> None:
     """Two API instances (own limiter objects, own memory) sharing Redis share one limit."""
     settings = service_settings(
         tmp_path / "data",

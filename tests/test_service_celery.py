@@ -25,6 +25,7 @@ from service_support import (  # noqa: F401 - pg_url is a fixture
     digit_png,
     make_checkpoint,
     pg_url,
+    redis_keys_cleaned_module,
     reference,
     reset_postgres,
     service_settings,
@@ -51,11 +52,13 @@ WORKER_ENV = {
 
 
 @pytest.fixture(scope="module")
-def stack(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:  # noqa: F811
+def stack(
+    pg_url: str,  # noqa: F811
+    redis_keys_cleaned_module: None,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, Any]]:
     """A migrated Postgres database, a Redis queue and a running Celery worker process."""
     import uuid
-
-    import redis
 
     reset_postgres(pg_url)
     migrate.upgrade(pg_url)
@@ -103,11 +106,7 @@ def stack(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
         }
     finally:
         terminate(proc)
-        log.close()
-        client = redis.Redis.from_url(REDIS_URL)
-        for key in client.scan_iter(f"*{queue}*"):
-            client.delete(key)
-        client.close()
+        log.close()  # redis_keys_cleaned_module then deletes the queue's and kombu's keys
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from service_support import (  # noqa: F401 - tiny_checkpoint and pg_url are fix
     assert_same_certificate,
     digit_png,
     pg_url,
+    redis_keys_cleaned,
     reference,
     serve_process,
     tiny_checkpoint,
@@ -170,7 +171,11 @@ def _listeners(port: int, count: int) -> dict[int, set[int]]:
         time.sleep(0.2)
 
 
-def test_serve_workers_each_listen_and_spread_connections(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+def test_serve_workers_each_listen_and_spread_connections(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+    redis_keys_cleaned: None,  # noqa: F811 - the queue and kombu keys are deleted afterwards
+) -> None:
     """serve --workers 2: each process listens on a socket of its own (SO_REUSEPORT), so
     connections opened together are spread over both. With the one socket uvicorn's --workers
     shares, the process that woke first took 49 of 50 in the benchmark. A process that dies is
@@ -221,10 +226,36 @@ def test_serve_workers_refuse_a_port_in_use(tmp_path: Path) -> None:
         out = subprocess.run([CLI, "serve", "--workers", "2", "--port", str(port)], env=env,
                              capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr, out.stderr
+    assert "serving on" not in out.stderr
     assert "Traceback" not in out.stderr
 
 
-def test_serve_workers_share_one_metrics_view(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+def test_serve_on_a_port_in_use_says_so_without_claiming_to_serve(tmp_path: Path) -> None:
+    """Issue 32: one ``serve`` process on a port in use logged "serving on http://..." and then
+    uvicorn's "Address already in use". The socket is now bound first: one error line, exit 2,
+    and no "serving on"."""
+    env = {**os.environ, "DMAE_DATA_DIR": str(tmp_path / "data")}
+    env.pop("DMAE_DATABASE_URL", None)
+    env.pop("DMAE_BROKER_URL", None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([CLI, "serve", "--port", str(port)], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert (
+        f"dmae-certify serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+        in out.stderr
+    )
+    assert "serving on" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_workers_share_one_metrics_view(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+    redis_keys_cleaned: None,  # noqa: F811
+) -> None:
     """serve --workers 2 on Postgres + Redis: two API processes on one port, and GET /metrics
     from either adds up both (prometheus_client's multiprocess mode)."""
     from test_metrics import samples, total
@@ -290,6 +321,7 @@ def test_processes_that_fail_at_start_stop_the_group(tmp_path: Path) -> None:
 def test_a_burst_of_answers_from_stored_jobs_does_not_empty_the_connection_pool(
     tmp_path: Path,
     pg_url: str,  # noqa: F811
+    redis_keys_cleaned: None,  # noqa: F811
 ) -> None:
     """Found by a breaker: a route that ends with its transaction open (a repeated submission
     answered from the stored job, GET /jobs) had it closed in one of the routes' threads

@@ -234,6 +234,27 @@ def test_a_job_document_gives_its_certificate() -> None:
         certificate_of({"hello": 1})
 
 
+def test_verify_certificate_accepts_the_whole_job_as_the_cli_does() -> None:
+    """docs/API.md's ``verify_certificate(cert, ...)`` given the job the README saves as
+    job.json (GET /jobs/{id}) checks its certificate, as ``dmae-certify verify job.json``
+    does; a job without one, or a document that is neither, is invalid and says so."""
+    cert = stamped(reference([180, 15, 5], 0, 200, "certify"))
+    job = json.loads(json.dumps({"id": "j", "status": "succeeded", "certificate": cert}))
+    verdict = verify_certificate(job, public_keys=KEYS)
+    assert verdict.valid, verdict.reason
+    assert verdict.certificate == cert
+    assert verdict.line() == verify_certificate(cert, public_keys=KEYS).line()
+    edited = json.loads(json.dumps(job))
+    edited["certificate"]["radius"] = 9.0
+    assert not verify_certificate(edited, public_keys=KEYS).valid
+    waiting = {"id": "j", "status": "queued", "certificate": None}
+    queued = verify_certificate(waiting, public_keys=KEYS)
+    assert not queued.valid
+    assert queued.reason == "the job has no certificate (its status is 'queued')"
+    neither = verify_certificate({"hello": 1}, public_keys=KEYS)
+    assert not neither.valid and "not a certificate" in str(neither.reason)
+
+
 def test_sequential_certificates_verify_and_their_decision_is_checked(
     known_classifier: KnownClassifierFactory,
 ) -> None:

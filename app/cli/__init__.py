@@ -21,6 +21,10 @@ COMMAND_MODULES = (
     "app.cli.submit",  # submit (a client of a running service)
 )
 
+# The model every command uses when none is named: local ``certify``/``predict``
+# (``--checkpoint``) and ``submit`` without ``--model`` or ``--sigma``.
+DEFAULT_MODEL = "digits-s0.25"
+
 
 class DefaultsFormatter(argparse.HelpFormatter):
     """Help that states each option's default, unless the help already speaks of it or there is

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from app.cli import DEFAULT_MODEL
+
 NORMS = ("imagenet", "cifar")
 
 
@@ -19,7 +21,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--checkpoint",
-        default="digits-s0.25",
+        default=DEFAULT_MODEL,
         help="checkpoint path (project .safetensors or official DMAE .pth) or the "
         "name of a bundled model (default: %(default)s)",
     )

@@ -60,6 +60,20 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def bound_socket(host: str, port: int) -> socket.socket:
+    """The one process's listening socket on (host, port), bound before anything says it is
+    serving. ValueError ``cannot listen on HOST:PORT: REASON`` when it cannot be bound (e.g.
+    the port is in use)."""
+    sock = _tcp_socket(host)
+    try:
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return sock
+
+
 def _check_free(host: str, port: int) -> None:
     """ValueError where the system has no SO_REUSEPORT, or when something listens on
     (host, port) already: bound without SO_REUSEPORT, so another group of processes (an earlier

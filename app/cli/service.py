@@ -121,10 +121,13 @@ def _logging(level: str) -> None:
 
 def _ready_database() -> Any:
     from domain import signing
-    from domain.config import get_settings
+    from domain.config import get_settings, unread_env_file
     from domain.migrate import SchemaNotReady, prepare_database
 
     settings = get_settings()
+    unread = unread_env_file()
+    if unread is not None:
+        logging.getLogger("dmae.api").warning(unread)
     try:
         prepare_database(settings)
     except SchemaNotReady as exc:
@@ -153,20 +156,28 @@ def serve(args: argparse.Namespace) -> int:
             "jobs inside the one API process; start Celery workers and set the broker URL to "
             "serve with several API processes"
         )
-    mode = "embedded runner, " if settings.embedded else "Celery broker, "
-    url = base_url(args.host, args.port)
-    logging.getLogger("dmae.api").info(
-        "serving on %s (%sdatabase %s)", url, mode, settings.database_url.split("@")[-1]
-    )
-    if args.workers > 1:  # each process builds its app from the same environment
-        from app.cli.processes import serve_processes
+    from app.cli import processes
 
-        return serve_processes(args.workers, args.host, args.port, args.log_level, _logging)
+    mode = "embedded runner, " if settings.embedded else "Celery broker, "
+    where = settings.database_url.split("@")[-1]
+    if args.workers > 1:  # each process builds its app from the same environment
+        if args.port != 0:
+            processes._check_free(args.host, args.port)  # refused before "serving on"
+        logging.getLogger("dmae.api").info(
+            "serving on %s (%sdatabase %s)", base_url(args.host, args.port), mode, where
+        )
+        return processes.serve_processes(
+            args.workers, args.host, args.port, args.log_level, _logging
+        )
     from app.main import create_app
 
+    sock = processes.bound_socket(args.host, args.port)  # a port in use: the error, no log
+    url = base_url(args.host, sock.getsockname()[1])
+    logging.getLogger("dmae.api").info("serving on %s (%sdatabase %s)", url, mode, where)
     api = create_app(settings)
     api.state.base_url = url  # for the start-up log's example command
-    uvicorn.run(api, host=args.host, port=args.port, log_level=args.log_level)
+    config = uvicorn.Config(api, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

@@ -19,6 +19,8 @@ import zipfile
 from pathlib import Path
 from typing import IO, Any
 
+from app.cli import DEFAULT_MODEL
+
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 KEY_ENV = "DMAE_API_KEY"
 ERROR = 1
@@ -58,7 +60,12 @@ def register(sub: Any) -> None:
     )
     what.add_argument("--job", metavar="ID", help="follow a job submitted earlier")
     what.add_argument("--evaluation", metavar="ID", help="follow an evaluation submitted earlier")
-    s.add_argument("--model", default=None, help="a registered model (default: chosen by sigma)")
+    s.add_argument(
+        "--model",
+        default=None,
+        help=f"a registered model (default: the one the server has for --sigma; without "
+        f"--sigma, {DEFAULT_MODEL}, as local certify)",
+    )
     s.add_argument("--sigma", type=float, default=None, help="noise level (default: the model's)")
     s.add_argument(
         "--mode",
@@ -151,8 +158,9 @@ def _detail(r: Any) -> str:
 
 
 def _form(args: argparse.Namespace, evaluation: bool) -> dict[str, str]:
+    model = DEFAULT_MODEL if args.model is None and args.sigma is None else args.model
     fields = {
-        "model": args.model, "sigma": args.sigma, "mode": args.mode, "alpha": args.alpha,
+        "model": model, "sigma": args.sigma, "mode": args.mode, "alpha": args.alpha,
         "n0": args.n0, "n": args.n, "target_radius": args.target_radius,
         "time_budget_s": args.time_budget,
     }  # fmt: skip
@@ -251,18 +259,20 @@ def _send_archive(api: Api, args: argparse.Namespace, name: str, data: Any) -> s
     return str(answer["id"])
 
 
-def _bar(args: argparse.Namespace, total: int, unit: str) -> Any:
+def _bar(args: argparse.Namespace, total: int, unit: str, done: int) -> Any:
+    """A progress bar that starts at ``done``: its rate counts only the work done while it is
+    shown (following a job that finished earlier gave 159,257,407 samples/s)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit=unit, file=sys.stderr, disable=args.no_progress,
-                dynamic_ncols=True)  # fmt: skip
+    return tqdm(total=total, initial=done, unit=unit, file=sys.stderr,
+                disable=args.no_progress, dynamic_ncols=True)  # fmt: skip
 
 
 def _follow_job(api: Api, args: argparse.Namespace, job_id: str) -> int:
     job = api.json("GET", f"/jobs/{job_id}")
     print(f"# job {job_id} ({job['mode']}, {job['model']}, sigma={job['sigma']:g}, "
           f"n={job['n']})", file=sys.stderr)  # fmt: skip
-    bar = _bar(args, job["progress"]["total"], "sample")
+    bar = _bar(args, job["progress"]["total"], "sample", job["progress"]["done"])
     try:
         while True:
             bar.update(job["progress"]["done"] - bar.n)
@@ -306,11 +316,15 @@ def _follow_evaluation(api: Api, args: argparse.Namespace, evaluation_id: str) -
     print(f"# evaluation {evaluation_id}: {ev['progress']['images_total']} image(s) of "
           f"{ev['source']}, {ev['mode']} with {ev['model']}, sigma={ev['sigma']:g} n={ev['n']} "
           f"alpha={ev['alpha']:g}", file=sys.stderr)  # fmt: skip
-    bar = _bar(args, ev["progress"]["images_total"], "img")
+
+    def finished(p: dict[str, Any]) -> int:
+        return int(p["images_done"] + p["images_failed"] + p.get("images_cancelled", 0))
+
+    bar = _bar(args, ev["progress"]["images_total"], "img", finished(ev["progress"]))
     try:
         while True:
             p = ev["progress"]
-            bar.update(p["images_done"] + p["images_failed"] + p.get("images_cancelled", 0) - bar.n)
+            bar.update(finished(p) - bar.n)
             bar.set_postfix_str(f"{p['samples_done']:,} samples", refresh=False)
             if ev["status"] not in ("queued", "running"):
                 break

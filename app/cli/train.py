@@ -160,6 +160,20 @@ def register(sub: Any) -> None:
     ft.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and last)")
     ft.set_defaults(func=run_finetune)
 
+    cmp = stages.add_parser(
+        "compare",
+        help="compare a reproduced checkpoint with a reference one (recipe, weights, metrics)",
+        description="Compare the checkpoint a reproduction wrote (e.g. "
+        "runs/digits-s0.25/checkpoint.safetensors) with the reference (a file or a bundled "
+        "model's name, e.g. digits-s0.25): the recipes each records, including the pre-trained "
+        "encoder's; the weights' sha256 (identical on the same machine and thread count, "
+        "else expect floating-point differences); and the final-epoch metrics side by side. "
+        "Exit 0 when the recipes agree, 1 when they differ.",
+    )
+    cmp.add_argument("reproduced", help="the checkpoint the reproduction wrote")
+    cmp.add_argument("reference", help="the reference checkpoint: a file or a bundled name")
+    cmp.set_defaults(func=run_compare)
+
     from app.cli import ablation
 
     abl = stages.add_parser(
@@ -234,3 +248,73 @@ def run_ablation(args: argparse.Namespace) -> int:
     from app.cli.ablation import run
 
     return run(args)
+
+
+# Recipe entries that name a file rather than a setting: the pre-trained encoder is compared
+# by its own recorded recipe instead of its path.
+RECIPE_PATHS = ("pretrained",)
+FINAL_METRICS = ("clean_acc", "noisy_acc", "smoothed_acc", "train_acc", "loss")
+
+
+def stage_defaults(stage: str) -> dict[str, Any]:
+    """The default of each setting of ``stage`` (``pretrain`` or ``finetune``), as recorded."""
+    from models.training.finetune import FinetuneConfig
+    from models.training.pretrain import PretrainConfig
+
+    cls = PretrainConfig if stage == "pretrain" else FinetuneConfig
+    return {
+        f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING
+    }
+
+
+def recipe_differences(got: dict[str, Any], want: dict[str, Any], stage: str) -> list[str]:
+    """``name: got vs want`` for each recipe setting that differs (file paths aside). A setting
+    one record lacks (recorded before it existed) counts as its default."""
+    defaults = stage_defaults(stage)
+    out = []
+    for name in sorted((set(got) | set(want)) - set(RECIPE_PATHS)):
+        a, b = got.get(name, defaults.get(name)), want.get(name, defaults.get(name))
+        if a != b:
+            out.append(f"{name}: {a!r} vs {b!r}")
+    return out
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from models.checkpoints import read_meta, resolve
+
+    metas = [read_meta(resolve(p)) for p in (args.reproduced, args.reference)]
+    got, want = (m.training or {} for m in metas)
+    if not got.get("recipe") or not want.get("recipe"):
+        raise ValueError("both checkpoints must record a training recipe (dmae-certify train)")
+    stage = str(want.get("stage", "finetune"))
+    diffs = recipe_differences(got["recipe"], want["recipe"], stage)
+    pre = [
+        (got.get("pretrained") or {}).get("training"),
+        (want.get("pretrained") or {}).get("training"),
+    ]
+    if pre[0] and pre[1]:
+        diffs += [
+            f"pre-training {d}"
+            for d in recipe_differences(pre[0]["recipe"], pre[1]["recipe"], "pretrain")
+        ]
+    print("recipe: the same" if not diffs else "recipe: differs in " + "; ".join(diffs))
+    a, b = (m.weights_sha256 for m in metas)
+    if a == b:
+        print(f"weights: identical (sha256 {a})")
+    else:
+        print(
+            f"weights: differ (sha256 {a[:16]}... vs {b[:16]}...): expected on another machine "
+            "or thread count; compare the certified accuracy "
+            "(dmae-certify certify --input digits:test --checkpoint FILE)"
+        )
+    finals = [t.get("final_epoch") or {} for t in (got, want)]
+    for name in FINAL_METRICS:
+        if name in finals[0] or name in finals[1]:
+            x, y = (
+                f"{v:.4f}" if isinstance(v, float) else "-"
+                for v in (finals[0].get(name), finals[1].get(name))
+            )
+            print(f"final {name}: {x} (reproduced) vs {y} (reference)")
+    return 0 if not diffs else 1

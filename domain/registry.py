@@ -166,17 +166,11 @@ def register(
 
 
 def register_bundled(session: Session) -> list[str]:
-    """Register every bundled model not yet in the registry; returns the names added.
-
-    The digits models go last, so that on a new registry they are the newest at their sigma
-    and a request giving only sigma 0.25 or 0.5 runs on them (the fastest demo), as before
-    the MNIST models were bundled; sigma 1.0 has only ``mnist-s1.00``.
-    """
+    """Register every bundled model not yet in the registry; returns the names added."""
     from models.checkpoints import CheckpointError, bundled_models, file_sha256
 
     added = []
-    bundled = sorted(bundled_models().items(), key=lambda item: item[0].startswith("digits-"))
-    for name, path in bundled:
+    for name, path in bundled_models().items():
         row = session.scalar(select(Checkpoint).where(Checkpoint.name == name))
         if row is not None:
             if row.location == BUNDLED_PREFIX + name and row.file_sha256 != file_sha256(path):

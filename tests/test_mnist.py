@@ -237,9 +237,7 @@ def test_service_trains_mnist_with_a_shape_and_lists_the_bundled_models(tmp_path
         for name, sigma in (("mnist-s0.25", 0.25), ("mnist-s0.50", 0.5), ("mnist-s1.00", 1.0)):
             assert models[name]["sigma"] == sigma and models[name]["recipe"] == "dmae+consistency"
         assert {"digits-s0.25", "digits-s0.50"} <= set(models)
-        with app.state.db.session() as s:  # sigma alone still picks the digits models
-            assert registry.choose(s, 0.25, None).name == "digits-s0.25"
-            assert registry.choose(s, 0.5, None).name == "digits-s0.50"
+        with app.state.db.session() as s:  # the one model trained at sigma 1.0
             assert registry.choose(s, 1.0, None).name == "mnist-s1.00"
         refused = [
             ({**shape, "patch_size": 5}, "patch_size 5 must divide the model resolution"),

@@ -248,10 +248,10 @@ def test_service_trains_mnist_with_a_shape_and_lists_the_bundled_models(tmp_path
             body = {"kind": "pretrain", "dataset": "mnist:train", "name": "x", "params": params}
             r = client.post("/admin/training", headers=admin, json=body)
             assert r.status_code == 422 and message in r.json()["detail"], r.text
-        body = {"kind": "finetune", "dataset": "mnist:test", "name": "mnist-cohen", "sigma": 0.5,
-                "init": "none", "params": {**shape, "copies": 1, "lbd": 0.0, "eta": 0.0,
-                                           "eval_images": 0}}  # fmt: skip
-        r = client.post("/admin/training", headers=admin, json=body)
+        cohen = {"copies": 1, "lbd": 0.0, "eta": 0.0, "eval_images": 0}
+        run_body = {"kind": "finetune", "dataset": "mnist:test", "name": "mnist-cohen",
+                    "sigma": 0.5, "init": "none", "params": {**shape, **cohen}}  # fmt: skip
+        r = client.post("/admin/training", headers=admin, json=run_body)
         assert r.status_code == 202, r.text
         run = wait_for(client.get, r.json()["url"], admin["X-API-Key"], timeout=300)
         assert run["status"] == "succeeded", run

@@ -352,8 +352,8 @@ class TrainingIn(BaseModel):
 
     kind: Literal["pretrain", "finetune"]
     dataset: str = Field(
-        description="'digits:train', or a folder inside the server's dataset directory "
-        "(ImageFolder layout: one sub-folder per class)."
+        description="'digits:train', 'mnist:train', or a folder inside the server's dataset "
+        "directory (ImageFolder layout: one sub-folder per class)."
     )
     name: str = Field(description="Registry name of the resulting checkpoint.")
     sigma: float = Field(

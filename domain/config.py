@@ -48,8 +48,8 @@ class Settings(BaseSettings):
     dataset_dir: Path | None = Field(
         default=None,
         description="Server-side folder holding datasets (ImageFolder layout); training runs and "
-        "evaluations accept folders inside it or the built-in digits:train|test. Default: "
-        "DATA_DIR/datasets.",
+        "evaluations accept folders inside it or the built-in digits:train|test and "
+        "mnist:train|test. Default: DATA_DIR/datasets.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",

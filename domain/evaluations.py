@@ -99,7 +99,7 @@ class Request:
     params: Params
     skip: int = 1
     max_images: int | None = None
-    dataset: str | None = None  # digits:train|test, or a folder of the server's dataset folder
+    dataset: str | None = None  # digits:|mnist:train|test, or a folder in the dataset folder
     archive: IO[bytes] | None = None  # an uploaded ImageFolder archive (seekable)
     archive_name: str = ""
     # A file that is not a supported image: refuses the set (False), or is skipped and listed

@@ -77,15 +77,19 @@ def inside(base: Path, requested: str, what: str) -> Path:
     return path
 
 
-BUILT_IN_DATASETS = ("digits:train", "digits:test")
+BUILT_IN_PREFIXES = ("digits:", "mnist:")
+BUILT_IN_DATASETS = ("digits:train", "digits:test", "mnist:train", "mnist:test")
 
 
 def dataset(base: Path, spec: str) -> str:
     """A server-side dataset (training runs, evaluations): a built-in one, returned as is, or
     the resolved path of a folder inside ``base`` (the server's dataset folder); 422 else."""
-    if spec.startswith("digits:"):
+    if spec.startswith(BUILT_IN_PREFIXES):
         if spec not in BUILT_IN_DATASETS:
-            raise bad_input(f"the built-in datasets are {' and '.join(BUILT_IN_DATASETS)}")
+            raise bad_input(
+                f"the built-in datasets are {', '.join(BUILT_IN_DATASETS[:-1])} "
+                f"and {BUILT_IN_DATASETS[-1]}"
+            )
         return spec
     folder = inside(base, spec, "dataset")
     if not folder.is_dir():

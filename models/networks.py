@@ -88,6 +88,40 @@ def preset(name: str, **overrides: Any) -> ArchConfig:
     return replace(PRESETS[name], **overrides)
 
 
+# The encoder shape a training run may set beside its preset (``--img-size`` ...): the model
+# resolution, patch side, width, depth and attention heads. The decoder keeps the preset's.
+SHAPE_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+
+
+def shaped(name: str, **shape: int | None) -> ArchConfig:
+    """Preset ``name`` with the given :data:`SHAPE_FIELDS` replaced (None: the preset's).
+
+    ValueError (naming the command-line flag) unless every value is a positive whole number,
+    the patch side divides the model resolution, the heads divide the width and the width is a
+    multiple of 4 (the 2-D sin-cos position embedding needs it).
+    """
+    unknown = sorted(set(shape) - set(SHAPE_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown shape field(s) {', '.join(unknown)}")
+    given = {k: v for k, v in shape.items() if v is not None}
+    for key, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be a positive whole number")
+    arch = preset(name, **given)
+    if arch.img_size % arch.patch_size:
+        raise ValueError(
+            f"--patch-size {arch.patch_size} must divide the model resolution "
+            f"--img-size {arch.img_size}"
+        )
+    if arch.embed_dim % 4:
+        raise ValueError(f"--embed-dim must be a multiple of 4, got {arch.embed_dim}")
+    if arch.embed_dim % arch.num_heads:
+        raise ValueError(
+            f"--num-heads {arch.num_heads} must divide the width --embed-dim {arch.embed_dim}"
+        )
+    return arch
+
+
 class _LayerNorm(nn.LayerNorm):
     """LayerNorm with eps 1e-6, as in the official DMAE/MAE models."""
 

@@ -215,7 +215,7 @@ def test_refusals_say_what_is_wrong(service: Service) -> None:
         r = evaluate(service, service.alice, files=files, **SMALL)
         assert r.status_code == status and words in r.json()["detail"], r.text
     forms: list[tuple[dict[str, str], str]] = [
-        ({"dataset": "digits:valid"}, "the built-in datasets are digits:train and digits:test"),
+        ({"dataset": "digits:valid"}, "digits:test, mnist:train and mnist:test"),
         ({"dataset": "../secret"}, "is outside the server's dataset folder"),
         ({"dataset": "nope"}, "no dataset folder 'nope'"),
         (

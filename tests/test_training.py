@@ -517,7 +517,10 @@ def test_cli_trains_both_stages_on_an_image_folder(
         )
         == 2
     )
-    assert "neither 'digits:train|test' nor an ImageFolder" in capsys.readouterr().err
+    assert (
+        "neither a built-in dataset (digits:train|test, mnist:train|test) nor an ImageFolder"
+        in (capsys.readouterr().err)
+    )
     assert (
         cli_main(
             [

@@ -17,7 +17,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input",
         required=True,
-        help="image file, folder of images, ImageFolder root, or digits:train|test",
+        help="image file, folder of images, ImageFolder root, digits:train|test or "
+        "mnist:train|test",
     )
     p.add_argument(
         "--checkpoint",

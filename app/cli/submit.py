@@ -56,7 +56,9 @@ def register(sub: Any) -> None:
         "(.tar, .tar.gz, .tar.bz2, .tar.xz) of one",
     )
     what.add_argument(
-        "--dataset", help="a dataset on the server: digits:test, digits:train or a folder name"
+        "--dataset",
+        help="a dataset on the server: digits:test, digits:train, mnist:test, mnist:train or a "
+        "folder name",
     )
     what.add_argument("--job", metavar="ID", help="follow a job submitted earlier")
     what.add_argument("--evaluation", metavar="ID", help="follow an evaluation submitted earlier")

@@ -24,11 +24,13 @@ def _triple(text: str) -> tuple[float, float, float]:
 
 def _run_options(p: argparse.ArgumentParser) -> None:
     """Options both stages share: data, output, optimisation, device and resume."""
-    p.add_argument("--data", required=True, help="digits:train or an ImageFolder root")
+    p.add_argument("--data", required=True, help="digits:train, mnist:train or an ImageFolder root")
     p.add_argument("--out", required=True, type=Path, help="run directory (state, log, checkpoint)")
     p.add_argument("--export", type=Path, default=None, help="also write the checkpoint here")
     p.add_argument("--name", default=None, help="model name stored in the checkpoint")
-    p.add_argument("--input-size", type=int, default=None, help="native image size (digits: 8)")
+    p.add_argument(
+        "--input-size", type=int, default=None, help="native image size (digits: 8, mnist: 28)"
+    )
     p.add_argument("--mean", type=_triple, default=None, help="R,G,B mean (default: the data's)")
     p.add_argument("--std", type=_triple, default=None, help="R,G,B std (default: the data's)")
     p.add_argument("--batch-size", type=int, default=64, help="images per micro-batch")
@@ -64,6 +66,21 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def _shape_options(p: argparse.ArgumentParser, heads: bool = True) -> None:
+    """The encoder shape beside the preset (--arch); each defaults to the preset's value."""
+    g = p.add_argument_group(
+        "shape",
+        "the encoder's shape beside the preset --arch (default: the preset's); recorded in the "
+        "checkpoint. E.g. 28x28 MNIST at its own size: --arch tiny --img-size 28 --patch-size 4",
+    )
+    g.add_argument("--img-size", type=int, default=None, help="model resolution (pixels)")
+    g.add_argument("--patch-size", type=int, default=None, help="patch side (divides --img-size)")
+    g.add_argument("--embed-dim", type=int, default=None, help="width (a multiple of 4)")
+    g.add_argument("--depth", type=int, default=None, help="transformer blocks")
+    if heads:
+        g.add_argument("--num-heads", type=int, default=None, help="heads (divide the width)")
+
+
 def register(sub: Any) -> None:
     train = sub.add_parser("train", help="pre-train a DMAE or fine-tune a smoothing classifier")
     stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -79,6 +96,7 @@ def register(sub: Any) -> None:
     )
     _run_options(pre)
     pre.add_argument("--arch", default="base", help="architecture preset (default %(default)s)")
+    _shape_options(pre)
     pre.add_argument(
         "--sigma",
         type=float,
@@ -118,12 +136,18 @@ def register(sub: Any) -> None:
         default=None,
         help="architecture preset with --pretrained none (default base)",
     )
+    _shape_options(ft, heads=False)
     ft.add_argument("--sigma", type=float, required=True, help="training noise level")
     ft.add_argument(
         "--val-data", default=None, help="held-out set (default: --val-fraction of --data)"
     )
     ft.add_argument("--val-fraction", type=float, default=0.1)
-    ft.add_argument("--num-heads", type=int, default=None, help="official files: attention heads")
+    ft.add_argument(
+        "--num-heads",
+        type=int,
+        default=None,
+        help="attention heads: of the --pretrained none encoder, or of an official file",
+    )
     ft.add_argument("--epochs", type=int, default=100)
     ft.add_argument("--warmup-epochs", type=float, default=5)
     ft.add_argument("--blr", type=float, default=5e-4, help="base lr (x batch/256)")

@@ -204,8 +204,9 @@ def create_evaluation(
     dataset: Annotated[
         str | None,
         Form(
-            description="A server-side dataset: digits:test, digits:train, or a folder "
-            "(ImageFolder layout) inside the server's dataset folder. Give this or archive.",
+            description="A server-side dataset: digits:test, digits:train, mnist:test, "
+            "mnist:train, or a folder (ImageFolder layout) inside the server's dataset folder. "
+            "Give this or archive.",
             examples=["digits:test"],
         ),
     ] = None,

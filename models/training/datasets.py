@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from models.data import DIGITS_MEAN, DIGITS_STD, ImageFolderDataset, load_image, open_inputs
+from models.data import ImageFolderDataset, built_in, load_image, open_inputs
 from models.images import displayed_rgb, open_file
 from models.networks import IMAGENET_MEAN, IMAGENET_STD
 
@@ -207,24 +207,27 @@ def open_training_data(
     augment: Callable[[int, tuple[float, ...]], Callable[[Any], Tensor]] | None = None,
     num_workers: int = 0,
 ) -> TrainData:
-    """``digits:train`` / ``digits:test`` or an ImageFolder root, with labels and classes.
+    """A built-in dataset (``digits:train|test``, ``mnist:train|test``) or an ImageFolder
+    root, with labels and classes.
 
     ``augment(input_size, mean)`` builds the random transform for ImageFolder images; the
-    8x8 digits are never augmented (crops and flips do not preserve a digit's class).
+    built-in digit sets are never augmented (crops and flips do not preserve a digit's class).
     """
-    if spec.startswith("digits:"):
-        size = input_size or 8
+    source = built_in(spec)
+    if source is not None:
+        size = input_size or source.native_size
         inputs = open_inputs(spec, size)
         x = torch.stack([inputs[i][0] for i in range(len(inputs))])
         y = torch.tensor([inputs[i][1] for i in range(len(inputs))], dtype=torch.long)
         return TrainData(
-            spec, size, list(inputs.classes or []), DIGITS_MEAN, DIGITS_STD,
+            spec, size, list(inputs.classes or []), source.mean, source.std,
             _fingerprint_tensors(x, y), tensors=(x, y),
         )  # fmt: skip
     root = Path(spec)
     if not root.is_dir():
         raise FileNotFoundError(
-            f"training data {spec!r} is neither 'digits:train|test' nor an ImageFolder directory"
+            f"training data {spec!r} is neither a built-in dataset (digits:train|test, "
+            "mnist:train|test) nor an ImageFolder directory"
         )
     if input_size is None:
         raise ValueError(f"{spec}: give --input-size for an ImageFolder dataset")

@@ -29,7 +29,15 @@ from models.checkpoints import (
     load_model,
     resolve,
 )
-from models.networks import DenoisingMaskedAutoencoderViT, DMAEClassifier, encoder_state, preset
+from models.data import built_in
+from models.networks import (
+    SHAPE_FIELDS,
+    ArchConfig,
+    DenoisingMaskedAutoencoderViT,
+    DMAEClassifier,
+    encoder_state,
+    shaped,
+)
 from models.smoothing import BatchSampler, predict
 from models.training.consistency import DEFAULT_LAMBDA, consistency_loss, default_eta
 from models.training.datasets import (
@@ -78,10 +86,14 @@ class FinetuneConfig(RunOptions):
     pretrained: str
     sigma: float
     arch: str | None = None  # with pretrained="none" only (default "base")
+    img_size: int | None = None  # shape beside the preset, with pretrained="none" only
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
     val_data: str | None = None
     val_fraction: float = 0.1
     input_size: int | None = None
-    num_heads: int | None = None  # official files only: heads are not in any tensor shape
+    num_heads: int | None = None  # pretrained="none": the encoder's; official files: theirs
     epochs: int = 100
     warmup_epochs: float = 5
     batch_size: int = 64
@@ -125,20 +137,26 @@ class FinetuneConfig(RunOptions):
     def recipe(self) -> dict[str, Any]:
         return {**super().recipe(), "eta": self.eta_value}
 
+    def architecture(self) -> ArchConfig:
+        """With ``pretrained='none'``: the preset with the shape options applied."""
+        return shaped(self.arch or SCRATCH_ARCH, **{k: getattr(self, k) for k in SHAPE_FIELDS})
+
     def check(self) -> None:
         """ValueError for settings no run can use (before any file is read)."""
         super().check()
         check_optimisation(self)
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f"--sigma must be positive, got {self.sigma}")
-        if self.arch is not None and not self.scratch:
-            raise ValueError(
-                "--arch applies to --pretrained none only: a pre-trained encoder brings its own"
-            )
-        if self.scratch:
-            preset(self.arch or SCRATCH_ARCH)  # ValueError naming the presets
-            if self.num_heads is not None:
-                raise ValueError("--num-heads applies to official pre-trained files only")
+        if not self.scratch:
+            for name in ("arch", *SHAPE_FIELDS[:-1]):
+                if getattr(self, name) is not None:
+                    flag = "--" + name.replace("_", "-")
+                    raise ValueError(
+                        f"{flag} applies to --pretrained none only: a pre-trained encoder "
+                        "brings its own shape"
+                    )
+        else:
+            self.architecture()  # ValueError naming the presets or a bad shape
         if self.copies < 1:
             raise ValueError(f"--copies must be at least 1, got {self.copies}")
         for name in ("lbd", "eta", "drop_path", "mixup", "cutmix"):
@@ -212,12 +230,15 @@ def load_pretrained(cfg: FinetuneConfig) -> Pretrained:
     return pre
 
 
-def random_encoder(arch_name: str, input_size: int, seed: int) -> Pretrained:
+def random_encoder(
+    arch_name: str, input_size: int, seed: int, arch: ArchConfig | None = None
+) -> Pretrained:
     """A random encoder for ``--pretrained none``: exactly the one pre-training with ``seed``
     would start from (the DMAE model's initialisation: xavier-uniform linear layers,
     cls token N(0, 0.02), fixed sin-cos positions), so the from-scratch baseline differs
-    from the pre-trained recipe only by the pre-training."""
-    arch = preset(arch_name)
+    from the pre-trained recipe only by the pre-training. ``arch``: preset ``arch_name``
+    with shape options applied (default: the preset itself)."""
+    arch = arch or shaped(arch_name)
     with seeded(seed):
         model = DenoisingMaskedAutoencoderViT(arch, input_size)
     meta = CheckpointMeta(
@@ -226,6 +247,7 @@ def random_encoder(arch_name: str, input_size: int, seed: int) -> Pretrained:
     record = {
         "kind": NO_PRETRAINING,
         "arch": arch_name,
+        "shape": arch.to_dict(),
         "init": f"random (the DMAE pre-training model's initialisation, seed {seed})",
         RECIPE_FIELD: SCRATCH,
     }
@@ -342,9 +364,8 @@ def _finetune(
 ) -> Path:
     amp = resolve_amp(cfg.amp, device)
     if cfg.scratch:
-        model_size = preset(cfg.arch or SCRATCH_ARCH).img_size
-        digits = cfg.data.startswith("digits:")
-        input_size = cfg.input_size or (None if digits else model_size)
+        model_size = cfg.architecture().img_size
+        input_size = cfg.input_size or (None if built_in(cfg.data) else model_size)
     else:
         pre = load_pretrained(cfg)
         input_size = cfg.input_size or pre.meta.input_size
@@ -357,7 +378,7 @@ def _finetune(
     data = open_training_data(cfg.data, input_size, augment=augment, num_workers=cfg.num_workers)
     input_size = data.input_size
     if cfg.scratch:
-        pre = random_encoder(cfg.arch or SCRATCH_ARCH, input_size, cfg.seed)
+        pre = random_encoder(cfg.arch or SCRATCH_ARCH, input_size, cfg.seed, cfg.architecture())
     if cfg.val_data:
         val = open_training_data(cfg.val_data, input_size, num_workers=cfg.num_workers)
         if val.classes != data.classes:

@@ -27,7 +27,7 @@ SERVICE_DECIDED = frozenset(
 )  # fmt: skip
 AT_LEAST_ONE = frozenset(
     {"epochs", "batch_size", "accum_iter", "copies", "eval_batch", "eval_n", "input_size",
-     "num_heads"}
+     "num_heads", "img_size", "patch_size", "embed_dim", "depth"}
 )  # fmt: skip
 
 
@@ -78,9 +78,11 @@ def check_training_params(
     ``params``: config field names to values (numbers, booleans, strings; ``mean``/``std`` as
     ``"R,G,B"`` or three numbers). ``sigma``: the training noise level (pre-training: >= 0, 0
     being MAE; fine-tuning: > 0, required). ``init`` (fine-tuning, required): the model to
-    start from, or ``"none"`` for a random encoder of the preset ``params["arch"]``.
+    start from, or ``"none"`` for a random encoder of the preset ``params["arch"]``, shaped
+    by ``img_size``, ``patch_size``, ``embed_dim``, ``depth`` and ``num_heads`` if given.
     Checks types, ranges and combinations (e.g. ``loss_on='masked'`` needs ``mask_ratio`` > 0,
-    ``arch`` needs ``init='none'``); whether ``init`` exists is the caller's to check.
+    ``arch`` and the shape need ``init='none'``, ``patch_size`` must divide ``img_size``);
+    whether ``init`` exists is the caller's to check.
     """
     values = config_values(kind, params)
     cls = config_class(kind)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from models.checkpoints import CheckpointMeta
-from models.networks import LOSS_ON, DenoisingMaskedAutoencoderViT, preset
+from models.data import built_in
+from models.networks import LOSS_ON, SHAPE_FIELDS, ArchConfig, DenoisingMaskedAutoencoderViT, shaped
 from models.training.datasets import open_training_data, train_transform
 from models.training.distributed import World, barrier, training_world
 from models.training.loop import (
@@ -45,6 +46,11 @@ class PretrainConfig(RunOptions):
     data: str
     out: Path
     arch: str = "base"
+    img_size: int | None = None  # shape beside the preset (None: the preset's): model resolution,
+    patch_size: int | None = None  # patch side,
+    embed_dim: int | None = None  # width,
+    depth: int | None = None  # encoder blocks,
+    num_heads: int | None = None  # attention heads
     input_size: int | None = None
     sigma: float = 0.25
     mask_ratio: float = 0.75
@@ -64,10 +70,15 @@ class PretrainConfig(RunOptions):
     def recipe_name(self) -> str:
         return pretrain_recipe_name(self.sigma, self.loss_on)
 
+    def architecture(self) -> ArchConfig:
+        """The preset with the shape options applied; ValueError naming a bad one."""
+        return shaped(self.arch, **{k: getattr(self, k) for k in SHAPE_FIELDS})
+
     def check(self) -> None:
         """ValueError for settings no run can use (before any data is read)."""
         super().check()
         check_optimisation(self)
+        self.architecture()
         if not 0 <= self.mask_ratio < 1:
             raise ValueError(f"--mask-ratio must lie in [0, 1), got {self.mask_ratio}")
         if not self.sigma >= 0:
@@ -110,10 +121,10 @@ def _pretrain(
     after_step: Callable[[int], None] | None,
 ) -> Path:
     amp = resolve_amp(cfg.amp, device)
-    arch = preset(cfg.arch)
+    arch = cfg.architecture()
     augment = (lambda size, mean: train_transform(size, (0.2, 1.0), mean)) if cfg.augment else None
     data = open_training_data(
-        cfg.data, cfg.input_size or (None if cfg.data.startswith("digits:") else arch.img_size),
+        cfg.data, cfg.input_size or (None if built_in(cfg.data) else arch.img_size),
         augment=augment, num_workers=cfg.num_workers,
     )  # fmt: skip
     mean, std = tuple(cfg.mean or data.mean), tuple(cfg.std or data.std)
@@ -133,7 +144,8 @@ def _pretrain(
         Path(cfg.out), model, optimizer, settings, data, step, cfg.recipe(), log=log, world=world
     )
     run.log(
-        f"pre-training {cfg.arch} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"pre-training {cfg.arch} {_shape(arch)} "
+        f"({sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{cfg.recipe_name}: sigma {cfg.sigma:g}, loss on {cfg.loss_on} patches) on "
         f"{data.spec} ({len(data)} images, {data.input_size}px) for {cfg.epochs} epochs x "
         f"{run.steps_per_epoch} steps; lr {lr:.3e} ({describe_batch(effective, world)}); "
@@ -160,3 +172,10 @@ def _pretrain(
     path = write_checkpoint(cfg.out, cfg.export, model, meta, log)
     barrier(world)
     return path
+
+
+def _shape(arch: ArchConfig) -> str:
+    return (
+        f"[{arch.img_size}px, patch {arch.patch_size}, width {arch.embed_dim}, "
+        f"depth {arch.depth}, {arch.num_heads} heads]"
+    )

@@ -82,8 +82,10 @@ def api(tmp_path: Path) -> Iterator[Api]:
 
 
 def test_the_bundled_models_are_the_defaults_of_a_fresh_service(api: Api) -> None:
-    assert api.defaults() == {"digits-s0.25": 0.25, "digits-s0.50": 0.5}
+    # the first bundled model (by name) of each sigma: digits before mnist at 0.25 and 0.5
+    assert api.defaults() == {"digits-s0.25": 0.25, "digits-s0.50": 0.5, "mnist-s1.00": 1.0}
     assert api.model_for(0.25) == "digits-s0.25" and api.model_for(0.5) == "digits-s0.50"
+    assert api.model_for(1.0) == "mnist-s1.00"
 
 
 def test_registering_a_model_does_not_take_default_traffic(api: Api) -> None:
@@ -102,20 +104,24 @@ def test_setting_the_default_moves_the_traffic_and_is_shown(api: Api) -> None:
     r = api.post("/admin/models/tiny-s0.25/default")
     assert r.status_code == 200 and r.json()["default"], r.text
     assert api.model_for(0.25) == "tiny-s0.25"
-    assert api.defaults() == {"tiny-s0.25": 0.25, "digits-s0.50": 0.5}  # one per sigma
+    assert api.defaults() == {
+        "tiny-s0.25": 0.25,
+        "digits-s0.50": 0.5,
+        "mnist-s1.00": 1.0,
+    }  # one per sigma
     everything = api.models(admin=True)
     assert everything["digits-s0.25"]["active"] and not everything["digits-s0.25"]["default"]
     # and back
     assert api.post("/admin/models/digits-s0.25/default").status_code == 200
     assert api.model_for(0.25) == "digits-s0.25"
-    assert api.defaults() == {"digits-s0.25": 0.25, "digits-s0.50": 0.5}
+    assert api.defaults() == {"digits-s0.25": 0.25, "digits-s0.50": 0.5, "mnist-s1.00": 1.0}
 
 
 def test_default_on_registration_is_a_deliberate_choice(api: Api) -> None:
     r = api.upload("tiny-s0.25", default="true")
     assert r.status_code == 201 and r.json()["default"], r.text
     assert api.model_for(0.25) == "tiny-s0.25"
-    assert api.defaults() == {"tiny-s0.25": 0.25, "digits-s0.50": 0.5}
+    assert api.defaults() == {"tiny-s0.25": 0.25, "digits-s0.50": 0.5, "mnist-s1.00": 1.0}
 
 
 def test_a_sigma_without_a_default_is_a_clear_422(api: Api) -> None:

@@ -12,7 +12,12 @@ through one sampling engine with ``jobs`` concurrent jobs, as the service runs t
    (ii) fixed-n CERTIFY at ``n`` on ``fixed_count`` inputs, each with ``jobs`` concurrent jobs.
    Reports samples/s (does a crowd of small ``counts()`` calls keep the device as busy as
    fixed-n jobs do?), mean rows per engine batch, and certificates/s; each ratio's median and
-   spread (min-max) over the rounds.
+   spread (min-max) over the rounds. Each round also runs (iii) DECIDE with a separate
+   selection stage of ``n0`` samples on the same inputs and seeds, for the certificates/s of
+   merged selection (``decide_n0`` = 0, the default) over it.
+
+DECIDE runs with ``decide_n0`` selection samples (0: merged selection, the mode's default);
+fixed-n CERTIFY with ``n0``.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ class DecideBenchConfig:
     n: int | None = None  # cap of DECIDE and n of fixed CERTIFY (default 10,000)
     big_n: int = 100_000
     big_count: int | None = None  # inputs for the big_n comparison (CPU 24, GPU all)
-    n0: int = 100
+    n0: int = 100  # fixed-n CERTIFY's selection samples, and DECIDE's in comparison (iii)
+    decide_n0: int = 0  # DECIDE's selection samples (0: merged selection)
     alpha: float = 0.001
     sigma: float | None = None  # default: the model's training sigma
     jobs: int = 16
@@ -71,6 +77,8 @@ class DecideBenchConfig:
         for name in ("n", "n0", "jobs", "rounds", "fixed_count", "max_inputs", "big_n"):
             if getattr(out, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if out.decide_n0 < 0:
+            raise ValueError("--decide-n0 must be at least 0")
         if out.big_count < 0:
             raise ValueError("--big-count must be at least 0")
         if out.sigma is None:
@@ -155,9 +163,11 @@ def run_decide_benchmark(
         def fixed_run(size: int) -> Callable[[int], Certificate]:
             return lambda i: certify(engine.sampler(ENGINE_KEY), xs[i], sigma, n0, size, alpha, i)
 
-        def decide_run(target: float, cap: int) -> Callable[[int], Certificate]:
+        def decide_run(
+            target: float, cap: int, selection: int = cfg.decide_n0
+        ) -> Callable[[int], Certificate]:
             return lambda i: decide(
-                engine.sampler(ENGINE_KEY), xs[i], sigma, target, n0, cap, alpha,
+                engine.sampler(ENGINE_KEY), xs[i], sigma, target, selection, cap, alpha,
                 DECIDE_SEED_OFFSET + i,
             )  # fmt: skip
 
@@ -208,7 +218,10 @@ def run_decide_benchmark(
         for r in range(cfg.rounds):
             seq = timed(decide_run(target, n), everything)
             fix = timed(fixed_run(n), fixed_items)
+            staged = timed(decide_run(target, n, n0), everything)
             row = {
+                "staged_certificates_per_s": staged["certificates_per_s"],
+                "staged_samples_per_s": staged["samples_per_s"],
                 "decide_samples_per_s": seq["samples_per_s"],
                 "fixed_samples_per_s": fix["samples_per_s"],
                 "decide_certificates_per_s": seq["certificates_per_s"],
@@ -220,7 +233,8 @@ def run_decide_benchmark(
             log(
                 f"round {r + 1}/{cfg.rounds}: samples/s decide {seq['samples_per_s']:,.0f} "
                 f"fixed {fix['samples_per_s']:,.0f}; certificates/s decide "
-                f"{seq['certificates_per_s']:.2f} fixed {fix['certificates_per_s']:.3f}"
+                f"{seq['certificates_per_s']:.2f} fixed {fix['certificates_per_s']:.3f} "
+                f"decide n0={n0} {staged['certificates_per_s']:.2f}"
             )
         engine_batch = engine.batch_size(ENGINE_KEY)
 
@@ -231,6 +245,11 @@ def run_decide_benchmark(
         "certificates_per_s_decide_over_fixed": _spread(
             [r["decide_certificates_per_s"] / r["fixed_certificates_per_s"] for r in rounds]
         ),
+        "certificates_per_s_decide_over_staged": _spread(
+            [r["decide_certificates_per_s"] / r["staged_certificates_per_s"] for r in rounds]
+        ),
+        "decide_certificates_per_s": _spread([r["decide_certificates_per_s"] for r in rounds]),
+        "staged_certificates_per_s": _spread([r["staged_certificates_per_s"] for r in rounds]),
     }
     return {
         "device": describe_device(device),
@@ -257,7 +276,8 @@ def format_decide_report(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [
         f"device: {result['device']}; model {result['model']} on {result['input']} "
-        f"({s['max_inputs']} inputs), sigma={s['sigma']:g}, n0={s['n0']}, alpha={s['alpha']:g}, "
+        f"({s['max_inputs']} inputs), sigma={s['sigma']:g}, n0={s['n0']} "
+        f"(DECIDE: {s['decide_n0']}), alpha={s['alpha']:g}, "
         f"{s['jobs']} concurrent jobs; load average before/after "
         f"{result['load_average_before_after']}",
         "",
@@ -295,6 +315,9 @@ def format_decide_report(result: dict[str, Any]) -> str:
     for name, label in (
         ("samples_per_s_decide_over_fixed", "samples/s, decide / fixed"),
         ("certificates_per_s_decide_over_fixed", "certificates/s, decide / fixed"),
+        ("certificates_per_s_decide_over_staged", f"certificates/s, decide / n0={s['n0']}"),
+        ("decide_certificates_per_s", "certificates/s, decide"),
+        ("staged_certificates_per_s", f"certificates/s, decide n0={s['n0']}"),
     ):
         q = r[name]
         lines.append(

@@ -134,16 +134,24 @@ def test_ci_sized_decide_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture
     for d in result["decisions"] + result["big_n"]:
         assert sum(d["decisions"].values()) == d["inputs"]
         assert 0 < d["n_used_median"] <= d["n"] and 0 <= d["agreement"] <= 1
-        assert d["samples_saved"] == pytest.approx(d["n"] / d["n_used_mean"])
+        assert d["estimation_samples_saved"] == pytest.approx(d["n"] / d["n_used_mean"])
+        # DECIDE merges selection by default (n0 = 0): its total is n_used
+        assert d["samples_total_median"] == d["n_used_median"]
+        assert d["total_samples_saved"] == pytest.approx((100 + d["n"]) / d["n_used_mean"])
         wrong = d["disagreements"]["decide_only"] + d["disagreements"]["fixed_only"]
         assert d["agreement"] == pytest.approx(1 - wrong / d["inputs"])
     assert [d["inputs"] for d in result["decisions"]] == [4, 4]
     assert [d["inputs"] for d in result["big_n"]] == [2, 2] and result["big_n"][0]["n"] == 600
     assert len(result["rounds"]) == 2
-    ratio = result["ratios"]["certificates_per_s_decide_over_fixed"]
-    assert ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert (result["settings"]["n0"], result["settings"]["decide_n0"]) == (20, 0)
+    for name in ("certificates_per_s_decide_over_fixed", "certificates_per_s_decide_over_staged"):
+        ratio = result["ratios"][name]
+        assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"], name
+    for r in result["rounds"]:  # merged over n0 = 20, both DECIDE on the same inputs and seeds
+        assert r["staged_certificates_per_s"] > 0
     printed = capsys.readouterr().out
     assert "samples/s, decide / fixed" in printed and "the first 2 inputs only" in printed
+    assert "certificates/s, decide / n0=20" in printed
 
 
 def test_bad_decide_benchmark_settings_get_a_message(capsys: pytest.CaptureFixture) -> None:
@@ -151,5 +159,7 @@ def test_bad_decide_benchmark_settings_get_a_message(capsys: pytest.CaptureFixtu
     assert "--targets must be comma-separated radii" in capsys.readouterr().err
     assert main([*DECIDE_SMALL, "--targets", "-1"]) == 2
     assert "--targets must be positive radii" in capsys.readouterr().err
+    assert main([*DECIDE_SMALL, "--decide-n0", "-1"]) == 2
+    assert "--decide-n0 must be at least 0" in capsys.readouterr().err
     assert main([*DECIDE_SMALL, "--input", "/no/such/folder"]) == 2
     assert "/no/such/folder" in capsys.readouterr().err

@@ -57,8 +57,12 @@ def test_config_has_the_apis_defaults_and_the_settings_limits(client: TestClient
     config: dict[str, Any] = client.get("/web/config.json").json()
     schema = client.get("/openapi.json").json()
     body = schema["components"]["schemas"]["Body_certify"]["properties"]
-    for name in ("alpha", "n0", "n", "mode"):
+    for name in ("alpha", "n", "mode"):
         assert config["defaults"][name] == body[name]["default"], name
+    # n0 has no schema default: the server derives it from the mode, as its description says.
+    assert "default" not in body["n0"]
+    assert (config["defaults"]["n0"], config["defaults"]["decide_n0"]) == (100, 0)
+    assert "certify modes: default 100; decide: default 0" in body["n0"]["description"]
     assert config["modes"] == ["certify", "predict", "certify_top2", "decide"]
     limits = config["limits"]
     assert (limits["n_max"], limits["n0_max"]) == (5000, 300)  # the settings, not the defaults

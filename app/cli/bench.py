@@ -98,6 +98,13 @@ def register(sub: Any) -> None:
         default=None,
         help="inputs compared at --big-n (default: 24 on CPU, all on a GPU; 0 skips)",
     )
+    d.add_argument(
+        "--decide-n0",
+        type=int,
+        default=0,
+        help="DECIDE's selection samples (default 0: merged selection); each throughput round "
+        "also runs DECIDE with --n0 for the comparison",
+    )
     d.add_argument("--max-inputs", type=int, default=None, help="use the first N inputs only")
     d.add_argument(
         "--fixed-count",
@@ -133,8 +140,8 @@ def run_decide(args: argparse.Namespace) -> int:
         raise ValueError(f"--targets must be comma-separated radii, got {args.targets!r}") from None
     cfg = DecideBenchConfig(
         device=args.device, model=args.model, input=args.input, targets=targets, n=args.n,
-        big_n=args.big_n, big_count=args.big_count, n0=args.n0, alpha=args.alpha,
-        sigma=args.sigma, jobs=args.jobs, fixed_count=args.fixed_count,
+        big_n=args.big_n, big_count=args.big_count, n0=args.n0, decide_n0=args.decide_n0,
+        alpha=args.alpha, sigma=args.sigma, jobs=args.jobs, fixed_count=args.fixed_count,
         rounds=args.rounds or 3, max_inputs=args.max_inputs, batch_size=args.batch_size,
         threads=args.threads,
     )  # fmt: skip

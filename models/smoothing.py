@@ -576,12 +576,37 @@ def decide_outcome(
     cs = ConfidenceSequence(alpha)
     p_star = validate_target(target_radius, sigma)
     k_a, k_top = int(counts[c_a]), max(int(k) for k in counts)
-    verdict = decision(cs, k_a, k_top, used, p_star)
-    if verdict is None:
-        if used != n:
-            raise ValueError(f"no decision at {used} samples, yet sampling stopped before n={n}")
-        verdict = Decision.UNDECIDED
-    pa, pa_upper = cs.lower(k_a, used), cs.upper(k_top, used)
+    verdict = _stopped(decision(cs, k_a, k_top, used, p_star), used, n)
+    return _decided(
+        verdict, c_a, k_a, cs.lower(k_a, used), cs.upper(k_top, used), p_star, sigma,
+        target_radius,
+    )  # fmt: skip
+
+
+def _stopped(verdict: Decision | None, used: int, n: int) -> Decision:
+    """The decision at a stop: ``undecided`` at the cap n; ValueError for a stop before it
+    with no decision (counts that cannot come from DECIDE)."""
+    if verdict is not None:
+        return verdict
+    if used != n:
+        raise ValueError(f"no decision at {used} samples, yet sampling stopped before n={n}")
+    return Decision.UNDECIDED
+
+
+def _decided(
+    verdict: Decision,
+    c_a: int,
+    k_a: int,
+    pa: float,
+    pa_upper: float,
+    p_star: float,
+    sigma: float,
+    target_radius: float,
+) -> DecideOutcome:
+    """DECIDE's outcome for class ``c_a`` from its bounds (both procedures): pA_lower raised to
+    p* when certified (every value <= p* is excluded), pA_upper lowered to p* when not
+    certified, radius sigma * Phi^-1(pA_lower), at least the target when certified; an
+    abstention when pA_lower < 1/2."""
     if verdict is Decision.CERTIFIED:
         pa = max(pa, p_star)
     elif verdict is Decision.NOT_CERTIFIED:
@@ -730,26 +755,9 @@ def merged_outcome(
         raise ValueError(f"predictable_hits {hits!r} must lie in [0, {used - FIRST_LEADER}]")
     c_top, _ = _top_two(counts)
     k_top = int(counts[c_top])
-    verdict = merged_decision(cs, hits, k_top, used, p_star, len(counts))
-    if verdict is None:
-        if used != n:
-            raise ValueError(f"no decision at {used} samples, yet sampling stopped before n={n}")
-        verdict = Decision.UNDECIDED
+    verdict = _stopped(merged_decision(cs, hits, k_top, used, p_star, len(counts)), used, n)
     pa = class_sequence(alpha, len(counts)).lower(k_top, used)
-    pa_upper = cs.upper(k_top, used)
-    if verdict is Decision.CERTIFIED:
-        pa = max(pa, p_star)
-    elif verdict is Decision.NOT_CERTIFIED:
-        pa_upper = min(pa_upper, p_star)
-    abstain = pa < 0.5
-    radius = 0.0 if abstain else sigma * float(ndtri(pa))  # Phi^-1
-    if verdict is Decision.CERTIFIED:
-        radius = max(radius, float(target_radius))  # pa >= p*: only float rounding is undone
-    reason = AbstainReason.PA_BELOW_HALF.value if abstain else None
-    return DecideOutcome(
-        None if abstain else c_top, reason, radius, pa, None, k_top, None,
-        decision=verdict.value, pa_upper=pa_upper,
-    )  # fmt: skip
+    return _decided(verdict, c_top, k_top, pa, cs.upper(k_top, used), p_star, sigma, target_radius)
 
 
 def merged_max_radius(sigma: float, n: int, alpha: float, num_classes: int) -> float:

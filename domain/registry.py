@@ -121,12 +121,15 @@ def describe(path: Path, options: dict[str, Any], shown: str | None = None) -> t
         raise bad_input(f"checkpoint refused: {said}") from exc
 
 
-def check_recorded_sigma(fmt: str, sigma: Any) -> None:
+def check_recorded_sigma(fmt: str, sigma: Any, kind: str = "classifier") -> None:
     """422 unless the training sigma a file records (an official file's ``args.sigma``, which
     may hold any plain data its pickle allows, or a project file's metadata) is absent or a
-    positive finite number: it would be stored as the model's sigma and route requests."""
+    positive finite number: it would be stored as the model's sigma and route requests. A
+    pre-trained encoder may record 0 (plain MAE, no noise): it routes no request."""
     number = isinstance(sigma, int | float) and not isinstance(sigma, bool)
-    if sigma is None or (number and math.isfinite(sigma) and sigma > 0):
+    if sigma is None or (
+        number and math.isfinite(sigma) and (sigma > 0 or (sigma == 0 and kind == "pretrain"))
+    ):
         return
     fix = ": give the sigma it was trained for in the sigma field" if fmt == "official" else ""
     raise bad_input(
@@ -157,7 +160,7 @@ def register(
     options = {k: v for k, v in (options or {}).items() if k in OFFICIAL_OPTIONS and v is not None}
     path = location_path(location)
     fmt, meta = describe(path, options, shown)
-    check_recorded_sigma(fmt, meta.sigma)
+    check_recorded_sigma(fmt, meta.sigma, meta.kind)
     name = check_name(name or meta.name or path.stem)
     if session.scalar(select(Checkpoint).where(Checkpoint.name == name)) is not None:
         raise ServiceError(409, f"a model named {name!r} is already registered")

@@ -341,9 +341,17 @@ def refusal(skipped: Sequence[Skipped], opt_in: str, limit: int = 10) -> str:
     )
 
 
-def folder_members(root: Path) -> list[tuple[str, ...]]:
+NOT_A_FILE = "not a regular file (a FIFO, socket or device): no image can be read from it"
+BROKEN_LINK = "a symbolic link to nothing (its target is missing or the link loops)"
+
+
+def folder_members(root: Path, odd: list[Skipped] | None = None) -> list[tuple[str, ...]]:
     """Every file under ``root`` (links followed, hidden folders not entered) as path parts
-    relative to it, sorted. A folder deeper than :data:`MAX_FOLDER_DEPTH` is listed as itself."""
+    relative to it, sorted. A folder deeper than :data:`MAX_FOLDER_DEPTH` is listed as itself.
+
+    An entry that is neither a file nor a folder (a dangling or looping link, a FIFO, a
+    socket) is never listed as a file (reading a FIFO would wait forever); it is appended to
+    ``odd`` with its reason, so that no member of a set vanishes without a word."""
     out: list[tuple[str, ...]] = []
 
     def walk(folder: Path, prefix: tuple[str, ...]) -> None:
@@ -358,9 +366,21 @@ def folder_members(root: Path) -> list[tuple[str, ...]]:
                     walk(entry, parts)
             elif entry.is_file():
                 out.append(parts)
+            elif odd is not None:
+                reason = BROKEN_LINK if entry.is_symlink() else NOT_A_FILE
+                odd.append(Skipped("/".join(parts), reason))
 
     walk(root, ())
     return out
+
+
+def sort_folder(root: Path, suffixes: Sequence[str], layout: str) -> Sorted:
+    """:func:`sort_members` of the folder ``root``, with its entries that are no files
+    (:func:`folder_members`' ``odd``) among the skipped, in name order."""
+    odd: list[Skipped] = []
+    found = sort_members(folder_members(root, odd), suffixes, layout)
+    found.skipped = sorted([*found.skipped, *odd], key=lambda s: s.name.split("/"))
+    return found
 
 
 # ---------------------------------------------------------------- input sets
@@ -498,9 +518,7 @@ class ImageFolderDataset(InputSet):
         skip_invalid: bool = False,
     ):
         root = Path(root)
-        found = _checked(
-            sort_members(folder_members(root), IMAGE_SUFFIXES, "classes"), skip_invalid, root
-        )
+        found = _checked(sort_folder(root, IMAGE_SUFFIXES, "classes"), skip_invalid, root)
         folders = sorted({folder for _, folder, _ in found.images})
         if not folders:
             raise ValueError(f"{root}: no class sub-folders with images")
@@ -557,9 +575,7 @@ def open_inputs(
     if path.is_dir():
         if any(d.is_dir() and not is_ignored([d.name]) and _has_images(d) for d in path.iterdir()):
             return ImageFolderDataset(path, input_size, classes, skip_invalid)
-        found = _checked(
-            sort_members(folder_members(path), IMAGE_SUFFIXES, "flat"), skip_invalid, path
-        )
+        found = _checked(sort_folder(path, IMAGE_SUFFIXES, "flat"), skip_invalid, path)
         if not found.images:
             raise ValueError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
         flat = InputSet(

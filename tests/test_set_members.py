@@ -12,6 +12,7 @@ it is skipped and listed (stderr, the TSV's ``# skipped`` footer, the evaluation
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,10 @@ from test_evaluations import SMALL, evaluate, finished, service, zipped  # noqa:
 from test_service_embedded import Service
 
 from app.cli import main
+from app.cli.submit import zip_folder
 from domain import migrate
 from domain.db import make_engine
-from models.data import IMAGE_SUFFIXES, Skipped, folder_members, sort_members
+from models.data import IMAGE_SUFFIXES, Skipped, folder_members, open_inputs, sort_members
 from models.evaluate import read_tsv
 
 FAST = ["--n0", "20", "--n", "200", "--alpha", "0.001", "--no-progress"]
@@ -262,6 +264,56 @@ def test_api_server_dataset_follows_the_rule(service: Service) -> None:
     r = evaluate(service, service.alice, dataset="mine", skip_invalid="true", **SMALL)
     assert r.status_code == 202, r.text
     assert [s["name"] for s in r.json()["skipped"]] == ["digit-1/b.heic"]
+    assert r.json()["progress"]["images_total"] == 2
+
+
+def no_files(root: Path, prefix: str = "") -> list[str]:
+    """Entries that are no files: a dangling link, a looping link and a FIFO, named as images
+    (reading the FIFO would wait forever); with a good class folder beside them."""
+    write(root, {f"{prefix}0/a.png": digit_png(0), f"{prefix}1/a.png": digit_png(1)})
+    (root / f"{prefix}1" / "gone.png").symlink_to(root / "nowhere.png")
+    (root / f"{prefix}1" / "loop.png").symlink_to(root / f"{prefix}1" / "loop.png")
+    os.mkfifo(root / f"{prefix}1" / "pipe.png")
+    return [f"{prefix}1/{name}" for name in ("gone.png", "loop.png", "pipe.png")]
+
+
+def test_entries_that_are_no_files_never_vanish(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "set"
+    odd = no_files(root)
+    assert main(["predict", "--input", str(root), "--n", "200", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "3 file(s) of the set are not supported images" in err, err
+    assert f"'{odd[0]}': a symbolic link to nothing" in err
+    assert f"'{odd[1]}': a symbolic link to nothing" in err
+    assert f"'{odd[2]}': not a regular file" in err
+    out = tmp_path / "r.tsv"
+    assert main(["predict", "--input", str(root), "--n", "200", "--no-progress",
+                 "--skip-invalid", "--out", str(out)]) == 0  # fmt: skip
+    assert capsys.readouterr().err.count("warning: skipped 1/") == 3
+    assert [r.name for r in read_tsv(out)] == ["0/a.png", "1/a.png"]
+    footer = [ln.split("\t")[1] for ln in out.read_text().splitlines() if ln.startswith("#")]
+    assert footer == odd
+    # a flat folder, and the zip that submit builds (no archive can carry such an entry)
+    assert [s.name for s in open_inputs(str(root / "1"), 8, None, True).skipped] == [
+        n.split("/")[1] for n in odd
+    ]
+    with pytest.raises(ValueError, match="3 file.s. of the set are not supported images"):
+        zip_folder(root, io.BytesIO())
+    assert zip_folder(root, io.BytesIO(), skip_invalid=True) == 2
+    assert capsys.readouterr().err.count("warning: skipped 1/") == 3
+
+
+def test_api_server_dataset_names_entries_that_are_no_files(service: Service) -> None:
+    root = Path(service.app.state.settings.datasets) / "odd"
+    odd = no_files(root, "digit-")
+    r = evaluate(service, service.alice, dataset="odd", **SMALL)
+    assert r.status_code == 422 and all(f"'{n}'" in r.json()["detail"] for n in odd), r.text
+    assert str(root) not in r.text
+    r = evaluate(service, service.alice, dataset="odd", skip_invalid="true", **SMALL)
+    assert r.status_code == 202, r.text
+    assert [s["name"] for s in r.json()["skipped"]] == odd
     assert r.json()["progress"]["images_total"] == 2
 
 

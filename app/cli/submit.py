@@ -180,15 +180,29 @@ def is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def zip_folder(folder: Path, out: IO[bytes]) -> int:
+def zip_folder(folder: Path, out: IO[bytes], skip_invalid: bool = False) -> int:
     """Zip the ImageFolder ``folder`` into ``out``: every file under it but hidden and system
     files (``models.data.is_ignored``), at its path under one top folder (as zipping a folder
     gives: ``set/3/a.png``), so that the server applies the one rule for a set's members
     (``models.data.sort_members``) and names any file that is no image. Returns the number of
-    files. ValueError when it has no class sub-folders with images."""
-    from models.data import IMAGE_SUFFIXES, folder_members, sort_members
+    files. ValueError when it has no class sub-folders with images, or (unless
+    ``skip_invalid``: then each is named on stderr) when an entry is no file at all (a
+    dangling link, a FIFO), which no archive can carry."""
+    from models.data import (
+        IMAGE_SUFFIXES,
+        SKIP_INVALID,
+        Skipped,
+        folder_members,
+        refusal,
+        sort_members,
+    )
 
-    members = folder_members(folder)
+    odd: list[Skipped] = []
+    members = folder_members(folder, odd)
+    if odd and not skip_invalid:
+        raise ValueError(f"{folder}: {refusal(odd, SKIP_INVALID)}")
+    for s in odd:
+        print(f"warning: skipped {s.name}: {s.reason}", file=sys.stderr)
     if not sort_members(members, IMAGE_SUFFIXES, "classes").images:
         raise ValueError(
             f"{folder}: no class sub-folders with images; an evaluation needs one folder per "
@@ -243,7 +257,7 @@ def _submit(api: Api, args: argparse.Namespace) -> tuple[str, str]:
     path = Path(args.input)
     if path.is_dir():
         with tempfile.SpooledTemporaryFile(max_size=64 << 20) as spool:
-            zip_folder(path, spool)
+            zip_folder(path, spool, args.skip_invalid)
             return "evaluation", _send_archive(api, args, f"{path.name or 'folder'}.zip", spool)
     if not path.is_file():
         raise ValueError(f"--input {args.input!r} is not a file or a folder")

@@ -613,10 +613,11 @@ def test_sequential_and_input_fields_are_shown_when_a_certificate_has_them(
     tab: Tab, web: Web
 ) -> None:
     """Fields other services add to a certificate (the sequential mode's decision and samples
-    used, the input's preprocessing steps and warnings) are read out when present."""
-    from sqlalchemy import update
+    used) and the input's preprocessing steps and warnings are read out when present. The page
+    shows the upload's own record (the job's, or ``?upload=``'s), not the certificate's copy."""
+    from sqlalchemy import select, update
 
-    from domain.tables import Certificate
+    from domain.tables import Certificate, Job
 
     job = web.submit(web.carol, digit_png(8), sigma="0.25", n0="20", n="500")
     stored = web.wait(web.carol, job["id"])["certificate"]
@@ -628,11 +629,16 @@ def test_sequential_and_input_fields_are_shown_when_a_certificate_has_them(
         "preprocessing": ["decoded PNG 8x8", "converted to RGB", "scaled to [0,1]"],
         "warnings": ["a test warning: far from the model's domain"],
     }
+    record = {k: extra.pop(k) for k in ("preprocessing", "warnings")}
     with web.app.state.db.session() as s:
         s.execute(
             update(Certificate)
             .where(Certificate.job_id == job["id"])
             .values(body={**stored, **extra})
+        )
+        row = s.scalar(select(Job.input_record).where(Job.id == job["id"]))
+        s.execute(
+            update(Job).where(Job.id == job["id"]).values(input_record={**(row or {}), **record})
         )
         s.commit()
     page = tab.open(f"job/{job['id']}", web.carol)
@@ -642,5 +648,5 @@ def test_sequential_and_input_fields_are_shown_when_a_certificate_has_them(
     expect(certificate).to_contain_text("384 of at most 500")
     expect(certificate).to_contain_text("(beta-binomial-mixture-cs)")
     expect(certificate.get_by_role("listitem")).to_have_text(
-        [*extra["preprocessing"], *extra["warnings"]]
+        [*record["preprocessing"], *record["warnings"]]
     )

@@ -113,6 +113,7 @@ def test_quick_start_outputs_are_git_ignored() -> None:
 def test_api_md_certify_defaults_are_the_schemas(tmp_path: Path) -> None:
     from app.main import create_app
     from domain.config import Settings
+    from domain.submissions import Params
 
     app = create_app(Settings(_env_file=None, data_dir=tmp_path))  # type: ignore[call-arg]
     body = app.openapi()["components"]["schemas"]["Body_certify"]
@@ -126,6 +127,9 @@ def test_api_md_certify_defaults_are_the_schemas(tmp_path: Path) -> None:
             assert said == "required", name
         elif field.get("default") is not None:
             assert said == f"{field['default']}", (name, said, field["default"])
+        elif name == "n0":  # no schema default: the mode's (Params.selection_samples)
+            certify, decide = (Params(mode=m).selection_samples() for m in ("certify", "decide"))
+            assert said == f"{certify}; `decide`: {decide}", (name, said)
         else:  # no default: the server derives it, or another field stands in for it
             assert said in ("-", "derived") or said.startswith("required unless"), (name, said)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from urllib.parse import urlsplit, urlunsplit
 
 PG_ADMIN_URL = os.environ.get(
     "DMAE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -53,6 +54,18 @@ def check_postgres(url: str = PG_ADMIN_URL) -> str | None:
     return None
 
 
+def shown_redis_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, as the PostgreSQL URL is shown:
+    the sentence ends up in terminals and CI logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def check_redis(url: str = REDIS_URL) -> str | None:
     """None when Redis at ``url`` answers; else what is wrong, as a clause."""
     import redis
@@ -61,7 +74,10 @@ def check_redis(url: str = REDIS_URL) -> str | None:
     try:
         client.ping()
     except redis.exceptions.RedisError as exc:
-        return f"Redis at {url} (DMAE_TEST_REDIS), which does not answer ({_first_line(exc)})"
+        return (
+            f"Redis at {shown_redis_url(url)} (DMAE_TEST_REDIS), which does not answer "
+            f"({_first_line(exc)})"
+        )
     finally:
         client.close()
     return None

@@ -56,6 +56,17 @@ def test_what_is_missing_is_one_sentence_naming_the_servers_and_variables() -> N
     assert "PostgreSQL" not in only_redis.split(":", 1)[0] and "start it" in only_redis
 
 
+def test_passwords_in_the_urls_are_not_printed() -> None:
+    port = closed_port()
+    pg = f"postgresql+psycopg://postgres:pg-s3cret@127.0.0.1:{port}/test"
+    redis = f"redis://:redis-s3cret@127.0.0.1:{port}/13"
+    done = preflight(DMAE_TEST_POSTGRES=pg, DMAE_TEST_REDIS=redis)
+    assert done.returncode == 1
+    assert "s3cret" not in done.stderr + done.stdout
+    assert f"Redis at redis://:***@127.0.0.1:{port}/13 (DMAE_TEST_REDIS)" in done.stderr
+    assert f"PostgreSQL at postgresql://postgres:***@127.0.0.1:{port}/test" in done.stderr
+
+
 def test_the_database_is_created_when_the_server_answers_without_it() -> None:
     name = f"dmae_preflight_{uuid.uuid4().hex[:10]}"
     url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)

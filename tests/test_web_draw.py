@@ -5,10 +5,12 @@ model. The service, browser and tab are tests/test_web_browser.py's fixtures."""
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,8 +58,6 @@ def draw_one(page: Page) -> None:
 def canvas_pixels(page: Page) -> np.ndarray:
     """The canvas's pixels (grey, 0..255), read back as the PNG the page would send."""
     url = page.evaluate("() => document.getElementById('draw-canvas').toDataURL('image/png')")
-    import base64
-
     png = base64.b64decode(url.split(",", 1)[1])
     return np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float64)
 
@@ -69,13 +69,13 @@ def input_png(web: Web, key: str, job_id: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(r.content)).convert("L"), dtype=np.float64) / 255
 
 
-def certify_drawing(page: Page, web: Web, key: str) -> dict:  # type: ignore[type-arg]
+def certify_drawing(page: Page, web: Web, key: str) -> dict[str, Any]:
     """Press Certify, wait for the certificate, check what the page and the API say."""
     expect(page.locator("#image-source")).to_have_text("Certify sends the drawing (a 280x280 PNG).")
     page.get_by_role("button", name="Certify", exact=True).click()
     certificate = page.get_by_role("region", name="Certificate")
     expect(certificate).to_be_visible()
-    job = web.get(f"/jobs/{job_id_of(page)}", key)
+    job: dict[str, Any] = web.get(f"/jobs/{job_id_of(page)}", key)
     cert = job["certificate"]
     assert job["status"] == "succeeded" and cert["model"] == MODEL, job
     assert job["input_shape"] == [3, 28, 28] == cert["input_shape"], job
@@ -90,7 +90,7 @@ def certify_drawing(page: Page, web: Web, key: str) -> dict:  # type: ignore[typ
     assert pixels.shape == (28, 28)
     assert pixels[6:22, 13:15].mean() > 0.7, pixels.round(1)
     assert pixels[:, :6].max() < 0.05 and pixels[:, 22:].max() < 0.05, pixels.round(1)
-    return job  # type: ignore[no-any-return]
+    return job
 
 
 def test_draw_a_one_with_the_mouse_and_certify_it(tab: Tab, web: Web, tmp_path: Path) -> None:
@@ -125,7 +125,7 @@ def test_draw_a_one_with_the_mouse_and_certify_it(tab: Tab, web: Web, tmp_path: 
 
 
 @pytest.fixture
-def finger_tab(browser: Browser, web: Web) -> Iterator[Tab]:  # noqa: F811 - fixtures
+def finger_tab(browser: Browser, web: Web) -> Iterator[Tab]:
     """A phone-sized tab with a touch screen."""
     context = browser.new_context(viewport=PHONE, has_touch=True, is_mobile=True)
     page = context.new_page()
@@ -139,7 +139,7 @@ def finger_tab(browser: Browser, web: Web) -> Iterator[Tab]:  # noqa: F811 - fix
     assert not t.unexpected(), f"errors in the browser console: {t.unexpected()}"
 
 
-def test_draw_with_a_finger_on_a_phone(finger_tab: Tab, web: Web) -> None:  # noqa: F811
+def test_draw_with_a_finger_on_a_phone(finger_tab: Tab, web: Web) -> None:
     """Touch events (a finger dragged down the canvas) draw rather than scroll the page, and
     the page stays 390 px wide."""
     page = finger_tab.open("certify", web.bob)

@@ -4,6 +4,7 @@ import { alertIn, announce, api, apiObjectUrl, ApiError } from "./api.js";
 import {
   abstainReason, count, decisionWords, el, nonCommercial, roundDown, seconds, when,
 } from "./format.js";
+import { clearDrawing, DRAW_SIZE, drawingPng, hasDrawing, initDraw } from "./draw.js";
 
 const $ = (id) => document.getElementById(id);
 const ACTIVE = ["queued", "running"];
@@ -107,16 +108,41 @@ function showModel(resetSigma) {
       : "sigma: the standard deviation of the Gaussian noise, in [0,1] pixel units.";
 }
 
+/** The file input, its drop zone and the drawing area. One image at a time: choosing a file
+ * clears the drawing, a stroke on the canvas clears the file, and a line says which is sent. */
 function initImage() {
   const input = $("image"), drop = $("drop"), preview = $("preview");
+  const source = () => {
+    const file = input.files && input.files[0];
+    $("image-source").textContent = file
+      ? `Certify sends the file ${file.name}.`
+      : hasDrawing()
+        ? `Certify sends the drawing (a ${DRAW_SIZE}x${DRAW_SIZE} PNG).`
+        : "Choose a file or draw a digit.";
+  };
   const show = () => {
     const file = input.files && input.files[0];
     if (preview.src) URL.revokeObjectURL(preview.src);
-    if (!file) { preview.hidden = true; preview.removeAttribute("src"); return; }
-    preview.src = URL.createObjectURL(file);
-    preview.alt = `Preview of ${file.name}`;
-    preview.hidden = false;
+    if (file) {
+      clearDrawing({ notify: false });
+      preview.src = URL.createObjectURL(file);
+      preview.alt = `Preview of ${file.name}`;
+      preview.hidden = false;
+    } else {
+      preview.hidden = true;
+      preview.removeAttribute("src");
+    }
+    source();
   };
+  initDraw("draw-canvas", "draw-clear", (drawn) => {
+    if (drawn && input.files && input.files.length) {
+      input.value = ""; // the drawing replaces the chosen file
+      show();
+    } else {
+      source();
+    }
+  });
+  source();
   preview.addEventListener("error", () => { preview.hidden = true; });
   input.addEventListener("change", show);
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
@@ -140,6 +166,7 @@ async function submit(event) {
   const form = new FormData();
   const file = $("image").files[0];
   if (file) form.append("image", file, file.name);
+  else if (hasDrawing()) form.append("image", await drawingPng(), "drawing.png");
   for (const name of ["model", "sigma", "alpha", "n0", "n", "mode", "target_radius",
     "time_budget_s"]) {
     const field = $(name);

@@ -693,7 +693,36 @@ def decide(
             break
     estimated = time.perf_counter()
 
-    out = decide_outcome([int(c) for c in counts], c_a, used, n, sigma, alpha, target_radius)
+    listed = [int(c) for c in counts]
+    out = decide_outcome(listed, c_a, used, n, sigma, alpha, target_radius)
+    timings = {
+        "selection_s": selected - started,
+        "estimation_s": estimated - selected,
+        "samples_per_s": (n0 + used) / max(estimated - started, 1e-9),
+    }
+    return _decide_certificate(
+        out, listed, n0, used, n, alpha, sigma, target_radius, seed, list(x.shape), timings,
+        decide_max_radius(sigma, n, alpha),
+    )  # fmt: skip
+
+
+def _decide_certificate(
+    out: DecideOutcome,
+    counts: list[int],
+    n0: int,
+    used: int,
+    n: int,
+    alpha: float,
+    sigma: float,
+    target_radius: float,
+    seed: int,
+    shape: list[int],
+    timings: dict[str, float],
+    max_radius: float,
+    predictable_hits: int | None = None,
+) -> Certificate:
+    """A DECIDE run's certificate (both procedures): every forward pass counted in
+    ``samples_total`` (n0 selection samples + ``used`` estimation samples)."""
     return Certificate(
         Mode.DECIDE.value,
         out.prediction,
@@ -704,25 +733,22 @@ def decide(
         None,
         count_a=out.count_a,
         count_b=None,
-        counts=[int(c) for c in counts],
+        counts=counts,
         n0=n0,
         n=n,
         alpha=alpha,
         sigma=sigma,
-        max_radius=decide_max_radius(sigma, n, alpha),
+        max_radius=max_radius,
         seed=seed,
-        input_shape=list(x.shape),
-        timings={
-            "selection_s": selected - started,
-            "estimation_s": estimated - selected,
-            "samples_per_s": (n0 + used) / max(estimated - started, 1e-9),
-        },
+        input_shape=shape,
+        timings=timings,
         bound=SEQUENCE,
         n_used=used,
         decision=out.decision,
         target_radius=float(target_radius),
         pa_upper=out.pa_upper,
         samples_total=n0 + used,
+        predictable_hits=predictable_hits,
     )
 
 
@@ -822,36 +848,14 @@ def decide_merged(
     estimated = time.perf_counter()
     listed = [int(c) for c in counts]
     out = merged_outcome(listed, hits, used, n, sigma, alpha, target_radius)
-    return Certificate(
-        Mode.DECIDE.value,
-        out.prediction,
-        out.abstain_reason is not None,
-        out.abstain_reason,
-        out.radius,
-        out.pa_lower,
-        None,
-        count_a=out.count_a,
-        count_b=None,
-        counts=listed,
-        n0=0,
-        n=n,
-        alpha=alpha,
-        sigma=sigma,
-        max_radius=merged_max_radius(sigma, n, alpha, k),
-        seed=seed,
-        input_shape=list(x.shape),
-        timings={
-            "estimation_s": estimated - started,
-            "samples_per_s": used / max(estimated - started, 1e-9),
-        },
-        bound=SEQUENCE,
-        n_used=used,
-        decision=out.decision,
-        target_radius=float(target_radius),
-        pa_upper=out.pa_upper,
-        samples_total=used,
-        predictable_hits=hits,
-    )
+    timings = {
+        "estimation_s": estimated - started,
+        "samples_per_s": used / max(estimated - started, 1e-9),
+    }
+    return _decide_certificate(
+        out, listed, 0, used, n, alpha, sigma, target_radius, seed, list(x.shape), timings,
+        merged_max_radius(sigma, n, alpha, k), predictable_hits=hits,
+    )  # fmt: skip
 
 
 def predict(

@@ -278,6 +278,9 @@ def test_a_typed_key_is_used_without_pressing_use_key(tab: Tab, web: Web, tmp_pa
     expect(control(page, "API key")).to_have_value("")
     expect(page.locator("#no-key-hint")).to_be_visible()
     assert page.evaluate("() => sessionStorage.length") == 0
+    # nothing the forgotten key was shown stays: no model list, no sigma
+    expect(control(page, "Model").locator("option")).to_have_count(0)
+    expect(control(page, "sigma (noise level)")).to_have_value("")
     # Typed key by key, then left alone: the model list fills once typing pauses.
     page.goto(f"{web.url}/#certify")  # only the fragment changes: reload the page too
     page.reload()

@@ -1,6 +1,6 @@
 // The certify view: choose a model and an image, submit, watch the job, read the certificate.
 
-import { alertIn, announce, api, apiObjectUrl, ApiError } from "./api.js";
+import { alertIn, announce, api, apiObjectUrl, ApiError, getKey } from "./api.js";
 import {
   abstainReason, count, decisionWords, el, nonCommercial, roundDown, seconds, when,
 } from "./format.js";
@@ -61,12 +61,17 @@ export function initCertify(cfg) {
 /** Fill the model picker from GET /models; false (and the API's words shown) if it failed. */
 export async function loadModels() {
   const select = $("model");
+  const key = getKey();
+  let listed;
   try {
-    models = await api("/models");
+    listed = await api("/models");
   } catch (err) {
-    alertIn($("certify-alert"), err.message);
+    // an answer for a key no longer in use (typed over, forgotten) says nothing about this one
+    if (getKey() === key) alertIn($("certify-alert"), err.message);
     return false;
   }
+  if (getKey() !== key) return false;
+  models = listed;
   alertIn($("certify-alert"), "");
   const chosen = select.value;
   select.replaceChildren(
@@ -83,6 +88,15 @@ export async function loadModels() {
   if (models.some((m) => m.name === chosen)) select.value = chosen;
   showModel(true);
   return true;
+}
+
+/** Forget the model list (no key: the list belonged to the key that asked for it). */
+export function clearModels() {
+  models = [];
+  $("model").replaceChildren();
+  $("model-info").replaceChildren();
+  $("sigma").value = "";
+  alertIn($("certify-alert"), "");
 }
 
 function showModel(resetSigma) {

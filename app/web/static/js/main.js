@@ -5,7 +5,7 @@
 
 import * as admin from "./admin.js";
 import { alertIn, getKey, setKey } from "./api.js";
-import { initCertify, loadModels, openJob, stopWatching } from "./certify.js";
+import { clearModels, initCertify, loadModels, openJob, stopWatching } from "./certify.js";
 import { initHistory, loadHistory } from "./history.js";
 
 const $ = (id) => document.getElementById(id);
@@ -34,7 +34,10 @@ function route({ reveal = false } = {}) {
   stopWatching();
   $("job").hidden = true;
   $("no-key-hint").hidden = Boolean(getKey());
-  if (!getKey()) return; // nothing to ask the API without a key
+  if (!getKey()) { // nothing to ask the API without a key; nothing of the last key's shown
+    clearModels();
+    return;
+  }
   if (shown === "certify") {
     loadModels();
     if (job) openJob(decodeURIComponent(job[1]), job[2] ?? null, { reveal });

@@ -223,40 +223,24 @@ def check_statistics(c: Mapping[str, Any]) -> str | None:
             c_a = with_count_a[0]  # classes with equal counts give the same bounds
         if not _whole(c_a) or not 0 <= c_a < len(counts):
             return f"prediction {c_a!r} is not a class index of the counts"
-        if merged:  # class selection merged into the test: predictable_hits carries it
-            hits = c.get("predictable_hits")
-            if not isinstance(hits, int) or isinstance(hits, bool):
+        if mode == "decide":
+            target: Any = c.get("target_radius")
+            hits: Any = c.get("predictable_hits")
+            if merged and (not isinstance(hits, int) or isinstance(hits, bool)):
                 return "a decide certificate with n0 = 0 needs predictable_hits (a whole number)"
+            # merged (n0 = 0): class selection merged into the test, predictable_hits carries it
+            said = "the counts and predictable_hits" if merged else "the counts"
             try:
-                out = smoothing.merged_outcome(
-                    counts, hits, used, n, sigma, alpha,
-                    c.get("target_radius"),  # type: ignore[arg-type]
-                )  # fmt: skip
-            except ValueError as exc:
-                return f"the decision does not follow from the counts: {exc}"
-            if c.get("decision") != out.decision:
-                return (
-                    f"decision {c.get('decision')!r} does not follow from the counts and "
-                    f"predictable_hits (they give {out.decision!r})"
-                )
-            if not _same(c.get("pa_upper"), out.pa_upper):
-                return f"pa_upper {c.get('pa_upper')!r} does not follow from the counts"
-        elif mode == "decide":
-            try:
-                out = smoothing.decide_outcome(
-                    counts,
-                    c_a,
-                    used,
-                    n,
-                    sigma,
-                    alpha,
-                    c.get("target_radius"),  # type: ignore[arg-type]
+                out = (
+                    smoothing.merged_outcome(counts, hits, used, n, sigma, alpha, target)
+                    if merged
+                    else smoothing.decide_outcome(counts, c_a, used, n, sigma, alpha, target)
                 )
             except ValueError as exc:
                 return f"the decision does not follow from the counts: {exc}"
             if c.get("decision") != out.decision:
                 return (
-                    f"decision {c.get('decision')!r} does not follow from the counts "
+                    f"decision {c.get('decision')!r} does not follow from {said} "
                     f"(they give {out.decision!r})"
                 )
             if not _same(c.get("pa_upper"), out.pa_upper):

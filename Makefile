@@ -26,7 +26,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 typecheck: setup
-	$(BIN)/mypy app domain worker models bench
+	$(BIN)/mypy app cli domain worker models bench
 
 # PostgreSQL and Redis for the service tests (DMAE_TEST_POSTGRES, DMAE_TEST_REDIS): one sentence
 # saying what is missing, before anything else runs; creates the `test` database if need be.

@@ -1,17 +1,17 @@
-"""The FastAPI application: ``create_app()``; ``uvicorn app.main:app`` also works.
+"""The FastAPI application, HTTP only: ``create_app(settings, dispatcher=...)``.
 
 At start-up it checks the database schema (migrating SQLite automatically), registers the
-bundled models, and starts the in-process runner when no broker is configured (the embedded
-default); with a broker, jobs go to Celery workers.
+bundled models, and opens the dispatcher it is given (a :data:`domain.dispatch.DispatcherFactory`
+or a ready :class:`domain.dispatch.Dispatcher`). Which runner that is (the in-process runner or
+Celery) is chosen by the composition root, ``cli.asgi`` (``uvicorn cli.asgi:app``).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
 import anyio.to_thread
@@ -33,10 +33,10 @@ from app.routes import (
 )
 from app.routes.deps import single_valued_form
 from app.upload_files import MULTIPART_SLACK, BodyLimit
-from domain.config import Settings, get_settings
-from domain.db import MAX_OVERFLOW, POOL_SIZE, get_database
-from domain.dispatch import SentMarks
+from domain.config import Settings
+from domain.dispatch import Dispatcher, DispatcherFactory, SentMarks
 from domain.keys import KeyCache
+from domain.store.db import MAX_OVERFLOW, POOL_SIZE, get_database
 
 log = logging.getLogger("dmae.api")
 
@@ -52,7 +52,7 @@ certificate's `space` and `input_shape`).
 """
 
 
-def body_limits(settings: Settings) -> Any:
+def body_limits(settings: Settings) -> Callable[[str, str], int]:
     """The per-route request body cap used by :class:`app.upload_files.BodyLimit`."""
 
     def limit_for(method: str, path: str) -> int:
@@ -67,14 +67,16 @@ def body_limits(settings: Settings) -> Any:
     return limit_for
 
 
-def create_app(settings: Settings | None = None, dispatcher: Any = None) -> FastAPI:
-    """The API. ``dispatcher`` overrides how job ids reach the workers (tests)."""
-    settings = settings or get_settings()
+def create_app(settings: Settings, dispatcher: Dispatcher | DispatcherFactory) -> FastAPI:
+    """The API. ``dispatcher`` is how job ids reach the workers: a ready dispatcher (tests), or a
+    factory the lifespan opens at start and closes at shutdown (``cli.asgi.default_dispatcher``).
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from domain import keys, migrate, registry
-        from domain import signing as signing_keys
+        from domain import keys, registry
+        from domain.store import migrate
+        from domain.trust import signing as signing_keys
 
         migrate.prepare_database(settings)
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
@@ -98,27 +100,18 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
                     token,
                     getattr(app.state, "base_url", "http://HOST:PORT"),  # set by `serve`
                 )
-        runner = None
-        if dispatcher is not None:
+        opened = AsyncExitStack()
+        if isinstance(dispatcher, Dispatcher):
             app.state.dispatcher = dispatcher
-        elif settings.embedded:
-            from worker.runner import InProcessRunner
-
-            runner = InProcessRunner(settings)
-            runner.start()
-            app.state.dispatcher = runner
         else:
-            from worker.celery_app import CeleryDispatcher
-
-            app.state.dispatcher = CeleryDispatcher(settings)
+            app.state.dispatcher = opened.enter_context(dispatcher(settings))
         # Everything loaded so far (torch, the models, the ORM) lives as long as the process: a
         # full garbage collection walking its ~300,000 objects paused every request ~0.1 s.
         gc.freeze()
         try:
             yield
         finally:
-            if runner is not None:
-                runner.stop()
+            await opened.aclose()
             app.state.sent_marks.close()
             if hasattr(app.state.limiter, "aclose"):
                 await app.state.limiter.aclose()
@@ -142,10 +135,3 @@ def create_app(settings: Settings | None = None, dispatcher: Any = None) -> Fast
         app.include_router(module.router)
     web.install(app)  # the page for people at / (not part of the OpenAPI schema)
     return app
-
-
-def __getattr__(name: str) -> Any:
-    """``app.main:app`` for uvicorn, built from the environment on first access."""
-    if name == "app":
-        return create_app()
-    raise AttributeError(name)

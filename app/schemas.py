@@ -8,7 +8,7 @@ from typing import Any, Literal
 from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
-from domain.tables import Checkpoint, Job, TrainingRun
+from domain.store.tables import Checkpoint, Job, TrainingRun
 
 Mode = Literal["certify", "predict", "certify_top2", "decide"]
 

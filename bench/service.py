@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 DONE = ("succeeded", "failed", "cancelled")
 MODEL_NAME = "bench-model"
-CLI = ["-c", "import sys; from app.cli import main; sys.exit(main())"]
+CLI = ["-c", "import sys; from cli import main; sys.exit(main())"]
 
 
 class ServiceUnavailable(Exception):

@@ -9,7 +9,7 @@ The job code (``worker.jobs``) calls :func:`issue` inside the transaction that m
   parameters. It is counted under a lock on the client's key row (Postgres; SQLite holds its
   write lock already), so two runs finishing at once see each other in commit order;
 - ``issued_at`` (UTC), the service ``version``, the certificate ``schema``;
-- ``key_id`` and ``signature`` (``domain.signing``).
+- ``key_id`` and ``signature`` (``domain.trust.signing``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from domain.keys import lock_key
-from domain.signing import Signer
-from domain.tables import Certificate, Checkpoint, Job
+from domain.store.tables import Certificate, Checkpoint, Job
+from domain.trust.signing import Signer
 
 SCHEMA = 2  # 1: the unsigned bodies stored before signing existed
 PACKAGE = "dmae-certify"

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Protocol
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from domain import state
-from domain.db import Database
+from domain.store import state
+from domain.store.db import Database
+
+if TYPE_CHECKING:
+    from domain.config import Settings
 
 log = logging.getLogger("dmae.api")
 
 
+@runtime_checkable
 class Dispatcher(Protocol):
     def certify(self, job_id: str) -> None: ...
 
@@ -28,6 +34,11 @@ class Dispatcher(Protocol):
         ...
 
 
+# Opens a dispatcher for an app's lifetime (``app.main.create_app``): started with the app,
+# closed at its shutdown. ``cli.asgi.default_dispatcher`` is the product's.
+DispatcherFactory = Callable[["Settings"], AbstractContextManager[Dispatcher]]
+
+
 class SentMarks:
     """Sets ``enqueued_at`` of jobs handed to the broker, for all jobs marked in the last
     ``interval_s`` seconds in one UPDATE (a thread of its own; :meth:`close` flushes the rest).
@@ -36,7 +47,7 @@ class SentMarks:
     job is ``DMAE_UNSENT_GRACE_S`` old. A mark that is late or lost (the process died before its
     flush, or the database was down for longer than ``max_pending`` marks) can therefore only
     cause one more message for that job, which is harmless: only one claim of a job can win
-    (``domain.state.claim``)."""
+    (``domain.store.state.claim``)."""
 
     def __init__(self, db: Database, interval_s: float = 0.05, max_pending: int = 100_000):
         self.db, self.interval_s, self.max_pending = db, interval_s, max_pending

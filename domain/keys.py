@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
-from domain.db import Database
-from domain.tables import ApiKey
+from domain.store.db import Database
+from domain.store.tables import ApiKey
 
 TOKEN_PREFIX = "dmae_"
 

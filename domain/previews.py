@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from torch import Tensor
 
 from domain.errors import ServiceError, not_found
-from domain.tables import Job, JobInput
+from domain.store.tables import Job, JobInput
 from models.data import tensor_from_bytes
 from models.smoothing import NoiseStream
 

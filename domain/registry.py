@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from domain.errors import ServiceError, bad_input
-from domain.tables import Checkpoint
+from domain.store.tables import Checkpoint
 from models.training.recipes import recipe_name_of
 
 log = logging.getLogger("dmae.registry")

@@ -1,4 +1,5 @@
-"""Alembic environment: the URL comes from the config (set by domain.migrate) or DMAE_DATABASE_URL.
+"""Alembic environment: the URL comes from the config (set by domain.store.migrate) or
+DMAE_DATABASE_URL.
 
 SQLite gets batch mode ("move and copy") so ALTERs work there as on Postgres.
 """
@@ -8,8 +9,8 @@ from __future__ import annotations
 from alembic import context
 
 from domain.config import Settings
-from domain.db import make_engine
-from domain.tables import Base
+from domain.store.db import make_engine
+from domain.store.tables import Base
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or Settings().database_url

@@ -1,6 +1,7 @@
 """The one image conversion: a decoded image -> the tensor a certificate's radius is about.
 
-:func:`preprocess_image` is used by the API (``domain/images.py``), the CLI and the datasets alike.
+:func:`preprocess_image` is used by the API (``domain/intake/images.py``), the CLI and the datasets
+alike.
 It returns the (3, S, S) float32 tensor in [0, 1] and a record of every step taken, so that a
 certificate can say exactly which image was certified. The policy, in order:
 

@@ -105,7 +105,7 @@ class BlockableDatabase:
         )
 
     def create(self) -> None:
-        from domain import migrate
+        from domain.store import migrate
 
         with _admin() as conn:
             conn.execute(f'CREATE DATABASE "{self.name}"')
@@ -125,7 +125,7 @@ class BlockableDatabase:
             conn.execute(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS true')
 
     def drop(self) -> None:
-        from domain.db import _databases
+        from domain.store.db import _databases
 
         for url in [u for u in _databases if self.name in u]:
             _databases.pop(url).dispose()

@@ -194,7 +194,7 @@ def pg_url() -> Iterator[str]:
     try:
         yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     finally:
-        from domain.db import _databases
+        from domain.store.db import _databases
 
         for url in [u for u in _databases if name in u]:
             _databases.pop(url).dispose()

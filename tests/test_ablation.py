@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from app.cli import main as cli_main
-from app.cli.ablation import VARIANTS, mean_sd, tsv_metrics
+from cli import main as cli_main
+from cli.ablation import VARIANTS, mean_sd, tsv_metrics
 from models.evaluate import Row, write_tsv
 from models.smoothing import clopper_pearson_lower, max_radius
 

@@ -1,8 +1,10 @@
 """The layers of docs/ARCHITECTURE.md, checked on the imports themselves (an ``ast`` walk).
 
 ``models`` <- ``domain`` <- {``app`` (HTTP), ``worker`` (execution)}; the HTTP and execution
-layers meet only in the composition roots ``app.main`` and ``app.cli``. Every import counts,
-at module level or inside a function, and no module may reach itself through its imports.
+layers meet only in the composition root ``cli`` (the command line and ``cli.asgi``, the app
+wired to its runner). Every import counts, at module level or inside a function, and no module
+may reach itself through its imports. A rule for a sub-package (``domain.trust``,
+``bench.http``) replaces its package's rule there.
 """
 
 from __future__ import annotations
@@ -12,17 +14,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("models", "domain", "app", "worker", "bench", "migrations")
-COMPOSITION_ROOTS = ("app.main", "app.cli")
+PACKAGES = ("models", "domain", "app", "worker", "bench", "migrations", "cli")
+COMPOSITION_ROOTS = ("cli",)
 
 # What each layer may import from this project, and third-party packages it must not use.
 ALLOWED = {
     "models": {"models"},
-    "domain": {"models", "domain", "migrations"},  # domain.migrate runs the schema history
+    "domain": {"models", "domain", "migrations"},  # domain.store.migrate runs the schema history
     "app": {"models", "domain", "app"},
     "worker": {"models", "domain", "worker"},
     "bench": {"models", "domain", "worker", "bench"},
     "migrations": {"domain", "migrations"},
+    # The offline verifier's package: canonical JSON, signing, verification; no storage.
+    "domain.trust": {"models", "domain.trust", "domain.intake", "domain.errors", "domain.config"},
+    # Benchmarks of the HTTP service start it as `serve` does (cli.asgi).
+    "bench.http": {"models", "domain", "worker", "bench", "cli"},
 }
 WEB = {"fastapi", "starlette", "uvicorn"}
 QUEUE = {"celery", "kombu"}
@@ -33,7 +39,22 @@ FORBIDDEN_THIRD_PARTY = {
     "worker": WEB,
     "bench": WEB | QUEUE,
     "migrations": WEB | QUEUE,
+    "domain.trust": WEB | QUEUE | {"sqlalchemy", "alembic", "psycopg", "redis"},
+    "bench.http": QUEUE,  # the floor it compares with is a FastAPI app
 }
+
+
+def layer_of(module: str) -> str:
+    """The most specific key of ``ALLOWED`` that ``module`` belongs to."""
+    parts = module.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in ALLOWED:
+            return ".".join(parts[:i])
+    return parts[0]
+
+
+def allowed(layer: str, name: str) -> bool:
+    return any(name == a or name.startswith(a + ".") for a in ALLOWED[layer])
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -82,12 +103,12 @@ def violations(root: Path = ROOT) -> list[str]:
     found = []
     for path in python_files(root):
         here = module_name(path, root)
-        layer = here.split(".")[0]
+        layer = layer_of(here)
         if any(here == r or here.startswith(r + ".") for r in COMPOSITION_ROOTS):
             continue
         for line, name in imports(path, root):
             top = name.split(".")[0]
-            if top in PACKAGES and top not in ALLOWED[layer]:
+            if top in PACKAGES and not allowed(layer, name):
                 found.append(f"{path.relative_to(root)}:{line}: {here} imports {name}")
             elif top in FORBIDDEN_THIRD_PARTY[layer]:
                 found.append(f"{path.relative_to(root)}:{line}: {here} uses {top}")
@@ -159,15 +180,21 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_the_checks_catch_a_forbidden_import_and_a_cycle(tmp_path: Path) -> None:
-    """Teeth: a route importing the worker, a model importing FastAPI inside a function, and a
-    two-module cycle are all reported; the composition root may import both layers."""
+    """Teeth: the HTTP app importing the worker (routes and ``app.main`` alike), a model importing
+    FastAPI inside a function, the offline verifier's package reaching storage, and a two-module
+    cycle are all reported; the composition root ``cli`` may import every layer."""
     root = _tree(
         tmp_path,
         {
+            "cli/__init__.py": "import worker.jobs\nimport bench.run\nfrom app import main\n",
             "app/__init__.py": "",
-            "app/main.py": "import worker.jobs\nfrom app.routes import jobs\n",
+            "app/main.py": "from worker.runner import InProcessRunner\n",
             "app/routes/__init__.py": "",
             "app/routes/jobs.py": "from worker import jobs\n",
+            "domain/__init__.py": "",
+            "domain/trust/__init__.py": "",
+            "domain/trust/verification.py": "from domain.store import tables\nimport sqlalchemy\n",
+            "domain/trust/signing.py": "from domain.errors import ServiceError\n",
             "worker/__init__.py": "",
             "worker/jobs.py": "from . import sweep\n",
             "worker/sweep.py": "def f():\n    from worker.jobs import x\n",
@@ -177,6 +204,18 @@ def test_the_checks_catch_a_forbidden_import_and_a_cycle(tmp_path: Path) -> None
     )
     found = violations(root)
     assert any("app.routes.jobs imports worker.jobs" in v for v in found), found
+    assert any("app.main imports worker.runner" in v for v in found), found
     assert any("models.core uses fastapi" in v for v in found), found
-    assert not any(v.startswith("app/main.py") for v in found), found
+    assert any("domain.trust.verification imports domain.store.tables" in v for v in found), found
+    assert any("domain.trust.verification uses sqlalchemy" in v for v in found), found
+    assert not any(v.startswith(("cli/", "domain/trust/signing.py")) for v in found), found
     assert cycles(import_graph(root)) == [["worker.jobs", "worker.sweep"]]
+
+
+def test_domain_is_split_by_concern() -> None:
+    """At most a dozen modules directly under ``domain/``; the rest live in its sub-packages
+    (``store``, ``trust``, ``intake``, ``services``)."""
+    top = sorted(p.name for p in (ROOT / "domain").glob("*.py") if p.name != "__init__.py")
+    assert len(top) <= 12, top
+    for package in ("store", "trust", "intake", "services"):
+        assert (ROOT / "domain" / package / "__init__.py").is_file(), package

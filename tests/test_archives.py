@@ -1,4 +1,4 @@
-"""Uploaded evaluation archives are untrusted (domain/archives.py): every unsafe member kind
+"""Uploaded evaluation archives are untrusted (domain/intake/archives.py): every unsafe member kind
 refuses the whole archive with a 4xx and a sentence, caps hold while reading (bombs stop at
 the cap), nothing is ever written outside the folder the caller chose, and a good ImageFolder
 comes out in the order ``models.data.ImageFolderDataset`` gives the same folder on disk."""
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from service_support import digit_png
 
-from domain import archives
 from domain.errors import ServiceError
+from domain.intake import archives
 from models.data import ImageFolderDataset, Skipped
 
 LIMITS = archives.Limits(

@@ -13,9 +13,9 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency
 
-from app.cli import main
 from bench.reference import reference_counts
 from bench.summary import summarise
+from cli import main
 from models.networks import DMAEClassifier, preset
 from models.smoothing import NoiseStream
 from worker.engine import Engine

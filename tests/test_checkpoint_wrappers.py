@@ -30,8 +30,8 @@ from test_checkpoints import (
 )
 from torch import Tensor
 
-from app.cli import main
-from app.main import create_app
+from cli import main
+from cli.asgi import create_app
 from domain.keys import create_key
 from models.checkpoints import CheckpointError, load_classifier_with_meta, load_model
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from app.cli import main
+from cli import main
 from models.checkpoints import CheckpointMeta, load_classifier, save_checkpoint
 from models.data import DIGITS_MEAN, DIGITS_STD, digits_stats, load_image, preprocess
 from models.evaluate import TSV_COLUMNS

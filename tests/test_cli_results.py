@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from app.cli import main
+from cli import main
 from models.evaluate import read_tsv
 
 INPUTS = ["--input", "digits:test", "--checkpoint", "digits-s0.25", "--alpha", "0.01"]
@@ -40,7 +40,7 @@ def test_interrupted_run_keeps_its_rows_and_resume_equals_an_uninterrupted_run(
     assert main([*args, "--out", str(whole)]) == 0
     capsys.readouterr()
 
-    import app.cli.certify as cli
+    import cli.certify as cli
 
     calls = {"n": 0}
 

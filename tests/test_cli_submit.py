@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from service_support import digit_png, make_checkpoint, service_settings
 
-from app.cli import main
+from cli import main
 from models.evaluate import read_tsv
 
 
@@ -38,7 +38,7 @@ class Server:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     import uvicorn
 
-    from app.main import create_app
+    from cli.asgi import create_app
     from domain.keys import create_key
 
     data = tmp_path_factory.mktemp("submit") / "data"
@@ -137,7 +137,7 @@ def test_errors_are_one_line_with_the_apis_words(
 def test_ctrl_c_leaves_the_work_running_or_cancels_it(
     server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from app.cli import submit as module
+    from cli import submit as module
 
     def interrupt(_: float) -> None:
         raise KeyboardInterrupt
@@ -165,7 +165,7 @@ def test_without_model_or_sigma_submit_uses_local_certifys_default(
     """Issue 32: ``submit --input digit.png`` without --model/--sigma was a 422 ("give sigma")
     where local ``certify`` defaults to digits-s0.25. Both now use ``DEFAULT_MODEL``; this
     server has only the tiny model, so its 422 names the model the request carried."""
-    from app.cli import DEFAULT_MODEL, build_parser
+    from cli import DEFAULT_MODEL, build_parser
 
     assert build_parser().parse_args(["certify", "--input", "x"]).checkpoint == DEFAULT_MODEL
     image = tmp_path / "digit.png"

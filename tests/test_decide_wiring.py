@@ -11,8 +11,8 @@ import pytest
 from service_support import SIGMA, digit_png, tiny_checkpoint  # noqa: F401
 from test_service_embedded import SMALL, Service, service  # noqa: F401 - service is a fixture
 
-from app.cli import main
-from domain.verification import check_statistics, verify_certificate
+from cli import main
+from domain.trust.verification import check_statistics, verify_certificate
 from models.evaluate import TSV_COLUMNS, read_tsv
 
 DIGITS = ["--input", "digits:test", "--checkpoint", "digits-s0.25", "--no-progress"]
@@ -83,7 +83,7 @@ def test_service_decide_job_is_stored_signed_and_verifies(service: Service) -> N
     assert cert["decision"] in ("certified", "not_certified", "undecided")
     assert cert["bound"] == "beta-binomial-mixture-cs" and 1 <= cert["n_used"] <= 2000
     assert job["progress"]["done"] == cert["n0"] + cert["n_used"]
-    from domain.signing import load_public_keys
+    from domain.trust.signing import load_public_keys
 
     keys = load_public_keys(service.client.get("/keys").content)
     verdict = verify_certificate(cert, public_keys=keys)

@@ -23,10 +23,10 @@ from service_support import (  # noqa: F401 - database and pg_url are fixtures
     service_settings,
 )
 
-from app.main import create_app
-from domain import migrate
-from domain.db import make_engine
+from cli.asgi import create_app
 from domain.keys import create_key
+from domain.store import migrate
+from domain.store.db import make_engine
 
 QUICK = {"n0": "10", "n": "20"}
 
@@ -326,7 +326,7 @@ def test_two_new_models_registered_as_one_new_sigmas_default_at_once(pg_url: str
     default on the index and is refused with 409 (was a 500), keeping one default."""
     from domain import registry
     from domain.errors import ServiceError
-    from domain.tables import Checkpoint
+    from domain.store.tables import Checkpoint
 
     engine = _models_at(pg_url, [])
 

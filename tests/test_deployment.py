@@ -131,7 +131,7 @@ def pyproject_pin(package: str) -> str:
 
 def cli_accepts(argv: list[str]) -> None:
     """The real ``dmae-certify`` parser accepts ``argv`` (argv[0] is the program)."""
-    from app.cli import build_parser
+    from cli import build_parser
 
     assert argv[0] == "dmae-certify", argv
     try:
@@ -437,11 +437,11 @@ def test_docker_build_context_installs_a_complete_package(tmp_path: Path) -> Non
         if "__pycache__" not in p.parts
     ]
     assert any(n.startswith("migrations/versions/") for n in needed)
-    missing = [n for n in needed + ["app/cli/__init__.py", "worker/__init__.py"] if n not in names]
+    missing = [n for n in needed + ["cli/__init__.py", "worker/__init__.py"] if n not in names]
     assert not missing, f"the image would lack {missing}"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "dmae-certify = app.cli:main" in text
+    assert "dmae-certify = cli:main" in text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from app.cli import build_parser
-from app.cli.service import base_url
+from cli import build_parser
+from cli.service import base_url
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).parent / "dmae-certify")
@@ -111,9 +111,9 @@ def test_quick_start_outputs_are_git_ignored() -> None:
 
 
 def test_api_md_certify_defaults_are_the_schemas(tmp_path: Path) -> None:
-    from app.main import create_app
+    from cli.asgi import create_app
     from domain.config import Settings
-    from domain.submissions import Params
+    from domain.services.submissions import Params
 
     app = create_app(Settings(_env_file=None, data_dir=tmp_path))  # type: ignore[call-arg]
     body = app.openapi()["components"]["schemas"]["Body_certify"]
@@ -143,7 +143,7 @@ def test_api_md_mode_row_and_unknown_model_status_are_the_servers(tmp_path: Path
     from fastapi.testclient import TestClient
     from service_support import digit_png
 
-    from app.main import create_app
+    from cli.asgi import create_app
     from domain.config import Settings
     from domain.keys import create_key
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from app.cli import build_parser
-from app.cli.train import _config, recipe_differences, run_compare
+from cli import build_parser
+from cli.train import _config, recipe_differences, run_compare
 from models.checkpoints import bundled_models, read_meta
 from models.training.finetune import FinetuneConfig
 from models.training.pretrain import PretrainConfig
@@ -128,7 +128,7 @@ def test_the_readmes_training_commands_run_in_small_form(
     """The README's training commands, as written except one epoch each and ``runs/`` moved
     to a temporary folder, run; ``train compare`` then names the shortened epochs and nothing
     else."""
-    from app.cli import main
+    from cli import main
 
     def small(argv: list[str]) -> list[str]:
         out = list(argv)

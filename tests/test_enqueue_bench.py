@@ -1,4 +1,4 @@
-"""``scripts/enqueue_bench.py`` in CI size: the service and its floor (or, with ``--against``,
+"""``bench/http/enqueue_bench.py`` in CI size: the service and its floor (or, with ``--against``,
 another checkout's service) both answer every request, and the JSON carries the figures
 docs/PERFORMANCE.md reports. No timing assertions: the ratios are read from the benchmark's
 output, run on a quiet machine."""
@@ -17,7 +17,7 @@ from service_support import PG_ADMIN_URL, REDIS_URL, redis_keys_cleaned  # noqa:
 ROOT = Path(__file__).resolve().parent.parent
 
 
-BENCH = [sys.executable, str(ROOT / "scripts" / "enqueue_bench.py")]
+BENCH = [sys.executable, "-m", "bench.http.enqueue_bench"]
 SMALL = ["--client", "httpx", "--rounds", "1", "--clients", "4", "--per-client", "3",
          "--polls", "2", "--database", PG_ADMIN_URL, "--broker", REDIS_URL]  # fmt: skip
 
@@ -66,11 +66,11 @@ def test_against_a_checkout_with_other_migrations_is_refused(tmp_path: Path) -> 
 
 @pytest.mark.usefixtures("redis_keys_cleaned")
 def test_the_steps_of_a_submission_are_each_timed_once_per_request(tmp_path: Path) -> None:
-    """``scripts/enqueue_steps.py`` in CI size: every step it lists ran once per submission
+    """``bench/http/enqueue_steps.py`` in CI size: every step it lists ran once per submission
     (a step renamed or moved would show 0 calls), the parts of ``submit`` add up to no more
     than ``submit``, and the listed steps to no more than the process's CPU."""
     out = tmp_path / "steps.json"
-    cmd = [sys.executable, str(ROOT / "scripts" / "enqueue_steps.py"), "--client", "httpx",
+    cmd = [sys.executable, "-m", "bench.http.enqueue_steps", "--client", "httpx",
            "--clients", "3", "--per-client", "4", "--database", PG_ADMIN_URL,
            "--broker", REDIS_URL, "--json", str(out)]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -93,8 +93,7 @@ def test_a_run_that_may_exhaust_postgresqls_connections_is_warned_about() -> Non
     """Two API processes of 40 threads and the floor's pool of 40 may need more than the
     default max_connections of 100 leaves: the script says so before it starts (a new user's
     run otherwise failed mid-way with 'too many clients')."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import enqueue_bench
+    from bench.http import enqueue_bench
 
     needed = enqueue_bench.connections_needed(2, 1, 40, against=False)
     assert needed == 2 * 42 + 40 + 2

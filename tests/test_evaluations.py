@@ -33,8 +33,8 @@ from service_support import (  # noqa: F401 - pg_url and tiny_checkpoint are fix
 from sqlalchemy import func, select
 from test_service_embedded import Service
 
-from app.main import create_app
-from domain.tables import Certificate, Evaluation, EvaluationItem, Job
+from cli.asgi import create_app
+from domain.store.tables import Certificate, Evaluation, EvaluationItem, Job
 from models.data import load_digits_split
 from models.evaluate import certified_accuracy, default_radii, read_tsv
 from models.smoothing import max_radius
@@ -426,8 +426,8 @@ def test_migration_0006_keeps_jobs_inputs_and_certificates(database: str) -> Non
     recreated), and evaluations link to jobs."""
     import sqlalchemy as sa
 
-    from domain import migrate
-    from domain.db import make_engine
+    from domain.store import migrate
+    from domain.store.db import make_engine
 
     migrate.upgrade(database, "0005")
     engine = make_engine(database)
@@ -497,11 +497,13 @@ def _race(url: str, tmp_path: Path, checkpoint: Path, admit: Any, cap: int, race
     import shutil
     import threading
 
-    from domain import evaluations, migrate, registry
-    from domain.db import get_database
+    from domain import registry
     from domain.errors import ServiceError
     from domain.keys import Caller, create_key
-    from domain.submissions import Params
+    from domain.services import evaluations
+    from domain.services.submissions import Params
+    from domain.store import migrate
+    from domain.store.db import get_database
 
     migrate.upgrade(url)
     settings = service_settings(tmp_path / "data", database_url=url, max_active_evaluations=cap)
@@ -556,7 +558,7 @@ def test_the_evaluation_cap_holds_under_concurrent_submissions(
     tiny_checkpoint: Path,  # noqa: F811
 ) -> None:
     """8 evaluations of one key race; the cap of 2 admits exactly 2, on SQLite and Postgres."""
-    from domain import evaluations
+    from domain.services import evaluations
 
     assert _race(database, tmp_path, tiny_checkpoint, evaluations.admit, cap=2, racers=8) == 2
 
@@ -567,8 +569,8 @@ def test_the_race_test_catches_an_unlocked_evaluation_count(
     tiny_checkpoint: Path,  # noqa: F811
 ) -> None:
     """Teeth: the same count without the key-row lock lets more racers in than the cap."""
-    from domain import evaluations
     from domain.errors import ServiceError
+    from domain.services import evaluations
 
     reset_postgres(pg_url)
 
@@ -643,11 +645,13 @@ def test_two_cancels_of_evaluations_sharing_jobs_cancel_the_shared_ones(
 
     from service_support import reset_postgres
 
-    from domain import evaluations, migrate, registry, state
-    from domain.db import get_database
+    from domain import registry
     from domain.keys import Caller, create_key
-    from domain.submissions import Params
-    from domain.tables import ACTIVE_STATUSES, Evaluation
+    from domain.services import evaluations
+    from domain.services.submissions import Params
+    from domain.store import migrate, state
+    from domain.store.db import get_database
+    from domain.store.tables import ACTIVE_STATUSES, Evaluation
 
     reset_postgres(pg_url)
     migrate.upgrade(pg_url)

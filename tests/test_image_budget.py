@@ -1,5 +1,6 @@
 """Large uploads are decoded a few at a time: each process converts at most twice the largest
-accepted image's pixels at once (``domain.images.PixelBudget``), since a 170 KB PNG of 6,300 x
+accepted image's pixels at once (``domain.intake.images.PixelBudget``), since a 170 KB PNG of 6,300
+x
 6,300 RGBA pixels took about 800 MB while it was converted; small images never wait."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from domain import images
+from domain.intake import images
 
 
 def png(side: int) -> bytes:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.cli import main
+from cli import main
 from models.data import load_digits_split
 
 DIGITS = "digits-s0.25"

@@ -2,7 +2,8 @@
 colour metadata (gAMA, cHRM, sRGB, iCCP) and however much text a PNG carries; upsampling is
 always said.
 
-Every case runs through both doors: an upload (``domain.images.decode_image``: API, evaluations,
+Every case runs through both doors: an upload (``domain.intake.images.decode_image``: API,
+evaluations,
 verifier) and a file (``models.images.read_image``: CLI, datasets).
 """
 
@@ -20,7 +21,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from domain.errors import ServiceError
-from domain.images import decode_image
+from domain.intake.images import decode_image
 from models.images import ImageError, read_image
 
 MAX_PIXELS = 10_000_000
@@ -387,7 +388,7 @@ def test_metadata_kept_with_an_image_counts_in_the_budget(monkeypatch: pytest.Mo
     at BYTES_PER_PIXEL bytes a pixel, on top of the pixels."""
     import contextlib
 
-    from domain import images
+    from domain.intake import images
 
     charged: list[int] = []
 

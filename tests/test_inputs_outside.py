@@ -26,7 +26,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from domain.errors import ServiceError
-from domain.images import decode_image
+from domain.intake.images import decode_image
 from models.images import ImageError, read_image
 
 MAX_PIXELS = 10_000_000
@@ -210,7 +210,7 @@ def _gnu_long_name_tar(name_bytes: int) -> bytes:
 
 
 def _limits() -> Any:
-    from domain.archives import Limits
+    from domain.intake.archives import Limits
 
     return Limits(
         archive_bytes=50 << 20, members=1000, expanded_bytes=1 << 30, member_bytes=1 << 20
@@ -221,7 +221,7 @@ def _limits() -> Any:
 def test_tar_metadata_records_over_the_cap_are_refused_before_they_are_read(
     build: Any, tmp_path: Path
 ) -> None:
-    from domain.archives import MAX_TAR_METADATA_BYTES, unpack
+    from domain.intake.archives import MAX_TAR_METADATA_BYTES, unpack
 
     data = build(MAX_TAR_METADATA_BYTES + 1)
     assert len(data) < 200_000  # compresses to almost nothing: the attack's point
@@ -232,7 +232,7 @@ def test_tar_metadata_records_over_the_cap_are_refused_before_they_are_read(
 
 
 def test_tar_metadata_records_under_the_cap_are_fine(tmp_path: Path) -> None:
-    from domain.archives import unpack
+    from domain.intake.archives import unpack
 
     members = unpack(io.BytesIO(_pax_tar(10_000)), tmp_path / "out", _limits())
     assert [m.name for m in members] == ["7/a.png"]
@@ -246,7 +246,7 @@ def http(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from fastapi.testclient import TestClient
     from service_support import service_settings
 
-    from app.main import create_app
+    from cli.asgi import create_app
     from domain.keys import create_key
 
     data = tmp_path_factory.mktemp("outside") / "data"

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from service_support import database, pg_url, service_settings, wait_for  # noqa: F401
 
-from app.main import create_app
+from cli.asgi import create_app
 from domain.keys import create_key
 from models.data import load_digits_split
 
@@ -179,8 +179,8 @@ def test_far_from_domain_inputs_carry_size_scale_and_warnings(api: Client) -> No
 def test_migration_0003_backfills_the_tensor_sha256_of_existing_jobs(database: str) -> None:
     import sqlalchemy as sa
 
-    from domain import migrate
-    from domain.db import make_engine
+    from domain.store import migrate
+    from domain.store.db import make_engine
 
     migrate.upgrade(database, "0002")
     data = np.random.default_rng(0).random((3, 8, 8)).astype("<f4").tobytes()

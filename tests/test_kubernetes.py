@@ -249,7 +249,7 @@ def test_commands_are_the_compose_commands_plus_the_api_processes() -> None:
 
 
 def test_every_command_parses_with_the_cli() -> None:
-    from app.cli import build_parser
+    from cli import build_parser
 
     for folder in KUSTOMIZATIONS:
         for _, spec in pod_specs(rendered(folder)):
@@ -262,7 +262,7 @@ def test_probes_point_at_routes_the_app_serves(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
     from service_support import service_settings
 
-    from app.main import create_app
+    from cli.asgi import create_app
 
     app = create_app(service_settings(tmp_path / "data"))
     served = {path for path, ops in app.openapi()["paths"].items() if "get" in ops}
@@ -527,7 +527,7 @@ def k8s_stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     from test_service_embedded import Service
     from test_service_faults import WORKER_ENV
 
-    from app.main import create_app
+    from cli.asgi import create_app
 
     objs = rendered(".")
     spec = find(objs, "Deployment", "dmae-worker")["spec"]["template"]["spec"]
@@ -590,7 +590,7 @@ def _wait_job(svc: Any, url: str, ok: Any, what: str, logs: Any, timeout: float)
 def _certificates(svc: Any, job_id: str) -> int:
     from sqlalchemy import func, select
 
-    from domain.tables import Certificate
+    from domain.store.tables import Certificate
 
     with svc.app.state.db.session() as s:
         query = select(func.count()).select_from(Certificate).where(Certificate.job_id == job_id)

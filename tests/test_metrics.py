@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_support import digit_png, service_settings, tiny_checkpoint  # noqa: F401
 from test_service_embedded import Service, service  # noqa: F401 - service is a fixture
 
-from app.main import create_app
+from cli.asgi import create_app
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -95,7 +95,7 @@ def test_multiprocess_folder_adds_up_every_process(
 
 
 def test_job_events_as_text_and_json_lines(monkeypatch: pytest.MonkeyPatch, capfd) -> None:  # type: ignore[no-untyped-def]
-    from app.cli.service import _logging
+    from cli.service import _logging
     from domain import events
     from domain.config import get_settings
 

@@ -1,4 +1,4 @@
-"""Alembic migrations up and down on SQLite and Postgres, and in step with domain.tables."""
+"""Alembic migrations up and down on SQLite and Postgres, and in step with domain.store.tables."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from alembic.script import ScriptDirectory
 from service_support import database, pg_url  # noqa: F401 - fixtures
 from sqlalchemy import inspect
 
-from domain import migrate
-from domain.db import make_engine
-from domain.tables import Base
+from domain.store import migrate
+from domain.store.db import make_engine
+from domain.store.tables import Base
 
 TABLES = {
     "api_keys",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import models.data as data
-from app.cli import main
+from cli import main
 from domain import registry
 from domain.errors import ServiceError
 from models.checkpoints import load_classifier_with_meta, read_meta
@@ -224,7 +224,7 @@ def test_service_trains_mnist_with_a_shape_and_lists_the_bundled_models(tmp_path
     from fastapi.testclient import TestClient
     from service_support import service_settings, wait_for
 
-    from app.main import create_app
+    from cli.asgi import create_app
     from domain.keys import create_key
 
     app = create_app(service_settings(tmp_path / "data", register_bundled=True))

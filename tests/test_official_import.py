@@ -21,8 +21,8 @@ from test_checkpoints import (
     save_official_finetuned,
 )
 
-from app.cli import main
-from app.main import create_app
+from cli import main
+from cli.asgi import create_app
 from domain.keys import create_key
 from models.checkpoints import (
     CheckpointError,

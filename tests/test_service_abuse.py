@@ -24,8 +24,8 @@ from service_support import (  # noqa: F401 - tiny_checkpoint and pg_url are fix
 from sqlalchemy import func, select
 from test_service_embedded import Recorder, Service
 
-from app.main import create_app
-from domain.tables import IdempotencyKey, Job
+from cli.asgi import create_app
+from domain.store.tables import IdempotencyKey, Job
 
 
 def _service(app: Any, client: TestClient, checkpoint: Path) -> Service:
@@ -249,9 +249,10 @@ def _race(url: str, tmp_path: Path, checkpoint: Path, admit: Any, cap: int, race
     writers wait for each other: a barrier there would only deadlock.)"""
     import shutil
 
-    from domain import registry, submissions
-    from domain.db import get_database
+    from domain import registry
     from domain.keys import Caller, create_key
+    from domain.services import submissions
+    from domain.store.db import get_database
 
     settings = service_settings(tmp_path / "data", database_url=url, max_active_jobs=cap)
     db = get_database(url)
@@ -304,7 +305,8 @@ def test_admission_cap_holds_under_concurrent_submissions(
     tiny_checkpoint: Path,  # noqa: F811
 ) -> None:
     """12 submissions of one key race; the cap of 3 admits exactly 3, on SQLite and Postgres."""
-    from domain import migrate, submissions
+    from domain.services import submissions
+    from domain.store import migrate
 
     migrate.upgrade(database)
     assert _race(database, tmp_path, tiny_checkpoint, submissions.admit, cap=3, racers=12) == 3
@@ -318,9 +320,9 @@ def test_the_race_test_catches_an_unlocked_count(
     """Teeth: the same count without the key-row lock lets every racer in (overshoot)."""
     from service_support import reset_postgres
 
-    from domain import migrate
-    from domain.submissions import ServiceError
-    from domain.tables import ACTIVE_STATUSES
+    from domain.services.submissions import ServiceError
+    from domain.store import migrate
+    from domain.store.tables import ACTIVE_STATUSES
 
     reset_postgres(pg_url)
     migrate.upgrade(pg_url)

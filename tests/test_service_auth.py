@@ -21,9 +21,9 @@ from service_support import (  # noqa: F401 - tiny_checkpoint is a fixture
 from sqlalchemy import select
 from test_service_embedded import SMALL, Service
 
-from app.main import create_app
+from cli.asgi import create_app
 from domain.keys import hash_token
-from domain.tables import ApiKey, Job
+from domain.store.tables import ApiKey, Job
 
 
 @pytest.fixture

@@ -34,10 +34,10 @@ from service_support import (  # noqa: F401 - pg_url is a fixture
 from sqlalchemy import func, select, update
 from test_service_embedded import Recorder, Service
 
-from app.main import create_app
-from domain import migrate
-from domain.db import utcnow
-from domain.tables import Certificate, Job
+from cli.asgi import create_app
+from domain.store import migrate
+from domain.store.db import utcnow
+from domain.store.tables import Certificate, Job
 
 WORKER_ENV = {
     "DMAE_DEVICE": "cpu",
@@ -302,8 +302,8 @@ def test_worker_metrics_and_json_job_log(service: Service, stack: dict[str, Any]
 def test_worker_signs_and_replays(service: Service, stack: dict[str, Any]) -> None:
     """The Celery worker signs with the key the API publishes (the shared data folder) and runs
     a replay as a job of its own: identical counts, still one certificate."""
-    from domain import signing
-    from domain.verification import verify_certificate
+    from domain.trust import signing
+    from domain.trust.verification import verify_certificate
 
     png = digit_png(8)
     job = wait_for(service.client.get, service.submit(service.alice, png).json()["url"],

@@ -103,9 +103,9 @@ def _workers_env(tmp_path: Path, pg_url: str) -> tuple[dict[str, str], str]:
 
     from service_support import REDIS_URL, reset_postgres
 
-    from domain import migrate
-    from domain.db import get_database
     from domain.keys import create_key
+    from domain.store import migrate
+    from domain.store.db import get_database
 
     reset_postgres(pg_url)
     migrate.upgrade(pg_url)
@@ -279,7 +279,7 @@ def test_a_second_group_is_refused_while_the_first_is_starting() -> None:
     """Each process listens as soon as it has bound its socket, before its app has started, so
     the start-up check of another ``serve --workers`` on the same port fails (before, it passed
     during those seconds and both groups shared the port)."""
-    from app.cli.processes import _check_free, listening_socket
+    from cli.processes import _check_free, listening_socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -303,7 +303,7 @@ def test_processes_that_fail_at_start_stop_the_group(tmp_path: Path) -> None:
     code = (
         "import sys; sys.path[:0] = [sys.argv[1]]\n"
         "from test_service_cli import failing_logging\n"
-        "from app.cli.processes import serve_processes\n"
+        "from cli.processes import serve_processes\n"
         "sys.exit(serve_processes(2, '127.0.0.1', int(sys.argv[2]), 'warning', failing_logging))"
     )
     with socket.socket() as probe:

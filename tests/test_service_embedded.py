@@ -24,9 +24,9 @@ from service_support import (  # noqa: F401 - tiny_checkpoint is a fixture
 )
 from sqlalchemy import func, select
 
-from app.main import create_app
+from cli.asgi import create_app
 from domain.keys import create_key
-from domain.tables import Certificate
+from domain.store.tables import Certificate
 
 SMALL = {"sigma": str(SIGMA), "n0": "20", "n": "200"}
 

@@ -28,8 +28,8 @@ from service_support import (
 from sqlalchemy import func, select
 from test_service_embedded import Service
 
-from app.main import create_app
-from domain.tables import Certificate, Job
+from cli.asgi import create_app
+from domain.store.tables import Certificate, Job
 
 MAX_ATTEMPTS = 2
 WORKER_ENV = {

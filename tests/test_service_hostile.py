@@ -24,8 +24,8 @@ from service_support import (  # noqa: F401 - tiny_checkpoint is a fixture
 from sqlalchemy import func, select
 from test_service_embedded import Recorder, Service
 
-from app.main import create_app
-from domain.tables import (
+from cli.asgi import create_app
+from domain.store.tables import (
     ApiKey,
     Certificate,
     Checkpoint,

@@ -23,7 +23,6 @@ from fastapi.testclient import TestClient
 from service_support import digit_png, make_checkpoint, service_settings
 
 from app.auth import current_client, get_session, require_admin
-from app.main import create_app
 from app.routes import (
     admin,
     evaluations,
@@ -38,6 +37,7 @@ from app.routes import (
 )
 from app.routes.deps import get_dispatcher
 from app.schemas import ValidationErrorOut
+from cli.asgi import create_app
 
 # What each route can answer: its success status(es), then the errors its dependencies and
 # its code raise (401 + 429: an API key is checked and rate-limited; 403: an admin key;

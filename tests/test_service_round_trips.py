@@ -27,11 +27,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from test_service_embedded import Recorder, Service
 
-from app.main import create_app
-from domain import db as dbmod
+from cli.asgi import create_app
 from domain.dispatch import SentMarks
-from domain.migrate import upgrade
-from domain.tables import ApiKey, Job
+from domain.store import db as dbmod
+from domain.store.migrate import upgrade
+from domain.store.tables import ApiKey, Job
 
 
 @pytest.fixture
@@ -244,7 +244,7 @@ def test_the_admission_count_reads_only_the_keys_own_active_jobs(pg_service: Ser
     costs about 1 ms there; here, as in a real table, the key holds a small share.)"""
     from sqlalchemy import insert
 
-    from domain import submissions
+    from domain.services import submissions
 
     svc = pg_service
     r = svc.submit(svc.alice, digit_png(1))

@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
 from service_support import make_checkpoint, serve_process, service_settings
 from test_service_embedded import Recorder, Service
 
-from app.main import create_app
+from cli.asgi import create_app
 
 EXAMPLES_PER_OPERATION = 40
 # No 5xx, and every answer is one the schema documents: its status, content type and body.

@@ -13,9 +13,9 @@ from service_support import pg_url, reset_postgres  # noqa: F401 - pg_url is a f
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
-from domain import migrate, state
-from domain.db import Database, utcnow
-from domain.tables import ApiKey, Certificate, Checkpoint, Job, Status, new_id
+from domain.store import migrate, state
+from domain.store.db import Database, utcnow
+from domain.store.tables import ApiKey, Certificate, Checkpoint, Job, Status, new_id
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -128,7 +128,7 @@ class KindRecorder:
 
 def test_sweep_requeues_each_kind_with_its_own_task(db: Database, tmp_path: Path) -> None:
     from domain.config import Settings
-    from domain.tables import TrainingRun
+    from domain.store.tables import TrainingRun
     from worker.sweep import sweep_once
 
     settings = Settings(_env_file=None, data_dir=tmp_path, database_url=db.url)  # type: ignore[call-arg]

@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from service_support import digit_png, make_checkpoint, service_settings, wait_for
 
-from app.main import create_app
+from cli.asgi import create_app
 from domain.keys import create_key
 
 FAST = {"epochs": 1, "batch_size": 512, "warmup_epochs": 0}

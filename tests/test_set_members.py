@@ -30,10 +30,10 @@ from test_cli_submit import Server, server, submit  # noqa: F401 - server is a f
 from test_evaluations import SMALL, evaluate, finished, service, zipped  # noqa: F401
 from test_service_embedded import Service
 
-from app.cli import main
-from app.cli.submit import zip_folder
-from domain import migrate
-from domain.db import make_engine
+from cli import main
+from cli.submit import zip_folder
+from domain.store import migrate
+from domain.store.db import make_engine
 from models.data import IMAGE_SUFFIXES, Skipped, folder_members, open_inputs, sort_members
 from models.evaluate import read_tsv
 

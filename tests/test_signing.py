@@ -1,4 +1,5 @@
-"""Signing keys, the canonical form and derived seeds (domain.signing, domain.submissions).
+"""Signing keys, the canonical form and derived seeds (domain.trust.signing,
+domain.services.submissions).
 
 - The signed bytes are RFC 8785: keys sorted, no whitespace, ECMAScript numbers.
 - A signature covers every other field: changing any one of them, nested ones included, breaks
@@ -22,8 +23,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from service_support import service_settings
 
-from domain import signing
-from domain.submissions import SEED_BITS, derive_seed
+from domain.services.submissions import SEED_BITS, derive_seed
+from domain.trust import signing
 
 BODY: dict[str, Any] = {
     "mode": "certify",

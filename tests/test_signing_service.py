@@ -37,11 +37,11 @@ from service_support import (  # noqa: F401 - tiny_checkpoint, pg_url are fixtur
 from sqlalchemy import func, select
 from test_service_embedded import Service, service  # noqa: F401 - service is a fixture
 
-from app.main import create_app
-from domain import signing
+from cli.asgi import create_app
 from domain.config import Settings
-from domain.tables import Certificate
-from domain.verification import verify_certificate
+from domain.store.tables import Certificate
+from domain.trust import signing
+from domain.trust.verification import verify_certificate
 
 
 def _run(svc: Service, key: str, png: bytes, **form: str) -> dict[str, Any]:
@@ -219,8 +219,8 @@ def test_serve_stops_with_a_clear_message_when_the_key_file_is_missing(tmp_path:
 def test_migration_0004_keeps_jobs_inputs_and_certificates(database: str) -> None:
     import sqlalchemy as sa
 
-    from domain import migrate
-    from domain.db import make_engine
+    from domain.store import migrate
+    from domain.store.db import make_engine
 
     migrate.upgrade(database, "0003")
     engine = make_engine(database)

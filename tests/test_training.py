@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from app.cli import build_parser
-from app.cli import main as cli_main
-from app.cli.train import _config
+from cli import build_parser
+from cli import main as cli_main
+from cli.train import _config
 from models import networks
 from models.checkpoints import (
     OFFICIAL_LICENCE,

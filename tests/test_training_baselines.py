@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.cli import main as cli_main
+from cli import main as cli_main
 from models import networks
 from models.checkpoints import load_classifier_with_meta, read_meta
 from models.data import DIGITS_MEAN, DIGITS_STD, load_digits_split

@@ -27,8 +27,8 @@ from sqlalchemy import func, select
 from test_evaluations import finished, read_tsv_text, zipped
 from test_service_embedded import Service
 
-from app.main import create_app
-from domain.tables import Job, JobUpload
+from cli.asgi import create_app
+from domain.store.tables import Job, JobUpload
 
 FRAME = "only frame 1 of 2 is certified"
 
@@ -148,8 +148,8 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def test_migration_0009_keeps_jobs_and_evaluation_items(database: str) -> None:
     import sqlalchemy as sa
 
-    from domain import migrate
-    from domain.db import make_engine
+    from domain.store import migrate
+    from domain.store.db import make_engine
 
     migrate.upgrade(database, "0008")
     engine = make_engine(database)

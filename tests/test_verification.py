@@ -1,4 +1,4 @@
-"""Offline verification (domain.verification): the statistics recomputed from the counts agree
+"""Offline verification (domain.trust.verification): the statistics recomputed from the counts agree
 with formulas written here independently of the core, the image check, and the teeth:
 
 - a tampered certificate whose radius is consistent with tampered counts fails on its signature;
@@ -25,8 +25,8 @@ from scipy.stats import beta, binomtest, norm
 from service_support import digit_png
 from statsmodels.stats.proportion import proportion_confint
 
-from domain.signing import Signer
-from domain.verification import certificate_of, check_statistics, verify_certificate
+from domain.trust.signing import Signer
+from domain.trust.verification import certificate_of, check_statistics, verify_certificate
 from models.images import preprocess_image, tensor_sha256
 from models.smoothing import BatchSampler, certify, predict
 

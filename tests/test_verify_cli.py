@@ -24,7 +24,7 @@ import httpx
 import pytest
 from service_support import SIGMA, digit_png, make_checkpoint, serve_process, wait_for
 
-from app.cli import main
+from cli import main
 from models.evaluate import round_down
 from models.smoothing import certify_outcome
 
@@ -209,7 +209,7 @@ def resigned(issued: Issued, **changes: Any) -> tuple[str, str]:
     """(file of the certificate with ``changes`` signed by a test key, file of that key)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from domain.signing import Signer, public_pem
+    from domain.trust.signing import Signer, public_pem
 
     signer = Signer.of(Ed25519PrivateKey.generate())
     key = issued.write("test_key.pem", public_pem(signer.public_key).encode())

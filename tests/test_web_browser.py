@@ -119,7 +119,7 @@ class Web:
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
     import uvicorn
 
-    from app.main import create_app
+    from cli.asgi import create_app
     from domain.keys import create_key
 
     base = tmp_path_factory.mktemp("web")
@@ -620,7 +620,7 @@ def test_sequential_and_input_fields_are_shown_when_a_certificate_has_them(
     shows the upload's own record (the job's, or ``?upload=``'s), not the certificate's copy."""
     from sqlalchemy import select, update
 
-    from domain.tables import Certificate, Job
+    from domain.store.tables import Certificate, Job
 
     job = web.submit(web.carol, digit_png(8), sigma="0.25", n0="20", n="500")
     stored = web.wait(web.carol, job["id"])["certificate"]

@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from service_support import service_settings
 
-from app.main import create_app
 from app.routes.web import STATIC
+from cli.asgi import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,7 @@
 
 - A task carries only the job id (task id = job id); results are ignored: Postgres holds state.
 - ``task_acks_late`` + ``task_reject_on_worker_lost``: a task whose worker process dies is
-  redelivered; the attempts cap lives in the job row (``domain.state.claim``).
+  redelivered; the attempts cap lives in the job row (``domain.store.state.claim``).
 - ``worker_prefetch_multiplier = 1``: a worker reserves no more jobs than it runs.
 - Redis ``visibility_timeout`` above the longest job, so a running task is never handed out twice.
 - Nothing here touches CUDA: the main process imports the job code before the pool forks (so a
@@ -140,7 +140,7 @@ def _load_job_code(**_: Any) -> None:
 @signals.worker_process_init.connect
 def _child_started(**_: Any) -> None:
     """A forked pool child: drop the parent's pooled connections and any cached model."""
-    from domain.db import reset_after_fork
+    from domain.store.db import reset_after_fork
     from worker.model_cache import CACHE
 
     reset_after_fork()

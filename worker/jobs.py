@@ -8,7 +8,8 @@ in-process runner.
 4. Store exactly one certificate, in the same transaction as the compare-and-set to
    ``succeeded``, signed there with its ``prior_runs`` (``domain.certificates.issue``); a
    redelivered or re-claimed task cannot add a second one. A replay job
-   (``domain.replays``) stores what it found in ``replay_result`` instead, and no certificate.
+   (``domain.services.replays``) stores what it found in ``replay_result`` instead, and no
+   certificate.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from typing import Any
 import torch
 from sqlalchemy import select
 
-from domain import certificates, events, metrics, replays, signing, state
+from domain import certificates, events, metrics
 from domain.config import Settings, get_settings
-from domain.db import get_database
-from domain.tables import Certificate, Checkpoint, Job, JobInput, Status
+from domain.services import replays
+from domain.store import state
+from domain.store.db import get_database
+from domain.store.tables import Certificate, Checkpoint, Job, JobInput, Status
+from domain.trust import signing
 from models.data import tensor_from_bytes
 from models.training.recipes import recipe_name_of
 from worker.model_cache import CACHE, LoadedModel, ModelRef

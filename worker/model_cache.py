@@ -16,7 +16,7 @@ from torch import nn
 
 from domain import metrics
 from domain.registry import location_path
-from domain.tables import Checkpoint
+from domain.store.tables import Checkpoint
 from worker.engine import unregister_everywhere
 
 

@@ -8,8 +8,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from domain.db import Database
-from domain.state import RunTable, heartbeat
+from domain.store.db import Database
+from domain.store.state import RunTable, heartbeat
 
 log = logging.getLogger("dmae.worker")
 

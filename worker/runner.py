@@ -13,7 +13,7 @@ import queue
 import threading
 
 from domain.config import Settings
-from domain.db import get_database
+from domain.store.db import get_database
 from worker.sweep import Sweeper, sweep_once
 
 log = logging.getLogger("dmae.runner")

@@ -24,11 +24,11 @@ from sqlalchemy.orm import Session
 
 from domain import events
 from domain.config import Settings
-from domain.db import Database, get_database, utcnow
 from domain.dispatch import Dispatcher
 from domain.errors import ServiceError
-from domain.state import QUEUED, RUNNING, RunTable, rowcount
-from domain.tables import Job, Status, TrainingRun
+from domain.store.db import Database, get_database, utcnow
+from domain.store.state import QUEUED, RUNNING, RunTable, rowcount
+from domain.store.tables import Job, Status, TrainingRun
 
 log = logging.getLogger("dmae.sweep")
 

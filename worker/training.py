@@ -13,10 +13,10 @@ from typing import Any
 
 from sqlalchemy import update
 
-from domain import state
 from domain.config import Settings, get_settings
-from domain.db import get_database
-from domain.tables import Checkpoint, Status, TrainingRun
+from domain.store import state
+from domain.store.db import get_database
+from domain.store.tables import Checkpoint, Status, TrainingRun
 from worker.monitor import Aborted, Monitor
 
 log = logging.getLogger("dmae.training")

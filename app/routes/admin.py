@@ -13,10 +13,11 @@ from app.errors import error_responses
 from app.routes.deps import MAX_OFFSET, DispatcherDep, SessionEndingRoute, SettingsDep
 from app.schemas import ModelOut, TrainingIn, TrainingOut, TrainingPage, model_out, training_out
 from app.upload_files import save_upload
-from domain import registry, state
+from domain import registry
 from domain.config import Settings
 from domain.errors import ServiceError, bad_input, hide_folders, not_found
-from domain.tables import Checkpoint, Status, TrainingRun
+from domain.store import state
+from domain.store.tables import Checkpoint, Status, TrainingRun
 
 router = APIRouter(
     route_class=SessionEndingRoute,

@@ -1,7 +1,7 @@
 """POST /evaluations, GET /evaluations[/{id}[/results.tsv|/plot.png]], DELETE /evaluations/{id}:
 a client's evaluations (a test set certified through the service, one job per image).
 
-The rules live in ``domain.evaluations``; this module translates between HTTP and them."""
+The rules live in ``domain.services.evaluations``; this module translates between HTTP and them."""
 
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ from app.schemas import (
     SkippedFile,
     _iso,
 )
-from domain import evaluations, state
 from domain.errors import BrokerUnavailable, not_found
-from domain.evaluations import MAX_SELECTION
-from domain.submissions import Params
-from domain.tables import Evaluation
+from domain.services import evaluations
+from domain.services.evaluations import MAX_SELECTION
+from domain.services.submissions import Params
+from domain.store import state
+from domain.store.tables import Evaluation
 
 router = APIRouter(
     route_class=SessionEndingRoute, tags=["evaluations"], responses=error_responses(401, 429, 503)

@@ -14,10 +14,12 @@ from app.errors import error_responses
 from app.routes.deps import MAX_OFFSET, DispatcherDep, SentMarksDep, SessionEndingRoute, SettingsDep
 from app.schemas import JobOut, JobPage, Mode, job_out, json_response
 from app.upload_files import read_upload
-from domain import events, idempotency, state
+from domain import events
 from domain.errors import BrokerUnavailable, ServiceError, not_found
-from domain.submissions import Params, submit, upload_record
-from domain.tables import Certificate, EvaluationItem, Job, Status
+from domain.services import idempotency
+from domain.services.submissions import Params, submit, upload_record
+from domain.store import state
+from domain.store.tables import Certificate, EvaluationItem, Job, Status
 
 router = APIRouter(
     route_class=SessionEndingRoute, tags=["certification"], responses=error_responses(401, 429, 503)

@@ -19,7 +19,7 @@ from app.routes.deps import SessionEndingRoute
 from domain import metrics
 from domain.errors import ServiceError
 from domain.keys import lookup
-from domain.tables import Job, Status, TrainingRun
+from domain.store.tables import Job, Status, TrainingRun
 
 router = APIRouter(route_class=SessionEndingRoute, tags=["health"])
 

@@ -9,7 +9,7 @@ from app.auth import Client, SessionDep
 from app.errors import error_responses
 from app.routes.deps import SessionEndingRoute
 from app.schemas import ModelOut, model_out
-from domain.tables import Checkpoint
+from domain.store.tables import Checkpoint
 
 router = APIRouter(
     route_class=SessionEndingRoute, tags=["models"], responses=error_responses(401, 429, 503)

@@ -12,9 +12,10 @@ from app.errors import error_responses
 from app.routes.deps import DispatcherDep, SessionEndingRoute, SettingsDep
 from app.routes.jobs import EXAMPLE_QUEUED
 from app.schemas import JobOut, job_out
-from domain import replays, state
 from domain.errors import BrokerUnavailable
-from domain.tables import Job
+from domain.services import replays
+from domain.store import state
+from domain.store.tables import Job
 
 router = APIRouter(
     route_class=SessionEndingRoute, tags=["admin"], responses=error_responses(401, 403, 429, 503)

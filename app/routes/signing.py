@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from app.routes.deps import SessionEndingRoute, SettingsDep
 from app.schemas import SigningKeyOut, SigningKeysOut
-from domain import signing
+from domain.trust import signing
 
 router = APIRouter(route_class=SessionEndingRoute, tags=["signing"])
 

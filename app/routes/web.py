@@ -20,8 +20,8 @@ from fastapi.staticfiles import StaticFiles
 from app.routes import jobs
 from app.routes.deps import SettingsDep
 from domain import previews
-from domain.images import IMAGE_FORMATS
-from domain.submissions import MODES, Params
+from domain.intake.images import IMAGE_FORMATS
+from domain.services.submissions import MODES, Params
 
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 PAGE_HEADERS = {

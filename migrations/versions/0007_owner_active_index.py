@@ -1,6 +1,6 @@
 """A partial index for the admission count: a key's queued and running jobs.
 
-Every submission counts the key's active jobs (``domain.submissions.admit``). Without this
+Every submission counts the key's active jobs (``domain.services.submissions.admit``). Without this
 index PostgreSQL read them through ``ix_jobs_status``, visiting every queued or running job of
 every key, or through the key's whole history. With it the count visits only the key's own
 active jobs: in a table of 400,000 jobs of 20 keys, 100 of them active for the counting key and

@@ -156,7 +156,7 @@ class Submitter(threading.Thread):
 def _status_counts(db: Any) -> dict[str, int]:
     from sqlalchemy import func, select
 
-    from domain.tables import Job
+    from domain.store.tables import Job
 
     with db.session() as s:
         return {
@@ -168,7 +168,7 @@ def _running_job(db: Any) -> tuple[str, int] | None:
     """(job id, pid of the process running it) from jobs.worker, preferring one drawing samples."""
     from sqlalchemy import select
 
-    from domain.tables import Job
+    from domain.store.tables import Job
 
     with db.session() as s:
         row = s.execute(
@@ -186,7 +186,7 @@ def _running_job(db: Any) -> tuple[str, int] | None:
 
 
 def _finished_before_kill(db: Any, job_id: str) -> bool:
-    from domain.tables import Job
+    from domain.store.tables import Job
 
     with db.session() as s:
         job = s.get(Job, job_id)
@@ -240,9 +240,9 @@ def run_chaos(cfg: ChaosConfig, workdir: Path | None = None, log: Any = print) -
     from fastapi.testclient import TestClient
     from sqlalchemy import func, select
 
-    from app.main import create_app
+    from cli.asgi import create_app
     from domain.keys import create_key
-    from domain.tables import Certificate, Job
+    from domain.store.tables import Certificate, Job
 
     started = time.monotonic()
     deadline = started + cfg.timeout_s

@@ -45,18 +45,32 @@ class RunSpec:
         """The run behind certificate ``c``, to replay it: its seed, no time budget, and a
         stop where it stopped early (``n_used`` below ``n``). KeyError/TypeError/ValueError for
         a body without the fields."""
-        n, used = int(str(c["n"])), c.get("n_used")
+        n, used = _int(c["n"]), c.get("n_used")
         target = c.get("target_radius")
         return cls(
             mode=str(c["mode"]),
-            sigma=float(str(c["sigma"])),
-            alpha=float(str(c["alpha"])),
-            n0=int(str(c["n0"])),
+            sigma=_float(c["sigma"]),
+            alpha=_float(c["alpha"]),
+            n0=_int(c["n0"]),
             n=n,
-            seed=int(str(c["seed"])),
-            target_radius=None if target is None else float(str(target)),
-            stop_after=None if used in (None, n) else int(str(used)),
+            seed=_int(c["seed"]),
+            target_radius=None if target is None else _float(target),
+            stop_after=None if used in (None, n) else _int(used),
         )
+
+
+def _int(value: object) -> int:
+    """A JSON number (or numeric string) as an int; TypeError for anything else."""
+    if isinstance(value, int | float | str):
+        return int(value)
+    raise TypeError(f"expected a number, got {value!r}")
+
+
+def _float(value: object) -> float:
+    """A JSON number (or numeric string) as a float; TypeError for anything else."""
+    if isinstance(value, int | float | str):
+        return float(value)
+    raise TypeError(f"expected a number, got {value!r}")
 
 
 REL_TOL, ABS_TOL = 1e-9, 1e-12  # recomputed floats agree to the last few bits across SciPy builds

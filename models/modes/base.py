@@ -13,12 +13,12 @@ import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from scipy.stats import norm
-from torch import Tensor
+if TYPE_CHECKING:  # the core loads torch and SciPy: imported where a mode runs or checks
+    from torch import Tensor
 
-from models import smoothing
-from models.smoothing import Certificate, Outcome, ProgressFn, Sampler
+    from models.smoothing import Certificate, Outcome, ProgressFn, Sampler
 
 
 @dataclass(frozen=True)
@@ -143,12 +143,16 @@ class Mode(ABC):
     def validate(self, sigma: float, alpha: float, n: int, n0: int | None) -> None:
         """The core's checks of sigma, alpha, n and (where used) n0; ValueError with the
         reason (:func:`models.smoothing.validate`)."""
+        from models import smoothing
+
         n0 = n0 if self.uses_n0 else None
         smoothing.validate(sigma, alpha, n, n0, n0_zero_ok=self.least_n0 == 0)
 
     def check_samples(self, n: int, alpha: float) -> None:
         """ValueError with the minimum when n samples can never answer at alpha (checks that
         need no sigma)."""
+        from models import smoothing
+
         smoothing.check_n(self.name, n, alpha)
 
     def check_reachable(
@@ -175,8 +179,12 @@ class Mode(ABC):
     def max_radius(self, claim: Claim) -> float:
         """The cap on the radius: sigma * Phi^-1(level^(1/n)) at a fixed n (Cohen et al.
         2019, section 3.2); after a budgeted stop the sequence's bound after used hits of used."""
+        from models import smoothing
+
         sigma, used, n, level = claim.sigma, claim.used, claim.n, self.level(claim.alpha)
         if used < n:
+            from scipy.stats import norm
+
             lower = smoothing.bounds(claim.bound, used)[0]
             return max(0.0, sigma * float(norm.ppf(lower(used, level))))
         return smoothing.max_radius(sigma, n, level)

@@ -3,14 +3,13 @@ Phi^-1(pB_upper)), with simultaneous (Bonferroni) bounds; pA at alpha/2 (Cohen e
 
 from __future__ import annotations
 
-from models import smoothing
 from models.modes.certify import Certify
 
 
 class CertifyTop2(Certify):
     """The top-2 variant of CERTIFY (``certify --top2`` on the command line)."""
 
-    name = smoothing.Mode.CERTIFY_TOP2.value
+    name = "certify_top2"
     family = Certify.name
     top2 = True
 

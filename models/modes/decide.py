@@ -4,19 +4,20 @@ selection into the test."""
 
 from __future__ import annotations
 
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-from torch import Tensor
-
-from models import smoothing
 from models.modes.base import Claim, Mismatch, Mode, RunSpec, same
-from models.smoothing import Certificate, Outcome, ProgressFn, Sampler
+
+if TYPE_CHECKING:  # the core loads torch and SciPy: imported where a mode runs
+    from torch import Tensor
+
+    from models.smoothing import Certificate, Outcome, ProgressFn, Sampler
 
 
 class Decide(Mode):
     """DECIDE: ``decision`` certified / not_certified / undecided at ``target_radius``."""
 
-    name = smoothing.Mode.DECIDE.value
+    name = "decide"
     family = name
     default_n0 = 0  # merged selection
     least_n0 = 0
@@ -34,6 +35,8 @@ class Decide(Mode):
         self, n: int, alpha: float, sigma: float, n0: int, target_radius: float | None
     ) -> None:
         """ValueError unless the target is reachable and n could certify it."""
+        from models import smoothing
+
         check = smoothing.check_merged_n if n0 == 0 else smoothing.check_decide_n
         check(n, alpha, sigma, cast(float, target_radius))  # None: the core's message
 
@@ -43,6 +46,8 @@ class Decide(Mode):
     def run(
         self, sampler: Sampler, x: Tensor, spec: RunSpec, progress: ProgressFn | None = None
     ) -> Certificate:
+        from models import smoothing
+
         target = spec.target_radius
         if target is None:
             raise ValueError(f"mode={self.name} needs target_radius (the radius to decide about)")
@@ -57,6 +62,8 @@ class Decide(Mode):
         return claim.body.get("n0") == 0
 
     def recompute(self, claim: Claim) -> Outcome:
+        from models import smoothing
+
         c = claim.body
         target = cast(float, c.get("target_radius"))  # checked by the core (validate_target)
         hits = c.get("predictable_hits")
@@ -86,6 +93,8 @@ class Decide(Mode):
         return out
 
     def max_radius(self, claim: Claim) -> float:
+        from models import smoothing
+
         if self.merged(claim):
             return smoothing.merged_max_radius(claim.sigma, claim.n, claim.alpha, len(claim.counts))
         return smoothing.decide_max_radius(claim.sigma, claim.n, claim.alpha)

@@ -3,17 +3,20 @@ of its count against the runner-up's has a p-value above alpha. No selection, no
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from models import smoothing
 from models.modes.base import Claim, Mode, RunSpec
-from models.smoothing import Certificate, Outcome, ProgressFn, Sampler
+
+if TYPE_CHECKING:  # the core loads torch and SciPy: imported where a mode runs
+    from torch import Tensor
+
+    from models.smoothing import Certificate, Outcome, ProgressFn, Sampler
 
 
 class Predict(Mode):
     """PREDICT: a label with a binomial test; ``n0`` is 0 and the radius 0."""
 
-    name = smoothing.Mode.PREDICT.value
+    name = "predict"
     family = name
     uses_n0 = False
     default_n0 = 0
@@ -27,11 +30,15 @@ class Predict(Mode):
     def run(
         self, sampler: Sampler, x: Tensor, spec: RunSpec, progress: ProgressFn | None = None
     ) -> Certificate:
+        from models import smoothing
+
         return smoothing.predict(
             sampler, x, spec.sigma, spec.n, spec.alpha, spec.seed, progress=progress
         )
 
     def recompute(self, claim: Claim) -> Outcome:
+        from models import smoothing
+
         return smoothing.predict_outcome(claim.counts, claim.alpha)
 
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from domain.store.tables import Checkpoint, Job, TrainingRun
+from models.modes import MODES
 
-Mode = Literal["certify", "predict", "certify_top2", "decide"]
+if TYPE_CHECKING:  # a registered name (models.modes.MODES): pydantic checks it at run time
+    Mode = str
+else:  # the registry's names in its order: the OpenAPI schema's enum
+    Mode = Literal[tuple(MODES)]
 
 
 def json_response(

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models.modes import DEFAULT
+
 DONE = ("succeeded", "failed", "cancelled")
 MODEL_NAME = "bench-model"
 CLI = ["-c", "import sys; from cli import main; sys.exit(main())"]
@@ -155,7 +157,7 @@ def certify_over_http(
     """
     import httpx
 
-    form: dict[str, Any] = {"sigma": sigma, "alpha": alpha, "n0": n0, "n": n, "mode": "certify"}
+    form: dict[str, Any] = {"sigma": sigma, "alpha": alpha, "n0": n0, "n": n, "mode": DEFAULT}
     if model:
         form["model"] = model
     with httpx.Client(base_url=url, headers={"X-API-Key": api_key}, timeout=60) as client:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cli import DEFAULT_MODEL
+from models.modes import Mode, RunSpec, get_mode, variant
 
 NORMS = ("imagenet", "cifar")
 
@@ -134,7 +135,7 @@ def register(sub: Any) -> None:
 class Setup:
     """Everything the per-input loop needs, prepared (and validated) once."""
 
-    mode: str  # certify, certify_top2 or predict
+    mode: Mode  # the run's mode (the subcommand's, or its --top2 variant)
     sigma: float
     meta: Any  # models.checkpoints.CheckpointMeta
     sampler: Any  # models.smoothing.BatchSampler
@@ -149,14 +150,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     from models.data import open_inputs
     from models.networks import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
     from models.runtime import autocast_dtype, pick_device
-    from models.smoothing import (
-        BatchSampler,
-        check_decide_n,
-        check_merged_n,
-        check_n,
-        validate,
-        validate_budget,
-    )
+    from models.smoothing import BatchSampler, validate_budget
 
     mean, std = (CIFAR_MEAN, CIFAR_STD) if args.norm == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
     model, meta = load_classifier_with_meta(
@@ -165,15 +159,11 @@ def prepare(args: argparse.Namespace) -> Setup:
     sigma = args.sigma if args.sigma is not None else meta.sigma
     if sigma is None:
         raise ValueError("this checkpoint records no training sigma: pass --sigma")
-    mode = "certify_top2" if args.top2 else args.mode
-    n0 = args.n0 if args.mode != "predict" else None
-    validate(sigma, args.alpha, args.n, n0, n0_zero_ok=mode == "decide")
+    mode = variant(args.mode, args.top2)
+    mode.validate(sigma, args.alpha, args.n, args.n0)
     validate_budget(args.time_budget)
-    if mode == "decide":
-        check = check_merged_n if args.n0 == 0 else check_decide_n
-        check(args.n, args.alpha, sigma, args.target_radius)
-    else:
-        check_n(mode, args.n, args.alpha)
+    mode.check_samples(args.n, args.alpha)
+    mode.check_reachable(args.n, args.alpha, sigma, args.n0, args.target_radius)
     if args.batch < 1 or args.skip < 1:
         raise ValueError("--batch and --skip must be at least 1")
     inputs = open_inputs(args.input, meta.input_size, meta.classes or None, args.skip_invalid)
@@ -191,23 +181,13 @@ def certify_one(
 ) -> tuple[Any, Any]:
     """Run the core on input number ``i`` (seed ``--seed + i``); returns (Row, Certificate)."""
     from models.evaluate import Row
-    from models.smoothing import certify, decide, predict
 
     x, started = sample.input.tensor, time.perf_counter()
-    if args.mode == "certify":
-        cert = certify(
-            setup.sampler, x, setup.sigma, args.n0, args.n, args.alpha, args.seed + i,
-            top2=args.top2, time_budget_s=args.time_budget, progress=progress,
-        )  # fmt: skip
-    elif args.mode == "decide":
-        cert = decide(
-            setup.sampler, x, setup.sigma, args.target_radius, args.n0, args.n, args.alpha,
-            args.seed + i, progress=progress,
-        )  # fmt: skip
-    else:
-        cert = predict(
-            setup.sampler, x, setup.sigma, args.n, args.alpha, args.seed + i, progress=progress
-        )
+    spec = RunSpec(
+        mode=setup.mode.name, sigma=setup.sigma, alpha=args.alpha, n0=args.n0, n=args.n,
+        seed=args.seed + i, target_radius=args.target_radius, time_budget_s=args.time_budget,
+    )  # fmt: skip
+    cert = setup.mode.run(setup.sampler, x, spec, progress)
     row = Row(
         idx=i,
         label=sample.label,
@@ -239,7 +219,8 @@ def outcome(cert: Any, meta: Any) -> str:
     from models.evaluate import round_down
 
     used = "" if cert.n_used in (None, cert.n) else f" n_used={cert.n_used}"
-    if cert.mode == "decide":
+    mode = get_mode(cert.mode)
+    if mode.decides:
         head = f"{cert.decision} at r={cert.target_radius:g}{used}"
         if cert.abstained:
             return f"{head} (abstain: {cert.abstain_reason})"
@@ -248,7 +229,7 @@ def outcome(cert: Any, meta: Any) -> str:
     if cert.abstained:
         return f"abstain ({cert.abstain_reason}){used}"
     text = str(meta.class_name(cert.prediction))
-    if cert.mode == "predict":
+    if not mode.has_radius:
         return text
     r, pa = round_down(cert.radius), round_down(cert.pa_lower)
     return f"{text} radius={r} pA_lower={pa}{used}"
@@ -297,7 +278,7 @@ def _done_before(args: argparse.Namespace, setup: Setup) -> list[Any]:
     names = {i: setup.inputs.name(i) for i in setup.indices}
     for row in rows:
         same = (row.sigma, row.alpha, row.n) == (setup.sigma, args.alpha, args.n) and (
-            row.n0 == (0 if args.mode == "predict" else args.n0)
+            row.n0 == setup.mode.selection_samples(args.n0)
             and row.target_radius == args.target_radius
         )
         if not same or names.get(row.idx) != row.name:
@@ -309,24 +290,7 @@ def _done_before(args: argparse.Namespace, setup: Setup) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from tqdm import tqdm
-
-    from models.evaluate import (
-        Row,
-        TsvWriter,
-        certified_accuracy,
-        certified_fraction,
-        curve_title,
-        default_radii,
-        plot_curve,
-        round_down,
-    )
-    from models.images import ImageError
-    from models.smoothing import SPACE, max_radius
-
-    if args.plot and args.mode != "certify":
+    if args.plot and not variant(args.mode, args.top2).has_curve:
         raise ValueError(
             "--plot draws certified accuracy against the radius: PREDICT certifies no radius "
             "and DECIDE answers at one radius; use certify for a curve"
@@ -338,9 +302,36 @@ def run(args: argparse.Namespace) -> int:
     except SetRefused as exc:  # the same exit as a file refused for its bytes, below
         print(f"dmae-certify {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    size, meta = setup.meta.input_size, setup.meta
-    rows: list[Row] = _done_before(args, setup)
-    done = {r.idx for r in rows}
+    rows: list[Any] = _done_before(args, setup)
+    found = _todo(args, setup, {r.idx for r in rows})
+    if isinstance(found, int):
+        return found
+    todo, skipped = found
+    _header(args, setup, rows)
+    interrupted = _certify_all(args, setup, todo, rows, skipped)
+    if interrupted:
+        print(
+            f"interrupted after {len(rows)} of {len(setup.indices)} input(s)"
+            + (f"; finish with the same command and --resume (rows are in {args.out})"
+               if args.out else ""),
+            file=sys.stderr,
+        )  # fmt: skip
+    if skipped and not rows:
+        print(
+            f"dmae-certify {args.command}: error: nothing could be certified: "
+            f"{len(skipped)} file(s) skipped",
+            file=sys.stderr,
+        )
+        return 1
+    _summary(args, setup, rows, skipped)
+    return 130 if interrupted else 0
+
+
+def _todo(
+    args: argparse.Namespace, setup: Setup, done: set[int]
+) -> tuple[list[int], list[tuple[str, str]]] | int:
+    """(inputs to certify, files skipped with why), every file read once first; or exit 1 for
+    a file that is not a supported image without --skip-invalid."""
     todo = [i for i in setup.indices if i not in done]
     skipped = [(s.name, s.reason) for s in setup.inputs.skipped]
     if bad := setup.inputs.unreadable(todo):  # every file read once before any is certified
@@ -356,15 +347,38 @@ def run(args: argparse.Namespace) -> int:
         skipped += [(s.name, s.reason) for s in bad]
     for name, reason in skipped:
         print(f"warning: skipped {name}: {reason}", file=sys.stderr)
+    return todo, skipped
+
+
+def _header(args: argparse.Namespace, setup: Setup, rows: list[Any]) -> None:
+    """The run's parameters on stderr (and where the class names come from)."""
+    from models.smoothing import SPACE
+
+    size = setup.meta.input_size
     print(
-        f"# {setup.mode} {len(setup.indices)} input(s) with {args.checkpoint} on {setup.device}: "
-        f"sigma={setup.sigma:g} n0={args.n0} n={args.n} alpha={args.alpha:g}; radius in L2 "
-        f"over (3, {size}, {size}) {SPACE}"
+        f"# {setup.mode.name} {len(setup.indices)} input(s) with {args.checkpoint} on "
+        f"{setup.device}: sigma={setup.sigma:g} n0={args.n0} n={args.n} alpha={args.alpha:g}; "
+        f"radius in L2 over (3, {size}, {size}) {SPACE}"
         + (f"; resuming: {len(rows)} already in {args.out}" if args.resume else ""),
         file=sys.stderr,
     )
-    if meta.classes_source:
-        print(f"# class names: {meta.classes_source}", file=sys.stderr)
+    if setup.meta.classes_source:
+        print(f"# class names: {setup.meta.classes_source}", file=sys.stderr)
+
+
+def _certify_all(
+    args: argparse.Namespace,
+    setup: Setup,
+    todo: list[int],
+    rows: list[Any],
+    skipped: list[tuple[str, str]],
+) -> bool:
+    """Certify each input of ``todo``, appending to ``rows`` (and --out) and printing each
+    outcome; an input unreadable by now joins ``skipped``. True when interrupted (Ctrl-C)."""
+    from tqdm import tqdm
+
+    from models.evaluate import TsvWriter
+    from models.images import ImageError
 
     per_sample = len(todo) == 1
     bar = tqdm(
@@ -375,7 +389,6 @@ def run(args: argparse.Namespace) -> int:
         dynamic_ncols=True,
     )
     out = TsvWriter(args.out, append=args.resume) if args.out else None
-    interrupted = False
     try:
         for i in todo:
             try:
@@ -389,52 +402,66 @@ def run(args: argparse.Namespace) -> int:
             rows.append(row)
             if out is not None:
                 out.write(row)  # flushed: a kill loses at most the input in progress
-            for warning in row.warnings:
-                tqdm.write(f"{row.name}: warning: {warning}", file=sys.stderr)
-            if args.json:
-                record = {"idx": i, "name": row.name, "label": row.label, **cert.to_dict()}
-                record["label_name"] = meta.class_name(row.label) if row.label >= 0 else None
-                record["prediction_name"] = meta.class_name(cert.prediction)
-                record["tensor_sha256"] = row.tensor_sha256
-                print(json.dumps(record), flush=True)
-            else:
-                truth = meta.class_name(row.label) if row.label >= 0 else "-"
-                tqdm.write(f"{row.name}\tlabel={truth}\t{outcome(cert, meta)}", file=sys.stdout)
-                sys.stdout.flush()
+            _show(args, setup, row, cert)
             if not per_sample:
                 bar.update(1)
             _interrupted()
     except KeyboardInterrupt:
-        interrupted = True
+        return True
     finally:
         bar.close()
         if out is not None:
             out.footer(skipped)
             out.close()
+    return False
+
+
+def _show(args: argparse.Namespace, setup: Setup, row: Any, cert: Any) -> None:
+    """One input's warnings, then its outcome: a line for people, or with --json the
+    certificate as one JSON line."""
+    import json
+
+    from tqdm import tqdm
+
+    meta = setup.meta
+    for warning in row.warnings:
+        tqdm.write(f"{row.name}: warning: {warning}", file=sys.stderr)
+    if args.json:
+        record = {"idx": row.idx, "name": row.name, "label": row.label, **cert.to_dict()}
+        record["label_name"] = meta.class_name(row.label) if row.label >= 0 else None
+        record["prediction_name"] = meta.class_name(cert.prediction)
+        record["tensor_sha256"] = row.tensor_sha256
+        print(json.dumps(record), flush=True)
+    else:
+        truth = meta.class_name(row.label) if row.label >= 0 else "-"
+        tqdm.write(f"{row.name}\tlabel={truth}\t{outcome(cert, meta)}", file=sys.stdout)
+        sys.stdout.flush()
+
+
+def _summary(
+    args: argparse.Namespace, setup: Setup, rows: list[Any], skipped: list[tuple[str, str]]
+) -> None:
+    """The set's result: decisions for a deciding mode, else (certified) accuracy by radius
+    (radius 0 only for a mode without radius); and the --plot curve."""
+    from models.evaluate import (
+        certified_accuracy,
+        certified_fraction,
+        curve_title,
+        default_radii,
+        plot_curve,
+        round_down,
+    )
+    from models.smoothing import max_radius
 
     summary = sys.stderr if args.json else sys.stdout
-    if interrupted:
-        print(
-            f"interrupted after {len(rows)} of {len(setup.indices)} input(s)"
-            + (f"; finish with the same command and --resume (rows are in {args.out})"
-               if args.out else ""),
-            file=sys.stderr,
-        )  # fmt: skip
-    if skipped and not rows:
-        print(
-            f"dmae-certify {args.command}: error: nothing could be certified: "
-            f"{len(skipped)} file(s) skipped",
-            file=sys.stderr,
-        )
-        return 1
-    if args.mode == "decide":
+    if setup.mode.decides:
         print(decide_summary(rows, args.n, args.n0), file=summary)
-        return 130 if interrupted else 0
+        return
     labelled = any(r.label >= 0 for r in rows)
     radii = default_radii(max_radius(setup.sigma, args.n, args.alpha))
     values = (certified_accuracy if labelled else certified_fraction)(rows, radii)
     what = "certified accuracy" if labelled else "fraction certified (no labels)"
-    if args.mode == "predict":
+    if not setup.mode.has_radius:
         radii, what = [0.0], "accuracy" if labelled else "fraction predicted (no labels)"
         values = values[:1]
     seconds = sum(r.time for r in rows)
@@ -453,4 +480,3 @@ def run(args: argparse.Namespace) -> int:
     print("value\t" + "\t".join(round_down(v, 3) for v in values), file=summary)
     if args.plot and rows:
         plot_curve(args.plot, rows, curve_title(args.checkpoint, setup.sigma, args.n, args.alpha))
-    return 130 if interrupted else 0

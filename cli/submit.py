@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cli import DEFAULT_MODEL
+from models.modes import MODES, by_family, get_mode
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 KEY_ENV = "DMAE_API_KEY"
@@ -47,6 +48,14 @@ def register(sub: Any) -> None:
         help=f"API key (default: the {KEY_ENV} environment variable; keeps it out of the shell "
         "history)",
     )
+    _what(s)
+    _parameters(s)
+    _outputs(s)
+    s.set_defaults(func=run)
+
+
+def _what(s: argparse.ArgumentParser) -> None:
+    """What to send or follow: one of --input, --dataset, --job, --evaluation."""
     what = s.add_mutually_exclusive_group(required=True)
     what.add_argument(
         "--input",
@@ -62,6 +71,10 @@ def register(sub: Any) -> None:
     )
     what.add_argument("--job", metavar="ID", help="follow a job submitted earlier")
     what.add_argument("--evaluation", metavar="ID", help="follow an evaluation submitted earlier")
+
+
+def _parameters(s: argparse.ArgumentParser) -> None:
+    """The run's parameters (each defaults to the server's)."""
     s.add_argument(
         "--model",
         default=None,
@@ -71,7 +84,7 @@ def register(sub: Any) -> None:
     s.add_argument("--sigma", type=float, default=None, help="noise level (default: the model's)")
     s.add_argument(
         "--mode",
-        choices=("certify", "certify_top2", "predict", "decide"),
+        choices=[m.name for m in by_family()],
         default=None,
         help="what to run (default: the server's, certify)",
     )
@@ -88,6 +101,10 @@ def register(sub: Any) -> None:
     s.add_argument("--n", type=int, default=None, help="(default: the server's, 10000)")
     s.add_argument("--skip", type=int, default=None, help="evaluations: every SKIP-th image")
     s.add_argument("--max", type=int, default=None, help="evaluations: at most this many images")
+
+
+def _outputs(s: argparse.ArgumentParser) -> None:
+    """Where results go, and how the client follows the work."""
     s.add_argument(
         "--out",
         default=None,
@@ -111,7 +128,6 @@ def register(sub: Any) -> None:
         action="store_true",
         help="on Ctrl-C cancel the job or evaluation on the server (default: it keeps running)",
     )
-    s.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------------------------- HTTP
@@ -222,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     key = args.key or os.environ.get(KEY_ENV, "")
     if not key:
         raise ValueError(f"give the API key with --key or the {KEY_ENV} environment variable")
-    if args.plot and args.mode in ("predict", "decide"):
+    if args.plot and args.mode is not None and not get_mode(args.mode).has_curve:
         raise ValueError(
             "--plot draws certified accuracy against the radius: predict certifies no radius "
             "and decide answers at one radius"
@@ -314,11 +330,12 @@ def _follow_job(api: Api, args: argparse.Namespace, job_id: str) -> int:
 def _outcome(cert: dict[str, Any]) -> str:
     from models.evaluate import round_down
 
-    if cert.get("mode") == "decide":
+    mode = MODES.get(str(cert.get("mode")))  # None: a mode unknown to this client
+    if mode is not None and mode.decides:
         return f"{cert.get('decision')} at r={cert.get('target_radius')}"
     if cert["abstained"]:
         return f"abstained ({cert.get('abstain_reason')})"
-    if cert["mode"] == "predict":
+    if mode is not None and not mode.has_radius:
         return f"predicts {cert.get('label')}"
     radius = round_down(cert["radius"])
     return f"predicts {cert.get('label')}, certified radius {radius} (rounded down)"
@@ -327,7 +344,7 @@ def _outcome(cert: dict[str, Any]) -> str:
 def _follow_evaluation(api: Api, args: argparse.Namespace, evaluation_id: str) -> int:
     path = f"/evaluations/{evaluation_id}"
     ev = api.json("GET", path)
-    if args.plot and ev["mode"] in ("predict", "decide"):
+    if args.plot and ev["mode"] in MODES and not MODES[ev["mode"]].has_curve:
         raise SubmitError(f"--plot: a {ev['mode']} evaluation has no certified-accuracy curve")
     print(f"# evaluation {evaluation_id}: {ev['progress']['images_total']} image(s) of "
           f"{ev['source']}, {ev['mode']} with {ev['model']}, sigma={ev['sigma']:g} n={ev['n']} "

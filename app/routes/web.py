@@ -21,7 +21,7 @@ from app.routes import jobs
 from app.routes.deps import SettingsDep
 from domain import previews
 from domain.intake.images import IMAGE_FORMATS
-from domain.services.submissions import MODES, Params
+from models.modes import DEFAULT, MODES
 
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 PAGE_HEADERS = {
@@ -44,9 +44,10 @@ def certify_defaults() -> dict[str, Any]:
     """The defaults of POST /certify's optional fields, read from the route itself."""
     params = inspect.signature(jobs.certify).parameters
     out = {name: params[name].default for name in ("alpha", "n", "mode")}
-    # n0's default depends on the mode (Params.selection_samples): certify modes and decide
-    out["n0"] = Params(mode="certify").selection_samples()
-    out["decide_n0"] = Params(mode="decide").selection_samples()
+    # n0's default depends on the mode (Mode.selection_samples): the default mode's, and the
+    # deciding mode's (the page's help names both; each mode's is in "mode_facts")
+    out["n0"] = MODES[DEFAULT].selection_samples(None)
+    out["decide_n0"] = next(m.selection_samples(None) for m in MODES.values() if m.decides)
     return out
 
 
@@ -56,6 +57,7 @@ def config(settings: SettingsDep) -> dict[str, Any]:
     return {
         "defaults": certify_defaults(),
         "modes": list(MODES),
+        "mode_facts": {name: mode.facts() for name, mode in MODES.items()},
         "limits": {
             "alpha_above": 0.0,
             "alpha_below": 0.5,

@@ -32,7 +32,7 @@ import hashlib
 import io
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
@@ -90,6 +90,7 @@ from models.evaluate import (
     plot_curve,
 )
 from models.images import Preprocessed
+from models.modes import get_mode
 from models.smoothing import max_radius
 
 ATTEMPTS = 3  # an identical single submission racing in: the evaluation is stored again
@@ -308,25 +309,8 @@ def _store(
     """Store the evaluation and its items. An image that cannot be decoded refuses the whole
     evaluation (4xx naming it), or with ``request.skip_invalid`` is skipped and listed with
     the members ``skipped`` already holds; an evaluation with nothing left is refused."""
-    p = request.params
-    evaluation = Evaluation(
-        id=evaluation_id,
-        owner_id=client.id,
-        source=source,
-        archive_sha256=archive_sha256,
-        mode=p.mode,
-        checkpoint_id=target.ckpt.id,
-        model_name=target.ckpt.name,
-        classes=classes,
-        sigma=target.sigma,
-        alpha=float(p.alpha),
-        n0=p.selection_samples(),
-        n=p.n,
-        target_radius=p.target_radius,
-        time_budget_s=p.time_budget_s,
-        skip=request.skip,
-        max_images=request.max_images,
-        total=len(chosen),
+    evaluation = _new_evaluation(
+        client, evaluation_id, source, archive_sha256, request, target, chosen, classes
     )
     session.add(evaluation)
     secret = signing.seed_secret(settings)
@@ -340,19 +324,8 @@ def _store(
                 raise
             skipped.append(Skipped(item.name, exc.detail.removeprefix(f"{item.name}: ")))
             continue
-        job, stored = new_job(client.id, inp, input_sha256, p, target, settings, secret)
-        existing = find(session, client.id, job.request_key)
-        if existing is None:
-            session.add(job)
-            session.add(stored)
-            session.flush()
-            session.expunge(stored)  # the tensor is in the database now, not needed in memory
-            queued[job.id] = events.JobFacts(job.mode, job.model_name)
-        else:
-            job = existing
-            note_upload(session, existing, input_sha256, inp.record())  # this file's own record
-            if requeue(session, existing):
-                queued[job.id] = events.JobFacts(job.mode, job.model_name)
+        job = _item_job(session, client, inp, input_sha256, request.params, target, settings,
+                        secret, queued)  # fmt: skip
         session.add(
             EvaluationItem(
                 evaluation_id=evaluation_id, position=position, idx=item.idx,
@@ -373,6 +346,67 @@ def _store(
     for job_id, facts in queued.items():
         events.job_changed(job_id, Status.QUEUED.value, facts, reason=f"evaluation {evaluation_id}")
     return evaluation, list(queued)
+
+
+def _new_evaluation(
+    client: Caller,
+    evaluation_id: str,
+    source: str,
+    archive_sha256: str | None,
+    request: Request,
+    target: Target,
+    chosen: list[Item],
+    classes: list[str],
+) -> Evaluation:
+    """The evaluation row (not yet stored) with the parameters every item's job shares."""
+    p = request.params
+    return Evaluation(
+        id=evaluation_id,
+        owner_id=client.id,
+        source=source,
+        archive_sha256=archive_sha256,
+        mode=p.mode,
+        checkpoint_id=target.ckpt.id,
+        model_name=target.ckpt.name,
+        classes=classes,
+        sigma=target.sigma,
+        alpha=float(p.alpha),
+        n0=p.selection_samples(),
+        n=p.n,
+        target_radius=p.target_radius,
+        time_budget_s=p.time_budget_s,
+        skip=request.skip,
+        max_images=request.max_images,
+        total=len(chosen),
+    )
+
+
+def _item_job(
+    session: Session,
+    client: Caller,
+    inp: Preprocessed,
+    input_sha256: str,
+    p: Params,
+    target: Target,
+    settings: Settings,
+    secret: bytes,
+    queued: dict[str, events.JobFacts],
+) -> Job:
+    """The job of one image: a new one (flushed), or the client's identical earlier one (its
+    upload noted, queued again if it produced nothing); adds those to send to ``queued``."""
+    job, stored = new_job(client.id, inp, input_sha256, p, target, settings, secret)
+    existing = find(session, client.id, job.request_key)
+    if existing is None:
+        session.add(job)
+        session.add(stored)
+        session.flush()
+        session.expunge(stored)  # the tensor is in the database now, not needed in memory
+        queued[job.id] = events.JobFacts(job.mode, job.model_name)
+        return job
+    note_upload(session, existing, input_sha256, inp.record())  # this file's own record
+    if requeue(session, existing):
+        queued[existing.id] = events.JobFacts(existing.mode, existing.model_name)
+    return existing
 
 
 # ---------------------------------------------------------------------------------- read
@@ -419,104 +453,122 @@ class Summary:
 
 
 def curve_max_radius(evaluation: Evaluation) -> float:
-    """The largest radius its n and alpha can certify (top-2: at alpha / 2)."""
-    alpha = evaluation.alpha / 2 if evaluation.mode == "certify_top2" else evaluation.alpha
-    return max_radius(evaluation.sigma, evaluation.n, alpha)
+    """The largest radius its n and alpha can certify (at the mode's level: top-2 alpha / 2)."""
+    level = get_mode(evaluation.mode).level(evaluation.alpha)
+    return max_radius(evaluation.sigma, evaluation.n, level)
+
+
+_SUMMARY_COLUMNS = (
+    EvaluationItem.label,
+    Job.status,
+    Job.progress_done,
+    Job.progress_total,
+    Job.started_at,
+    Job.finished_at,
+    Job.error,
+    Certificate.prediction,
+    Certificate.abstained,
+    Certificate.radius,
+    Certificate.body["decision"].as_string(),
+    Certificate.body["n_used"].as_integer(),
+)
+
+
+@dataclass
+class _Tally:
+    """What an evaluation's job rows add up to."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    samples_done: int = 0
+    samples_total: int = 0
+    compute_s: float = 0.0
+    last: dt.datetime | None = None  # the last job's end
+    error: str | None = None  # the first failed or cancelled job's
+
+    def add(self, evaluation: Evaluation, row: Any) -> None:
+        """Count one row of :data:`_SUMMARY_COLUMNS`."""
+        label, status, done, total, started, finished, err, pred, abstained, radius, dec, used = row
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.samples_done += int(done)
+        self.samples_total += int(total)
+        if status in (Status.FAILED.value, Status.CANCELLED.value) and self.error is None:
+            self.error = err or status
+        if finished is not None and status in (Status.SUCCEEDED.value, Status.FAILED.value):
+            self.last = finished if self.last is None else max(self.last, finished)
+            # Work done for this evaluation: a certificate re-used from before it is not.
+            if started is not None and finished >= evaluation.created_at:
+                self.compute_s += (finished - started).total_seconds()
+        if status == Status.SUCCEEDED.value and radius is not None:
+            predict = -1 if pred is None else int(pred)
+            self.outcomes.append(Outcome(int(label), predict, bool(abstained), float(radius),
+                                         dec or "", used, evaluation.n))  # fmt: skip
+
+    def count(self, *statuses: str) -> int:
+        return sum(self.statuses.get(s, 0) for s in statuses)
 
 
 def summarize(session: Session, evaluation: Evaluation) -> Summary:
     """Status, progress and results of ``evaluation`` (one query over its jobs)."""
     rows = session.execute(
-        select(
-            EvaluationItem.label,
-            Job.status,
-            Job.progress_done,
-            Job.progress_total,
-            Job.started_at,
-            Job.finished_at,
-            Job.error,
-            Certificate.prediction,
-            Certificate.abstained,
-            Certificate.radius,
-            Certificate.body["decision"].as_string(),
-            Certificate.body["n_used"].as_integer(),
-        )  # fmt: skip
+        select(*_SUMMARY_COLUMNS)
         .join(Job, Job.id == EvaluationItem.job_id)
         .outerjoin(Certificate, Certificate.job_id == Job.id)
         .where(EvaluationItem.evaluation_id == evaluation.id)
         .order_by(EvaluationItem.position)
     ).all()
-    outcomes: list[Outcome] = []
-    statuses: dict[str, int] = {}
-    samples_done = samples_total = 0
-    compute_s = 0.0
-    last: dt.datetime | None = None
-    error = None
-    for (
-        label,
-        status,
-        done,
-        total,
-        started,
-        finished,
-        err,
-        pred,
-        abstained,
-        radius,
-        dec,
-        used,
-    ) in rows:
-        statuses[status] = statuses.get(status, 0) + 1
-        samples_done += int(done)
-        samples_total += int(total)
-        if status in (Status.FAILED.value, Status.CANCELLED.value) and error is None:
-            error = err or status
-        if finished is not None and status in (Status.SUCCEEDED.value, Status.FAILED.value):
-            last = finished if last is None else max(last, finished)
-            # Work done for this evaluation: a certificate re-used from before it is not.
-            if started is not None and finished >= evaluation.created_at:
-                compute_s += (finished - started).total_seconds()
-        if status == Status.SUCCEEDED.value and radius is not None:
-            predict = -1 if pred is None else int(pred)
-            outcomes.append(Outcome(int(label), predict, bool(abstained), float(radius),
-                                    dec or "", used, evaluation.n))  # fmt: skip
-    active = sum(statuses.get(s, 0) for s in ACTIVE_STATUSES)
-    failed = statuses.get(Status.FAILED.value, 0)
-    cancelled = statuses.get(Status.CANCELLED.value, 0)
+    tally = _Tally()
+    for row in rows:
+        tally.add(evaluation, row)
+    active = tally.count(*ACTIVE_STATUSES)
+    failed, cancelled = tally.count(Status.FAILED.value), tally.count(Status.CANCELLED.value)
     missing = failed + cancelled  # images with no certificate
+    last = tally.last
     if last is not None:  # all re-used: it finished when it was created, not before
         last = max(last, evaluation.created_at)
-    if evaluation.cancelled_at is not None:
-        status = Status.CANCELLED.value
-    elif active:
-        started_any = active < len(rows) or statuses.get(Status.RUNNING.value, 0) > 0
-        status = Status.RUNNING.value if started_any else Status.QUEUED.value
-    elif missing:
-        status = Status.FAILED.value
-    else:
-        status = Status.SUCCEEDED.value
     end = last if not active and last is not None else utcnow()
     summary = Summary(
-        status=status, images_total=len(rows), images_done=len(outcomes),
-        images_failed=failed, images_cancelled=cancelled,
-        samples_done=samples_done, samples_total=samples_total, radii=None, accuracy=None,
-        clean_accuracy=None, abstention_rate=None, average_certified_radius=None,
-        decisions=None, compute_s=compute_s,
+        status=_status(evaluation, tally, len(rows)), images_total=len(rows),
+        images_done=len(tally.outcomes), images_failed=failed, images_cancelled=cancelled,
+        samples_done=tally.samples_done, samples_total=tally.samples_total, radii=None,
+        accuracy=None, clean_accuracy=None, abstention_rate=None,
+        average_certified_radius=None, decisions=None, compute_s=tally.compute_s,
         wall_s=max((end - evaluation.created_at).total_seconds(), 0.0),
         finished_at=None if active else last,
-        error=None if not missing else f"{missing} image(s) have no certificate; first: {error}",
+        error=None if not missing else f"{missing} image(s) have no certificate; first: "
+        f"{tally.error}",
     )  # fmt: skip
-    if not outcomes:
-        return summary
+    if tally.outcomes:
+        _results(summary, evaluation, tally.outcomes)
+    return summary
+
+
+def _status(evaluation: Evaluation, tally: _Tally, images: int) -> str:
+    """cancelled, running / queued (some job active), failed (some image without a
+    certificate) or succeeded."""
+    active = tally.count(*ACTIVE_STATUSES)
+    if evaluation.cancelled_at is not None:
+        return Status.CANCELLED.value
+    if active:
+        started_any = active < images or tally.count(Status.RUNNING.value) > 0
+        return Status.RUNNING.value if started_any else Status.QUEUED.value
+    if tally.count(Status.FAILED.value, Status.CANCELLED.value):
+        return Status.FAILED.value
+    return Status.SUCCEEDED.value
+
+
+def _results(summary: Summary, evaluation: Evaluation, outcomes: list[Outcome]) -> None:
+    """Fill in the results of the finished images: accuracies, and the mode's curve or
+    decisions."""
+    mode = get_mode(evaluation.mode)
     summary.clean_accuracy = sum(o.correct for o in outcomes) / len(outcomes)
     summary.abstention_rate = sum(o.abstained for o in outcomes) / len(outcomes)
-    if evaluation.mode in ("certify", "certify_top2"):
+    if mode.has_curve:
         summary.radii = default_radii(curve_max_radius(evaluation))
         summary.accuracy = certified_accuracy(outcomes, summary.radii)
         summary.average_certified_radius = average_certified_radius(outcomes)
-    elif evaluation.mode == "decide":
+    elif mode.decides:
         summary.decisions = decision_stats(outcomes, evaluation.n, evaluation.n0)
-    return summary
 
 
 def result_rows(session: Session, evaluation: Evaluation) -> list[Row]:
@@ -575,16 +627,9 @@ def row_of(
 def plot_png(evaluation: Evaluation, rows: list[Row]) -> bytes:
     """Certified accuracy against radius (``models.evaluate.plot_curve``); 409 for modes
     without a curve and while no image has a certificate."""
-    if evaluation.mode == "predict":
-        raise ServiceError(
-            409, "a predict evaluation certifies no radius, so there is no curve to plot; "
-            "GET the evaluation for its accuracy"
-        )  # fmt: skip
-    if evaluation.mode == "decide":
-        raise ServiceError(
-            409, "a decide evaluation answers at one radius (target_radius), so there is no "
-            "curve to plot; GET the evaluation for its decisions"
-        )  # fmt: skip
+    no_curve = get_mode(evaluation.mode).no_curve
+    if no_curve is not None:
+        raise ServiceError(409, no_curve)
     if not rows:
         raise ServiceError(409, "no image has a certificate yet; try again when some are done")
     note = "" if len(rows) == evaluation.total else f"{len(rows)} of {evaluation.total} images"

@@ -55,11 +55,11 @@ from domain.store.tables import (
 from domain.trust import signing
 from models.data import tensor_bytes
 from models.images import Preprocessed
-from models.smoothing import check_decide_n, check_merged_n, check_n, validate, validate_budget
+from models.modes import DEFAULT as DEFAULT_MODE
+from models.modes import MODES, Mode, RunSpec, get_mode
+from models.smoothing import validate, validate_budget
 
 SEED_BITS = 53  # seeds stay exact in JSON numbers (JavaScript clients, RFC 8785 signatures)
-MODES = ("certify", "predict", "certify_top2", "decide")
-DEFAULT_N0 = 100  # selection samples of the certify modes (decide: 0, merged selection)
 SEED_DERIVED, SEED_CLIENT = "derived", "client"
 
 
@@ -67,24 +67,20 @@ SEED_DERIVED, SEED_CLIENT = "derived", "client"
 class Params:
     """The form fields of POST /certify."""
 
-    mode: str = "certify"
+    mode: str = DEFAULT_MODE
     sigma: float | None = None
     alpha: float = 0.001
     n0: int | None = None  # None: the mode's default (selection_samples)
     n: int = 10_000
     seed: int | None = None
     model: str | None = None
-    target_radius: float | None = None  # decide: "is x certified at this radius?"
-    time_budget_s: float | None = None  # certify modes: stop sampling after this long
+    target_radius: float | None = None  # deciding modes: "is x certified at this radius?"
+    time_budget_s: float | None = None  # budgeted modes: stop sampling after this long
 
     def selection_samples(self) -> int:
-        """n0 as the job stores it: 0 for predict; for decide 0 (merged selection) unless
-        given; for the certify modes 100 unless given."""
-        if self.mode == "predict":
-            return 0
-        if self.n0 is not None:
-            return self.n0
-        return 0 if self.mode == "decide" else DEFAULT_N0
+        """n0 as the job stores it: the mode's (``models.modes.Mode.selection_samples``: 0
+        without selection, else the given value or the mode's default)."""
+        return get_mode(self.mode).selection_samples(self.n0)
 
     def extra(self) -> dict[str, float]:
         """The parameters beyond CERTIFY's that make a request distinct (none when unset, so
@@ -92,33 +88,48 @@ class Params:
         out = {"target_radius": self.target_radius, "time_budget_s": self.time_budget_s}
         return {k: float(v) for k, v in out.items() if v is not None}
 
+    def spec(self, sigma: float, seed: int) -> RunSpec:
+        """The run these fields ask for, on ``sigma`` with ``seed``: what the job stores."""
+        return RunSpec(
+            mode=self.mode, sigma=sigma, alpha=float(self.alpha), n0=self.selection_samples(),
+            n=self.n, seed=seed, target_radius=self.target_radius,
+            time_budget_s=self.time_budget_s,
+        )  # fmt: skip
+
 
 def check_params(p: Params, settings: Settings) -> None:
     """422 with the reason for any parameter no certificate can use or the service refuses."""
-    if p.mode not in MODES:
-        raise bad_input(f"mode must be one of {', '.join(MODES)}, got {p.mode!r}")
+    try:
+        mode = get_mode(p.mode)
+    except ValueError as exc:
+        raise bad_input(str(exc)) from exc
     if not 1 <= p.n <= settings.n_max:
         raise bad_input(f"n must lie in [1, {settings.n_max}], got {p.n}")
-    least = 0 if p.mode == "decide" else 1  # decide: n0 = 0 merges selection into the test
-    if p.mode != "predict" and not least <= p.selection_samples() <= settings.n0_max:
+    least = mode.least_n0  # 0: the selection merges into the test (decide)
+    if mode.uses_n0 and not least <= p.selection_samples() <= settings.n0_max:
         raise bad_input(f"n0 must lie in [{least}, {settings.n0_max}], got {p.n0}")
     if p.seed is not None and not 0 <= p.seed < 2**SEED_BITS:
         raise bad_input(f"seed must lie in [0, 2^{SEED_BITS}), got {p.seed}")
-    if (p.mode == "decide") != (p.target_radius is not None):
-        raise bad_input(
-            "mode=decide needs target_radius (the radius to decide about)"
-            if p.mode == "decide"
-            else f"target_radius is for mode=decide only, not {p.mode}"
-        )
-    if p.time_budget_s is not None and p.mode not in ("certify", "certify_top2"):
-        raise bad_input(f"time_budget_s is for mode=certify or certify_top2, not {p.mode}")
+    _check_mode_fields(p, mode)
     try:  # the core's checks of sigma (when given), alpha and n, with its messages
         validate(p.sigma if p.sigma is not None else 1.0, p.alpha, p.n)
         validate_budget(p.time_budget_s)
-        if p.mode != "decide":  # decide's minimum depends on sigma: checked in submit()
-            check_n(p.mode, p.n, p.alpha)  # n too small for alpha: no possible certificate
+        mode.check_samples(p.n, p.alpha)  # n too small for alpha (decide: in resolve())
     except ValueError as exc:
         raise bad_input(str(exc)) from exc
+
+
+def _check_mode_fields(p: Params, mode: Mode) -> None:
+    """422 when target_radius or time_budget_s is missing where the mode needs it or given
+    where it takes none."""
+    deciding = [m.name for m in MODES.values() if m.decides]
+    if mode.decides and p.target_radius is None:
+        raise bad_input(f"mode={mode.name} needs target_radius (the radius to decide about)")
+    if not mode.decides and p.target_radius is not None:
+        raise bad_input(f"target_radius is for mode={' or '.join(deciding)} only, not {p.mode}")
+    if p.time_budget_s is not None and not mode.takes_time_budget:
+        budgeted = [m.name for m in MODES.values() if m.takes_time_budget]
+        raise bad_input(f"time_budget_s is for mode={' or '.join(budgeted)}, not {p.mode}")
 
 
 def _canonical(fields: dict[str, object]) -> bytes:
@@ -209,12 +220,11 @@ def resolve(session: Session, p: Params, settings: Settings) -> Target:
     sigma = p.sigma if p.sigma is not None else ckpt.sigma
     if sigma is None:
         raise bad_input(f"model {ckpt.name!r} records no training sigma: give sigma")
-    if p.target_radius is not None:
-        try:  # the target is reachable, and n could certify it
-            check = check_merged_n if p.selection_samples() == 0 else check_decide_n
-            check(p.n, p.alpha, sigma, p.target_radius)
-        except ValueError as exc:
-            raise bad_input(str(exc)) from exc
+    try:  # a deciding mode: the target is reachable, and n could certify it
+        mode = get_mode(p.mode)
+        mode.check_reachable(p.n, p.alpha, sigma, p.selection_samples(), p.target_radius)
+    except ValueError as exc:
+        raise bad_input(str(exc)) from exc
     return Target(ckpt, float(sigma))
 
 
@@ -240,17 +250,18 @@ def new_job(
         secret=secret, extra=p.extra(),
     )  # fmt: skip
     seed, source = choose_seed(p.seed, derived, settings)
+    spec = p.spec(sigma, seed)  # stored as the job's columns; the worker reads it (Job.spec)
     job = Job(
         id=new_id(),
         owner_id=owner_id,
-        mode=p.mode,
+        mode=spec.mode,
         checkpoint_id=ckpt.id,
         model_name=ckpt.name,
-        sigma=sigma,
-        alpha=float(p.alpha),
-        n0=n0,
-        n=p.n,
-        seed=seed,
+        sigma=spec.sigma,
+        alpha=spec.alpha,
+        n0=spec.n0,
+        n=spec.n,
+        seed=spec.seed,
         seed_source=source,
         input_sha256=input_sha256,
         tensor_sha256=tensor_hash,
@@ -258,10 +269,10 @@ def new_job(
         input_shape=list(inp.tensor.shape),
         status=Status.QUEUED.value,
         progress_done=0,
-        progress_total=n0 + p.n,
+        progress_total=spec.n0 + spec.n,
         attempts=0,
-        target_radius=p.target_radius,
-        time_budget_s=p.time_budget_s,
+        target_radius=spec.target_radius,
+        time_budget_s=spec.time_budget_s,
         created_at=utcnow(),
     )
     job.request_key = request_key(job, ckpt.file_sha256)

@@ -24,22 +24,20 @@ the model with the certificate's seed (counts are reproducible per kind of devic
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from scipy.stats import norm
 
 from domain.errors import ServiceError
 from domain.trust import signing
 from models import smoothing
+from models.modes import Claim, Mismatch, Mode, RunSpec, by_family, get_mode
+from models.modes.base import ABS_TOL, REL_TOL
+from models.modes.base import same as _same
 
 SCHEMAS = (2,)
-MODES = ("certify", "certify_top2", "predict", "decide")
-REL_TOL, ABS_TOL = 1e-9, 1e-12  # recomputed floats agree to the last few bits across SciPy builds
 MAX_IMAGE_PIXELS = 40_000_000  # the service's default DMAE_MAX_IMAGE_PIXELS
 
 
@@ -68,7 +66,7 @@ class Verdict:
             answer = f"abstains ({c.get('abstain_reason')})"
         else:
             answer = f"predicts {c.get('label')!r} (class {c.get('prediction')})"
-            if c.get("mode") != "predict":
+            if get_mode(c.get("mode")).has_radius:  # a valid certificate's mode is known
                 answer += f", radius {round_down(float(c['radius']))} (rounded down)"
         parts = [
             f"{c.get('model')} {c.get('mode')}: {answer}",
@@ -143,14 +141,6 @@ def verify_certificate(
     return verdict
 
 
-def _same(claimed: Any, recomputed: float | int | None) -> bool:
-    if recomputed is None or claimed is None:
-        return claimed is None and recomputed is None
-    if isinstance(claimed, bool) or not isinstance(claimed, numbers.Real):
-        return False
-    return math.isclose(float(claimed), float(recomputed), rel_tol=REL_TOL, abs_tol=ABS_TOL)
-
-
 def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -170,19 +160,45 @@ def _integral(value: Any) -> Any:
 def check_statistics(c: Mapping[str, Any]) -> str | None:
     """None when every statistic in ``c`` follows from its counts; else the first mismatch.
 
-    Uses the core's formulas (``models.smoothing``): CERTIFY's one-sided Clopper-Pearson bound
-    and radius sigma * Phi^-1(pA_lower) (Cohen et al. 2019), the top-2 variant with Bonferroni
-    bounds, PREDICT's binomial test, and the cap sigma * Phi^-1(alpha^(1/n))."""
+    Uses the core's formulas through the certificate's mode (``models.modes``, which call
+    ``models.smoothing``): CERTIFY's one-sided Clopper-Pearson bound and radius
+    sigma * Phi^-1(pA_lower) (Cohen et al. 2019), the top-2 variant with Bonferroni bounds,
+    PREDICT's binomial test, DECIDE's confidence sequence, and the cap
+    sigma * Phi^-1(alpha^(1/n))."""
     c = _integral(dict(c))
-    mode = c.get("mode")
-    if mode not in MODES:
-        return f"cannot recompute mode {mode!r}: this verifier knows {', '.join(MODES)}"
+    found = _mode_and_bound(c)
+    if isinstance(found, str):
+        return found
+    mode, bound = found
+    claim = _claim(c, mode, bound)
+    if isinstance(claim, str):
+        return claim
+    try:
+        out = mode.recompute(claim)
+    except Mismatch as exc:
+        return str(exc)
+    return _compare(c, out, claim) or _check_cap(c, mode, claim)
+
+
+def _mode_and_bound(c: Mapping[str, Any]) -> tuple[Mode, str] | str:
+    """The certificate's registered mode and the bound it names, or why it cannot be checked."""
+    try:
+        mode = get_mode(c.get("mode"))
+    except ValueError:
+        known = ", ".join(m.name for m in by_family())
+        return f"cannot recompute mode {c.get('mode')!r}: this verifier knows {known}"
     bound = c.get("bound") or smoothing.CLOPPER_PEARSON
-    known = (smoothing.CLOPPER_PEARSON, smoothing.SEQUENCE)
-    if bound not in known:
-        return f"cannot recompute bound {bound!r}: this verifier knows {', '.join(known)}"
+    known_bounds = (smoothing.CLOPPER_PEARSON, smoothing.SEQUENCE)
+    if bound not in known_bounds:
+        return f"cannot recompute bound {bound!r}: this verifier knows {', '.join(known_bounds)}"
+    return mode, str(bound)
+
+
+def _claim(c: Mapping[str, Any], mode: Mode, bound: str) -> Claim | str:
+    """The certificate's counts and parameters, checked for type and range, or the first
+    reason they are unusable (counts, sigma/alpha/n/n0, n_used, samples_total, bound, class)."""
     counts, n0 = c.get("counts"), c.get("n0")
-    n: Any = c.get("n")
+    n: Any = c.get("n")  # any JSON value until the core's checks pass
     sigma: Any = c.get("sigma")
     alpha: Any = c.get("alpha")
     if not isinstance(counts, list) or not counts or not all(_whole(k) for k in counts):
@@ -190,66 +206,43 @@ def check_statistics(c: Mapping[str, Any]) -> str | None:
     if any(k < 0 for k in counts):
         return "counts must not be negative"
     try:
-        smoothing.validate(
-            sigma, alpha, n, n0 if mode != "predict" else None, n0_zero_ok=mode == "decide"
-        )
+        mode.validate(sigma, alpha, n, n0)  # any JSON values: the core checks them
     except ValueError as exc:
         return f"invalid parameters: {exc}"
     assert isinstance(n, int) and isinstance(sigma, int | float) and isinstance(alpha, int | float)
-    used: Any = c.get("n_used", n)
+    used = c.get("n_used", n)
     if not _whole(used) or not 1 <= used <= n:
         return f"n_used {used!r} must be a whole number in [1, n={n}]"
     if sum(counts) != used:
         return f"the counts add up to {sum(counts)}, not n_used={used}"
     total = c.get("samples_total")
-    selection = int(n0) if mode != "predict" and isinstance(n0, int) else 0
+    selection = int(n0) if mode.uses_n0 and isinstance(n0, int) else 0
     if total is not None and total != selection + used:
         return f"samples_total {total!r} is not n0 + n_used = {selection + used}"
-    merged = mode == "decide" and n0 == 0
-    sequential = mode == "decide" or used < n
-    if (bound == smoothing.SEQUENCE) != sequential:
-        return f"bound {bound!r} does not fit a run of {used} of n={n} samples in mode {mode}"
-    top2 = mode == "certify_top2"
-    if mode == "predict":
-        out: Any = smoothing.predict_outcome(counts, alpha)
-    else:
-        c_a = c.get("prediction")
-        if c_a is None:  # abstained: the selected class is one whose count is count_a
-            with_count_a = [i for i, k in enumerate(counts) if k == c.get("count_a")]
-            if not with_count_a:
-                return (
-                    f"count_a {c.get('count_a')!r} does not follow from the counts: no class has it"
-                )
-            c_a = with_count_a[0]  # classes with equal counts give the same bounds
-        if not _whole(c_a) or not 0 <= c_a < len(counts):
-            return f"prediction {c_a!r} is not a class index of the counts"
-        if mode == "decide":
-            target: Any = c.get("target_radius")
-            hits: Any = c.get("predictable_hits")
-            if merged and (not isinstance(hits, int) or isinstance(hits, bool)):
-                return "a decide certificate with n0 = 0 needs predictable_hits (a whole number)"
-            # merged (n0 = 0): class selection merged into the test, predictable_hits carries it
-            said = "the counts and predictable_hits" if merged else "the counts"
-            try:
-                out = (
-                    smoothing.merged_outcome(counts, hits, used, n, sigma, alpha, target)
-                    if merged
-                    else smoothing.decide_outcome(counts, c_a, used, n, sigma, alpha, target)
-                )
-            except ValueError as exc:
-                return f"the decision does not follow from the counts: {exc}"
-            if c.get("decision") != out.decision:
-                return (
-                    f"decision {c.get('decision')!r} does not follow from {said} "
-                    f"(they give {out.decision!r})"
-                )
-            if not _same(c.get("pa_upper"), out.pa_upper):
-                return f"pa_upper {c.get('pa_upper')!r} does not follow from the counts"
-        else:
-            lower, upper = smoothing.bounds(bound, used)
-            out = smoothing.certify_outcome(
-                counts, c_a, used, sigma, alpha, top2=top2, lower=lower, upper=upper
-            )
+    if (bound == smoothing.SEQUENCE) != mode.sequential(used, n):
+        return f"bound {bound!r} does not fit a run of {used} of n={n} samples in mode {mode.name}"
+    selected = _selected(c, counts) if mode.uses_n0 else None
+    if isinstance(selected, str):
+        return selected
+    return Claim(c, counts, selected, used, n, float(sigma), float(alpha), bound)
+
+
+def _selected(c: Mapping[str, Any], counts: list[int]) -> int | str:
+    """The class the selection chose: the prediction, or for an abstention a class whose count
+    is ``count_a`` (classes with equal counts give the same bounds); else the reason."""
+    c_a = c.get("prediction")
+    if c_a is None:
+        with_count_a = [i for i, k in enumerate(counts) if k == c.get("count_a")]
+        if not with_count_a:
+            return f"count_a {c.get('count_a')!r} does not follow from the counts: no class has it"
+        c_a = with_count_a[0]
+    if not _whole(c_a) or not 0 <= c_a < len(counts):
+        return f"prediction {c_a!r} is not a class index of the counts"
+    return int(c_a)
+
+
+def _compare(c: Mapping[str, Any], out: smoothing.Outcome, claim: Claim) -> str | None:
+    """The first claimed statistic that differs from the recomputed ``out``, or None."""
     claims: list[tuple[str, Any, Any]] = [
         ("count_a", c.get("count_a"), out.count_a),
         ("count_b", c.get("count_b"), out.count_b),
@@ -260,28 +253,25 @@ def check_statistics(c: Mapping[str, Any]) -> str | None:
     for name, claimed, recomputed in claims:
         if claimed != recomputed or type(claimed) is not type(recomputed):
             return f"{name} {claimed!r} does not follow from the counts (they give {recomputed!r})"
-    for name, recomputed in (
+    for name, value in (
         ("pa_lower", out.pa_lower),
         ("pb_upper", out.pb_upper),
         ("pvalue", out.pvalue),
         ("radius", out.radius),
     ):
-        if not _same(c.get(name), recomputed):
+        if not _same(c.get(name), value):
             return (
-                f"{name} {c.get(name)!r} does not follow from the counts, n={n}, alpha={alpha} "
-                f"and sigma={sigma} (they give {recomputed!r})"
+                f"{name} {c.get(name)!r} does not follow from the counts, n={claim.n}, "
+                f"alpha={c.get('alpha')} and sigma={c.get('sigma')} (they give {value!r})"
             )
-    level = alpha / 2 if top2 else alpha
-    if merged:
-        cap = smoothing.merged_max_radius(sigma, n, alpha, len(counts))
-    elif mode == "decide":
-        cap = smoothing.decide_max_radius(sigma, n, alpha)
-    elif used < n:  # a budgeted stop: the sequence's bound after used hits of used
-        cap = max(0.0, sigma * float(norm.ppf(smoothing.bounds(bound, used)[0](used, level))))
-    else:
-        cap = smoothing.max_radius(sigma, n, level)
+    return None
+
+
+def _check_cap(c: Mapping[str, Any], mode: Mode, claim: Claim) -> str | None:
+    """None when ``max_radius`` is the mode's cap and the radius does not exceed it."""
+    cap = mode.max_radius(claim)
     if not _same(c.get("max_radius"), cap):
-        return f"max_radius {c.get('max_radius')!r} is not the cap for n={n} (it is {cap!r})"
+        return f"max_radius {c.get('max_radius')!r} is not the cap for n={claim.n} (it is {cap!r})"
     if float(c["radius"]) > cap * (1 + REL_TOL) + ABS_TOL:
         return f"radius {c['radius']!r} exceeds max_radius {cap!r}"
     return None
@@ -355,19 +345,9 @@ def replay(
     sampler = smoothing.BatchSampler(
         model, meta.num_classes, batch_size, where, autocast_dtype(where)
     )
-    x, seed = decoded.tensor, int(c["seed"])
-    sigma, alpha, n = float(c["sigma"]), float(c["alpha"]), int(c["n"])
-    if c.get("mode") == "predict":
-        run = smoothing.predict(sampler, x, sigma, n, alpha, seed)
-    elif c.get("mode") in ("certify", "certify_top2"):
-        top2 = c["mode"] == "certify_top2"
-        stop = c.get("n_used") if c.get("n_used") not in (None, n) else None
-        run = smoothing.certify(
-            sampler, x, sigma, int(c["n0"]), n, alpha, seed, top2=top2, stop_after=stop
-        )
-    elif c.get("mode") == "decide":
-        target = float(c["target_radius"])
-        run = smoothing.decide(sampler, x, sigma, target, int(c["n0"]), n, alpha, seed)
-    else:
-        raise ValueError(f"cannot replay mode {c.get('mode')!r}")
+    try:
+        mode = get_mode(c.get("mode"))
+    except ValueError:
+        raise ValueError(f"cannot replay mode {c.get('mode')!r}") from None
+    run = mode.run(sampler, decoded.tensor, RunSpec.of_certificate(c))
     return compare(dict(c), run.to_dict(), str(where))

@@ -179,11 +179,11 @@ class FinetuneConfig(RunOptions):
             raise ValueError(f"--val-fraction must lie in (0, 1), got {self.val_fraction}")
         if self.eval_n < 1 or self.eval_batch < 1 or self.eval_images < 0:
             raise ValueError("--eval-n and --eval-batch must be at least 1, --eval-images >= 0")
-        from models.smoothing import check_n, validate_alpha
+        from models.smoothing import Mode, check_n, validate_alpha
 
         validate_alpha(self.eval_alpha, "--eval-alpha")
         if self.eval_images:  # PREDICT below its minimum n would only ever abstain
-            check_n("predict", self.eval_n, self.eval_alpha)
+            check_n(Mode.PREDICT, self.eval_n, self.eval_alpha)
 
 
 @dataclass

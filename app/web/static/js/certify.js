@@ -5,6 +5,7 @@ import {
   abstainReason, count, decisionWords, el, nonCommercial, roundDown, seconds, when,
 } from "./format.js";
 import { clearDrawing, DRAW_SIZE, drawingPng, hasDrawing, initDraw } from "./draw.js";
+import { hasRadius, modeFacts, setModes } from "./modes.js";
 
 const $ = (id) => document.getElementById(id);
 const ACTIVE = ["queued", "running"];
@@ -20,6 +21,7 @@ let objectUrls = [];
 
 export function initCertify(cfg) {
   config = cfg;
+  setModes(cfg.mode_facts);
   const d = cfg.defaults, lim = cfg.limits;
   $("alpha").value = d.alpha;
   $("n0").value = d.n0;
@@ -38,16 +40,17 @@ export function initCertify(cfg) {
   mode.replaceChildren(...cfg.modes.map((m) => el("option", { value: m, text: m })));
   mode.value = d.mode;
   let lastMode = mode.value;
+  const n0Default = (m) => modeFacts(m).default_n0 ?? d.n0;
   const modeFields = () => {
-    $("n0").disabled = mode.value === "predict";
+    const facts = modeFacts(mode.value);
+    $("n0").disabled = !facts.uses_n0;
     // n0's default depends on the mode: switch it along unless the user typed another value
-    const was = lastMode === "decide" ? d.decide_n0 : d.n0;
-    if (String($("n0").value) === String(was)) {
-      $("n0").value = mode.value === "decide" ? d.decide_n0 : d.n0;
+    if (String($("n0").value) === String(n0Default(lastMode))) {
+      $("n0").value = n0Default(mode.value);
     }
     lastMode = mode.value;
-    $("target_radius").disabled = mode.value !== "decide";
-    $("time_budget_s").disabled = !mode.value.startsWith("certify");
+    $("target_radius").disabled = !facts.takes_target_radius;
+    $("time_budget_s").disabled = !facts.takes_time_budget;
   };
   mode.addEventListener("change", modeFields);
   modeFields();
@@ -269,7 +272,7 @@ function outcome(job) {
   const c = job.certificate;
   if (job.status !== "succeeded" || !c) return job.status;
   if (c.abstained) return "done: abstained";
-  const radius = c.mode === "predict" ? "" : `, certified radius ${roundDown(c.radius, 3)}`;
+  const radius = !hasRadius(c.mode) ? "" : `, certified radius ${roundDown(c.radius, 3)}`;
   return `done: label ${c.label}${radius}`;
 }
 
@@ -338,7 +341,7 @@ function showCertificate(job) {
   const c = job.certificate;
   const section = $("certificate");
   const nodes = [el("h3", { text: "Certificate" })];
-  const hasRadius = c.mode !== "predict";
+  const withRadius = hasRadius(c.mode);
   if (c.abstained) {
     nodes.push(el("p", { class: "verdict abstain", text: "Abstained" }));
     nodes.push(el("p", { class: "meaning" }, `No label is certified: ${abstainReason(c.abstain_reason)}.`));
@@ -349,7 +352,7 @@ function showCertificate(job) {
     nodes.push(el("p", { class: "radius-line" }, "Decision: ",
       el("strong", { "data-field": "decision", text: decisionWords(c.decision, c.target_radius) })));
   }
-  if (hasRadius) {
+  if (withRadius) {
     const r = roundDown(c.radius, 3), max = roundDown(c.max_radius, 3);
     const share = c.max_radius > 0 ? Math.min(1, Math.max(0, c.radius / c.max_radius)) : 0;
     const fill = el("span");

@@ -5,6 +5,7 @@
 import { alertIn, api } from "./api.js";
 import { loadEvaluations } from "./evaluations.js";
 import { count, el, roundDown, when } from "./format.js";
+import { hasRadius } from "./modes.js";
 
 const $ = (id) => document.getElementById(id);
 const PAGE = 20;
@@ -60,7 +61,7 @@ export async function loadHistory() {
       el("td", { class: `status-${job.status}`, text: job.status }),
       el("td", { text: job.model }),
       el("td", { text: labelOf(job) }),
-      el("td", { class: "num", text: c && !c.abstained && c.mode !== "predict" ? roundDown(c.radius, 3) : "-" }),
+      el("td", { class: "num", text: c && !c.abstained && hasRadius(c.mode) ? roundDown(c.radius, 3) : "-" }),
       el("td", { class: "num", text: count(job.n) }),
       kindCell(job),
       el("td", {}, el("a", { href: `#job/${job.id}`, "aria-label": `Open job ${job.id}` }, "Open")),

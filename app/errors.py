@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
 
 from app.schemas import ErrorOut, UnavailableOut, ValidationErrorOut
 from domain.errors import BrokerUnavailable, ServiceError, hide_folders
@@ -86,7 +87,7 @@ def _json(
     detail: str,
     headers: dict[str, str] | None = None,
     **extra: Any,
-) -> Any:
+) -> JSONResponse:
     """The JSON error answer; no server folder is named in it, whatever the message held."""
     body = {"detail": _hidden(request, detail), **extra}
     if "errors" in body:
@@ -96,7 +97,7 @@ def _json(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def _service_error(request: Request, exc: Exception) -> Any:
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
     if isinstance(exc, BrokerUnavailable) and exc.job_id:  # stored: the client may poll it
         return _json(request, exc.status_code, exc.detail, exc.headers, id=exc.job_id)
@@ -115,14 +116,14 @@ def allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
-def _leaves(routes: Sequence[Any]) -> Iterator[Any]:
+def _leaves(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
     """The routes, with those of each included router in its place."""
     for route in routes:
         inner = getattr(route, "original_router", None)  # FastAPI's wrapper of an included router
         yield from _leaves(inner.routes) if inner is not None else (route,)
 
 
-async def _http_error(request: Request, exc: Exception) -> Any:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     headers = dict(getattr(exc, "headers", None) or {})
@@ -132,13 +133,13 @@ async def _http_error(request: Request, exc: Exception) -> Any:
     return _json(request, exc.status_code, detail, headers or None)
 
 
-async def _validation_error(request: Request, exc: Exception) -> Any:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
     return _json(request, 422, describe_validation(errors), errors=jsonable_encoder(errors))
 
 
-async def _database_error(request: Request, exc: Exception) -> Any:
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, DataError):  # e.g. a NUL character, which PostgreSQL text cannot hold
         log.warning("value refused by the database: %s", str(exc).splitlines()[0][:300])
         return _json(
@@ -153,13 +154,13 @@ async def _database_error(request: Request, exc: Exception) -> Any:
     return _json(request, 503, "the database is unavailable; retry shortly", {"Retry-After": "5"})
 
 
-async def _pool_timeout(request: Request, exc: Exception) -> Any:
+async def _pool_timeout(request: Request, exc: Exception) -> JSONResponse:
     """Every connection of the process's pool stayed in use for the pool's whole timeout."""
     log.warning("no database connection free: %s", str(exc).splitlines()[0][:300])
     return _json(request, 503, "the database is busy; retry shortly", {"Retry-After": "5"})
 
 
-async def _unexpected(request: Request, exc: Exception) -> Any:
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     ref = uuid.uuid4().hex[:12]
     log.exception("unhandled error %s on %s %s", ref, request.method, request.url.path)
     return _json(request, 500, f"internal error (reference {ref}); the operators have the details")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from app.auth import Admin, SessionDep
 from app.errors import error_responses
@@ -16,8 +16,9 @@ from app.upload_files import save_upload
 from domain import registry
 from domain.config import Settings
 from domain.errors import ServiceError, bad_input, hide_folders, not_found
+from domain.services import checkpoints, dispatching
 from domain.store import state
-from domain.store.tables import Checkpoint, Status, TrainingRun
+from domain.store.tables import Checkpoint, TrainingRun
 
 router = APIRouter(
     route_class=SessionEndingRoute,
@@ -26,20 +27,6 @@ router = APIRouter(
     responses=error_responses(401, 403, 429, 503),
 )
 NO_SUCH_RUN = {404: "No such training run."}
-
-
-def _floats(text: str | None, what: str, positive: bool = False) -> list[float] | None:
-    """Three comma-separated finite numbers (positive ones for ``positive``), or None."""
-    if text is None or text == "":
-        return None
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError as exc:
-        raise bad_input(f"{what} must be comma-separated numbers, got {text!r}") from exc
-    if len(values) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
-        kind = "positive" if positive else "finite"
-        raise bad_input(f"{what} must be 3 {kind} numbers (one per RGB channel), got {text!r}")
-    return values
 
 
 @router.get(
@@ -113,69 +100,20 @@ def register_model(
     requests that name it, unless ``default`` makes it its sigma's default model."""
     if (file is None) == (path is None or path == ""):
         raise bad_input("give exactly one of: file (an upload) or path (on the server)")
-    options = {
-        "sigma": sigma,
-        "input_size": input_size,
-        "num_heads": num_heads,
-        "classes": [c.strip() for c in classes.split(",")] if classes else None,
-        "mean": _floats(mean, "mean"),
-        "std": _floats(std, "std", positive=True),
-    }
-    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
-        raise bad_input(f"sigma must be a positive finite number, got {sigma}")
-    for what, count in (("input_size", input_size), ("num_heads", num_heads)):
-        if count is not None and not 1 <= count <= 100_000:
-            raise bad_input(f"{what} must be a positive integer, got {count}")
+    options = checkpoints.official_options(
+        sigma=sigma, input_size=input_size, num_heads=num_heads, classes=classes, mean=mean,
+        std=std,
+    )  # fmt: skip
     if name is not None:
         registry.check_name(name)
+    how = checkpoints.Registration(name, active, default, licence, created_by=admin.id)
     if file is not None:
         saved, _ = save_upload(file, settings.uploads / "uploaded", settings.max_checkpoint_bytes)
-        try:
-            row = registry.register(
-                session,
-                location=str(saved),
-                name=name or _stem(file.filename),
-                options=options,
-                active=active,
-                default=default,
-                created_by=admin.id,
-                licence=licence,
-                shown=f"the upload {file.filename or 'file'!r}",
-            )
-        except Exception:
-            if (
-                session.scalar(select(Checkpoint.id).where(Checkpoint.location == str(saved)))
-                is None
-            ):
-                saved.unlink(missing_ok=True)
-            raise
-        session.commit()
+        row = checkpoints.register_upload(session, saved, file.filename, options, how)
     else:
         assert path is not None
-        target = registry.inside(settings.checkpoints, path, "checkpoint")
-        if not target.is_file():
-            raise bad_input(f"no checkpoint file {path!r} in the server's checkpoint folder")
-        row = registry.register(
-            session,
-            location=str(target),
-            name=name,
-            options=options,
-            active=active,
-            default=default,
-            created_by=admin.id,
-            licence=licence,
-            shown=repr(path),
-        )
-        session.commit()
+        row = checkpoints.register_path(session, settings.checkpoints, path, options, how)
     return model_out(row)
-
-
-def _stem(filename: str | None) -> str | None:
-    """A registry name from an uploaded file's name, only if it is already a valid one."""
-    if not filename:
-        return None
-    stem = filename.rsplit("/", 1)[-1].rsplit("\\", 1)[-1].rsplit(".", 1)[0]
-    return stem if registry.NAME_RE.match(stem) else None
 
 
 def _set_active(session: SessionDep, name: str, active: bool) -> ModelOut:
@@ -229,7 +167,7 @@ def make_default(name: str, admin: Admin, session: SessionDep) -> ModelOut:
 # ---------------------------------------------------------------- training runs
 
 
-def _training(session: SessionDep, settings: Settings, run: TrainingRun) -> TrainingOut:
+def _training(session: Session, settings: Settings, run: TrainingRun) -> TrainingOut:
     """A run as the API shows it: its dataset, parameters, log and error name the server's
     folders by what they are (``<dataset folder>/cats``), never by their path."""
     name = None
@@ -237,11 +175,6 @@ def _training(session: SessionDep, settings: Settings, run: TrainingRun) -> Trai
         name = session.scalar(select(Checkpoint.name).where(Checkpoint.id == run.checkpoint_id))
     shown = training_out(run, name).model_dump_json()
     return TrainingOut.model_validate_json(hide_folders(shown, settings.private_folders()))
-
-
-def _dataset(settings: Any, spec: str) -> str:
-    """A training dataset: a built-in one, or a folder inside the server's dataset folder."""
-    return registry.dataset(settings.datasets, spec)
 
 
 @router.post(
@@ -294,52 +227,8 @@ def launch_training(
 ) -> TrainingOut:
     """The run reports progress (optimiser steps) on GET /admin/training/{id} and registers the
     resulting checkpoint under ``name`` when it finishes."""
-    from models.training.params import check_training_params
-
-    registry.check_name(body.name)
-    if session.scalar(select(Checkpoint.id).where(Checkpoint.name == body.name)) is not None:
-        raise ServiceError(409, f"a model named {body.name!r} is already registered")
-    dataset = _dataset(settings, body.dataset)
-    params: dict[str, Any] = dict(body.params)
-    val_data = params.pop("val_data", None)  # a dataset like `dataset`, resolved the same way
-    if body.default and not body.activate:
-        raise bad_input("default needs activate: a deactivated model cannot be a default")
-    if body.default and body.kind != "finetune":
-        raise bad_input("default is for fine-tuning runs: a pre-trained model serves no requests")
-    if body.init is not None and body.init != "none":
-        init = session.scalar(select(Checkpoint).where(Checkpoint.name == body.init))
-        if init is None:
-            raise bad_input(f"unknown model {body.init!r} for init")
-    try:
-        check_training_params(body.kind, params, sigma=body.sigma, init=body.init)
-    except ValueError as exc:
-        raise bad_input(str(exc)) from exc
-    if isinstance(val_data, str):
-        params["val_data"] = _dataset(settings, val_data)
-    elif val_data is not None:
-        raise bad_input(f"val_data must be a dataset name like dataset, got {val_data!r}")
-    params["sigma"] = body.sigma
-    if body.init:
-        params["init"] = body.init
-    run = TrainingRun(
-        owner_id=admin.id,
-        kind=body.kind,
-        dataset=dataset,
-        params=params,
-        result_name=body.name,
-        activate=body.activate,
-        make_default=body.default,
-        status=Status.QUEUED.value,
-        progress_done=0,
-        progress_total=0,
-        attempts=0,
-        metrics={},
-    )
-    session.add(run)
-    session.commit()
-    dispatcher.train(run.id)
-    state.mark_enqueued(session, TrainingRun, run.id)
-    session.refresh(run)
+    request = dispatching.Training(**body.model_dump())
+    run = dispatching.launch_training(session, admin, request, settings, dispatcher)
     return _training(session, settings, run)
 
 

@@ -9,12 +9,13 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, params
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
 from app.auth import HEADER, end_session
 from domain.config import Settings
-from domain.dispatch import SentMarks
+from domain.dispatch import Dispatcher, SentMarks
 from domain.errors import bad_input
 
 FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -53,8 +54,9 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
-async def get_dispatcher(request: Request) -> Any:
-    return request.app.state.dispatcher
+async def get_dispatcher(request: Request) -> Dispatcher:
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    return dispatcher
 
 
 async def get_sent_marks(request: Request) -> SentMarks:
@@ -63,13 +65,13 @@ async def get_sent_marks(request: Request) -> SentMarks:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-DispatcherDep = Annotated[Any, Depends(get_dispatcher)]
+DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 SentMarksDep = Annotated[SentMarks, Depends(get_sent_marks)]
 
 MAX_OFFSET = 2**31 - 1  # page offsets beyond any table, and within every database's integers
 
 
-def _form_names(dependant: Any) -> set[str]:
+def _form_names(dependant: Dependant) -> set[str]:
     """The form fields (``Form``, ``File``) a route and its dependencies declare."""
     names = {f.alias for f in dependant.body_params if isinstance(f.field_info, params.Form)}
     for sub in dependant.dependencies:
@@ -77,7 +79,7 @@ def _form_names(dependant: Any) -> set[str]:
     return names
 
 
-def _header_names(dependant: Any) -> set[str]:
+def _header_names(dependant: Dependant) -> set[str]:
     """The headers a route and its dependencies declare (``Header``), lower case."""
     names = {f.alias.lower() for f in dependant.header_params}
     for sub in dependant.dependencies:

@@ -24,11 +24,10 @@ from app.schemas import (
     SkippedFile,
     _iso,
 )
-from domain.errors import BrokerUnavailable, not_found
-from domain.services import evaluations
+from domain.errors import not_found
+from domain.services import dispatching, evaluations
 from domain.services.evaluations import MAX_SELECTION
 from domain.services.submissions import Params
-from domain.store import state
 from domain.store.tables import Evaluation
 
 router = APIRouter(
@@ -162,6 +161,36 @@ def _load(session: SessionDep, client: Client, evaluation_id: str) -> Evaluation
     return evaluation
 
 
+# Form fields of POST /evaluations: their descriptions are its OpenAPI schema's.
+DatasetForm = Annotated[
+    str | None,
+    Form(
+        description="A server-side dataset: digits:test, digits:train, mnist:test, "
+        "mnist:train, or a folder (ImageFolder layout) inside the server's dataset folder. "
+        "Give this or archive.",
+        examples=["digits:test"],
+    ),
+]
+ArchiveFile = Annotated[
+    UploadFile | None,
+    File(
+        description="A zip or tar (.tar, .tar.gz, .tar.bz2, .tar.xz) of an ImageFolder: one "
+        "folder per class, named by the model's class names, images directly inside "
+        "(optionally all under one top folder). Give this or dataset."
+    ),
+]
+SkipInvalidForm = Annotated[
+    bool,
+    Form(
+        description="A file of the set that is not a supported image (not PNG, JPEG or "
+        "WebP by its name or its bytes, damaged, outside the layout) refuses the "
+        "evaluation with 422 naming it; with true it is skipped instead and listed in "
+        "the evaluation's skipped. Hidden and system files (.DS_Store, __MACOSX/, "
+        "Thumbs.db) are always left out."
+    ),
+]
+
+
 @router.post(
     "/evaluations",
     status_code=202,
@@ -202,23 +231,8 @@ def create_evaluation(
     session: SessionDep,
     settings: SettingsDep,
     dispatcher: DispatcherDep,
-    dataset: Annotated[
-        str | None,
-        Form(
-            description="A server-side dataset: digits:test, digits:train, mnist:test, "
-            "mnist:train, or a folder (ImageFolder layout) inside the server's dataset folder. "
-            "Give this or archive.",
-            examples=["digits:test"],
-        ),
-    ] = None,
-    archive: Annotated[
-        UploadFile | None,
-        File(
-            description="A zip or tar (.tar, .tar.gz, .tar.bz2, .tar.xz) of an ImageFolder: one "
-            "folder per class, named by the model's class names, images directly inside "
-            "(optionally all under one top folder). Give this or dataset."
-        ),
-    ] = None,
+    dataset: DatasetForm = None,
+    archive: ArchiveFile = None,
     sigma: Annotated[
         float | None,
         Form(description="Noise level; optional when a model is named.", examples=[0.25]),
@@ -253,16 +267,7 @@ def create_evaluation(
             description="At most this many images (after skip); default all.",
         ),
     ] = None,
-    skip_invalid: Annotated[
-        bool,
-        Form(
-            description="A file of the set that is not a supported image (not PNG, JPEG or "
-            "WebP by its name or its bytes, damaged, outside the layout) refuses the "
-            "evaluation with 422 naming it; with true it is skipped instead and listed in "
-            "the evaluation's skipped. Hidden and system files (.DS_Store, __MACOSX/, "
-            "Thumbs.db) are always left out."
-        ),
-    ] = False,
+    skip_invalid: SkipInvalidForm = False,
 ) -> EvaluationOut:
     """Store the evaluation and queue one job per image, each exactly like `POST /certify` (same
     preprocessing, input identity, derived seed and no-re-roll key): submitting the same
@@ -280,17 +285,7 @@ def create_evaluation(
         archive_name=(archive.filename or "") if archive is not None else "",
         skip_invalid=skip_invalid,
     )
-    evaluation, send = evaluations.submit(session, client, request, settings)
-    sent: list[str] = []
-    try:
-        for job_id in send:
-            dispatcher.certify(job_id)  # BrokerUnavailable: the sweep queues the rest later
-            sent.append(job_id)
-    except BrokerUnavailable as exc:
-        exc.job_id = evaluation.id
-        raise
-    finally:
-        state.mark_enqueued_many(session, sent)
+    evaluation = dispatching.evaluate(session, client, request, settings, dispatcher)
     return evaluation_out(evaluation, evaluations.summarize(session, evaluation))
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import enum
-import hashlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
-from sqlalchemy import bindparam, exists, func, select
+from sqlalchemy import exists, func, select
 
 from app.auth import Client, SessionDep
 from app.errors import error_responses
@@ -15,9 +14,9 @@ from app.routes.deps import MAX_OFFSET, DispatcherDep, SentMarksDep, SessionEndi
 from app.schemas import JobOut, JobPage, Mode, job_out, json_response
 from app.upload_files import read_upload
 from domain import events
-from domain.errors import BrokerUnavailable, ServiceError, not_found
-from domain.services import idempotency
-from domain.services.submissions import Params, submit, upload_record
+from domain.errors import ServiceError, not_found
+from domain.services import dispatching, idempotency
+from domain.services.submissions import Params
 from domain.store import state
 from domain.store.tables import Certificate, EvaluationItem, Job, Status
 
@@ -106,25 +105,70 @@ EXAMPLE_QUEUED = {
 NO_SUCH_JOB = "No such job among yours."
 
 
-# One query, built once: the job and its certificate, if any. Another client's job: not found.
-_JOB_AND_CERTIFICATE = (
-    select(Job, Certificate.body)
-    .outerjoin(Certificate, Certificate.job_id == Job.id)
-    .where(Job.id == bindparam("job_id"), Job.owner_id == bindparam("owner"))
-)
-
-
 def _load(session: SessionDep, client: Client, job_id: str) -> tuple[Job, dict[str, Any] | None]:
-    row = session.execute(_JOB_AND_CERTIFICATE, {"job_id": job_id, "owner": client.id}).first()
-    if row is None:
-        raise not_found(f"job {job_id!r}")
-    return row[0], row[1]
+    return dispatching.owned_job(session, client.id, job_id)
 
 
-def _upload(session: SessionDep, job: Job, sha256: str) -> tuple[str, dict[str, Any]] | None:
-    """The view of ``job`` for the upload whose bytes have ``sha256`` (None: the job's own)."""
-    record = upload_record(session, job, sha256)
-    return (sha256, record) if record is not None else None
+# The form fields and header of POST /certify: their descriptions are its OpenAPI schema's.
+SigmaForm = Annotated[
+    float | None,
+    Form(
+        description="Noise level (L2, in [0,1] pixel units). Picks the active model "
+        "trained for it. Optional when a model is named (then that model's training "
+        "sigma); one of the two is required.",
+        examples=[0.25],
+    ),
+]
+N0Form = Annotated[
+    int | None,
+    Form(
+        description="Selection samples (certify modes: default 100; decide: default "
+        "0, class selection merged into the sequential test)."
+    ),
+]
+NForm = Annotated[
+    int,
+    Form(description="Estimation samples; at least the mode's minimum for alpha (422 gives it)."),
+]
+ModeForm = Annotated[
+    Mode,
+    Form(
+        description="certify (CERTIFY), predict (PREDICT), certify_top2, or decide (is the "
+        "input certified at target_radius? sampled sequentially, n is the cap)."
+    ),
+]
+TargetRadiusForm = Annotated[
+    float | None,
+    Form(
+        description="decide only (required there): the L2 radius to decide about. The job "
+        "stops as soon as an anytime-valid confidence sequence settles it.",
+        examples=[0.25],
+    ),
+]
+TimeBudgetForm = Annotated[
+    float | None,
+    Form(
+        description="certify modes only: stop sampling after this many seconds; a run "
+        "stopped before n takes its radius from the anytime-valid bound (see `bound`).",
+    ),
+]
+SeedForm = Annotated[
+    int | None,
+    Form(
+        description="Noise seed. Default: derived from the preprocessed tensor's hash, the "
+        "model and the parameters, so the same submission is always the same pre-committed "
+        "run."
+    ),
+]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias=idempotency.HEADER,
+        description="Optional client-chosen key (e.g. a UUID) making retries safe: the same "
+        "key and request return the same job; the same key with another request is 422; "
+        "while the first request is in flight, 409.",
+    ),
+]
 
 
 @router.post(
@@ -174,69 +218,16 @@ def certify(
     dispatcher: DispatcherDep,
     sent: SentMarksDep,
     image: Annotated[UploadFile, File(description="PNG, JPEG or WebP image.")],
-    sigma: Annotated[
-        float | None,
-        Form(
-            description="Noise level (L2, in [0,1] pixel units). Picks the active model "
-            "trained for it. Optional when a model is named (then that model's training "
-            "sigma); one of the two is required.",
-            examples=[0.25],
-        ),
-    ] = None,
+    sigma: SigmaForm = None,
     alpha: Annotated[float, Form(description="Failure probability, in [1e-100, 0.5).")] = 0.001,
-    n0: Annotated[
-        int | None,
-        Form(
-            description="Selection samples (certify modes: default 100; decide: default "
-            "0, class selection merged into the sequential test)."
-        ),
-    ] = None,
-    n: Annotated[
-        int,
-        Form(
-            description="Estimation samples; at least the mode's minimum for alpha (422 gives it)."
-        ),
-    ] = 10_000,
-    mode: Annotated[
-        Mode,
-        Form(
-            description="certify (CERTIFY), predict (PREDICT), certify_top2, or decide (is the "
-            "input certified at target_radius? sampled sequentially, n is the cap)."
-        ),
-    ] = "certify",
-    target_radius: Annotated[
-        float | None,
-        Form(
-            description="decide only (required there): the L2 radius to decide about. The job "
-            "stops as soon as an anytime-valid confidence sequence settles it.",
-            examples=[0.25],
-        ),
-    ] = None,
-    time_budget_s: Annotated[
-        float | None,
-        Form(
-            description="certify modes only: stop sampling after this many seconds; a run "
-            "stopped before n takes its radius from the anytime-valid bound (see `bound`).",
-        ),
-    ] = None,
+    n0: N0Form = None,
+    n: NForm = 10_000,
+    mode: ModeForm = "certify",
+    target_radius: TargetRadiusForm = None,
+    time_budget_s: TimeBudgetForm = None,
     model: Annotated[str | None, Form(description="A registered model name.")] = None,
-    seed: Annotated[
-        int | None,
-        Form(
-            description="Noise seed. Default: derived from the preprocessed tensor's hash, the "
-            "model and the parameters, so the same submission is always the same pre-committed "
-            "run."
-        ),
-    ] = None,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            alias=idempotency.HEADER,
-            description="Optional client-chosen key (e.g. a UUID) making retries safe: the same "
-            "key and request return the same job; the same key with another request is 422; "
-            "while the first request is in flight, 409.",
-        ),
-    ] = None,
+    seed: SeedForm = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Queue a PREDICT/CERTIFY job on the uploaded image and answer 202 with its id and URL.
 
@@ -248,51 +239,17 @@ def certify(
     and parameters again returns the stored job (200) instead of drawing new noise.
     """
     data = read_upload(image, settings.max_upload_bytes, "image upload")
-    sha256 = hashlib.sha256(data).hexdigest()
     params = Params(
         mode=mode, sigma=sigma, alpha=alpha, n0=n0, n=n, seed=seed, model=model,
         target_radius=target_radius, time_budget_s=time_budget_s,
     )  # fmt: skip
-
-    def submit_and_send() -> tuple[Job, bool]:
-        """The stored job, and whether it was queued now (False: the identical earlier job)."""
-        job, new = submit(session, client, data, params, settings)
-        if new:
-            try:
-                dispatcher.certify(job.id)  # BrokerUnavailable -> 503; the sweep sends it later
-            except BrokerUnavailable as exc:
-                exc.job_id = job.id
-                raise
-            sent.add(job.id)  # its enqueued_at, written in a batch within 50 ms
-        return job, new
-
-    if idempotency_key is None:
-        job, queued = submit_and_send()
-    else:
-        fp = idempotency.fingerprint(sha256, params)
-        earlier = idempotency.reserve(session, client.id, idempotency_key, fp, settings)
-        if earlier is not None:
-            replayed = {"Idempotent-Replayed": "true"}
-            found, body = _load(session, client, earlier)
-            out = job_out(found, body, _upload(session, found, sha256))
-            return json_response(out, 200, replayed)
-        try:
-            job, queued = submit_and_send()
-        except BrokerUnavailable as exc:  # the job is stored: the key now names it
-            if exc.job_id:
-                idempotency.complete(session, client.id, idempotency_key, exc.job_id)
-            raise
-        except BaseException:  # no job was made: a retry is processed afresh
-            idempotency.release(session, client.id, idempotency_key)
-            raise
-        idempotency.complete(session, client.id, idempotency_key, job.id)
-    # Another upload of the same pixels: the answer shows this upload's own record.
-    upload = _upload(session, job, sha256) if job.input_sha256 != sha256 else None
-    if queued:  # just queued: nothing more to read back
-        return json_response(job_out(job, None, upload), 202)
-    session.refresh(job)
-    body = session.scalar(select(Certificate.body).where(Certificate.job_id == job.id))
-    return json_response(job_out(job, body, upload), 200)
+    done = dispatching.certify(
+        session, client, data, params, settings, dispatcher, sent, idempotency_key
+    )
+    out = job_out(done.job, done.certificate, done.upload)
+    if done.outcome is dispatching.Outcome.REPLAYED:
+        return json_response(out, 200, {"Idempotent-Replayed": "true"})
+    return json_response(out, 202 if done.outcome is dispatching.Outcome.QUEUED else 200)
 
 
 @router.get(
@@ -332,7 +289,7 @@ def get_job(
     job, body = _load(session, client, job_id)
     view = None
     if upload is not None and upload != job.input_sha256:
-        view = _upload(session, job, upload)
+        view = dispatching.upload_view(session, job, upload)
         if view is None:
             raise not_found(f"upload {upload!r} of job {job_id!r}")
     out = job_out(job, body, view)

@@ -12,10 +12,7 @@ from app.errors import error_responses
 from app.routes.deps import DispatcherDep, SessionEndingRoute, SettingsDep
 from app.routes.jobs import EXAMPLE_QUEUED
 from app.schemas import JobOut, job_out
-from domain.errors import BrokerUnavailable
-from domain.services import replays
-from domain.store import state
-from domain.store.tables import Job
+from domain.services import dispatching
 
 router = APIRouter(
     route_class=SessionEndingRoute, tags=["admin"], responses=error_responses(401, 403, 429, 503)
@@ -83,12 +80,4 @@ def replay_job(
     are identical to the certificate's (`identical`) and on which devices both ran (counts are
     reproducible per kind of device). A replay makes no certificate: the original keeps its
     one, and replays do not count in `prior_runs`."""
-    replay = replays.submit_replay(session, admin, job_id, settings)
-    try:
-        dispatcher.certify(replay.id)
-    except BrokerUnavailable as exc:  # stored: the sweep sends it once the broker is back
-        exc.job_id = replay.id
-        raise
-    state.mark_enqueued(session, Job, replay.id)
-    session.refresh(replay)
-    return job_out(replay, None)
+    return job_out(dispatching.replay(session, admin, job_id, settings, dispatcher), None)

@@ -175,8 +175,6 @@ NOT_A_MODE = {
     ("certify", "worker/runner.py"),
     ("certify", "cli/ablation.py"),
     ("predict", "models/evaluate.py"),
-    ("certify", "app/routes/jobs.py"),
-    ("certify", "app/routes/evaluations.py"),
 }
 
 

@@ -29,6 +29,7 @@ from domain.services import dispatching, evaluations
 from domain.services.evaluations import MAX_SELECTION
 from domain.services.submissions import Params
 from domain.store.tables import Evaluation
+from models import modes
 
 router = APIRouter(
     route_class=SessionEndingRoute, tags=["evaluations"], responses=error_responses(401, 429, 503)
@@ -41,7 +42,7 @@ EXAMPLE_EVALUATION: dict[str, Any] = {
     "status": "succeeded",
     "source": "digits:test",
     "archive_sha256": None,
-    "mode": "certify",
+    "mode": modes.DEFAULT,
     "model": "digits-s0.25",
     "sigma": 0.25,
     "alpha": 0.001,
@@ -240,7 +241,7 @@ def create_evaluation(
     model: Annotated[str | None, Form(description="A registered model name.")] = None,
     mode: Annotated[
         Mode, Form(description="certify, certify_top2, predict, or decide (with target_radius).")
-    ] = "certify",
+    ] = modes.DEFAULT,
     alpha: Annotated[float, Form(description="Failure probability, in [1e-100, 0.5).")] = 0.001,
     n0: Annotated[
         int | None,

@@ -19,13 +19,14 @@ from domain.services import dispatching, idempotency
 from domain.services.submissions import Params
 from domain.store import state
 from domain.store.tables import Certificate, EvaluationItem, Job, Status
+from models import modes
 
 router = APIRouter(
     route_class=SessionEndingRoute, tags=["certification"], responses=error_responses(401, 429, 503)
 )
 
 EXAMPLE_CERTIFICATE: dict[str, Any] = {
-    "mode": "certify",
+    "mode": modes.DEFAULT,
     "prediction": 7,
     "label": "7",
     "abstained": False,
@@ -70,7 +71,7 @@ EXAMPLE_JOB: dict[str, Any] = {
     "id": "0b6f3c1e-3f0e-4d53-9f5e-2d0a3b9c7e11",
     "url": "/jobs/0b6f3c1e-3f0e-4d53-9f5e-2d0a3b9c7e11",
     "status": "succeeded",
-    "mode": "certify",
+    "mode": modes.DEFAULT,
     "model": "digits-s0.25",
     "sigma": 0.25,
     "alpha": 0.001,
@@ -222,7 +223,7 @@ def certify(
     alpha: Annotated[float, Form(description="Failure probability, in [1e-100, 0.5).")] = 0.001,
     n0: N0Form = None,
     n: NForm = 10_000,
-    mode: ModeForm = "certify",
+    mode: ModeForm = modes.DEFAULT,
     target_radius: TargetRadiusForm = None,
     time_budget_s: TimeBudgetForm = None,
     model: Annotated[str | None, Form(description="A registered model name.")] = None,

@@ -96,7 +96,8 @@ def render(*extra: CollectorRegistry | Collector) -> bytes:
             )
         return b"".join(parts)
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=folder)
+    collect: Callable[..., object] = MultiProcessCollector  # prometheus_client is untyped
+    collect(registry, path=folder)
     for item in extra:
         if not isinstance(item, CollectorRegistry):  # registries' metrics are in the folder
             registry.register(item)

@@ -41,7 +41,7 @@ from models.sequential import (
     merged_decision,
     merged_sequence,
 )
-from models.sequential import NAME as SEQUENCE  # Certificate.bound of the anytime-valid bound
+from models.sequential import NAME as SEQUENCE_NAME
 
 NOISE_BLOCK = 128
 SPACE = (
@@ -158,6 +158,7 @@ class Mode(enum.StrEnum):
     DECIDE = "decide"
 
 
+SEQUENCE: str = SEQUENCE_NAME  # Certificate.bound of the anytime-valid bound
 CLOPPER_PEARSON = "clopper-pearson"  # Certificate.bound of the fixed-n bound
 
 

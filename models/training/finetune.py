@@ -41,6 +41,7 @@ from models.networks import (
 from models.smoothing import BatchSampler, predict
 from models.training.consistency import DEFAULT_LAMBDA, consistency_loss, default_eta
 from models.training.datasets import (
+    ImageTransform,
     TrainData,
     open_training_data,
     seeded,
@@ -53,6 +54,7 @@ from models.training.loop import (
     LogFn,
     LoopSettings,
     RunOptions,
+    StepFn,
     TrainingRun,
     check_optimisation,
     describe_batch,
@@ -75,6 +77,8 @@ from models.training.schedule import adamw, param_groups, scaled_lr
 HEAD_KEYS = frozenset({"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"})
 NO_PRETRAINING = "none"  # --pretrained none: a randomly initialised encoder of --arch
 SCRATCH_ARCH = "base"
+# (images, labels) -> (mixed images, soft targets), as timm.data.Mixup
+MixupFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 @dataclass
@@ -255,7 +259,12 @@ def random_encoder(
 
 
 def build_classifier(
-    pre: Pretrained, num_classes: int, input_size: int, mean: Any, std: Any, drop_path: float
+    pre: Pretrained,
+    num_classes: int,
+    input_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    drop_path: float,
 ) -> DMAEClassifier:
     """A classifier whose encoder is ``pre``'s; fc_norm fresh, head initialised near zero."""
     model = DMAEClassifier(pre.meta.arch, num_classes, input_size, mean, std, drop_path)
@@ -278,12 +287,14 @@ def noisy_copies(x: Tensor, copies: int, sigma: float, noise: torch.Generator) -
     return xs + sigma * torch.randn(xs.shape, generator=noise, device=xs.device)
 
 
-def make_step(cfg: FinetuneConfig, num_classes: int) -> Callable[..., Any]:
-    mixup = None
+def make_step(cfg: FinetuneConfig, num_classes: int) -> StepFn:
+    """The training step: noisy copies, consistency loss (with mixup/cutmix if set)."""
+    mixup: MixupFn | None = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.data import Mixup
+        from timm.data.mixup import Mixup
 
-        mixup = Mixup(
+        make_mixup: Callable[..., MixupFn] = Mixup  # timm's class is unannotated
+        mixup = make_mixup(
             mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
             switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing,
             num_classes=num_classes,
@@ -307,7 +318,11 @@ def make_step(cfg: FinetuneConfig, num_classes: int) -> Callable[..., Any]:
 
 
 def make_evaluate(
-    cfg: FinetuneConfig, val: TrainData, num_classes: int, device: torch.device, amp: Any
+    cfg: FinetuneConfig,
+    val: TrainData,
+    num_classes: int,
+    device: torch.device,
+    amp: torch.dtype | None,
 ) -> Callable[[nn.Module], dict[str, float]]:
     """Clean / noisy accuracy on ``val`` and smoothed radius-0 accuracy on its first images."""
 
@@ -427,7 +442,7 @@ def _open_data(cfg: FinetuneConfig) -> tuple[Pretrained, TrainData, TrainData]:
     augment = None
     if cfg.augment:
 
-        def augment(size: int, mean: tuple[float, ...]) -> Any:
+        def augment(size: int, mean: tuple[float, ...]) -> ImageTransform:
             return train_transform(size, (0.08, 1.0), mean, cfg.randaug)
 
     data = open_training_data(cfg.data, input_size, augment=augment, num_workers=cfg.num_workers)

@@ -412,7 +412,8 @@ class TrainingRun:
                     f"loss is {value} at step {self.step} (epoch {self.epoch + 1}); stopping. "
                     "Lower the learning rate or use --amp bf16/off."
                 )
-            self.scaler.scale(loss / s.accum_iter).backward()
+            backward: Callable[[], None] = self.scaler.scale(loss / s.accum_iter).backward
+            backward()  # (torch's Tensor.backward is unannotated)
         return value, parts
 
     def _epoch_record(

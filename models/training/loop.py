@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -104,7 +104,21 @@ class RunOptions:
             raise ValueError("--seed, --save-every-steps and --num-workers must be non-negative")
 
 
-def check_optimisation(cfg: Any) -> None:
+class OptimisationSettings(Protocol):
+    """The optimisation fields both stages' configurations have."""
+
+    epochs: int
+    batch_size: int
+    accum_iter: int
+    warmup_epochs: float
+    blr: float
+    lr: float | None
+    min_lr: float
+    weight_decay: float
+    clip_grad: float | None
+
+
+def check_optimisation(cfg: OptimisationSettings) -> None:
     """ValueError for optimisation settings no run can use (both stages have these fields)."""
     for name in ("epochs", "batch_size", "accum_iter"):
         if getattr(cfg, name) < 1:
@@ -479,7 +493,7 @@ def _batch_hint(diffs: list[str]) -> str:
 
 def training_record(
     stage: str,
-    cfg: Any,
+    cfg: RunOptions,
     lr: float,
     run: TrainingRun,
     data: TrainData,

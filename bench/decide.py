@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from torch import Tensor
 from bench.run import describe_device
 from models.evaluate import CERTIFY_N0
 from models.smoothing import Certificate, certify, decide
+
+if TYPE_CHECKING:
+    from worker.engine import Engine
 
 ENGINE_KEY = "bench-decide"
 DECIDE_SEED_OFFSET = 1_000_000
@@ -133,6 +136,133 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+class _Runs:
+    """Certificates of ``xs`` through one engine: fixed-n CERTIFY and DECIDE runs, timed over
+    ``cfg.jobs`` concurrent jobs."""
+
+    def __init__(self, engine: Engine, xs: list[Tensor], cfg: DecideBenchConfig):
+        assert cfg.sigma is not None
+        self.engine, self.xs, self.cfg, self.sigma = engine, xs, cfg, cfg.sigma
+
+    def fixed(self, size: int) -> Callable[[int], Certificate]:
+        """CERTIFY of input i at n = ``size`` (seed i)."""
+        engine, xs, cfg, sigma = self.engine, self.xs, self.cfg, self.sigma
+        return lambda i: certify(
+            engine.sampler(ENGINE_KEY), xs[i], sigma, cfg.n0, size, cfg.alpha, i
+        )
+
+    def decide(
+        self, target: float, cap: int, selection: int | None = None
+    ) -> Callable[[int], Certificate]:
+        """DECIDE of input i at ``target`` with cap ``cap`` (seed 10^6 + i); ``selection``:
+        its selection samples (default ``cfg.decide_n0``)."""
+        engine, xs, cfg, sigma = self.engine, self.xs, self.cfg, self.sigma
+        n0 = cfg.decide_n0 if selection is None else selection
+        return lambda i: decide(
+            engine.sampler(ENGINE_KEY), xs[i], sigma, target, n0, cap, cfg.alpha,
+            DECIDE_SEED_OFFSET + i,
+        )  # fmt: skip
+
+    def timed(self, fn: Callable[[int], Certificate], items: Sequence[int]) -> dict[str, Any]:
+        """The certificates of ``items``, seconds, samples/s, certificates/s, rows/batch."""
+        engine = self.engine
+        before = dict(engine.stats)
+        started = time.perf_counter()
+        certs = _pool(self.cfg.jobs, fn, items)
+        elapsed = time.perf_counter() - started
+        batches = engine.stats["batches"] - before["batches"]
+        rows = engine.stats["rows"] - before["rows"]
+        samples = sum(c.n0 + (c.n_used if c.n_used is not None else c.n) for c in certs)
+        return {
+            "certs": certs,
+            "seconds": elapsed,
+            "samples_per_s": samples / elapsed,
+            "certificates_per_s": len(certs) / elapsed,
+            "rows_per_batch": rows / max(batches, 1),
+        }
+
+
+def _decisions(
+    runs: _Runs, log: Callable[[str], None]
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Part 1: (fixed-n CERTIFY at n, DECIDE summaries at n, DECIDE summaries at big_n)."""
+    cfg, xs = runs.cfg, runs.xs
+    assert cfg.n is not None and cfg.big_count is not None
+    n = cfg.n
+    everything = range(len(xs))
+    log(f"fixed-n CERTIFY, n={n:,}, on {len(xs)} inputs")
+    fixed = runs.timed(runs.fixed(n), everything)
+    decisions = []
+    for target in cfg.targets:
+        log(f"DECIDE at target radius {target:g}, cap n={n:,}")
+        out = runs.timed(runs.decide(target, n), everything)
+        decisions.append(
+            {
+                **decision_summary(out["certs"], fixed["certs"], target, n),
+                "seconds": out["seconds"],
+            }
+        )
+    big = []
+    if cfg.big_count > 0:
+        subset = range(cfg.big_count)
+        log(f"fixed-n CERTIFY and DECIDE at n={cfg.big_n:,} on {cfg.big_count} inputs")
+        big_fixed = runs.timed(runs.fixed(cfg.big_n), subset)["certs"]
+        for target in cfg.targets:
+            out = runs.timed(runs.decide(target, cfg.big_n), subset)
+            big.append(decision_summary(out["certs"], big_fixed, target, cfg.big_n))
+    return fixed, decisions, big
+
+
+def _throughput_rounds(runs: _Runs, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Part 2: per round, DECIDE (merged and with n0 selection) and fixed-n CERTIFY figures."""
+    cfg, xs = runs.cfg, runs.xs
+    assert cfg.n is not None and cfg.fixed_count is not None
+    n, n0 = cfg.n, cfg.n0
+    everything = range(len(xs))
+    rounds = []
+    target = cfg.targets[0]
+    fixed_items = [i % len(xs) for i in range(cfg.fixed_count)]
+    for r in range(cfg.rounds):
+        seq = runs.timed(runs.decide(target, n), everything)
+        fix = runs.timed(runs.fixed(n), fixed_items)
+        staged = runs.timed(runs.decide(target, n, n0), everything)
+        row = {
+            "staged_certificates_per_s": staged["certificates_per_s"],
+            "staged_samples_per_s": staged["samples_per_s"],
+            "decide_samples_per_s": seq["samples_per_s"],
+            "fixed_samples_per_s": fix["samples_per_s"],
+            "decide_certificates_per_s": seq["certificates_per_s"],
+            "fixed_certificates_per_s": fix["certificates_per_s"],
+            "decide_rows_per_batch": seq["rows_per_batch"],
+            "fixed_rows_per_batch": fix["rows_per_batch"],
+        }
+        rounds.append(row)
+        log(
+            f"round {r + 1}/{cfg.rounds}: samples/s decide {seq['samples_per_s']:,.0f} "
+            f"fixed {fix['samples_per_s']:,.0f}; certificates/s decide "
+            f"{seq['certificates_per_s']:.2f} fixed {fix['certificates_per_s']:.3f} "
+            f"decide n0={n0} {staged['certificates_per_s']:.2f}"
+        )
+    return rounds
+
+
+def _ratios(rounds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Median and spread over the rounds of each throughput ratio and certificates/s."""
+    return {
+        "samples_per_s_decide_over_fixed": _spread(
+            [r["decide_samples_per_s"] / r["fixed_samples_per_s"] for r in rounds]
+        ),
+        "certificates_per_s_decide_over_fixed": _spread(
+            [r["decide_certificates_per_s"] / r["fixed_certificates_per_s"] for r in rounds]
+        ),
+        "certificates_per_s_decide_over_staged": _spread(
+            [r["decide_certificates_per_s"] / r["staged_certificates_per_s"] for r in rounds]
+        ),
+        "decide_certificates_per_s": _spread([r["decide_certificates_per_s"] for r in rounds]),
+        "staged_certificates_per_s": _spread([r["staged_certificates_per_s"] for r in rounds]),
+    }
+
+
 def run_decide_benchmark(
     cfg: DecideBenchConfig, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
@@ -151,106 +281,19 @@ def run_decide_benchmark(
     inputs = open_inputs(cfg.input, meta.input_size)
     cfg = cfg.resolved(device, len(inputs), meta.sigma)
     assert cfg.n is not None and cfg.sigma is not None and cfg.max_inputs is not None
-    assert cfg.big_count is not None and cfg.fixed_count is not None
     xs: list[Tensor] = [inputs[i][0] for i in range(cfg.max_inputs)]
     load_before = _loadavg()
     log(f"device {describe_device(device)}; model {model_name}; {len(xs)} inputs of {cfg.input}")
 
     with Engine(device, batch_size=cfg.batch_size) as engine:
         engine.register(ENGINE_KEY, model, meta.num_classes)
-        sigma, n0, alpha, n = cfg.sigma, cfg.n0, cfg.alpha, cfg.n
-
-        def fixed_run(size: int) -> Callable[[int], Certificate]:
-            return lambda i: certify(engine.sampler(ENGINE_KEY), xs[i], sigma, n0, size, alpha, i)
-
-        def decide_run(
-            target: float, cap: int, selection: int = cfg.decide_n0
-        ) -> Callable[[int], Certificate]:
-            return lambda i: decide(
-                engine.sampler(ENGINE_KEY), xs[i], sigma, target, selection, cap, alpha,
-                DECIDE_SEED_OFFSET + i,
-            )  # fmt: skip
-
-        def timed(fn: Callable[[int], Certificate], items: Sequence[int]) -> dict[str, Any]:
-            before = dict(engine.stats)
-            started = time.perf_counter()
-            certs = _pool(cfg.jobs, fn, items)
-            elapsed = time.perf_counter() - started
-            batches = engine.stats["batches"] - before["batches"]
-            rows = engine.stats["rows"] - before["rows"]
-            samples = sum(c.n0 + (c.n_used if c.n_used is not None else c.n) for c in certs)
-            return {
-                "certs": certs,
-                "seconds": elapsed,
-                "samples_per_s": samples / elapsed,
-                "certificates_per_s": len(certs) / elapsed,
-                "rows_per_batch": rows / max(batches, 1),
-            }
-
+        runs = _Runs(engine, xs, cfg)
         log("warming up")
-        timed(fixed_run(min(n, 1000)), range(min(len(xs), cfg.jobs)))
-
-        everything = range(len(xs))
-        log(f"fixed-n CERTIFY, n={n:,}, on {len(xs)} inputs")
-        fixed = timed(fixed_run(n), everything)
-        decisions = []
-        for target in cfg.targets:
-            log(f"DECIDE at target radius {target:g}, cap n={n:,}")
-            out = timed(decide_run(target, n), everything)
-            decisions.append(
-                {
-                    **decision_summary(out["certs"], fixed["certs"], target, n),
-                    "seconds": out["seconds"],
-                }
-            )
-        big = []
-        if cfg.big_count > 0:
-            subset = range(cfg.big_count)
-            log(f"fixed-n CERTIFY and DECIDE at n={cfg.big_n:,} on {cfg.big_count} inputs")
-            big_fixed = timed(fixed_run(cfg.big_n), subset)["certs"]
-            for target in cfg.targets:
-                out = timed(decide_run(target, cfg.big_n), subset)
-                big.append(decision_summary(out["certs"], big_fixed, target, cfg.big_n))
-
-        rounds = []
-        target = cfg.targets[0]
-        fixed_items = [i % len(xs) for i in range(cfg.fixed_count)]
-        for r in range(cfg.rounds):
-            seq = timed(decide_run(target, n), everything)
-            fix = timed(fixed_run(n), fixed_items)
-            staged = timed(decide_run(target, n, n0), everything)
-            row = {
-                "staged_certificates_per_s": staged["certificates_per_s"],
-                "staged_samples_per_s": staged["samples_per_s"],
-                "decide_samples_per_s": seq["samples_per_s"],
-                "fixed_samples_per_s": fix["samples_per_s"],
-                "decide_certificates_per_s": seq["certificates_per_s"],
-                "fixed_certificates_per_s": fix["certificates_per_s"],
-                "decide_rows_per_batch": seq["rows_per_batch"],
-                "fixed_rows_per_batch": fix["rows_per_batch"],
-            }
-            rounds.append(row)
-            log(
-                f"round {r + 1}/{cfg.rounds}: samples/s decide {seq['samples_per_s']:,.0f} "
-                f"fixed {fix['samples_per_s']:,.0f}; certificates/s decide "
-                f"{seq['certificates_per_s']:.2f} fixed {fix['certificates_per_s']:.3f} "
-                f"decide n0={n0} {staged['certificates_per_s']:.2f}"
-            )
+        runs.timed(runs.fixed(min(cfg.n, 1000)), range(min(len(xs), cfg.jobs)))
+        fixed, decisions, big = _decisions(runs, log)
+        rounds = _throughput_rounds(runs, log)
         engine_batch = engine.batch_size(ENGINE_KEY)
 
-    ratios = {
-        "samples_per_s_decide_over_fixed": _spread(
-            [r["decide_samples_per_s"] / r["fixed_samples_per_s"] for r in rounds]
-        ),
-        "certificates_per_s_decide_over_fixed": _spread(
-            [r["decide_certificates_per_s"] / r["fixed_certificates_per_s"] for r in rounds]
-        ),
-        "certificates_per_s_decide_over_staged": _spread(
-            [r["decide_certificates_per_s"] / r["staged_certificates_per_s"] for r in rounds]
-        ),
-        "decide_certificates_per_s": _spread([r["decide_certificates_per_s"] for r in rounds]),
-        "staged_certificates_per_s": _spread([r["staged_certificates_per_s"] for r in rounds]),
-    }
     return {
         "device": describe_device(device),
         "device_type": device.type,
@@ -268,7 +311,7 @@ def run_decide_benchmark(
         "decisions": decisions,
         "big_n": big,
         "rounds": rounds,
-        "ratios": ratios,
+        "ratios": _ratios(rounds),
     }
 
 

@@ -25,12 +25,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from bench.reference import REFERENCE_BATCH, reference_counts
+
+if TYPE_CHECKING:
+    from worker.engine import Engine
 
 PRESET_MODELS = {  # name -> (architecture preset, classes, input size): random weights
     "tiny": ("tiny", 10, 8),
@@ -302,7 +305,7 @@ class ServiceCase:
         }
 
 
-def _engine(cfg: BenchConfig, device: torch.device) -> Any:
+def _engine(cfg: BenchConfig, device: torch.device) -> Engine:
     from worker.engine import Engine
 
     autocast: Any = {"auto": "auto", "fp32": None, "bf16": torch.bfloat16}[cfg.dtype]
@@ -327,8 +330,6 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
     x = bench_input(bm.input_size)
     log(f"device {describe_device(device)}; model {bm.description}")
 
-    rounds: list[dict[str, float]] = []
-    services: list[dict[str, Any]] = []
     with _engine(cfg, device) as engine, ServiceCase(bm, x, cfg, device) as service_case:
         engine.register(ENGINE_KEY, bm.module, bm.num_classes)
         small = {"n": min(cfg.n, 400), "reference_n": min(cfg.reference_n or 1, 400)}
@@ -338,31 +339,10 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         case_engine(engine, x, warm)
         if service_case.note:
             log(f"service case {service_case.note}")
-        for r in range(cfg.rounds):
-            row = {
-                "reference": case_reference(bm, x, cfg, device),
-                "engine": case_engine(engine, x, cfg, seed=r),
-                "engine_concurrent": case_concurrent(engine, x, cfg),
-            }
-            services.append(service_case.measure())
-            if services[-1].get("samples_per_s"):
-                row["service"] = services[-1]["samples_per_s"]
-            rounds.append(row)
-            note = services[-1].get("note")
-            log(
-                f"round {r + 1}/{cfg.rounds}: "
-                + ", ".join(f"{k} {v:,.0f}" for k, v in row.items())
-                + (f"; service {note}" if note and not service_case.note else "")
-            )
+        rounds, services = _rounds(engine, service_case, bm, x, cfg, device, log)
         engine_batch = engine.batch_size(ENGINE_KEY)
         engine_stats = dict(engine.stats)
-
-    best = {k: max(r[k] for r in rounds) for k in ("reference", "engine", "engine_concurrent")}
-    measured = [s for s in services if s.get("samples_per_s")]
-    service = max(measured, key=lambda s: s["samples_per_s"]) if measured else services[-1]
-    rates: dict[str, float | None] = {**best, "service": service.get("samples_per_s")}
-    dtype = {"auto": "bf16 autocast" if device.type == "cuda" else "fp32"}.get(cfg.dtype, cfg.dtype)
-    return {
+    result = {
         "device": describe_device(device),
         "device_type": device.type,
         "model": bm.name,
@@ -370,6 +350,59 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
         "load_average_before_after": [load_before, _loadavg()],
+    }
+    return {
+        **result,
+        **_rates(cfg, rounds, services),
+        "settings": _settings(cfg, device, engine_batch),
+        "engine_stats": engine_stats,
+        "rounds": rounds,
+        "service_rounds": services,
+    }
+
+
+def _rounds(
+    engine: Engine,
+    service_case: ServiceCase,
+    bm: BenchModel,
+    x: Tensor,
+    cfg: BenchConfig,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> tuple[list[dict[str, float]], list[dict[str, Any]]]:
+    """``cfg.rounds`` interleaved rounds of every case: (samples/s per case, service records)."""
+    assert cfg.rounds is not None
+    rounds: list[dict[str, float]] = []
+    services: list[dict[str, Any]] = []
+    for r in range(cfg.rounds):
+        row = {
+            "reference": case_reference(bm, x, cfg, device),
+            "engine": case_engine(engine, x, cfg, seed=r),
+            "engine_concurrent": case_concurrent(engine, x, cfg),
+        }
+        services.append(service_case.measure())
+        if services[-1].get("samples_per_s"):
+            row["service"] = services[-1]["samples_per_s"]
+        rounds.append(row)
+        note = services[-1].get("note")
+        log(
+            f"round {r + 1}/{cfg.rounds}: "
+            + ", ".join(f"{k} {v:,.0f}" for k, v in row.items())
+            + (f"; service {note}" if note and not service_case.note else "")
+        )
+    return rounds, services
+
+
+def _rates(
+    cfg: BenchConfig, rounds: list[dict[str, float]], services: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Each case's best rate, the service's best round, the ratios (of the best rates and per
+    round) and the seconds per certificate at each of CERT_SIZES."""
+    best = {k: max(r[k] for r in rounds) for k in ("reference", "engine", "engine_concurrent")}
+    measured = [s for s in services if s.get("samples_per_s")]
+    service = max(measured, key=lambda s: s["samples_per_s"]) if measured else services[-1]
+    rates: dict[str, float | None] = {**best, "service": service.get("samples_per_s")}
+    return {
         "reference_samples_per_s": rates["reference"],
         "engine_samples_per_s": rates["engine"],
         "engine_concurrent_samples_per_s": rates["engine_concurrent"],
@@ -390,26 +423,28 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
             case: {str(n): (cfg.n0 + n) / rate if rate else None for n in CERT_SIZES}
             for case, rate in rates.items()
         },
-        "settings": {
-            "n": cfg.n,
-            "n0": cfg.n0,
-            "jobs": cfg.jobs,
-            "job_n": cfg.job_n,
-            "reference_n": cfg.reference_n,
-            "reference_batch": REFERENCE_BATCH,
-            "engine_batch": engine_batch,
-            "engine_dtype": dtype,
-            "compile": cfg.compile,
-            "compile_mode": cfg.compile_mode,
-            "sigma": cfg.sigma,
-            "alpha": cfg.alpha,
-            "rounds": cfg.rounds,
-            "service_n": cfg.service_n,
-        },  # fmt: skip
-        "engine_stats": engine_stats,
-        "rounds": rounds,
-        "service_rounds": services,
     }
+
+
+def _settings(cfg: BenchConfig, device: torch.device, engine_batch: int | None) -> dict[str, Any]:
+    """The resolved settings the result records."""
+    dtype = {"auto": "bf16 autocast" if device.type == "cuda" else "fp32"}.get(cfg.dtype, cfg.dtype)
+    return {
+        "n": cfg.n,
+        "n0": cfg.n0,
+        "jobs": cfg.jobs,
+        "job_n": cfg.job_n,
+        "reference_n": cfg.reference_n,
+        "reference_batch": REFERENCE_BATCH,
+        "engine_batch": engine_batch,
+        "engine_dtype": dtype,
+        "compile": cfg.compile,
+        "compile_mode": cfg.compile_mode,
+        "sigma": cfg.sigma,
+        "alpha": cfg.alpha,
+        "rounds": cfg.rounds,
+        "service_n": cfg.service_n,
+    }  # fmt: skip
 
 
 def _loadavg() -> float | None:

@@ -22,6 +22,16 @@ def register(sub: Any) -> None:
             "on an input set (n_used, agreement, samples/s and certificates/s)."
         ),
     )
+    _model_options(p)
+    _sampling_options(p)
+    _engine_options(p)
+    _service_options(p)
+    _decide_options(p)
+    p.set_defaults(func=run)
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """Where and on what the benchmark runs."""
     p.add_argument(
         "--device", default="auto", help="auto (default: CUDA if available), cpu, cuda or cuda:N"
     )
@@ -31,6 +41,10 @@ def register(sub: Any) -> None:
         help="bundled model name or checkpoint path, or a random-weight preset: tiny, vit-b16, "
         "vit-l16 (default: the bundled digits-s0.25 if present, else tiny)",
     )
+
+
+def _sampling_options(p: argparse.ArgumentParser) -> None:
+    """Sample counts, jobs, noise level and rounds of the cases (a) to (c)."""
     p.add_argument("--n", type=int, default=None, help="n of the one-job case (CPU 10000, GPU 1e5)")
     p.add_argument(
         "--n0", type=int, default=100, help="selection samples per certificate (default 100)"
@@ -53,6 +67,10 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    """The engine's batch, precision and compilation."""
     p.add_argument("--batch-size", type=int, default=None, help="engine batch (default: auto)")
     p.add_argument(
         "--dtype",
@@ -66,6 +84,10 @@ def register(sub: Any) -> None:
         default=None,
         help="torch.compile mode, e.g. max-autotune-no-cudagraphs, reduce-overhead",
     )
+
+
+def _service_options(p: argparse.ArgumentParser) -> None:
+    """Case (d), the HTTP service; CPU threads and the JSON output."""
     p.add_argument(
         "--service",
         choices=("auto", "off"),
@@ -78,6 +100,10 @@ def register(sub: Any) -> None:
     p.add_argument("--service-n", type=int, default=None, help="n of the service's job (def. --n)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
+
+
+def _decide_options(p: argparse.ArgumentParser) -> None:
+    """The --decide group: sequential DECIDE against fixed-n CERTIFY."""
     d = p.add_argument_group("--decide: sequential decisions against fixed-n CERTIFY")
     d.add_argument(
         "--decide",
@@ -112,7 +138,6 @@ def register(sub: Any) -> None:
         default=None,
         help="fixed-n certificates per throughput round (default: --jobs)",
     )
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -84,7 +84,14 @@ def _shape_options(p: argparse.ArgumentParser, heads: bool = True) -> None:
 def register(sub: Any) -> None:
     train = sub.add_parser("train", help="pre-train a DMAE or fine-tune a smoothing classifier")
     stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    _add_pretrain(stages)
+    _add_finetune(stages)
+    _add_compare(stages)
+    _add_ablation(stages)
 
+
+def _add_pretrain(stages: Any) -> None:
+    """``train pretrain``: run options, preset and shape, noise/masking, schedule."""
     pre = stages.add_parser(
         "pretrain",
         help="DMAE pre-training: noise + masking, clean target over all patches "
@@ -116,6 +123,9 @@ def register(sub: Any) -> None:
     pre.add_argument("--min-lr", type=float, default=0.0)
     pre.set_defaults(func=run_pretrain)
 
+
+def _add_finetune(stages: Any) -> None:
+    """``train finetune``: run options, encoder, schedule, loss, augmentation, evaluation."""
     ft = stages.add_parser(
         "finetune",
         help="fine-tune a classifier under Gaussian noise with consistency loss",
@@ -125,6 +135,16 @@ def register(sub: Any) -> None:
         "noisy inputs, Cohen et al. (2019)'s Gaussian augmentation.",
     )
     _run_options(ft)
+    _finetune_encoder_options(ft)
+    _finetune_schedule_options(ft)
+    _finetune_loss_options(ft)
+    _finetune_augment_options(ft)
+    _finetune_eval_options(ft)
+    ft.set_defaults(func=run_finetune)
+
+
+def _finetune_encoder_options(ft: argparse.ArgumentParser) -> None:
+    """The encoder to start from, its shape, the noise level and the held-out data."""
     ft.add_argument(
         "--pretrained",
         required=True,
@@ -148,12 +168,20 @@ def register(sub: Any) -> None:
         default=None,
         help="attention heads: of the --pretrained none encoder, or of an official file",
     )
+
+
+def _finetune_schedule_options(ft: argparse.ArgumentParser) -> None:
+    """Epochs, learning-rate schedule and regularisation."""
     ft.add_argument("--epochs", type=int, default=100)
     ft.add_argument("--warmup-epochs", type=float, default=5)
     ft.add_argument("--blr", type=float, default=5e-4, help="base lr (x batch/256)")
     ft.add_argument("--min-lr", type=float, default=1e-6)
     ft.add_argument("--layer-decay", type=float, default=0.65)
     ft.add_argument("--drop-path", type=float, default=0.1)
+
+
+def _finetune_loss_options(ft: argparse.ArgumentParser) -> None:
+    """The consistency loss: label smoothing, noisy copies, KL and entropy weights."""
     ft.add_argument("--label-smoothing", type=float, default=0.1)
     ft.add_argument("--copies", type=int, default=2, help="noisy copies per image (m)")
     ft.add_argument("--lbd", type=float, default=2.0, help="consistency KL weight (lambda)")
@@ -163,6 +191,10 @@ def register(sub: Any) -> None:
         default=None,
         help="entropy weight (default 0.5 for sigma <= 0.5, else 0.1)",
     )
+
+
+def _finetune_augment_options(ft: argparse.ArgumentParser) -> None:
+    """Mixup, cutmix and RandAugment."""
     ft.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     ft.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
     ft.add_argument("--mixup-prob", type=float, default=1.0)
@@ -172,6 +204,10 @@ def register(sub: Any) -> None:
         default=None,
         help="timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1 (ImageFolder)",
     )
+
+
+def _finetune_eval_options(ft: argparse.ArgumentParser) -> None:
+    """The smoothed accuracy on held-out images after each (or every N-th) epoch."""
     ft.add_argument(
         "--eval-images",
         type=int,
@@ -182,8 +218,10 @@ def register(sub: Any) -> None:
     ft.add_argument("--eval-alpha", type=float, default=0.001)
     ft.add_argument("--eval-batch", type=int, default=1000)
     ft.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and last)")
-    ft.set_defaults(func=run_finetune)
 
+
+def _add_compare(stages: Any) -> None:
+    """``train compare``: a reproduced checkpoint against a reference one."""
     cmp = stages.add_parser(
         "compare",
         help="compare a reproduced checkpoint with a reference one (recipe, weights, metrics)",
@@ -198,6 +236,9 @@ def register(sub: Any) -> None:
     cmp.add_argument("reference", help="the reference checkpoint: a file or a bundled name")
     cmp.set_defaults(func=run_compare)
 
+
+def _add_ablation(stages: Any) -> None:
+    """``train ablation``: its options live in cli.ablation."""
     from cli import ablation
 
     abl = stages.add_parser(

@@ -8,7 +8,7 @@ dataset's own index order). Anything else gets its indices as names. ``source`` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -28,10 +28,11 @@ INDEX_SOURCE = "class indices: the file stores no class names"
 @lru_cache(maxsize=1)
 def imagenet_info() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(descriptions, WordNet ids) of the 1000 ImageNet-1k classes, in index order."""
-    from timm.data import ImageNetInfo
+    from timm.data.imagenet_info import ImageNetInfo
 
     info = ImageNetInfo()
-    count = info.num_classes()
+    num_classes: Callable[[], int] = info.num_classes  # timm's method is unannotated
+    count = num_classes()
     return (
         tuple(info.index_to_description(i) for i in range(count)),
         tuple(info.index_to_label_name(i) for i in range(count)),

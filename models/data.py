@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from models.images import Preprocessed, read_image
 from models.images import load_image as load_image
 from models.images import preprocess as preprocess
 from models.images import preprocess_image as preprocess_image
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Entries of a folder or archive that are no part of a test set, left out without a word:
@@ -119,7 +122,7 @@ class DatasetError(ValueError):
     """A built-in dataset cannot be read or is not the documented one."""
 
 
-def _mnist_file() -> Any:
+def _mnist_file() -> Traversable:
     try:
         from importlib.resources import files
 

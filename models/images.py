@@ -45,12 +45,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from PIL.ImageCms import ImageCmsProfile
+
+T = TypeVar("T")
 
 ALPHA_BACKGROUND = (255, 255, 255)
 ALPHA_POLICY = "composite on white"
@@ -273,7 +278,7 @@ def _gamma_to_srgb(gamma: float, unit: np.ndarray) -> np.ndarray:
     return _srgb_encode(light).astype(np.float32)
 
 
-def _icc_name(profile: Any) -> str:
+def _icc_name(profile: ImageCmsProfile) -> str:
     from PIL import ImageCms
 
     try:
@@ -288,7 +293,7 @@ ICC_SPACES = {"RGB": ("P", "PA", "RGB", "RGBA", "RGBa", "RGBX"), "GRAY": GREY, "
 SRGB_PROBE_LEVELS = np.unique(np.r_[np.arange(0, 256, 15), 255]).astype(np.uint8)
 
 
-def _acts_as_srgb(profile: Any, space: str) -> bool:
+def _acts_as_srgb(profile: ImageCmsProfile, space: str) -> bool:
     """Whether converting from ``profile`` to sRGB (relative colorimetric) moves no 8-bit value
     by more than 1 level: a grid of 18^3 colours (RGB) or every grey level (GRAY) is converted
     and compared. Decided by what the profile does, not by its name: a "Linear sRGB" profile
@@ -581,7 +586,7 @@ def _displayed(img: Image.Image, steps: list[str], warnings: list[str]) -> Image
     return _eight_bit(img, steps, warnings, transfer)
 
 
-def _converted(img: Image.Image, convert: Any) -> Any:
+def _converted(img: Image.Image, convert: Callable[[Image.Image], T]) -> T:
     """Run ``convert`` on ``img``, turning decoder errors into :class:`ImageError`."""
     try:
         return convert(img)
@@ -627,7 +632,7 @@ def preprocess(img: Image.Image, input_size: int) -> Tensor:
     return preprocess_image(img, input_size).tensor
 
 
-def open_file(path: str | Path, convert: Any) -> Any:
+def open_file(path: str | Path, convert: Callable[[Image.Image], T]) -> T:
     """``convert(image)`` on an image file; :class:`ImageError` naming the file if unreadable."""
     name = Path(path).name
     try:

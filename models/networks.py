@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed
+from timm.layers.patch_embed import PatchEmbed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -336,7 +336,8 @@ class DenoisingMaskedAutoencoderViT(nn.Module):
         x = torch.cat([x[:, :1, :], tokens], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+        pred: Tensor = self.decoder_pred(self.decoder_norm(x))
+        return pred[:, 1:, :]
 
     def loss(self, clean: Tensor, pred: Tensor, mask: Tensor | None = None) -> Tensor:
         """MSE against the per-patch normalised clean target (``norm_pix_loss``).

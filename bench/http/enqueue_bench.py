@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -376,7 +377,8 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise SystemExit(f"server not ready: {url}")
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line: load shape, servers, PostgreSQL/Redis, comparison and client."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -424,6 +426,12 @@ def main() -> int:
         "httpx (Python asyncio); wrk when installed",
     )
     p.add_argument("--seconds", type=float, default=8.0, help="wrk: seconds per measurement")
+    return p
+
+
+def parse_args() -> argparse.Namespace:
+    """The arguments; exits (status 2) when --against names no checkout with our migrations."""
+    p = parser()
     args = p.parse_args()
     if args.against:
         if not (Path(args.against) / "app" / "main.py").is_file():
@@ -435,14 +443,19 @@ def main() -> int:
                 f"{ours}; both services share one database, so compare commits with the same "
                 "migrations"
             )
+    return args
 
+
+def create_database(args: argparse.Namespace, floor_workers: int) -> tuple[str, str]:
+    """Create a throw-away database on ``--database``'s server, warning when the servers may
+    open more connections than it has left; returns (admin URL, database name)."""
     import psycopg
     from sqlalchemy.engine import make_url
 
-    floor_workers = args.workers if args.floor_workers is None else args.floor_workers
     admin = make_url(args.database).set(drivername="postgresql")
+    admin_url = admin.render_as_string(hide_password=False)
     name = f"dmae_enqueue_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
         threads = int(os.environ.get("DMAE_API_THREADS", "40"))
         needed = connections_needed(args.workers, floor_workers, threads, bool(args.against))
@@ -457,10 +470,13 @@ def main() -> int:
         in_use = scalar("SELECT count(*) FROM pg_stat_activity")
         if warning := connection_warning(needed, max_connections, reserved, in_use):
             print(warning, file=sys.stderr)
-    url = make_url(args.database).set(database=name).render_as_string(hide_password=False)
-    data = Path(tempfile.mkdtemp(prefix="dmae-enqueue-"))
-    queue = f"enqueue-{uuid.uuid4().hex[:8]}"
-    env = {
+    return admin_url, name
+
+
+def server_env(args: argparse.Namespace, data: Path, url: str, queue: str) -> dict[str, str]:
+    """The environment of both servers: the throw-away database and queue, no admission or
+    rate limit ever reached."""
+    return {
         **os.environ,
         "DMAE_DATA_DIR": str(data),
         "DMAE_DATABASE_URL": url,
@@ -473,140 +489,232 @@ def main() -> int:
         "DMAE_MAX_ACTIVE_JOBS": str(10**9),
         "DMAE_RATE_LIMIT_REQUESTS": "10000000",  # still counted per request, never reached
     }
+
+
+@dataclass
+class Servers:
+    """The two cases' servers once ready: ``service`` and ``floor`` (the floor app, or with
+    --against the other checkout's service, labelled ``other``)."""
+
+    procs: list[subprocess.Popen[bytes]]  # service first, then floor
+    ports: dict[str, int]
+    serves: dict[str, bool]  # answers POST /certify, GET /jobs/{id} (else the floor's paths)
+    other: str  # "floor" or "baseline"
+
+
+def start_servers(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    data: Path,
+    floor_workers: int,
+    procs: list[subprocess.Popen[bytes]],
+) -> Servers:
+    """Start both servers (appending each to ``procs`` at once, for the caller to stop) and
+    wait until each answers; logs go to DATA/CASE.log."""
+    service_port, floor_port = free_port(), free_port()
+    # The second case ("floor" in the JSON): the floor app, or the other checkout's service
+    # (its code first on the import path; the CLI entry point is this one's).
+    other = "baseline" if args.against else "floor"
+    serves = {"service": True, "floor": bool(args.against)}  # POST /certify, GET /jobs/{id}
+    serve = [CLI, "serve", "--log-level", "warning"]
+    commands = {
+        "service": serve + ["--port", str(service_port)]
+        + (["--workers", str(args.workers)] if args.workers > 1 else []),
+        "floor": (serve + ["--port", str(floor_port)] if args.against else [
+            sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT),
+            "bench.http.enqueue_floor:app", "--port", str(floor_port), "--log-level", "warning",
+        ]) + (["--workers", str(floor_workers)] if floor_workers > 1 else []),
+    }  # fmt: skip
+    envs = {"service": env, "floor": env}
+    if args.against:
+        path_to = str(Path(args.against).resolve())
+        envs["floor"] = {**env, "PYTHONPATH": os.pathsep.join(
+            [path_to] + [x for x in [env.get("PYTHONPATH")] if x])}  # fmt: skip
+    ports = {"service": service_port, "floor": floor_port}
+    for case, cmd in commands.items():
+        log = data / f"{case}.log"
+        procs.append(
+            subprocess.Popen(cmd, env=envs[case], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        )
+        ready = "/readyz" if serves[case] else "/floor/none"
+        wait_ready(f"http://127.0.0.1:{ports[case]}{ready}", procs[-1], log)
+    return Servers(procs, ports, serves, other)
+
+
+def start_profiler(profile: str, pid: int) -> subprocess.Popen[bytes]:
+    """py-spy sampling ``pid`` (and its children) while the service serves; it writes
+    ``profile`` on SIGINT."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw"]
+        + ["--subprocesses", "--gil", "-r", "200", "-o", profile]
+        + ["--pid", str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def run_rounds(
+    args: argparse.Namespace,
+    servers: Servers,
+    owners: dict[int, str],
+    url: str,
+    data: Path,
+    floor_workers: int,
+) -> dict[str, list[dict[str, Any]]]:
+    """``--rounds`` rounds of both cases, in alternating order; each case's figures per round."""
+    distinct = list(owners.values())
+    keys = [distinct[i % len(distinct)] for i in range(args.clients)]
+    total = args.clients * args.per_client
+    per_case = int(args.seconds * 800) if args.client == "wrk" else total  # > any rate
+    pngs = distinct_pngs(per_case * args.rounds * 2)
+    seen: set[str] = set()
+    results: dict[str, list[dict[str, Any]]] = {"service": [], "floor": []}
+    what = (
+        f"wrk, {args.clients} connections, {args.seconds:g} s of distinct uploads then "
+        "as long polling the jobs they made"
+        if args.client == "wrk"
+        else f"httpx, {args.clients} clients x {args.per_client} uploads, {args.polls} polls each"
+    )
+    print(
+        f"{what}; serve --workers {args.workers}, {servers.other} --workers {floor_workers}"
+        + (f" (checkout {args.against})" if args.against else "")
+        + "; Postgres + Redis, no worker consuming"
+    )
+    batch = 0
+    for r in range(args.rounds):
+        order = ["floor", "service"] if r % 2 == 0 else ["service", "floor"]
+        for case in order:
+            mine = pngs[batch * per_case : (batch + 1) * per_case]
+            batch += 1
+            base = f"http://127.0.0.1:{servers.ports[case]}"
+            path = "/certify" if servers.serves[case] else "/floor"
+            form = {"sigma": "0.25", "n": "1000"} if servers.serves[case] else {}
+            if args.client == "wrk":
+                pid = servers.procs[0 if case == "service" else 1].pid
+                out = wrk_round(case, base, path, mine, form, distinct, owners, url, seen,
+                                args, data, pid)  # fmt: skip
+            else:
+                per = [mine[c :: args.clients] for c in range(args.clients)]
+                out = asyncio.run(load(base, path, keys, per, form, args.polls))
+            results[case].append(out)
+            if servers.serves[case]:
+                out["drained"] = drain(url)
+            print_round(r, case if case == "service" else servers.other, out)
+    return results
+
+
+def print_round(r: int, label: str, out: dict[str, Any]) -> None:
+    """One case's line of round ``r`` (0-based): requests/s, latencies (ms), CPU with wrk."""
+    print(
+        f"round {r + 1} {label:8s}: POST {out['post_rps']:6.1f} req/s p50 "
+        f"{out['post_p50'] * 1e3:6.1f} p95 {out['post_p95'] * 1e3:6.1f} p99 "
+        f"{out['post_p99'] * 1e3:6.1f} ms | GET {out['get_rps']:6.1f} req/s p99 "
+        f"{out['get_p99'] * 1e3:6.1f} ms | errors {out['errors'] or 'none'}"
+    )
+    if "post_cpu_server" in out:
+        print(
+            "  CPU ms per request: POST server {:.2f} + postgres {:.2f}, GET server "
+            "{:.2f} + postgres {:.2f}".format(
+                *(1e3 * out[f"{m}_cpu_{w}"] for m in ("post", "get")
+                  for w in ("server", "postgres"))
+            )
+        )  # fmt: skip
+
+
+def summarise(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Service/other ratios of requests/s (median, min, max over rounds) and each case's
+    medians over rounds."""
+    summary: dict[str, Any] = {
+        "clients": args.clients,
+        "per_client": args.per_client,
+        "against": args.against or "floor",
+    }
+    for what in ("post_rps", "get_rps"):
+        ratios = [
+            s[what] / f[what] for s, f in zip(results["service"], results["floor"], strict=True)
+        ]
+        summary[f"{what}_ratio"] = {
+            "median": statistics.median(ratios),
+            "min": min(ratios),
+            "max": max(ratios),
+        }
+    for case in ("service", "floor"):
+        for what in ("post_rps", "post_p99", "get_rps", "get_p99", "post_cpu_server",
+                     "get_cpu_server"):  # fmt: skip
+            if all(what in x for x in results[case]):  # CPU: measured with wrk only
+                summary[f"{case}_{what}"] = statistics.median(x[what] for x in results[case])
+    return summary
+
+
+def print_summary(summary: dict[str, Any], other: str) -> None:
+    """The ratios, the service's p99 latencies and (with wrk) the server CPU per request."""
+    post, get = summary["post_rps_ratio"], summary["get_rps_ratio"]
+    print(
+        f"service/{other} requests/s: "
+        f"POST median {post['median']:.2f} (range {post['min']:.2f}-{post['max']:.2f}); "
+        f"GET median {get['median']:.2f} (range {get['min']:.2f}-{get['max']:.2f})"
+    )
+    print(
+        f"service POST p99 {summary['service_post_p99'] * 1e3:.0f} ms (median of rounds), "
+        f"GET p99 {summary['service_get_p99'] * 1e3:.0f} ms"
+    )
+    if "service_post_cpu_server" in summary:
+        print(
+            "server CPU ms per request (median of rounds): service POST {:.2f} GET {:.2f}; "
+            f"{other} "
+            "POST {:.2f} GET {:.2f}".format(
+                *(1e3 * summary[f"{c}_{m}_cpu_server"] for c in ("service", "floor")
+                  for m in ("post", "get"))
+            )
+        )  # fmt: skip
+
+
+def clean_up(
+    procs: list[subprocess.Popen[bytes]],
+    broker: str,
+    queue: str,
+    admin_url: str,
+    name: str,
+    data: Path,
+) -> None:
+    """Stop the servers, delete the queue's Redis keys, drop the database and DATA."""
+    import psycopg
+    import redis
+
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    client = redis.Redis.from_url(broker)
+    for k in client.scan_iter(f"*{queue}*"):
+        client.delete(k)
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    shutil.rmtree(data, ignore_errors=True)
+
+
+def main() -> int:
+    args = parse_args()
+    from sqlalchemy.engine import make_url
+
+    floor_workers = args.workers if args.floor_workers is None else args.floor_workers
+    admin_url, name = create_database(args, floor_workers)
+    url = make_url(args.database).set(database=name).render_as_string(hide_password=False)
+    data = Path(tempfile.mkdtemp(prefix="dmae-enqueue-"))
+    queue = f"enqueue-{uuid.uuid4().hex[:8]}"
+    env = server_env(args, data, url, queue)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         subprocess.run([CLI, "db", "upgrade"], env=env, check=True, capture_output=True)
         owners = make_keys(url, args.keys or args.clients)
-        distinct = list(owners.values())
-        keys = [distinct[i % len(distinct)] for i in range(args.clients)]
-        service_port, floor_port = free_port(), free_port()
-        # The second case ("floor" in the JSON): the floor app, or the other checkout's service
-        # (its code first on the import path; the CLI entry point is this one's).
-        other = "baseline" if args.against else "floor"
-        serves = {"service": True, "floor": bool(args.against)}  # POST /certify, GET /jobs/{id}
-        serve = [CLI, "serve", "--log-level", "warning"]
-        commands = {
-            "service": serve + ["--port", str(service_port)]
-            + (["--workers", str(args.workers)] if args.workers > 1 else []),
-            "floor": (serve + ["--port", str(floor_port)] if args.against else [
-                sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT),
-                "bench.http.enqueue_floor:app", "--port", str(floor_port), "--log-level", "warning",
-            ]) + (["--workers", str(floor_workers)] if floor_workers > 1 else []),
-        }  # fmt: skip
-        envs = {"service": env, "floor": env}
-        if args.against:
-            path_to = str(Path(args.against).resolve())
-            envs["floor"] = {**env, "PYTHONPATH": os.pathsep.join(
-                [path_to] + [x for x in [env.get("PYTHONPATH")] if x])}  # fmt: skip
-        for case, cmd in commands.items():
-            log = data / f"{case}.log"
-            procs.append(
-                subprocess.Popen(
-                    cmd, env=envs[case], stdout=log.open("wb"), stderr=subprocess.STDOUT
-                )
-            )
-            port = service_port if case == "service" else floor_port
-            ready = "/readyz" if serves[case] else "/floor/none"
-            wait_ready(f"http://127.0.0.1:{port}{ready}", procs[-1], log)
-        spy = None
-        if args.profile:  # sampled while the service serves; py-spy writes its file on SIGINT
-            spy = subprocess.Popen(
-                [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw"]
-                + ["--subprocesses", "--gil", "-r", "200", "-o", args.profile]
-                + ["--pid", str(procs[0].pid)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-
-        total = args.clients * args.per_client
-        per_case = int(args.seconds * 800) if args.client == "wrk" else total  # > any rate
-        pngs = distinct_pngs(per_case * args.rounds * 2)
-        seen: set[str] = set()
-        results: dict[str, list[dict[str, Any]]] = {"service": [], "floor": []}
-        what = (
-            f"wrk, {args.clients} connections, {args.seconds:g} s of distinct uploads then "
-            "as long polling the jobs they made"
-            if args.client == "wrk"
-            else f"httpx, {args.clients} clients x {args.per_client} uploads, "
-            f"{args.polls} polls each"
-        )
-        print(
-            f"{what}; serve --workers {args.workers}, {other} --workers {floor_workers}"
-            + (f" (checkout {args.against})" if args.against else "")
-            + "; Postgres + Redis, no worker consuming"
-        )
-        batch = 0
-        for r in range(args.rounds):
-            order = ["floor", "service"] if r % 2 == 0 else ["service", "floor"]
-            for case in order:
-                mine = pngs[batch * per_case : (batch + 1) * per_case]
-                batch += 1
-                base = f"http://127.0.0.1:{service_port if case == 'service' else floor_port}"
-                path = "/certify" if serves[case] else "/floor"
-                form = {"sigma": "0.25", "n": "1000"} if serves[case] else {}
-                if args.client == "wrk":
-                    pid = procs[0 if case == "service" else 1].pid
-                    out = wrk_round(case, base, path, mine, form, distinct, owners, url, seen,
-                                    args, data, pid)  # fmt: skip
-                else:
-                    per = [mine[c :: args.clients] for c in range(args.clients)]
-                    out = asyncio.run(load(base, path, keys, per, form, args.polls))
-                results[case].append(out)
-                if serves[case]:
-                    out["drained"] = drain(url)
-                label = case if case == "service" else other
-                print(
-                    f"round {r + 1} {label:8s}: POST {out['post_rps']:6.1f} req/s p50 "
-                    f"{out['post_p50'] * 1e3:6.1f} p95 {out['post_p95'] * 1e3:6.1f} p99 "
-                    f"{out['post_p99'] * 1e3:6.1f} ms | GET {out['get_rps']:6.1f} req/s p99 "
-                    f"{out['get_p99'] * 1e3:6.1f} ms | errors {out['errors'] or 'none'}"
-                )
-                if "post_cpu_server" in out:
-                    print(
-                        "  CPU ms per request: POST server {:.2f} + postgres {:.2f}, GET server "
-                        "{:.2f} + postgres {:.2f}".format(
-                            *(1e3 * out[f"{m}_cpu_{w}"] for m in ("post", "get")
-                              for w in ("server", "postgres"))
-                        )
-                    )  # fmt: skip
-        summary: dict[str, Any] = {
-            "clients": args.clients,
-            "per_client": args.per_client,
-            "against": args.against or "floor",
-        }
-        for what in ("post_rps", "get_rps"):
-            ratios = [
-                s[what] / f[what] for s, f in zip(results["service"], results["floor"], strict=True)
-            ]
-            summary[f"{what}_ratio"] = {
-                "median": statistics.median(ratios),
-                "min": min(ratios),
-                "max": max(ratios),
-            }
-        for case in ("service", "floor"):
-            for what in ("post_rps", "post_p99", "get_rps", "get_p99", "post_cpu_server",
-                         "get_cpu_server"):  # fmt: skip
-                if all(what in x for x in results[case]):  # CPU: measured with wrk only
-                    summary[f"{case}_{what}"] = statistics.median(x[what] for x in results[case])
-        post, get = summary["post_rps_ratio"], summary["get_rps_ratio"]
-        print(
-            f"service/{other} requests/s: "
-            f"POST median {post['median']:.2f} (range {post['min']:.2f}-{post['max']:.2f}); "
-            f"GET median {get['median']:.2f} (range {get['min']:.2f}-{get['max']:.2f})"
-        )
-        print(
-            f"service POST p99 {summary['service_post_p99'] * 1e3:.0f} ms (median of rounds), "
-            f"GET p99 {summary['service_get_p99'] * 1e3:.0f} ms"
-        )
-        if "service_post_cpu_server" in summary:
-            print(
-                "server CPU ms per request (median of rounds): service POST {:.2f} GET {:.2f}; "
-                f"{other} "
-                "POST {:.2f} GET {:.2f}".format(
-                    *(1e3 * summary[f"{c}_{m}_cpu_server"] for c in ("service", "floor")
-                      for m in ("post", "get"))
-                )
-            )  # fmt: skip
+        servers = start_servers(args, env, data, floor_workers, procs)
+        spy = start_profiler(args.profile, procs[0].pid) if args.profile else None
+        results = run_rounds(args, servers, owners, url, data, floor_workers)
+        summary = summarise(args, results)
+        print_summary(summary, servers.other)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
@@ -615,21 +723,7 @@ def main() -> int:
                 json.dumps({"summary": summary, "rounds": results}, indent=2)
             )
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        import redis
-
-        client = redis.Redis.from_url(args.broker)
-        for k in client.scan_iter(f"*{queue}*"):
-            client.delete(k)
-        with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        shutil.rmtree(data, ignore_errors=True)
+        clean_up(procs, args.broker, queue, admin_url, name, data)
     return 0
 
 

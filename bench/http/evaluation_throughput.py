@@ -101,7 +101,7 @@ def run_singles(
     return time.perf_counter() - t0, submitted
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=360, help="digits test images (at most 360)")
     p.add_argument("--n", type=int, default=1000)
@@ -109,10 +109,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--model", default="digits-s0.25")
     p.add_argument("--out", default=None, help="also write the runs as JSON here")
-    args = p.parse_args()
+    return p.parse_args()
 
-    data = Path(tempfile.mkdtemp(prefix="dmae-evalbench-"))
-    env = {
+
+def server_env(data: Path) -> dict[str, str]:
+    """The embedded server's environment: DATA as its folder, CPU, no admission limits."""
+    return {
         **os.environ,
         "DMAE_DATA_DIR": str(data),
         "DMAE_DEVICE": "cpu",
@@ -122,6 +124,74 @@ def main() -> int:
         "DMAE_RATE_LIMIT_REQUESTS": "0",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
+
+
+def run_rounds(
+    http: httpx.Client,
+    args: argparse.Namespace,
+    keys: list[str],
+    images: list[tuple[int, bytes]],
+    threads: str,
+) -> list[dict[str, Any]]:
+    """A warm-up, then ``--rounds`` rounds of both cases in alternating order, each with a
+    fresh key from ``keys``; prints and returns one record per case and round."""
+    for _ in range(600):
+        try:
+            if http.get("/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    archive = zipped(images)
+    form = {"model": args.model, "n0": str(args.n0), "n": str(args.n)}
+    samples = args.images * (args.n0 + args.n)
+    runs: list[dict[str, Any]] = []
+    warm = {**form, "n": "100"}
+    run_evaluation(http, keys.pop(), zipped(images[:8]), warm)  # load the model once
+    cores = os.cpu_count()
+    print(f"{args.images} digits test images, {args.model}, n0={args.n0} n={args.n} "
+          f"({samples:,} noisy samples a case); embedded service, CPU, "
+          f"OMP_NUM_THREADS={threads}, {cores} cores, "
+          f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
+    for r in range(args.rounds):
+        order = ("evaluation", "singles") if r % 2 == 0 else ("singles", "evaluation")
+        for case in order:
+            k = keys.pop()
+            if case == "evaluation":
+                wall, submit_s = run_evaluation(http, k, archive, form)
+            else:
+                wall, submit_s = run_singles(http, k, images, form)
+            runs.append({"round": r, "case": case, "wall_s": wall, "submit_s": submit_s,
+                         "images_per_s": args.images / wall,
+                         "samples_per_s": samples / wall})  # fmt: skip
+            print(f"round {r + 1} {case:<10} {wall:7.1f} s  "
+                  f"{args.images / wall:6.2f} images/s  {samples / wall:8.0f} samples/s  "
+                  f"submitting {submit_s:5.2f} s  (load {os.getloadavg()[0]:.2f})",
+                  flush=True)  # fmt: skip
+    return runs
+
+
+def print_summary(rounds: int, runs: list[dict[str, Any]]) -> None:
+    """Each case's medians, and the wall-time ratio singles / evaluation of every round."""
+    ratios = []
+    for r in range(rounds):
+        walls = {x["case"]: x["wall_s"] for x in runs if x["round"] == r}
+        ratios.append(walls["singles"] / walls["evaluation"])
+    for case in ("evaluation", "singles"):
+        per = [x["images_per_s"] for x in runs if x["case"] == case]
+        sps = [x["samples_per_s"] for x in runs if x["case"] == case]
+        sub = [x["submit_s"] for x in runs if x["case"] == case]
+        print(f"{case:<10} median {statistics.median(per):.2f} images/s, "
+              f"{statistics.median(sps):.0f} samples/s, "
+              f"submitting {statistics.median(sub):.2f} s")  # fmt: skip
+    print("throughput evaluation / singles per round: "
+          + ", ".join(f"{x:.2f}x" for x in ratios)
+          + f" (median {statistics.median(ratios):.2f}x)")  # fmt: skip
+
+
+def main() -> int:
+    args = parse_args()
+    data = Path(tempfile.mkdtemp(prefix="dmae-evalbench-"))
+    env = server_env(data)
 
     def key() -> str:
         out = subprocess.run([CLI, "keys", "create"], env=env, capture_output=True, text=True,
@@ -137,58 +207,15 @@ def main() -> int:
     proc = subprocess.Popen([CLI, "serve", "--port", str(port), "--log-level", "warning"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     images = digit_pngs(args.images)
-    archive = zipped(images)
-    form = {"model": args.model, "n0": str(args.n0), "n": str(args.n)}
-    samples = args.images * (args.n0 + args.n)
     runs: list[dict[str, Any]] = []
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
-            for _ in range(600):
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            warm = {**form, "n": "100"}
-            run_evaluation(http, keys.pop(), zipped(images[:8]), warm)  # load the model once
-            cores = os.cpu_count()
-            print(f"{args.images} digits test images, {args.model}, n0={args.n0} n={args.n} "
-                  f"({samples:,} noisy samples a case); embedded service, CPU, "
-                  f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, {cores} cores, "
-                  f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
-            for r in range(args.rounds):
-                order = ("evaluation", "singles") if r % 2 == 0 else ("singles", "evaluation")
-                for case in order:
-                    k = keys.pop()
-                    if case == "evaluation":
-                        wall, submit_s = run_evaluation(http, k, archive, form)
-                    else:
-                        wall, submit_s = run_singles(http, k, images, form)
-                    runs.append({"round": r, "case": case, "wall_s": wall, "submit_s": submit_s,
-                                 "images_per_s": args.images / wall,
-                                 "samples_per_s": samples / wall})  # fmt: skip
-                    print(f"round {r + 1} {case:<10} {wall:7.1f} s  "
-                          f"{args.images / wall:6.2f} images/s  {samples / wall:8.0f} samples/s  "
-                          f"submitting {submit_s:5.2f} s  (load {os.getloadavg()[0]:.2f})",
-                          flush=True)  # fmt: skip
+            runs = run_rounds(http, args, keys, images, env["OMP_NUM_THREADS"])
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
-    ratios = []
-    for r in range(args.rounds):
-        walls = {x["case"]: x["wall_s"] for x in runs if x["round"] == r}
-        ratios.append(walls["singles"] / walls["evaluation"])
-    for case in ("evaluation", "singles"):
-        per = [x["images_per_s"] for x in runs if x["case"] == case]
-        sps = [x["samples_per_s"] for x in runs if x["case"] == case]
-        sub = [x["submit_s"] for x in runs if x["case"] == case]
-        print(f"{case:<10} median {statistics.median(per):.2f} images/s, "
-              f"{statistics.median(sps):.0f} samples/s, "
-              f"submitting {statistics.median(sub):.2f} s")  # fmt: skip
-    print("throughput evaluation / singles per round: "
-          + ", ".join(f"{x:.2f}x" for x in ratios)
-          + f" (median {statistics.median(ratios):.2f}x)")  # fmt: skip
+    print_summary(args.rounds, runs)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
     return 0

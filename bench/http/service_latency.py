@@ -73,7 +73,7 @@ def random_tiny(path: Path) -> None:
     save_checkpoint(path, model, meta)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="digits-s0.25", help="bundled model name or checkpoint path")
     p.add_argument("--n", type=int, default=10_000)
@@ -83,24 +83,28 @@ def main() -> int:
     p.add_argument("--database", default="", help="Postgres URL (default: embedded SQLite)")
     p.add_argument("--broker", default="", help="Redis URL (default: embedded runner)")
     p.add_argument("--skip-e2e", action="store_true", help="only the enqueue measurement")
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def install_model(model: str, ckpts: Path) -> str:
+    """Put ``model`` (bundled name, file, else the random tiny stand-in) in CKPTS as
+    ``model.safetensors``; returns how it is described in the output."""
     from models.checkpoints import bundled_models
 
-    data = Path(tempfile.mkdtemp(prefix="dmae-latency-"))
-    ckpts = data / "checkpoints"
-    ckpts.mkdir(parents=True)
     bundled = bundled_models()
-    if args.model in bundled:
-        shutil.copy(bundled[args.model], ckpts / "model.safetensors")
-        what = f"bundled {args.model}"
-    elif Path(args.model).is_file():
-        shutil.copy(args.model, ckpts / "model.safetensors")
-        what = args.model
-    else:
-        random_tiny(ckpts / "model.safetensors")
-        what = f"{args.model} not installed: tiny preset (digits architecture), random weights"
-    env = {
+    if model in bundled:
+        shutil.copy(bundled[model], ckpts / "model.safetensors")
+        return f"bundled {model}"
+    if Path(model).is_file():
+        shutil.copy(model, ckpts / "model.safetensors")
+        return model
+    random_tiny(ckpts / "model.safetensors")
+    return f"{model} not installed: tiny preset (digits architecture), random weights"
+
+
+def server_env(args: argparse.Namespace, data: Path) -> dict[str, str]:
+    """The server's environment: DATA as its folder, a queue of its own, client seeds on."""
+    return {
         **os.environ,
         "DMAE_DATA_DIR": str(data),
         "DMAE_REGISTER_BUNDLED": "false",
@@ -110,6 +114,112 @@ def main() -> int:
         "DMAE_QUEUE": f"latency-{uuid.uuid4().hex[:8]}",
         "DMAE_ALLOW_CLIENT_SEED": "true",  # distinct seeds: nothing served from a stored job
     }
+
+
+def wait_ready(http: httpx.Client) -> None:
+    """Poll /readyz for up to 600 tries (every 0.1 s while the port refuses)."""
+    for _ in range(600):
+        try:
+            if http.get("/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+
+def end_to_end(
+    http: httpx.Client, h: dict[str, str], png: bytes, form: dict[str, str], repeats: int
+) -> None:
+    """Print the wall time (s) of POST /certify then polling GET /jobs/{id} every 20 ms until
+    the job ends, median of ``repeats`` seeds, after one small warm-up job."""
+    http.post(
+        "/certify",
+        headers=h,
+        files={"image": ("w.png", png)},
+        data={**form, "n": "100", "seed": "999999"},
+    )  # warm-up
+    time.sleep(1.0)
+    e2e, runs = [], []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        r = http.post(
+            "/certify",
+            headers=h,
+            files={"image": ("d.png", png)},
+            data={**form, "seed": str(i)},
+        )
+        url = r.json()["url"]
+        while (job := http.get(url, headers=h).json())["status"] not in (
+            "succeeded",
+            "failed",
+            "cancelled",
+        ):
+            time.sleep(0.02)
+        e2e.append(time.perf_counter() - t0)
+        runs.append(job["certificate"]["timings"])
+    print(
+        f"end to end, one certificate: median {statistics.median(e2e):.3f} s "
+        f"(runs: {', '.join(f'{t:.3f}' for t in e2e)})"
+    )
+    t = runs[-1]
+    print(
+        f"  inside the job: selection {t['selection_s']:.3f} s, estimation "
+        f"{t['estimation_s']:.3f} s, {t['samples_per_s']:.0f} samples/s, queued "
+        f"{t['queued_s']:.3f} s"
+    )
+
+
+def enqueue(
+    http: httpx.Client, h: dict[str, str], png: bytes, form: dict[str, str], requests: int
+) -> None:
+    """Print the median and p95 (ms) of ``requests`` POST /certify round trips (distinct
+    seeds); the jobs are deleted afterwards."""
+    times, ids = [], []
+    for i in range(requests):
+        t0 = time.perf_counter()
+        r = http.post(
+            "/certify",
+            headers=h,
+            files={"image": ("d.png", png)},
+            data={**form, "seed": str(10_000 + i)},
+        )
+        times.append(time.perf_counter() - t0)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["url"])
+    q = statistics.quantiles(times, n=20)
+    print(
+        f"enqueue (POST /certify round trip), {requests} requests: median "
+        f"{statistics.median(times) * 1000:.1f} ms, p95 {q[-1] * 1000:.1f} ms"
+    )
+    for url in ids:
+        http.delete(url, headers=h)
+
+
+def measure(args: argparse.Namespace, port: int, key: str, what: str) -> None:
+    """Register the model with the running server, then both measurements."""
+    h = {"X-API-Key": key}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
+        wait_ready(http)
+        r = http.post("/admin/models", headers=h, data={"path": "model.safetensors"})
+        r.raise_for_status()
+        model = r.json()["name"]
+        png = digit_png(0)
+        form = {"model": model, "n0": str(args.n0), "n": str(args.n)}
+        print(
+            f"model: {what}; n0={args.n0} n={args.n}; "
+            f"{'Postgres + Redis' if args.broker else 'embedded (SQLite + in-process runner)'}"
+        )
+        if not args.skip_e2e and not args.broker:
+            end_to_end(http, h, png, form, args.repeats)
+        enqueue(http, h, png, form, args.requests)
+
+
+def main() -> int:
+    args = parse_args()
+    data = Path(tempfile.mkdtemp(prefix="dmae-latency-"))
+    ckpts = data / "checkpoints"
+    ckpts.mkdir(parents=True)
+    what = install_model(args.model, ckpts)
+    env = server_env(args, data)
 
     def cli(*a: str) -> str:
         out = subprocess.run([CLI, *a], env=env, capture_output=True, text=True, check=True)
@@ -128,79 +238,8 @@ def main() -> int:
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    h = {"X-API-Key": key}
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
-            for _ in range(600):
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            r = http.post("/admin/models", headers=h, data={"path": "model.safetensors"})
-            r.raise_for_status()
-            model = r.json()["name"]
-            png = digit_png(0)
-            form = {"model": model, "n0": str(args.n0), "n": str(args.n)}
-            print(
-                f"model: {what}; n0={args.n0} n={args.n}; "
-                f"{'Postgres + Redis' if args.broker else 'embedded (SQLite + in-process runner)'}"
-            )
-            if not args.skip_e2e and not args.broker:
-                http.post(
-                    "/certify",
-                    headers=h,
-                    files={"image": ("w.png", png)},
-                    data={**form, "n": "100", "seed": "999999"},
-                )  # warm-up
-                time.sleep(1.0)
-                e2e, runs = [], []
-                for i in range(args.repeats):
-                    t0 = time.perf_counter()
-                    r = http.post(
-                        "/certify",
-                        headers=h,
-                        files={"image": ("d.png", png)},
-                        data={**form, "seed": str(i)},
-                    )
-                    url = r.json()["url"]
-                    while (job := http.get(url, headers=h).json())["status"] not in (
-                        "succeeded",
-                        "failed",
-                        "cancelled",
-                    ):
-                        time.sleep(0.02)
-                    e2e.append(time.perf_counter() - t0)
-                    runs.append(job["certificate"]["timings"])
-                print(
-                    f"end to end, one certificate: median {statistics.median(e2e):.3f} s "
-                    f"(runs: {', '.join(f'{t:.3f}' for t in e2e)})"
-                )
-                t = runs[-1]
-                print(
-                    f"  inside the job: selection {t['selection_s']:.3f} s, estimation "
-                    f"{t['estimation_s']:.3f} s, {t['samples_per_s']:.0f} samples/s, queued "
-                    f"{t['queued_s']:.3f} s"
-                )
-            enqueue, ids = [], []
-            for i in range(args.requests):
-                t0 = time.perf_counter()
-                r = http.post(
-                    "/certify",
-                    headers=h,
-                    files={"image": ("d.png", png)},
-                    data={**form, "seed": str(10_000 + i)},
-                )
-                enqueue.append(time.perf_counter() - t0)
-                assert r.status_code == 202, r.text
-                ids.append(r.json()["url"])
-            q = statistics.quantiles(enqueue, n=20)
-            print(
-                f"enqueue (POST /certify round trip), {args.requests} requests: median "
-                f"{statistics.median(enqueue) * 1000:.1f} ms, p95 {q[-1] * 1000:.1f} ms"
-            )
-            for url in ids:
-                http.delete(url, headers=h)
+        measure(args, port, key, what)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

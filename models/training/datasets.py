@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -27,6 +28,8 @@ from models.networks import IMAGENET_MEAN, IMAGENET_STD
 
 Key = tuple[int, int]
 Batch = tuple[Tensor, Tensor]
+# A random training transform: an 8-bit RGB image -> (3, S, S) float tensor in [0, 1].
+ImageTransform = Callable[[Image.Image], Tensor]
 
 
 @contextmanager
@@ -59,7 +62,7 @@ class FolderImages(Dataset[tuple[Tensor, int]]):
         self,
         items: Sequence[tuple[Path, int, str]],
         input_size: int,
-        transform: Callable[[Any], Tensor] | None,
+        transform: ImageTransform | None,
     ):
         self.items = list(items)
         self.input_size = input_size
@@ -77,7 +80,7 @@ class FolderImages(Dataset[tuple[Tensor, int]]):
         with seeded(seed):
             return self.transform(rgb), label
 
-    def with_transform(self, transform: Callable[[Any], Tensor] | None) -> FolderImages:
+    def with_transform(self, transform: ImageTransform | None) -> FolderImages:
         return FolderImages(self.items, self.input_size, transform)
 
     def fingerprint(self) -> str:
@@ -175,7 +178,7 @@ def train_transform(
     scale: tuple[float, float],
     mean: tuple[float, ...],
     randaug: str | None = None,
-) -> Callable[[Any], Tensor]:
+) -> ImageTransform:
     """RandomResizedCrop (bicubic) + horizontal flip (+ timm RandAugment) -> [0,1] tensor."""
     from torchvision import transforms
 
@@ -197,14 +200,15 @@ def train_transform(
         except (AssertionError, KeyError, ValueError) as exc:
             raise ValueError(f"invalid RandAugment spec {randaug!r} ({exc})") from exc
     steps.append(transforms.ToTensor())
-    return transforms.Compose(steps)
+    composed: ImageTransform = transforms.Compose(steps)
+    return composed
 
 
 def open_training_data(
     spec: str,
     input_size: int | None,
     *,
-    augment: Callable[[int, tuple[float, ...]], Callable[[Any], Tensor]] | None = None,
+    augment: Callable[[int, tuple[float, ...]], ImageTransform] | None = None,
     num_workers: int = 0,
 ) -> TrainData:
     """A built-in dataset (``digits:train|test``, ``mnist:train|test``) or an ImageFolder

@@ -41,6 +41,7 @@ from models.networks import (
 from models.smoothing import BatchSampler, predict
 from models.training.consistency import DEFAULT_LAMBDA, consistency_loss, default_eta
 from models.training.datasets import (
+    ImageTransform,
     TrainData,
     open_training_data,
     seeded,
@@ -53,6 +54,7 @@ from models.training.loop import (
     LogFn,
     LoopSettings,
     RunOptions,
+    StepFn,
     TrainingRun,
     check_optimisation,
     describe_batch,
@@ -75,6 +77,8 @@ from models.training.schedule import adamw, param_groups, scaled_lr
 HEAD_KEYS = frozenset({"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"})
 NO_PRETRAINING = "none"  # --pretrained none: a randomly initialised encoder of --arch
 SCRATCH_ARCH = "base"
+# (images, labels) -> (mixed images, soft targets), as timm.data.Mixup
+MixupFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 @dataclass
@@ -255,7 +259,12 @@ def random_encoder(
 
 
 def build_classifier(
-    pre: Pretrained, num_classes: int, input_size: int, mean: Any, std: Any, drop_path: float
+    pre: Pretrained,
+    num_classes: int,
+    input_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    drop_path: float,
 ) -> DMAEClassifier:
     """A classifier whose encoder is ``pre``'s; fc_norm fresh, head initialised near zero."""
     model = DMAEClassifier(pre.meta.arch, num_classes, input_size, mean, std, drop_path)
@@ -278,12 +287,14 @@ def noisy_copies(x: Tensor, copies: int, sigma: float, noise: torch.Generator) -
     return xs + sigma * torch.randn(xs.shape, generator=noise, device=xs.device)
 
 
-def make_step(cfg: FinetuneConfig, num_classes: int) -> Callable[..., Any]:
-    mixup = None
+def make_step(cfg: FinetuneConfig, num_classes: int) -> StepFn:
+    """The training step: noisy copies, consistency loss (with mixup/cutmix if set)."""
+    mixup: MixupFn | None = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.data import Mixup
+        from timm.data.mixup import Mixup
 
-        mixup = Mixup(
+        make_mixup: Callable[..., MixupFn] = Mixup  # timm's class is unannotated
+        mixup = make_mixup(
             mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
             switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing,
             num_classes=num_classes,
@@ -307,7 +318,11 @@ def make_step(cfg: FinetuneConfig, num_classes: int) -> Callable[..., Any]:
 
 
 def make_evaluate(
-    cfg: FinetuneConfig, val: TrainData, num_classes: int, device: torch.device, amp: Any
+    cfg: FinetuneConfig,
+    val: TrainData,
+    num_classes: int,
+    device: torch.device,
+    amp: torch.dtype | None,
 ) -> Callable[[nn.Module], dict[str, float]]:
     """Clean / noisy accuracy on ``val`` and smoothed radius-0 accuracy on its first images."""
 
@@ -363,28 +378,8 @@ def _finetune(
     after_step: Callable[[int], None] | None,
 ) -> Path:
     amp = resolve_amp(cfg.amp, device)
-    if cfg.scratch:
-        model_size = cfg.architecture().img_size
-        input_size = cfg.input_size or (None if built_in(cfg.data) else model_size)
-    else:
-        pre = load_pretrained(cfg)
-        input_size = cfg.input_size or pre.meta.input_size
-    augment = None
-    if cfg.augment:
-
-        def augment(size: int, mean: tuple[float, ...]) -> Any:
-            return train_transform(size, (0.08, 1.0), mean, cfg.randaug)
-
-    data = open_training_data(cfg.data, input_size, augment=augment, num_workers=cfg.num_workers)
+    pre, data, val = _open_data(cfg)
     input_size = data.input_size
-    if cfg.scratch:
-        pre = random_encoder(cfg.arch or SCRATCH_ARCH, input_size, cfg.seed, cfg.architecture())
-    if cfg.val_data:
-        val = open_training_data(cfg.val_data, input_size, num_workers=cfg.num_workers)
-        if val.classes != data.classes:
-            raise ValueError(f"{cfg.val_data}: classes differ from the training data's")
-    else:
-        data, val = split_off(data, cfg.val_fraction, cfg.seed)
     if pre.official or pre.scratch:
         mean, std = tuple(cfg.mean or data.mean), tuple(cfg.std or data.std)
     else:
@@ -417,32 +412,72 @@ def _finetune(
     if not world.main:
         barrier(world)  # wait for rank 0's checkpoint
         return Path(cfg.export) if cfg.export else Path(cfg.out) / CHECKPOINT_FILE
-    metrics = run.last_record()
-    meta = CheckpointMeta(
+    training = training_record(
+        "finetune",
+        cfg,
+        lr,
+        run,
+        data,
+        device,
+        held_out=val.describe(),
+        final_epoch={k: v for k, v in run.last_record().items() if isinstance(v, int | float)},
+        pretrained=pre.record,
+        **{RECIPE_FIELD: recipe_name},
+    )
+    meta = _classifier_meta(cfg, pre, data, (mean, std), training)
+    path = write_checkpoint(cfg.out, cfg.export, model, meta, log)
+    barrier(world)
+    return path
+
+
+def _open_data(cfg: FinetuneConfig) -> tuple[Pretrained, TrainData, TrainData]:
+    """The encoder to start from, the training data and the held-out data, in this order
+    (the random encoder of ``--pretrained none`` needs the data's input size)."""
+    if cfg.scratch:
+        model_size = cfg.architecture().img_size
+        input_size = cfg.input_size or (None if built_in(cfg.data) else model_size)
+    else:
+        pre = load_pretrained(cfg)
+        input_size = cfg.input_size or pre.meta.input_size
+    augment = None
+    if cfg.augment:
+
+        def augment(size: int, mean: tuple[float, ...]) -> ImageTransform:
+            return train_transform(size, (0.08, 1.0), mean, cfg.randaug)
+
+    data = open_training_data(cfg.data, input_size, augment=augment, num_workers=cfg.num_workers)
+    input_size = data.input_size
+    if cfg.scratch:
+        pre = random_encoder(cfg.arch or SCRATCH_ARCH, input_size, cfg.seed, cfg.architecture())
+    if cfg.val_data:
+        val = open_training_data(cfg.val_data, input_size, num_workers=cfg.num_workers)
+        if val.classes != data.classes:
+            raise ValueError(f"{cfg.val_data}: classes differ from the training data's")
+    else:
+        data, val = split_off(data, cfg.val_fraction, cfg.seed)
+    return pre, data, val
+
+
+def _classifier_meta(
+    cfg: FinetuneConfig,
+    pre: Pretrained,
+    data: TrainData,
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]],
+    training: dict[str, Any],
+) -> CheckpointMeta:
+    """What the fine-tuned classifier's checkpoint records (``normalisation``: mean, std)."""
+    mean, std = normalisation
+    return CheckpointMeta(
         kind="classifier",
         arch=pre.meta.arch,
-        input_size=input_size,
+        input_size=data.input_size,
         mean=mean,
         std=std,
-        num_classes=num_classes,
+        num_classes=len(data.classes),
         classes=list(data.classes),
         sigma=cfg.sigma,
         name=cfg.name or Path(cfg.out).name,
         source="dmae-certify train finetune",
         licence=OFFICIAL_LICENCE if pre.official else "",
-        training=training_record(
-            "finetune",
-            cfg,
-            lr,
-            run,
-            data,
-            device,
-            held_out=val.describe(),
-            final_epoch={k: v for k, v in metrics.items() if isinstance(v, int | float)},
-            pretrained=pre.record,
-            **{RECIPE_FIELD: recipe_name},
-        ),
+        training=training,
     )
-    path = write_checkpoint(cfg.out, cfg.export, model, meta, log)
-    barrier(world)
-    return path

@@ -14,18 +14,18 @@ import math
 import platform
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from models.checkpoints import CheckpointMeta, save_checkpoint
-from models.training.datasets import TrainData, epoch_order
+from models.training.datasets import Batch, TrainData, epoch_order
 from models.training.distributed import (
     World,
     all_gather,
@@ -104,7 +104,21 @@ class RunOptions:
             raise ValueError("--seed, --save-every-steps and --num-workers must be non-negative")
 
 
-def check_optimisation(cfg: Any) -> None:
+class OptimisationSettings(Protocol):
+    """The optimisation fields both stages' configurations have."""
+
+    epochs: int
+    batch_size: int
+    accum_iter: int
+    warmup_epochs: float
+    blr: float
+    lr: float | None
+    min_lr: float
+    weight_decay: float
+    clip_grad: float | None
+
+
+def check_optimisation(cfg: OptimisationSettings) -> None:
     """ValueError for optimisation settings no run can use (both stages have these fields)."""
     for name in ("epochs", "batch_size", "accum_iter"):
         if getattr(cfg, name) < 1:
@@ -329,6 +343,7 @@ class TrainingRun:
         return records
 
     def _epoch(self, after_step: Callable[[int], None] | None) -> dict[str, Any]:
+        """Run the rest of the current epoch (all of it unless resumed mid-epoch)."""
         from tqdm import tqdm
 
         s, epoch = self.s, self.epoch
@@ -348,33 +363,8 @@ class TrainingRun:
         )  # fmt: skip
         for _ in range(done_in_epoch, self.steps_per_epoch):
             lr = self.schedule.apply()
-            for i in range(s.accum_iter):
-                x, y = next(batches)
-                x = x.to(s.device, non_blocking=True)
-                y = y.to(s.device, non_blocking=True)
-                sync = i == s.accum_iter - 1 or not self.world.distributed
-                with nullcontext() if sync else self.train_model.no_sync():  # type: ignore[operator]
-                    with torch.autocast(
-                        s.device.type, dtype=s.amp or torch.bfloat16, enabled=s.amp is not None
-                    ):
-                        loss, parts = self.step_fn(self.train_model, x, y, self.noise)
-                    value = float(loss.detach())
-                    if not np.isfinite(value):
-                        raise TrainingError(
-                            f"loss is {value} at step {self.step} (epoch {epoch + 1}); stopping. "
-                            "Lower the learning rate or use --amp bf16/off."
-                        )
-                    self.scaler.scale(loss / s.accum_iter).backward()
-                for k, v in {"loss": value, **parts}.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                images += x.shape[0]
-            if s.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), s.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.schedule.step()
+            value, step_images = self._optimiser_step(batches, sums)
+            images += step_images
             self.lrs.append(lr)
             self.step += 1
             steps += 1
@@ -386,19 +376,81 @@ class TrainingRun:
                 after_step(self.step)
         bar.close()
         elapsed = time.perf_counter() - started
-        # Means over every micro-batch of every process; images/s of the whole run.
-        counts = {"_images": float(images), "_micro": float(steps * s.accum_iter)}
-        totals = all_sum({**sums, **counts}, self.world, s.device)
+        record = self._epoch_record(sums, images, steps * s.accum_iter, lr, elapsed)
+        self._end_epoch(record)
+        return record
+
+    def _optimiser_step(
+        self, batches: Iterator[Batch], sums: dict[str, float]
+    ) -> tuple[float, int]:
+        """``accum_iter`` micro-batches then one optimiser and schedule step.
+
+        Adds each micro-batch's loss (and parts) to ``sums``; returns the last micro-batch's
+        loss and the number of images used.
+        """
+        s = self.s
+        value, images = 0.0, 0
+        for i in range(s.accum_iter):
+            x, y = next(batches)
+            x = x.to(s.device, non_blocking=True)
+            y = y.to(s.device, non_blocking=True)
+            value, parts = self._micro_batch(x, y, sync=i == s.accum_iter - 1)
+            for k, v in {"loss": value, **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            images += x.shape[0]
+        if s.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), s.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        return value, images
+
+    def _micro_batch(self, x: Tensor, y: Tensor, sync: bool) -> tuple[float, dict[str, float]]:
+        """Forward and backward of one micro-batch (loss scaled by 1/``accum_iter``).
+
+        ``sync``: the last micro-batch of a step, whose backward all-reduces the gradients
+        under DistributedDataParallel. Raises TrainingError on a non-finite loss.
+        """
+        s = self.s
+        sync = sync or not self.world.distributed
+        with nullcontext() if sync else self.train_model.no_sync():  # type: ignore[operator]
+            with torch.autocast(
+                s.device.type, dtype=s.amp or torch.bfloat16, enabled=s.amp is not None
+            ):
+                loss, parts = self.step_fn(self.train_model, x, y, self.noise)
+            value = float(loss.detach())
+            if not np.isfinite(value):
+                raise TrainingError(
+                    f"loss is {value} at step {self.step} (epoch {self.epoch + 1}); stopping. "
+                    "Lower the learning rate or use --amp bf16/off."
+                )
+            backward: Callable[[], None] = self.scaler.scale(loss / s.accum_iter).backward
+            backward()  # (torch's Tensor.backward is unannotated)
+        return value, parts
+
+    def _epoch_record(
+        self, sums: dict[str, float], images: int, micro: int, lr: float, elapsed: float
+    ) -> dict[str, Any]:
+        """The epoch's record: means over every micro-batch of every process; images/s of the
+        whole run (a collective call)."""
+        counts = {"_images": float(images), "_micro": float(micro)}
+        totals = all_sum({**sums, **counts}, self.world, self.s.device)
         micro_done = max(totals.pop("_micro"), 1.0)
         images_all = totals.pop("_images")
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
+        return {
+            "epoch": self.epoch + 1,
             "step": self.step,
             "lr": lr,
             **{k: v / micro_done for k, v in totals.items()},
             "samples_per_s": images_all / max(elapsed, 1e-9),
             "epoch_s": elapsed,
         }
+
+    def _end_epoch(self, record: dict[str, Any]) -> None:
+        """Evaluate (when due) into ``record``, advance the epoch, save, append to the log."""
+        s, epoch = self.s, self.epoch
         last = epoch + 1 == s.epochs
         if self.evaluate is not None and (last or (epoch + 1) % max(s.eval_every, 1) == 0):
             record.update(self.evaluate(self.model))
@@ -409,7 +461,6 @@ class TrainingRun:
             with open(self.out_dir / LOG_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
         self.log(format_record(record, s.epochs))
-        return record
 
 
 def _quiet(_: str) -> None:
@@ -442,7 +493,7 @@ def _batch_hint(diffs: list[str]) -> str:
 
 def training_record(
     stage: str,
-    cfg: Any,
+    cfg: RunOptions,
     lr: float,
     run: TrainingRun,
     data: TrainData,

@@ -14,7 +14,11 @@ import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from models.training.finetune import FinetuneConfig
+    from models.training.pretrain import PretrainConfig
 
 KINDS = ("pretrain", "finetune")
 # Decided by the service, never by a client: where and how a run executes (device, CPU
@@ -31,7 +35,7 @@ AT_LEAST_ONE = frozenset(
 )  # fmt: skip
 
 
-def config_class(kind: str) -> Any:
+def config_class(kind: str) -> type[PretrainConfig] | type[FinetuneConfig]:
     """``PretrainConfig`` or ``FinetuneConfig``; ValueError for another kind."""
     if kind == "pretrain":
         from models.training.pretrain import PretrainConfig

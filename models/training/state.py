@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ import torch
 
 STATE_FORMAT = "dmae-certify-train-state/1"
 STATE_FILE = "state.pt"
+# torch.cuda.is_initialized, typed (torch leaves it unannotated)
+_cuda_initialized: Callable[[], bool] = torch.cuda.is_initialized
 
 
 def capture_rng(noise: torch.Generator, device: torch.device | None = None) -> dict[str, Any]:
@@ -32,7 +35,7 @@ def capture_rng(noise: torch.Generator, device: torch.device | None = None) -> d
     _, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
     version, internal, gauss = random.getstate()
     cuda = []
-    if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
+    if device is not None and device.type == "cuda" and _cuda_initialized():
         cuda = [torch.cuda.get_rng_state(device)]
     return {
         "torch": torch.get_rng_state(),

@@ -43,7 +43,7 @@ from bench.http import enqueue_bench as bench
 # (module, attribute, label); a label starting with two spaces is a part of ``submit``.
 STEPS = [
     ("app.routes.jobs", "read_upload", "read the upload"),
-    ("app.routes.jobs", "submit", "submit (all of it)"),
+    ("domain.services.dispatching", "submit", "submit (all of it)"),
     ("domain.services.submissions", "resolve", "  check the parameters, choose the model"),
     ("domain.services.submissions", "decode_image", "  decode and preprocess the image"),
     ("domain.trust.signing", "seed_secret", "  the seed secret"),

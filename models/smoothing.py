@@ -451,11 +451,7 @@ def certify(
     estimation draws that many samples, and below n the bounds are the sequence's. Raises
     ValueError on bad parameters.
     """
-    validate(sigma, alpha, n, n0)
-    check_n(Mode.CERTIFY_TOP2 if top2 else Mode.CERTIFY, n, alpha)
-    validate_budget(time_budget_s)
-    if stop_after is not None and (time_budget_s is not None or not 1 <= stop_after <= n):
-        raise ValueError(f"stop_after must lie in [1, n] without a time budget, got {stop_after!r}")
+    _check_certify(sigma, n0, n, alpha, top2, time_budget_s, stop_after)
     started = time.perf_counter()
     noise = NoiseStream(seed, x.shape, sampler.device)
     selection = sampler.counts(x, sigma, n0, noise, progress)
@@ -502,6 +498,23 @@ def certify(
         n_used=used,
         samples_total=n0 + used,
     )
+
+
+def _check_certify(
+    sigma: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    top2: bool,
+    time_budget_s: float | None,
+    stop_after: int | None,
+) -> None:
+    """:func:`certify`'s parameter checks (ValueError with a sentence)."""
+    validate(sigma, alpha, n, n0)
+    check_n(Mode.CERTIFY_TOP2 if top2 else Mode.CERTIFY, n, alpha)
+    validate_budget(time_budget_s)
+    if stop_after is not None and (time_budget_s is not None or not 1 <= stop_after <= n):
+        raise ValueError(f"stop_after must lie in [1, n] without a time budget, got {stop_after!r}")
 
 
 def _sample_until(

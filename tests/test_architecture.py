@@ -219,3 +219,30 @@ def test_domain_is_split_by_concern() -> None:
     assert len(top) <= 12, top
     for package in ("store", "trust", "intake", "services"):
         assert (ROOT / "domain" / package / "__init__.py").is_file(), package
+
+
+PRODUCT = ("app", "cli", "domain", "worker", "models", "bench")
+LONGEST = 80  # lines: split a longer function into named steps
+
+
+def long_functions(root: Path = ROOT, limit: int = LONGEST) -> list[str]:
+    """Every product function (not migrations: they stay as written) longer than ``limit``."""
+    found = []
+    for package in PRODUCT:
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    length = (node.end_lineno or node.lineno) - node.lineno + 1
+                    if length > limit:
+                        found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} {length}")
+    return found
+
+
+def test_no_product_function_is_over_80_lines() -> None:
+    assert long_functions() == []
+
+
+def test_the_length_check_catches_a_long_function(tmp_path: Path) -> None:
+    body = "".join(f"    x{i} = {i}\n" for i in range(LONGEST))
+    root = _tree(tmp_path, {"worker/jobs.py": f"def run_job():\n{body}\n\ndef ok():\n    pass\n"})
+    assert long_functions(root) == [f"worker/jobs.py:1 run_job {LONGEST + 1}"]

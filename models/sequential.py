@@ -254,7 +254,7 @@ def _safe_root(excess: Any, lo: float, hi: float, side: int) -> float:
     a, b = (near, inner) if side < 0 else (inner, near)
 
     def finite(p: float) -> float:  # Brent's interpolation needs finite values
-        return min(max(excess(p), -1e6), 1e6)
+        return float(min(max(excess(p), -1e6), 1e6))
 
     root = float(brentq(finite, a, b, xtol=1e-15, rtol=4 * np.finfo(float).eps))
     step = 1e-15

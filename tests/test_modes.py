@@ -21,6 +21,8 @@ from domain.services.submissions import Params, check_params
 from models import modes
 from models.modes import MODES, Mode, RunSpec, by_family, get_mode, variant
 from models.modes.certify import Certify
+from models.modes.predict import Predict
+from models.smoothing import BatchSampler
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = ("app", "cli", "domain", "worker", "models", "bench")
@@ -158,6 +160,27 @@ def test_a_registered_mode_reaches_the_schema_config_and_cli(toy: Mode) -> None:
     submit.register(sub)
     choices = next(a.choices for a in sub.choices["submit"]._actions if a.dest == "mode")
     assert choices is not None and "toy_mode" in choices
+
+
+class StrictPredict(Predict):
+    """A variant that reuses PREDICT's core under a name of its own."""
+
+    name = "strict_toy"
+
+
+def test_a_variant_of_a_mode_is_checked_and_signed_as_itself(known_classifier) -> None:
+    """A new mode that reuses another's core procedure keeps that procedure's sample-size
+    rule (the old code refused any name the core did not know) and its certificates carry
+    its own name (the old code signed the core's), so the verifier re-checks it as itself."""
+    mode = StrictPredict()
+    assert (mode.family, mode.core) == ("strict_toy", "predict")
+    mode.check_samples(100, 0.001)  # PREDICT's rule: 100 samples can answer at 0.001
+    with pytest.raises(ValueError, match="needs n >= 11"):
+        mode.check_samples(5, 0.001)
+    model, x = known_classifier([0.9, 0.05, 0.05], 0.25)
+    spec = RunSpec("strict_toy", 0.25, 0.001, 0, 200, seed=3)
+    certificate = mode.run(BatchSampler(model, 3, batch_size=100), x, spec)
+    assert certificate.mode == "strict_toy" and sum(certificate.counts) == 200
 
 
 def product_files() -> Iterator[Path]:

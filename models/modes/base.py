@@ -110,12 +110,16 @@ class Claim:
 class Mode(ABC):
     """A job mode. Class attributes are its facts; methods its checks, run and re-check.
 
-    ``family``: the mode it is a variant of (the CLI subcommand that runs it), itself for a
-    base mode; ``top2``: the variant ``--top2`` selects. ``no_curve``: why an evaluation in
-    this mode has no certified-accuracy curve (None: it has one)."""
+    ``family``: the mode it is a variant of (the CLI subcommand that runs it), by default
+    itself; ``core``: the procedure of :mod:`models.smoothing` whose sample-size rule applies
+    (:func:`models.smoothing.check_n`), by default the parent mode's (a mode subclassing
+    :class:`Mode` directly: its own name); ``top2``: the variant
+    ``--top2`` selects. ``no_curve``: why an evaluation in this mode has no certified-accuracy
+    curve (None: it has one)."""
 
     name: str
     family: str
+    core: str
     top2: bool = False
     uses_n0: bool = True  # has a selection stage of n0 samples
     default_n0: int = 100
@@ -124,6 +128,12 @@ class Mode(ABC):
     decides: bool = False  # answers "certified at target_radius?" (takes target_radius)
     takes_time_budget: bool = False
     no_curve: str | None = None
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:  # a mode of its own, unless it says what it varies
+            cls.family = cls.__dict__.get("family", cls.name)
+            cls.core = cls.__dict__.get("core", getattr(cls, "core", cls.name))
 
     @property
     def has_curve(self) -> bool:
@@ -153,7 +163,7 @@ class Mode(ABC):
         need no sigma)."""
         from models import smoothing
 
-        smoothing.check_n(self.name, n, alpha)
+        smoothing.check_n(self.core, n, alpha)
 
     def check_reachable(
         self, n: int, alpha: float, sigma: float, n0: int, target_radius: float | None
@@ -165,11 +175,22 @@ class Mode(ABC):
         """Whether a run of ``used`` of ``n`` samples takes the anytime-valid bound."""
         return used < n
 
-    @abstractmethod
     def run(
         self, sampler: Sampler, x: Tensor, spec: RunSpec, progress: ProgressFn | None = None
     ) -> Certificate:
-        """Run the core on input ``x`` (preprocessed, (3, H, W)) with ``spec``."""
+        """Run the mode on input ``x`` (preprocessed, (3, H, W)) with ``spec``: its
+        :meth:`draw`, with the certificate named for this mode (a mode that reuses another's
+        core procedure still signs its own name)."""
+        certificate = self.draw(sampler, x, spec, progress)
+        certificate.mode = self.name
+        return certificate
+
+    @abstractmethod
+    def draw(
+        self, sampler: Sampler, x: Tensor, spec: RunSpec, progress: ProgressFn | None = None
+    ) -> Certificate:
+        """Run the core (:mod:`models.smoothing`, :mod:`models.sequential`) with ``spec``'s
+        parameters."""
 
     @abstractmethod
     def recompute(self, claim: Claim) -> Outcome:

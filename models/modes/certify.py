@@ -18,10 +18,9 @@ class Certify(Mode):
     budgeted stop)."""
 
     name = "certify"
-    family = name
     takes_time_budget = True
 
-    def run(
+    def draw(
         self, sampler: Sampler, x: Tensor, spec: RunSpec, progress: ProgressFn | None = None
     ) -> Certificate:
         from models import smoothing

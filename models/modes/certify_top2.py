@@ -11,6 +11,7 @@ class CertifyTop2(Certify):
 
     name = "certify_top2"
     family = Certify.name
+    core = name  # its own sample-size rule: pA is bounded at alpha / 2
     top2 = True
 
     def level(self, alpha: float) -> float:

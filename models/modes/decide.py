@@ -18,7 +18,6 @@ class Decide(Mode):
     """DECIDE: ``decision`` certified / not_certified / undecided at ``target_radius``."""
 
     name = "decide"
-    family = name
     default_n0 = 0  # merged selection
     least_n0 = 0
     decides = True
@@ -43,7 +42,7 @@ class Decide(Mode):
     def sequential(self, used: int, n: int) -> bool:
         return True
 
-    def run(
+    def draw(
         self, sampler: Sampler, x: Tensor, spec: RunSpec, progress: ProgressFn | None = None
     ) -> Certificate:
         from models import smoothing

@@ -17,7 +17,6 @@ class Predict(Mode):
     """PREDICT: a label with a binomial test; ``n0`` is 0 and the radius 0."""
 
     name = "predict"
-    family = name
     uses_n0 = False
     default_n0 = 0
     least_n0 = 0
@@ -27,7 +26,7 @@ class Predict(Mode):
         "GET the evaluation for its accuracy"
     )
 
-    def run(
+    def draw(
         self, sampler: Sampler, x: Tensor, spec: RunSpec, progress: ProgressFn | None = None
     ) -> Certificate:
         from models import smoothing

@@ -29,7 +29,11 @@ INTERRUPTED = 130
 
 
 class SubmitError(Exception):
-    """A failure to report in one line (exit 1)."""
+    """A failure to report in one line (exit 1); ``status``: the HTTP status that caused it."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def register(sub: Any) -> None:
@@ -155,7 +159,9 @@ class Api:
                 time.sleep(min(float(r.headers.get("Retry-After") or 1), 30))
                 continue
             if r.status_code >= 400:
-                raise SubmitError(f"HTTP {r.status_code} from {method} {path}: {_detail(r)}")
+                raise SubmitError(
+                    f"HTTP {r.status_code} from {method} {path}: {_detail(r)}", r.status_code
+                )
             return r
         raise AssertionError("unreachable")
 
@@ -251,13 +257,25 @@ def run(args: argparse.Namespace) -> int:
             return _follow_job(api, args, ident)
         return _follow_evaluation(api, args, ident)
     except SubmitError as exc:
-        print(f"dmae-certify submit: error: {exc}", file=sys.stderr)
+        hint = _other_kind(api, kind, ident) if exc.status == 404 and ident else ""
+        print(f"dmae-certify submit: error: {exc}{hint}", file=sys.stderr)
         return ERROR
     except OSError as exc:  # writing --out / --plot
         print(f"dmae-certify submit: error: {exc}", file=sys.stderr)
         return ERROR
     except KeyboardInterrupt:
         return _interrupted(api, args, kind, ident)
+
+
+def _other_kind(api: Api, kind: str, ident: str) -> str:
+    """A sentence when ``ident``, not found as a ``kind``, is the id of the other kind."""
+    other = "evaluation" if kind == "job" else "job"
+    try:
+        api.call("GET", f"/{other}s/{ident}")
+    except SubmitError:
+        return ""
+    article = "an" if other == "evaluation" else "a"
+    return f" ({ident} is {article} {other} id: follow it with --{other} {ident})"
 
 
 def _submit(api: Api, args: argparse.Namespace) -> tuple[str, str]:

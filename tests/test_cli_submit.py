@@ -134,6 +134,24 @@ def test_errors_are_one_line_with_the_apis_words(
     assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
 
 
+def test_an_id_of_the_other_kind_is_named_as_such(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``submit --job`` with an evaluation's id answered a bare 404 (and the reverse): the
+    error now says which kind the id is and the flag that follows it."""
+    assert submit(server, "--dataset", "digits:test", "--max", "1", *SMALL) == 0
+    capsys.readouterr()
+    ident = server.get("/evaluations")["items"][0]["id"]
+    job = server.get("/jobs")["items"][0]["id"]
+    assert submit(server, "--job", ident, "--no-progress") == 1
+    err = capsys.readouterr().err
+    assert "HTTP 404" in err and f"is an evaluation id: follow it with --evaluation {ident}" in err
+    assert submit(server, "--evaluation", job, "--no-progress") == 1
+    assert f"is a job id: follow it with --job {job}" in capsys.readouterr().err
+    assert submit(server, "--job", "no-such-id", "--no-progress") == 1
+    assert "follow it with" not in capsys.readouterr().err
+
+
 def test_ctrl_c_leaves_the_work_running_or_cancels_it(
     server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -346,6 +346,26 @@ def test_decide_a_digit_at_a_target_radius(tab: Tab, web: Web, tmp_path: Path) -
     expect(certificate).to_contain_text(f"{cert['n_used']:,}")
 
 
+def test_n0_follows_the_mode_and_keeps_what_was_typed(tab: Tab, web: Web) -> None:
+    """n0's default switches with the mode (100 to select, 0 for decide's merged test); a mode
+    without n0 (predict) greys it out with its value left as it was (the page showed 0 there
+    after the mode registry came in), and a value typed by hand is never replaced."""
+    page = tab.open("certify", web.alice)
+    n0, mode = control(page, "n0 (selection samples)"), control(page, "Mode")
+    expect(n0).to_have_value("100")
+    mode.select_option("predict")
+    expect(n0).to_be_disabled()
+    expect(n0).to_have_value("100")
+    mode.select_option("decide")
+    expect(n0).to_have_value("0")
+    mode.select_option("certify")
+    expect(n0).to_have_value("100")
+    n0.fill("250")
+    for other in ("predict", "decide", "certify"):
+        mode.select_option(other)
+        expect(n0).to_have_value("250")
+
+
 def test_watch_progress_then_cancel_a_long_job(tab: Tab, web: Web, tmp_path: Path) -> None:
     image = tmp_path / "digit.png"
     image.write_bytes(digit_png(1))

@@ -39,16 +39,19 @@ export function initCertify(cfg) {
   const mode = $("mode");
   mode.replaceChildren(...cfg.modes.map((m) => el("option", { value: m, text: m })));
   mode.value = d.mode;
-  let lastMode = mode.value;
+  let lastN0Mode = mode.value; // the last mode chosen that uses n0
   const n0Default = (m) => modeFacts(m).default_n0 ?? d.n0;
   const modeFields = () => {
     const facts = modeFacts(mode.value);
     $("n0").disabled = !facts.uses_n0;
-    // n0's default depends on the mode: switch it along unless the user typed another value
-    if (String($("n0").value) === String(n0Default(lastMode))) {
-      $("n0").value = n0Default(mode.value);
+    // n0's default depends on the mode: switch it along unless the user typed another value;
+    // a mode without n0 leaves the (disabled, unsent) value as it is
+    if (facts.uses_n0) {
+      if (String($("n0").value) === String(n0Default(lastN0Mode))) {
+        $("n0").value = n0Default(mode.value);
+      }
+      lastN0Mode = mode.value;
     }
-    lastMode = mode.value;
     $("target_radius").disabled = !facts.takes_target_radius;
     $("time_budget_s").disabled = !facts.takes_time_budget;
   };

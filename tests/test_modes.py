@@ -6,9 +6,10 @@ than three product modules."""
 from __future__ import annotations
 
 import argparse
-import importlib
+import os
 import re
-import typing
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,6 +133,20 @@ class Toy(Certify):
     family = name
 
 
+TOY_SCHEMA = """
+import typing
+from models import modes
+from models.modes.certify import Certify
+
+class Toy(Certify):
+    name = "toy_mode"
+
+modes.register(Toy())
+import app.schemas
+print(*typing.get_args(app.schemas.Mode))
+"""
+
+
 @pytest.fixture
 def toy() -> Iterator[Mode]:
     mode = Toy()
@@ -143,17 +158,16 @@ def toy() -> Iterator[Mode]:
 
 
 def test_a_registered_mode_reaches_the_schema_config_and_cli(toy: Mode) -> None:
-    import app.schemas
     from app.routes import web
     from cli import submit
 
-    schemas = importlib.reload(app.schemas)  # Mode is built from the registry when loaded
-    try:
-        assert "toy_mode" in typing.get_args(schemas.Mode)
-    finally:
-        del MODES[toy.name]
-        importlib.reload(app.schemas)
-        modes.register(toy)
+    # The API's Mode type is built from the registry when app.schemas loads: load it in a
+    # fresh interpreter (reloading it here would leave two JobOut classes in this process).
+    loaded = subprocess.run(
+        [sys.executable, "-c", TOY_SCHEMA], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+    )  # fmt: skip
+    assert loaded.returncode == 0 and "toy_mode" in loaded.stdout.split(), loaded.stderr
     config = web.config(service_settings(Path("/nonexistent")))
     assert "toy_mode" in config["modes"] and config["mode_facts"]["toy_mode"]["uses_n0"]
     sub = argparse.ArgumentParser().add_subparsers()

@@ -1,9 +1,9 @@
 """The FastAPI application, HTTP only: ``create_app(settings, dispatcher=...)``.
 
 At start-up it checks the database schema (migrating SQLite automatically), registers the
-bundled models, and opens the dispatcher it is given (a :data:`domain.dispatch.DispatcherFactory`
-or a ready :class:`domain.dispatch.Dispatcher`). Which runner that is (the in-process runner or
-Celery) is chosen by the composition root, ``cli.asgi`` (``uvicorn cli.asgi:app``).
+bundled models, and opens the dispatcher it is given (a :data:`domain.dispatch.DispatcherFactory`).
+Which runner that is (the in-process runner or Celery) is chosen by the composition root,
+``cli.asgi`` (``uvicorn cli.asgi:app``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 
 import anyio
 import anyio.to_thread
@@ -34,7 +34,7 @@ from app.routes import (
 from app.routes.deps import single_valued_form
 from app.upload_files import MULTIPART_SLACK, BodyLimit
 from domain.config import Settings
-from domain.dispatch import Dispatcher, DispatcherFactory, SentMarks
+from domain.dispatch import DispatcherFactory, SentMarks
 from domain.keys import KeyCache
 from domain.store.db import MAX_OVERFLOW, POOL_SIZE, get_database
 
@@ -67,10 +67,9 @@ def body_limits(settings: Settings) -> Callable[[str, str], int]:
     return limit_for
 
 
-def create_app(settings: Settings, dispatcher: Dispatcher | DispatcherFactory) -> FastAPI:
-    """The API. ``dispatcher`` is how job ids reach the workers: a ready dispatcher (tests), or a
-    factory the lifespan opens at start and closes at shutdown (``cli.asgi.default_dispatcher``).
-    """
+def create_app(settings: Settings, dispatcher: DispatcherFactory) -> FastAPI:
+    """The API. ``dispatcher`` opens how job ids reach the workers: entered when the app starts,
+    exited at its shutdown (``cli.asgi.default_dispatcher``)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,18 +99,15 @@ def create_app(settings: Settings, dispatcher: Dispatcher | DispatcherFactory) -
                     token,
                     getattr(app.state, "base_url", "http://HOST:PORT"),  # set by `serve`
                 )
-        opened = AsyncExitStack()
-        if isinstance(dispatcher, Dispatcher):
-            app.state.dispatcher = dispatcher
-        else:
-            app.state.dispatcher = opened.enter_context(dispatcher(settings))
+        opened = ExitStack()
+        app.state.dispatcher = opened.enter_context(dispatcher(settings))
         # Everything loaded so far (torch, the models, the ORM) lives as long as the process: a
         # full garbage collection walking its ~300,000 objects paused every request ~0.1 s.
         gc.freeze()
         try:
             yield
         finally:
-            await opened.aclose()
+            opened.close()  # the in-process runner stops before the last marks are written
             app.state.sent_marks.close()
             if hasattr(app.state.limiter, "aclose"):
                 await app.state.limiter.aclose()

@@ -9,7 +9,7 @@ workers (``worker.celery_app.CeleryDispatcher``).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from fastapi import FastAPI
 
@@ -39,7 +39,10 @@ def default_dispatcher(settings: Settings) -> Iterator[Dispatcher]:
 def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None = None) -> FastAPI:
     """The API from ``settings`` (default: the environment); ``dispatcher`` overrides how job
     ids reach the workers (tests)."""
-    return main.create_app(settings or get_settings(), dispatcher or default_dispatcher)
+    if dispatcher is None:
+        return main.create_app(settings or get_settings(), default_dispatcher)
+    given = dispatcher
+    return main.create_app(settings or get_settings(), lambda _settings: nullcontext(given))
 
 
 def __getattr__(name: str) -> FastAPI:

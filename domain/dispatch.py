@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol
 
 from domain.store import state
 from domain.store.db import Database
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("dmae.api")
 
 
-@runtime_checkable
 class Dispatcher(Protocol):
     def certify(self, job_id: str) -> None: ...
 

@@ -130,7 +130,6 @@ class Toy(Certify):
     """A made-up mode, to see the registry feed its readers."""
 
     name = "toy_mode"
-    family = name
 
 
 TOY_SCHEMA = """
@@ -205,8 +204,7 @@ def product_files() -> Iterator[Path]:
 
 
 # Quoted names that are not a mode there (the word "certify" also names a page view, the
-# runner's queue kind and an ablation stage; "predict" a TSV column), and the two route
-# modules another change is rewriting (their examples and defaults: "certify").
+# runner's queue kind and an ablation stage; "predict" a TSV column).
 NOT_A_MODE = {
     ("certify", "app/web/static/js/main.js"),
     ("certify", "worker/runner.py"),

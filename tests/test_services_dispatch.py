@@ -101,7 +101,6 @@ def _certify(
 
 def test_a_submission_is_stored_sent_and_marked_once(world: World) -> None:
     recording = Recording()
-    assert isinstance(recording, Dispatcher)
     first = _certify(world, recording)
     assert first.outcome is Outcome.QUEUED and first.certificate is None and first.upload is None
     assert recording.sent == [first.job.id]

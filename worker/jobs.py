@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,11 +25,11 @@ from sqlalchemy import select
 
 from domain import certificates, events, metrics
 from domain.config import Settings, get_settings
-from domain.services import replays
 from domain.store import state
 from domain.store.db import Database, get_database
 from domain.store.tables import Certificate, Checkpoint, Job, JobInput, Status
 from domain.trust import signing
+from domain.trust.replay_compare import compare
 from models.data import tensor_from_bytes
 from models.modes import RunSpec, get_mode
 from models.smoothing import Certificate as Result
@@ -124,7 +124,7 @@ def run_job(
     if isinstance(sampled, str):
         return sampled
     if job.original is not None:
-        found = replays.compare(
+        found = compare(
             job.original, sampled.cert.to_dict(), str(sampled.loaded.device),
             replay_of=job.replay_of,
         )  # fmt: skip
@@ -152,9 +152,7 @@ def read_job(attempt: Attempt) -> Claimed:
             original = s.scalar(select(Certificate.body).where(Certificate.job_id == job.replay_of))
             if original is None:
                 raise LookupError(f"the replayed job {job.replay_of}'s certificate is gone")
-            used = original.get("n_used")
-            stop = int(used) if used not in (None, job.n) else None
-            spec = replace(spec, time_budget_s=None, stop_after=stop)
+            spec = spec.replaying(original)
         return Claimed(
             spec=spec,
             x=tensor_from_bytes(inp.data, inp.shape),

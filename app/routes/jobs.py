@@ -106,10 +106,6 @@ EXAMPLE_QUEUED = {
 NO_SUCH_JOB = "No such job among yours."
 
 
-def _load(session: SessionDep, client: Client, job_id: str) -> tuple[Job, dict[str, Any] | None]:
-    return dispatching.owned_job(session, client.id, job_id)
-
-
 # The form fields and header of POST /certify: their descriptions are its OpenAPI schema's.
 SigmaForm = Annotated[
     float | None,
@@ -287,7 +283,7 @@ def get_job(
     its ``certificate`` once it succeeded (``error`` if it failed)."""
     # One statement needs no transaction: autocommit spares the BEGIN and ROLLBACK round trips.
     session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-    job, body = _load(session, client, job_id)
+    job, body = dispatching.owned_job(session, client.id, job_id)
     view = None
     if upload is not None and upload != job.input_sha256:
         view = dispatching.upload_view(session, job, upload)
@@ -369,7 +365,7 @@ def list_jobs(
 def cancel_job(job_id: str, client: Client, session: SessionDep) -> JobOut:
     """Cancel the job: a queued job never runs, a running one stops at its next batch. A job
     that already finished keeps its result (409)."""
-    job, _ = _load(session, client, job_id)
+    job, _ = dispatching.owned_job(session, client.id, job_id)
     if not state.cancel(session, Job, job.id):
         session.refresh(job)
         raise ServiceError(409, f"job {job.id} already {job.status}; nothing to cancel")

@@ -91,23 +91,14 @@ def register_upload(
     name). A refused upload's file is deleted unless a registered model uses it. Commits.
     Raises ``registry.register``'s errors (409 name taken, 422 not a loadable checkpoint)."""
     try:
-        row = registry.register(
-            session,
-            location=str(saved),
-            name=how.name or _stem(filename),
-            options=options,
-            active=how.active,
-            default=how.default,
-            created_by=how.created_by,
-            licence=how.licence,
-            shown=f"the upload {filename or 'file'!r}",
-        )
+        return _register(
+            session, saved, how.name or _stem(filename), options, how,
+            f"the upload {filename or 'file'!r}",
+        )  # fmt: skip
     except Exception:
         if session.scalar(select(Checkpoint.id).where(Checkpoint.location == str(saved))) is None:
             saved.unlink(missing_ok=True)
         raise
-    session.commit()
-    return row
 
 
 def register_path(
@@ -118,16 +109,29 @@ def register_path(
     target = registry.inside(folder, path, "checkpoint")
     if not target.is_file():
         raise bad_input(f"no checkpoint file {path!r} in the server's checkpoint folder")
+    return _register(session, target, how.name, options, how, repr(path))
+
+
+def _register(
+    session: Session,
+    location: Path,
+    name: str | None,
+    options: dict[str, Any],
+    how: Registration,
+    shown: str,
+) -> Checkpoint:
+    """``registry.register`` with ``how``'s choices, then commit (``shown``: the file in
+    messages)."""
     row = registry.register(
         session,
-        location=str(target),
-        name=how.name,
+        location=str(location),
+        name=name,
         options=options,
         active=how.active,
         default=how.default,
         created_by=how.created_by,
         licence=how.licence,
-        shown=repr(path),
+        shown=shown,
     )
     session.commit()
     return row

@@ -3,13 +3,13 @@
 A replay is a job of its own (``replay_of`` = the original's id, owned by the admin who asked),
 so it runs on the normal machinery, the embedded runner or a Celery worker alike, and is
 claimed, heart-beaten, cancelled and swept like any job. It never makes a certificate: the job
-code stores what it found in ``replay_result`` (:func:`compare`), so the original keeps its one
-certificate, the replay is exempt from the no-re-roll key (each request is a new replay) and it
-is not counted in any certificate's ``prior_runs``.
+code stores what it found in ``replay_result`` (``domain.trust.replay_compare``), so the
+original keeps its one certificate, the replay is exempt from the no-re-roll key (each request
+is a new replay) and it is not counted in any certificate's ``prior_runs``.
 
 Counts are reproducible for the same seed, model and kind of device (the noise is a seeded
 float32 stream; CUDA runs the network in bf16, the CPU in float32), so a replay on another kind
-of device than the original's may legitimately differ; :func:`compare` says which kinds ran.
+of device than the original's may legitimately differ; the comparison says which kinds ran.
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ from domain.errors import ServiceError, not_found
 from domain.keys import Caller
 from domain.services.submissions import admit
 from domain.store.tables import Certificate, Job, JobInput, Status, new_id
-from domain.trust.replay_compare import compare, device_kind
-
-__all__ = ["compare", "device_kind", "submit_replay"]
 
 
 def submit_replay(session: Session, admin: Caller, job_id: str, settings: Settings) -> Job:

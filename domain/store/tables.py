@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -29,9 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from domain.store.db import utcnow
-
-if TYPE_CHECKING:  # the modes load torch: imported where a spec is made
-    from models.modes import RunSpec
+from models.modes import RunSpec
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -189,8 +187,6 @@ class Job(RunState, Base):
 
     def spec(self) -> RunSpec:
         """The run's parameters as submission stored them (``models.modes.RunSpec``)."""
-        from models.modes import RunSpec
-
         return RunSpec(
             mode=self.mode, sigma=self.sigma, alpha=self.alpha, n0=self.n0, n=self.n,
             seed=self.seed, target_radius=self.target_radius, time_budget_s=self.time_budget_s,

@@ -12,7 +12,7 @@ import math
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the core loads torch and SciPy: imported where a mode runs or checks
@@ -45,18 +45,23 @@ class RunSpec:
         """The run behind certificate ``c``, to replay it: its seed, no time budget, and a
         stop where it stopped early (``n_used`` below ``n``). KeyError/TypeError/ValueError for
         a body without the fields."""
-        n, used = _int(c["n"]), c.get("n_used")
         target = c.get("target_radius")
         return cls(
             mode=str(c["mode"]),
             sigma=_float(c["sigma"]),
             alpha=_float(c["alpha"]),
             n0=_int(c["n0"]),
-            n=n,
+            n=_int(c["n"]),
             seed=_int(c["seed"]),
             target_radius=None if target is None else _float(target),
-            stop_after=None if used in (None, n) else _int(used),
-        )
+        ).replaying(c)
+
+    def replaying(self, c: Mapping[str, object]) -> RunSpec:
+        """This run as a replay of certificate ``c`` draws it: no time budget, and a stop where
+        ``c``'s run stopped early (``n_used`` below ``n``), so the same samples come out."""
+        used = c.get("n_used")
+        stop = None if used in (None, self.n) else _int(used)
+        return replace(self, time_budget_s=None, stop_after=stop)
 
 
 def _int(value: object) -> int:

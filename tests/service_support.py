@@ -31,6 +31,18 @@ SIGMA = 0.25
 FAVOURITE = 3  # the class the tiny model leans to
 
 
+# An API key (id 1) and a model (id 1) as raw rows: what the migration tests insert into an
+# older schema before upgrading it (the columns of both tables are the same in every version).
+OLD_KEY_AND_MODEL = (
+    "INSERT INTO api_keys (id, name, key_prefix, key_hash, is_admin, created_at) "
+    "VALUES (1, 'a', 'p', 'h', false, CURRENT_TIMESTAMP)",
+    "INSERT INTO checkpoints (id, name, location, file_sha256, weights_sha256, format, "
+    "kind, num_classes, classes, input_size, arch, licence, source, import_options, "
+    "active, created_at) VALUES (1, 'm', 'x', 'f', 'w', 'project', 'classifier', 10, "
+    "'[]', 8, '{}', '', '', '{}', true, CURRENT_TIMESTAMP)",
+)
+
+
 def make_checkpoint(
     path: Path, sigma: float = SIGMA, name: str = "tiny-s0.25", bias: float = 1.5
 ) -> Path:

@@ -23,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from service_support import (  # noqa: F401 - pg_url and tiny_checkpoint are fixtures
+    OLD_KEY_AND_MODEL,
     digit_png,
     pg_url,
     reset_postgres,
@@ -432,16 +433,8 @@ def test_migration_0006_keeps_jobs_inputs_and_certificates(database: str) -> Non
     migrate.upgrade(database, "0005")
     engine = make_engine(database)
     with engine.begin() as conn:
-        conn.execute(sa.text(
-            "INSERT INTO api_keys (id, name, key_prefix, key_hash, is_admin, created_at) "
-            "VALUES (1, 'a', 'p', 'h', false, CURRENT_TIMESTAMP)"
-        ))  # fmt: skip
-        conn.execute(sa.text(
-            "INSERT INTO checkpoints (id, name, location, file_sha256, weights_sha256, format, "
-            "kind, num_classes, classes, input_size, arch, licence, source, import_options, "
-            "active, created_at) VALUES (1, 'm', 'x', 'f', 'w', 'project', 'classifier', 10, "
-            "'[]', 8, '{}', '', '', '{}', true, CURRENT_TIMESTAMP)"
-        ))  # fmt: skip
+        for statement in OLD_KEY_AND_MODEL:
+            conn.execute(sa.text(statement))
         conn.execute(sa.text(
             "INSERT INTO jobs (id, owner_id, request_key, mode, checkpoint_id, model_name, sigma, "
             "alpha, n0, n, seed, input_sha256, tensor_sha256, input_record, input_shape, status, "

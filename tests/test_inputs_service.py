@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from service_support import database, pg_url, service_settings, wait_for  # noqa: F401
+from service_support import OLD_KEY_AND_MODEL, database, pg_url, service_settings, wait_for  # noqa: F401
 
 from cli.asgi import create_app
 from domain.keys import create_key
@@ -186,16 +186,8 @@ def test_migration_0003_backfills_the_tensor_sha256_of_existing_jobs(database: s
     data = np.random.default_rng(0).random((3, 8, 8)).astype("<f4").tobytes()
     engine = make_engine(database)
     with engine.begin() as conn:
-        conn.execute(sa.text(
-            "INSERT INTO api_keys (id, name, key_prefix, key_hash, is_admin, created_at) "
-            "VALUES (1, 'a', 'p', 'h', false, CURRENT_TIMESTAMP)"
-        ))  # fmt: skip
-        conn.execute(sa.text(
-            "INSERT INTO checkpoints (id, name, location, file_sha256, weights_sha256, format, "
-            "kind, num_classes, classes, input_size, arch, licence, source, import_options, "
-            "active, created_at) VALUES (1, 'm', 'x', 'f', 'w', 'project', 'classifier', 10, "
-            "'[]', 8, '{}', '', '', '{}', true, CURRENT_TIMESTAMP)"
-        ))  # fmt: skip
+        for statement in OLD_KEY_AND_MODEL:
+            conn.execute(sa.text(statement))
         conn.execute(sa.text(
             "INSERT INTO jobs (id, owner_id, request_key, mode, checkpoint_id, model_name, sigma, "
             "alpha, n0, n, seed, input_sha256, input_shape, status, progress_done, "

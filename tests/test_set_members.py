@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 from service_support import (  # noqa: F401 - fixtures
+    OLD_KEY_AND_MODEL,
     database,
     digit_png,
     pg_url,
@@ -350,16 +351,8 @@ def test_migration_0010_keeps_evaluations(database: str) -> None:  # noqa: F811
     migrate.upgrade(database, "0009")
     engine = make_engine(database)
     with engine.begin() as conn:
-        conn.execute(sa.text(
-            "INSERT INTO api_keys (id, name, key_prefix, key_hash, is_admin, created_at) "
-            "VALUES (1, 'a', 'p', 'h', false, CURRENT_TIMESTAMP)"
-        ))  # fmt: skip
-        conn.execute(sa.text(
-            "INSERT INTO checkpoints (id, name, location, file_sha256, weights_sha256, format, "
-            "kind, num_classes, classes, input_size, arch, licence, source, import_options, "
-            "active, created_at) VALUES (1, 'm', 'x', 'f', 'w', 'project', 'classifier', 10, "
-            "'[]', 8, '{}', '', '', '{}', true, CURRENT_TIMESTAMP)"
-        ))  # fmt: skip
+        for statement in OLD_KEY_AND_MODEL:
+            conn.execute(sa.text(statement))
         conn.execute(sa.text(
             "INSERT INTO evaluations (id, owner_id, source, mode, checkpoint_id, model_name, "
             "classes, sigma, alpha, n0, n, skip, total, created_at) VALUES ('e', 1, "

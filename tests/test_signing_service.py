@@ -25,6 +25,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 from service_support import (  # noqa: F401 - tiny_checkpoint, pg_url are fixtures
+    OLD_KEY_AND_MODEL,
     SIGMA,
     database,
     digit_png,
@@ -226,16 +227,8 @@ def test_migration_0004_keeps_jobs_inputs_and_certificates(database: str) -> Non
     engine = make_engine(database)
     body = {"radius": 0.5, "counts": [1, 2]}
     with engine.begin() as conn:
-        conn.execute(sa.text(
-            "INSERT INTO api_keys (id, name, key_prefix, key_hash, is_admin, created_at) "
-            "VALUES (1, 'a', 'p', 'h', false, CURRENT_TIMESTAMP)"
-        ))  # fmt: skip
-        conn.execute(sa.text(
-            "INSERT INTO checkpoints (id, name, location, file_sha256, weights_sha256, format, "
-            "kind, num_classes, classes, input_size, arch, licence, source, import_options, "
-            "active, created_at) VALUES (1, 'm', 'x', 'f', 'w', 'project', 'classifier', 10, "
-            "'[]', 8, '{}', '', '', '{}', true, CURRENT_TIMESTAMP)"
-        ))  # fmt: skip
+        for statement in OLD_KEY_AND_MODEL:
+            conn.execute(sa.text(statement))
         conn.execute(sa.text(
             "INSERT INTO jobs (id, owner_id, request_key, mode, checkpoint_id, model_name, sigma, "
             "alpha, n0, n, seed, input_sha256, tensor_sha256, input_record, input_shape, status, "

@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from service_support import (  # noqa: F401 - pg_url and tiny_checkpoint are fixtures
+    OLD_KEY_AND_MODEL,
     digit_png,
     pg_url,
     reset_postgres,
@@ -154,12 +155,7 @@ def test_migration_0009_keeps_jobs_and_evaluation_items(database: str) -> None:
     migrate.upgrade(database, "0008")
     engine = make_engine(database)
     statements = [
-        "INSERT INTO api_keys (id, name, key_prefix, key_hash, is_admin, created_at) "
-        "VALUES (1, 'a', 'p', 'h', false, CURRENT_TIMESTAMP)",
-        "INSERT INTO checkpoints (id, name, location, file_sha256, weights_sha256, format, "
-        "kind, num_classes, classes, input_size, arch, licence, source, import_options, "
-        "active, created_at) VALUES (1, 'm', 'x', 'f', 'w', 'project', 'classifier', 10, "
-        "'[]', 8, '{}', '', '', '{}', true, CURRENT_TIMESTAMP)",
+        *OLD_KEY_AND_MODEL,
         "INSERT INTO jobs (id, owner_id, request_key, mode, checkpoint_id, model_name, sigma, "
         "alpha, n0, n, seed, input_sha256, tensor_sha256, input_record, input_shape, status, "
         "progress_done, progress_total, attempts, created_at, seed_source) VALUES ('j', 1, "

@@ -12,6 +12,7 @@ Set DMAE_SCREENSHOTS=1 to also write the screenshots shown in the README to docs
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -191,7 +192,15 @@ class Tab:
 
 @pytest.fixture
 def tab(browser: Browser, web: Web) -> Iterator[Tab]:
-    context = browser.new_context(viewport=DESKTOP)
+    with open_tab(browser, web, viewport=DESKTOP) as t:
+        yield t
+
+
+@contextlib.contextmanager
+def open_tab(browser: Browser, web: Web, **context_options: Any) -> Iterator[Tab]:
+    """A tab in a fresh browser context (``context_options``: Playwright's ``new_context``);
+    fails if the page logged an error the tab did not expect."""
+    context = browser.new_context(**context_options)
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
     problems: list[str] = []

@@ -26,6 +26,7 @@ from test_web_browser import (  # noqa: F401 - browser, tab and web are fixtures
     browser,
     control,
     job_id_of,
+    open_tab,
     tab,
     web,
 )
@@ -127,16 +128,8 @@ def test_draw_a_one_with_the_mouse_and_certify_it(tab: Tab, web: Web, tmp_path: 
 @pytest.fixture
 def finger_tab(browser: Browser, web: Web) -> Iterator[Tab]:
     """A phone-sized tab with a touch screen."""
-    context = browser.new_context(viewport=PHONE, has_touch=True, is_mobile=True)
-    page = context.new_page()
-    page.set_default_timeout(WAIT_MS)
-    problems: list[str] = []
-    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda exc: problems.append(f"uncaught exception: {exc}"))
-    t = Tab(page, web, problems)
-    yield t
-    context.close()
-    assert not t.unexpected(), f"errors in the browser console: {t.unexpected()}"
+    with open_tab(browser, web, viewport=PHONE, has_touch=True, is_mobile=True) as t:
+        yield t
 
 
 def test_draw_with_a_finger_on_a_phone(finger_tab: Tab, web: Web) -> None:
